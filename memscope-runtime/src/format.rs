@@ -208,7 +208,7 @@ impl ChunkHeader {
             return Err(FormatError::BadChunk);
         }
         let len = u32_at(bytes, 12);
-        if len % 8 != 0 {
+        if !len.is_multiple_of(8) {
             return Err(FormatError::BadChunk);
         }
         Ok(ChunkHeader {
@@ -418,8 +418,20 @@ impl Encoder {
         let flag = |internal: bool| if internal { INTERNAL } else { 0 };
         let log2 = |align: u64| align.trailing_zeros() as u8;
         match record {
-            Record::Alloc { internal, zeroed, ts, addr, size, align, stack } => {
-                let tag = if *zeroed { Tag::AllocZeroed } else { Tag::Alloc } as u8;
+            Record::Alloc {
+                internal,
+                zeroed,
+                ts,
+                addr,
+                size,
+                align,
+                stack,
+            } => {
+                let tag = if *zeroed {
+                    Tag::AllocZeroed
+                } else {
+                    Tag::Alloc
+                } as u8;
                 self.word(head(tag | flag(*internal), log2(*align), *size))
                     .word(*ts)
                     .word(*addr)
@@ -435,18 +447,29 @@ impl Encoder {
                 align,
                 stack,
             } => self
-                .word(head(Tag::Realloc as u8 | flag(*internal), log2(*align), *new_size))
+                .word(head(
+                    Tag::Realloc as u8 | flag(*internal),
+                    log2(*align),
+                    *new_size,
+                ))
                 .word(*ts_before)
                 .word(*ts_after)
                 .word(*old_addr)
                 .word(*new_addr)
                 .word(*stack),
-            Record::Free { internal, ts, addr, size, align } => self
+            Record::Free {
+                internal,
+                ts,
+                addr,
+                size,
+                align,
+            } => self
                 .word(head(Tag::Free as u8 | flag(*internal), log2(*align), *size))
                 .word(*ts)
                 .word(*addr),
             Record::Stack { hash, frames } => {
-                self.word(head(Tag::Stack as u8, 0, frames.len() as u64)).word(*hash);
+                self.word(head(Tag::Stack as u8, 0, frames.len() as u64))
+                    .word(*hash);
                 for f in frames {
                     self.word(*f);
                 }
@@ -456,18 +479,31 @@ impl Encoder {
                 .word(head(Tag::Thread as u8, 0, name.len() as u64))
                 .word(*os_tid)
                 .padded(name.as_bytes()),
-            Record::Clock { ts, monotonic_ns, unix_ns } => self
+            Record::Clock {
+                ts,
+                monotonic_ns,
+                unix_ns,
+            } => self
                 .word(head(Tag::Clock as u8, 0, 0))
                 .word(*ts)
                 .word(*monotonic_ns)
                 .word(*unix_ns),
-            Record::Module { bias, start, end, path } => self
+            Record::Module {
+                bias,
+                start,
+                end,
+                path,
+            } => self
                 .word(head(Tag::Module as u8, 0, path.len() as u64))
                 .word(*bias)
                 .word(*start)
                 .word(*end)
                 .padded(path.as_bytes()),
-            Record::End { reason, ts, dropped } => self
+            Record::End {
+                reason,
+                ts,
+                dropped,
+            } => self
                 .word(head(Tag::End as u8, *reason, 0))
                 .word(*ts)
                 .word(*dropped),
@@ -481,7 +517,15 @@ mod tests {
 
     fn all_kinds() -> Vec<Record> {
         vec![
-            Record::Alloc { internal: false, zeroed: true, ts: 7, addr: 0x1000, size: 4096, align: 16, stack: 99 },
+            Record::Alloc {
+                internal: false,
+                zeroed: true,
+                ts: 7,
+                addr: 0x1000,
+                size: 4096,
+                align: 16,
+                stack: 99,
+            },
             Record::Realloc {
                 internal: true,
                 ts_before: 8,
@@ -492,12 +536,37 @@ mod tests {
                 align: 8,
                 stack: 0,
             },
-            Record::Free { internal: false, ts: 10, addr: 0x2000, size: 8192, align: 4096 },
-            Record::Stack { hash: 5, frames: vec![1, 2, 3] },
-            Record::Thread { os_tid: 42, name: "worker-<1>".into() },
-            Record::Clock { ts: 1, monotonic_ns: 2, unix_ns: 3 },
-            Record::Module { bias: 0x5555, start: 1, end: 2, path: "/bin/x".into() },
-            Record::End { reason: 0, ts: 11, dropped: 0 },
+            Record::Free {
+                internal: false,
+                ts: 10,
+                addr: 0x2000,
+                size: 8192,
+                align: 4096,
+            },
+            Record::Stack {
+                hash: 5,
+                frames: vec![1, 2, 3],
+            },
+            Record::Thread {
+                os_tid: 42,
+                name: "worker-<1>".into(),
+            },
+            Record::Clock {
+                ts: 1,
+                monotonic_ns: 2,
+                unix_ns: 3,
+            },
+            Record::Module {
+                bias: 0x5555,
+                start: 1,
+                end: 2,
+                path: "/bin/x".into(),
+            },
+            Record::End {
+                reason: 0,
+                ts: 11,
+                dropped: 0,
+            },
         ]
     }
 
@@ -527,10 +596,24 @@ mod tests {
 
     #[test]
     fn headers_round_trip_and_reject_garbage() {
-        let h = FileHeader { version: VERSION, flags: FLAG_STACKS, pid: 1, ppid: 2, start_unix_ns: 3 };
+        let h = FileHeader {
+            version: VERSION,
+            flags: FLAG_STACKS,
+            pid: 1,
+            ppid: 2,
+            start_unix_ns: 3,
+        };
         assert_eq!(FileHeader::decode(&h.encode()), Ok(h));
-        assert_eq!(FileHeader::decode(b"not a trace at all, nope, no....."), Err(FormatError::NotATrace));
-        let c = ChunkHeader { thread: 3, index: 4, len: 64, checksum: 9 };
+        assert_eq!(
+            FileHeader::decode(b"not a trace at all, nope, no....."),
+            Err(FormatError::NotATrace)
+        );
+        let c = ChunkHeader {
+            thread: 3,
+            index: 4,
+            len: 64,
+            checksum: 9,
+        };
         assert_eq!(ChunkHeader::decode(&c.encode()), Ok(c));
     }
 }

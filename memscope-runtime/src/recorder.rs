@@ -1,0 +1,494 @@
+//! Per-thread recording: the allocator hook's hot path.
+//!
+//! Each thread owns a [`ThreadRecord`] found through a const thread-local pointer
+//! (no destructor, so it stays readable while the thread's other thread-locals are
+//! being destroyed). An event is a few words appended to the thread's current
+//! buffer; nothing is locked, allocated or asked of the kernel. When the buffer is
+//! full it is handed to the writer (see `writer.rs`) and a fresh one taken from the
+//! pool: that is the only slow path.
+//!
+//! A re-entrancy flag (`busy`) makes allocations done by memscope itself, while it is
+//! recording, pass straight through. It is set and cleared around each event, so it
+//! resets itself.
+//!
+//! Handing a buffer over is guarded by a sequence counter (`gen`, a seqlock: odd
+//! while the buffer is being swapped, `gen / 2` = index of the chunk in the current
+//! buffer), so that another thread can copy the committed prefix of a running
+//! thread's buffer at process exit without stopping it.
+//!
+//! When the thread ends, a thread-local guard's destructor hands the last buffer over
+//! and marks the record exited. Events after that (allocations in later thread-local
+//! destructors) are each written as a chunk of their own.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::ptr::{self, NonNull};
+use std::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
+
+use crate::buffer::{Buffer, PAYLOAD_BYTES};
+use crate::format::{head, Tag, MAX_FRAMES, MAX_SIZE};
+use crate::{clock, stack, sys, writer};
+
+/// Entries of the per-thread cache of stacks already written (a power of two).
+const STACK_CACHE: usize = 4096;
+/// `CURRENT` while the thread's record is being created: events pass through.
+const INITIALIZING: usize = 1;
+/// `CURRENT` of a thread that is never recorded (memscope's writer, or tracking off).
+const DISABLED: usize = 2;
+
+thread_local! {
+    static CURRENT: Cell<*const ThreadRecord> = const { Cell::new(ptr::null()) };
+    static EXIT: ExitGuard = const { ExitGuard };
+}
+
+/// Head of the list of every thread record of the process (never shrinks).
+static RECORDS: AtomicPtr<ThreadRecord> = AtomicPtr::new(ptr::null_mut());
+/// Thread ids handed out so far; 0 is the meta stream.
+static NEXT_TID: AtomicU32 = AtomicU32::new(1);
+
+/// What one thread records into.
+pub struct ThreadRecord {
+    pub tid: u32,
+    /// Seqlock counter; see the module documentation.
+    gen: AtomicU32,
+    /// Current buffer; null once the thread has exited.
+    buf: AtomicPtr<Buffer>,
+    /// Bytes of the current buffer's payload that are complete.
+    len: AtomicUsize,
+    /// False once the thread flushed its last buffer at exit.
+    alive: AtomicBool,
+    next: AtomicPtr<ThreadRecord>,
+    // Touched only by the owning thread:
+    busy: Cell<bool>,
+    stack_top: Cell<usize>,
+    stack_cache: Cell<*mut u64>,
+    name: Cell<[u8; 16]>,
+}
+
+// SAFETY: the `Cell` fields are read and written only by the thread that owns the
+// record (the one whose `CURRENT` points to it); other threads touch only the atomics.
+unsafe impl Sync for ThreadRecord {}
+
+/// Runs `f` with the calling thread's record, unless the thread is not recorded or
+/// memscope is already recording on it (re-entrant allocation).
+#[inline(always)]
+fn with_record(f: impl FnOnce(&ThreadRecord)) {
+    let mut rec = CURRENT.with(|c| c.get());
+    if (rec as usize) <= DISABLED {
+        if !rec.is_null() {
+            return;
+        }
+        rec = start_thread();
+        if rec.is_null() {
+            return;
+        }
+    }
+    // SAFETY: a pointer above DISABLED in CURRENT is a record created by
+    // `start_thread`, which is never freed.
+    let rec = unsafe { &*rec };
+    if rec.busy.replace(true) {
+        return;
+    }
+    f(rec);
+    rec.busy.set(false);
+}
+
+/// Records an allocation that the inner allocator just returned.
+#[inline(always)]
+pub fn on_alloc(addr: *mut u8, layout: Layout, zeroed: bool) {
+    with_record(|rec| {
+        let stack = rec.stack_id();
+        let ts = clock::after();
+        let tag = if zeroed { Tag::AllocZeroed } else { Tag::Alloc } as u8;
+        rec.push(&[
+            head(tag, align_log2(layout), size(layout.size())),
+            ts,
+            addr as u64,
+            stack,
+        ]);
+    });
+}
+
+/// Records a free that is about to be passed to the inner allocator.
+#[inline(always)]
+pub fn on_free(addr: *mut u8, layout: Layout) {
+    with_record(|rec| {
+        let ts = clock::before();
+        rec.push(&[
+            head(Tag::Free as u8, align_log2(layout), size(layout.size())),
+            ts,
+            addr as u64,
+        ]);
+    });
+}
+
+/// Records a reallocation; `ts_before` was read before calling the inner allocator.
+#[inline(always)]
+pub fn on_realloc(old: *mut u8, new: *mut u8, layout: Layout, new_size: usize, ts_before: u64) {
+    with_record(|rec| {
+        let stack = rec.stack_id();
+        let ts_after = clock::after();
+        rec.push(&[
+            head(Tag::Realloc as u8, align_log2(layout), size(new_size)),
+            ts_before,
+            ts_after,
+            old as u64,
+            new as u64,
+            stack,
+        ]);
+    });
+}
+
+#[inline(always)]
+fn align_log2(layout: Layout) -> u8 {
+    layout.align().trailing_zeros() as u8
+}
+
+#[inline(always)]
+fn size(size: usize) -> u64 {
+    (size as u64).min(MAX_SIZE)
+}
+
+/// Marks the calling thread as never recorded from now on. On memscope's writer
+/// thread this also discards what std's thread start-up recorded there: those events
+/// are memscope's, not the program's.
+pub fn disable_current_thread(discard: bool) {
+    let rec = CURRENT.with(|c| c.replace(DISABLED as *const ThreadRecord));
+    if discard && (rec as usize) > DISABLED {
+        // SAFETY: see `with_record`; this thread owns the record.
+        let rec = unsafe { &*rec };
+        rec.alive.store(false, Ordering::Release);
+        let buf = rec.buf.swap(ptr::null_mut(), Ordering::AcqRel);
+        if let (Some(buf), Some(pool)) = (NonNull::new(buf), writer::pool()) {
+            pool.give_back(buf);
+        }
+    }
+}
+
+/// First event of a thread: creates and registers its record.
+#[cold]
+#[inline(never)]
+fn start_thread() -> *const ThreadRecord {
+    CURRENT.with(|c| c.set(INITIALIZING as *const ThreadRecord));
+    let rec = if writer::start() {
+        ThreadRecord::create()
+    } else {
+        ptr::null()
+    };
+    if rec.is_null() {
+        CURRENT.with(|c| c.set(DISABLED as *const ThreadRecord));
+        return ptr::null();
+    }
+    CURRENT.with(|c| c.set(rec));
+    // SAFETY: `rec` was just created and is never freed.
+    let r = unsafe { &*rec };
+    r.busy.set(true);
+    // Registering the guard's destructor may allocate; `busy` lets that through.
+    // `try_with` fails only when the thread-locals are already being destroyed, and
+    // then there is no later point to hand the buffer over: the process-exit flush
+    // copies it instead.
+    let _ = EXIT.try_with(|_| ());
+    r.busy.set(false);
+    rec
+}
+
+/// Hands the thread's last buffer over when its thread-locals are destroyed.
+struct ExitGuard;
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        let rec = CURRENT.with(|c| c.get());
+        if (rec as usize) <= DISABLED {
+            return;
+        }
+        // SAFETY: see `with_record`.
+        let rec = unsafe { &*rec };
+        rec.busy.set(true);
+        rec.finish();
+        rec.busy.set(false);
+    }
+}
+
+impl ThreadRecord {
+    fn create() -> *const ThreadRecord {
+        let Some(pool) = writer::pool() else {
+            return ptr::null();
+        };
+        let Some(buf) = pool.take() else {
+            return ptr::null();
+        };
+        // SAFETY: non-zero-size layout; the result is checked for null below.
+        let cache = unsafe { System.alloc_zeroed(Layout::new::<[u64; STACK_CACHE]>()) } as *mut u64;
+        let record = ThreadRecord {
+            tid: NEXT_TID.fetch_add(1, Ordering::Relaxed),
+            gen: AtomicU32::new(0),
+            buf: AtomicPtr::new(buf.as_ptr()),
+            len: AtomicUsize::new(0),
+            alive: AtomicBool::new(true),
+            next: AtomicPtr::new(ptr::null_mut()),
+            busy: Cell::new(false),
+            stack_top: Cell::new(sys::stack_top()),
+            stack_cache: Cell::new(cache),
+            name: Cell::new([0; 16]),
+        };
+        // SAFETY: non-zero-size layout.
+        let rec = unsafe { System.alloc(Layout::new::<ThreadRecord>()) } as *mut ThreadRecord;
+        if rec.is_null() {
+            pool.give_back(buf);
+            return ptr::null();
+        }
+        // SAFETY: `rec` is freshly allocated with the layout of a ThreadRecord.
+        unsafe { rec.write(record) };
+        // SAFETY: just initialised; records are never freed.
+        let r = unsafe { &*rec };
+        r.note_name();
+        // Publish in the process-wide list (Treiber-stack push).
+        let mut head = RECORDS.load(Ordering::Relaxed);
+        loop {
+            r.next.store(head, Ordering::Relaxed);
+            match RECORDS.compare_exchange_weak(head, rec, Ordering::Release, Ordering::Relaxed) {
+                Ok(_) => break,
+                Err(h) => head = h,
+            }
+        }
+        rec
+    }
+
+    /// Appends one record. The words must fit an empty buffer.
+    #[inline(always)]
+    fn push(&self, words: &[u64]) {
+        let len = self.len.load(Ordering::Relaxed);
+        let buf = self.buf.load(Ordering::Relaxed);
+        if len + words.len() * 8 > PAYLOAD_BYTES || buf.is_null() {
+            return self.push_slow(words);
+        }
+        // SAFETY: `buf` is this thread's current buffer, owned by it; the record fits
+        // behind the `len` committed bytes (checked above), and `len` is a multiple of 8.
+        unsafe {
+            ptr::copy_nonoverlapping(
+                words.as_ptr(),
+                (*buf).words.as_mut_ptr().add(len / 8),
+                words.len(),
+            )
+        };
+        // Release: a snapshot that reads the new length also sees the words.
+        self.len.store(len + words.len() * 8, Ordering::Release);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn push_slow(&self, words: &[u64]) {
+        if self.alive.load(Ordering::Relaxed) {
+            self.hand_over(true);
+            self.note_name();
+            self.push(words);
+        } else {
+            // After the thread's exit flush: one chunk per event.
+            let Some(buf) = writer::pool().and_then(|p| p.take()) else {
+                return writer::dropped(1);
+            };
+            let gen = self.gen.fetch_add(2, Ordering::Relaxed);
+            // SAFETY: the buffer was just taken from the pool; the record fits.
+            unsafe {
+                ptr::copy_nonoverlapping(
+                    words.as_ptr(),
+                    (*buf.as_ptr()).words.as_mut_ptr(),
+                    words.len(),
+                )
+            };
+            writer::submit(buf, self.tid, gen / 2, words.len() * 8);
+        }
+    }
+
+    /// Submits the current buffer and, if `replace`, installs a fresh one.
+    fn hand_over(&self, replace: bool) {
+        let gen = self.gen.load(Ordering::Relaxed);
+        self.gen.store(gen + 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        let old = self.buf.load(Ordering::Relaxed);
+        let len = self.len.load(Ordering::Relaxed);
+        let fresh = if replace {
+            writer::pool().and_then(|p| p.take())
+        } else {
+            None
+        };
+        self.buf.store(
+            fresh.map_or(ptr::null_mut(), NonNull::as_ptr),
+            Ordering::Relaxed,
+        );
+        self.len.store(0, Ordering::Relaxed);
+        self.gen.store(gen + 2, Ordering::Release);
+        if let Some(old) = NonNull::new(old) {
+            writer::submit(old, self.tid, gen / 2, len);
+        }
+        if replace && fresh.is_none() {
+            // Out of memory for buffers: keep going without recording on this thread.
+            self.alive.store(false, Ordering::Relaxed);
+            writer::dropped(1);
+        }
+    }
+
+    /// The thread is ending: write out what it recorded.
+    fn finish(&self) {
+        if !self.alive.load(Ordering::Relaxed) {
+            return;
+        }
+        self.note_name();
+        self.hand_over(false);
+        self.alive.store(false, Ordering::Release);
+        let cache = self.stack_cache.replace(ptr::null_mut());
+        if !cache.is_null() {
+            // SAFETY: allocated in `create` with this layout; no longer referenced.
+            unsafe { System.dealloc(cache as *mut u8, Layout::new::<[u64; STACK_CACHE]>()) };
+        }
+    }
+
+    /// Writes a Thread record if the OS name changed since the last one.
+    fn note_name(&self) {
+        let mut name = [0u8; 16];
+        let mut len = sys::thread_name(&mut name);
+        let os_tid = sys::os_tid();
+        if os_tid == std::process::id() as u64 {
+            name = *b"main\0\0\0\0\0\0\0\0\0\0\0\0";
+            len = 4;
+        }
+        if name == self.name.get() {
+            return;
+        }
+        self.name.set(name);
+        let mut words = [0u64; 4];
+        words[0] = head(Tag::Thread as u8, 0, len as u64);
+        words[1] = os_tid;
+        words[2] = u64::from_le_bytes(name[0..8].try_into().unwrap_or_default());
+        words[3] = u64::from_le_bytes(name[8..16].try_into().unwrap_or_default());
+        self.push(&words[..2 + len.div_ceil(8)]);
+    }
+
+    /// The id of the current call stack, writing the stack first if this thread has
+    /// not written it yet; 0 when stacks are off.
+    #[inline(always)]
+    fn stack_id(&self) -> u64 {
+        if !writer::stacks_enabled() {
+            return 0;
+        }
+        let frames = stack::capture(self.stack_top.get());
+        if frames.len == 0 {
+            return 0;
+        }
+        let addrs = &frames.addrs[..frames.len];
+        let hash = stack::hash(addrs);
+        let cache = self.stack_cache.get();
+        if !cache.is_null() {
+            // SAFETY: `cache` has STACK_CACHE entries and the index is masked to fit.
+            let slot = unsafe { &mut *cache.add(hash as usize & (STACK_CACHE - 1)) };
+            if *slot == hash {
+                return hash;
+            }
+            *slot = hash;
+        }
+        let mut words = [0u64; MAX_FRAMES + 2];
+        words[0] = head(Tag::Stack as u8, 0, addrs.len() as u64);
+        words[1] = hash;
+        words[2..2 + addrs.len()].copy_from_slice(addrs);
+        self.push(&words[..2 + addrs.len()]);
+        hash
+    }
+
+    /// Copies the complete part of this (possibly running) thread's current buffer
+    /// into `out`; returns the chunk index and length, or `None` if there is nothing.
+    fn snapshot(&self, out: &mut Buffer) -> Option<(u32, usize)> {
+        for _ in 0..1000 {
+            let g1 = self.gen.load(Ordering::Acquire);
+            if g1 % 2 == 1 {
+                std::thread::yield_now();
+                continue;
+            }
+            let buf = self.buf.load(Ordering::Relaxed);
+            let len = self.len.load(Ordering::Acquire).min(PAYLOAD_BYTES);
+            if buf.is_null() || len == 0 {
+                return None;
+            }
+            // SAFETY: buffers are never freed while the process runs (they return to
+            // the pool), so `buf` is readable. Its first `len` bytes are complete and
+            // the owner only appends behind them until it hands the buffer over; a
+            // hand-over during the copy changes `gen`, and the copy is then discarded
+            // (seqlock read). Volatile reads keep the compiler from assuming more.
+            unsafe {
+                let src = (*buf).words.as_ptr();
+                for i in 0..len / 8 {
+                    out.words[i] = ptr::read_volatile(src.add(i));
+                }
+            }
+            fence(Ordering::Acquire);
+            if self.gen.load(Ordering::Relaxed) == g1 {
+                return Some((g1 / 2, len));
+            }
+        }
+        None
+    }
+}
+
+/// Calls `f` for every record of the process.
+fn for_each_record(mut f: impl FnMut(&ThreadRecord)) {
+    let mut rec = RECORDS.load(Ordering::Acquire);
+    while !rec.is_null() {
+        // SAFETY: records in the list are initialised before being published (Release
+        // in `create`, Acquire above) and never freed.
+        let r = unsafe { &*rec };
+        f(r);
+        rec = r.next.load(Ordering::Relaxed);
+    }
+}
+
+/// At process exit: hands over the calling thread's buffer and copies the complete
+/// part of every other live thread's buffer, passing each chunk to `write`.
+pub fn flush_all(scratch: NonNull<Buffer>, mut write: impl FnMut(u32, u32, usize)) {
+    let me = CURRENT.with(|c| c.get());
+    if (me as usize) > DISABLED {
+        // SAFETY: see `with_record`.
+        let me = unsafe { &*me };
+        let was_busy = me.busy.replace(true);
+        me.note_name();
+        me.hand_over(true);
+        me.busy.set(was_busy);
+    }
+    for_each_record(|r| {
+        if ptr::eq(r, me) || !r.alive.load(Ordering::Acquire) {
+            return;
+        }
+        // SAFETY: `scratch` belongs to the caller, who lends it to us exclusively.
+        if let Some((index, len)) = r.snapshot(unsafe { &mut *scratch.as_ptr() }) {
+            write(r.tid, index, len);
+        }
+    });
+}
+
+/// In a child process right after `fork`: only the forking thread exists, and what
+/// the parent recorded is the parent's to write. Drops the inherited events.
+pub fn reset_after_fork() {
+    let me = CURRENT.with(|c| c.get());
+    for_each_record(|r| {
+        if !ptr::eq(r, me) {
+            r.alive.store(false, Ordering::Relaxed);
+            r.buf.store(ptr::null_mut(), Ordering::Relaxed);
+        }
+    });
+    if (me as usize) > DISABLED {
+        // SAFETY: see `with_record`; this thread owns `me`.
+        let me = unsafe { &*me };
+        me.len.store(0, Ordering::Relaxed);
+        me.gen.store(0, Ordering::Relaxed);
+        me.name.set([0; 16]);
+        let cache = me.stack_cache.get();
+        if !cache.is_null() {
+            // SAFETY: `cache` has STACK_CACHE entries: forget which stacks were written
+            // (they went to the parent's trace).
+            unsafe { ptr::write_bytes(cache, 0, STACK_CACHE) };
+        }
+        if !me.busy.get() {
+            me.busy.set(true);
+            me.note_name();
+            me.busy.set(false);
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! What the runtime asks of the operating system, outside the hot path: environment,
+//! thread names and ids, stack bounds, loaded modules. Nothing here allocates through
+//! the global allocator except where noted.
+
+use std::ffi::CStr;
+
+/// An environment variable read without allocating (std's `env::var` allocates).
+pub fn getenv(name: &CStr) -> Option<&'static [u8]> {
+    // SAFETY: `name` is NUL-terminated; getenv returns NULL or a pointer into the
+    // environment block, which lives for the whole process (memscope never modifies
+    // the environment, and Rust's `set_var` is unsafe for exactly this reason).
+    let value = unsafe { libc::getenv(name.as_ptr()) };
+    if value.is_null() {
+        None
+    } else {
+        // SAFETY: non-null getenv results are NUL-terminated strings (see above).
+        Some(unsafe { CStr::from_ptr(value) }.to_bytes())
+    }
+}
+
+/// The kernel's id of the calling thread.
+pub fn os_tid() -> u64 {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as u64 }
+}
+
+/// The calling thread's name as the OS keeps it (at most 15 bytes on Linux). std's own
+/// handle is not asked: `thread::current()` may allocate, abort or panic when called
+/// from inside an allocator.
+pub fn thread_name(out: &mut [u8; 16]) -> usize {
+    *out = [0; 16];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes, NUL included, into `out`.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_GET_NAME,
+            out.as_mut_ptr() as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    if rc != 0 {
+        return 0;
+    }
+    out.iter().position(|&b| b == 0).unwrap_or(16)
+}
+
+/// Highest address (exclusive) of the calling thread's stack, or 0 when unknown, in
+/// which case no stack is walked.
+pub fn stack_top() -> usize {
+    // SAFETY: pthread_attr_t is plain data; zeroed is a valid "uninitialised" value
+    // that pthread_getattr_np initialises.
+    let mut attr: libc::pthread_attr_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `attr` is writable; on success it is initialised and destroyed below.
+    if unsafe { libc::pthread_getattr_np(libc::pthread_self(), &mut attr) } != 0 {
+        return 0;
+    }
+    let mut addr: *mut libc::c_void = std::ptr::null_mut();
+    let mut size: libc::size_t = 0;
+    // SAFETY: `attr` was initialised by pthread_getattr_np; outputs are writable.
+    let rc = unsafe { libc::pthread_attr_getstack(&attr, &mut addr, &mut size) };
+    // SAFETY: `attr` was initialised above and is not used afterwards.
+    unsafe { libc::pthread_attr_destroy(&mut attr) };
+    if rc != 0 {
+        return 0;
+    }
+    addr as usize + size
+}
+
+/// A loaded object file: its path and where it was mapped.
+pub struct Module {
+    pub path: String,
+    pub bias: u64,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// Every object mapped into the process (the executable first). Allocates; call only
+/// from memscope's slow paths.
+pub fn modules() -> Vec<Module> {
+    unsafe extern "C" fn visit(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        data: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: dl_iterate_phdr passes a valid info pointer, and `data` is the
+        // `&mut Vec<Module>` given below, alive for the whole iteration.
+        let (info, out) = unsafe { (&*info, &mut *(data as *mut Vec<Module>)) };
+        let mut start = u64::MAX;
+        let mut end = 0;
+        for i in 0..info.dlpi_phnum as usize {
+            // SAFETY: `dlpi_phdr` points to `dlpi_phnum` program headers.
+            let ph = unsafe { &*info.dlpi_phdr.add(i) };
+            if ph.p_type == libc::PT_LOAD {
+                start = start.min(ph.p_vaddr);
+                end = end.max(ph.p_vaddr + ph.p_memsz);
+            }
+        }
+        if start == u64::MAX {
+            return 0;
+        }
+        let name = if info.dlpi_name.is_null() {
+            String::new()
+        } else {
+            // SAFETY: non-null `dlpi_name` is a NUL-terminated string.
+            unsafe { CStr::from_ptr(info.dlpi_name) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        let path = if name.is_empty() && out.is_empty() {
+            exe_path()
+        } else {
+            name
+        };
+        if !path.is_empty() && !path.starts_with("linux-vdso") {
+            let bias = info.dlpi_addr;
+            out.push(Module {
+                path,
+                bias,
+                start: bias + start,
+                end: bias + end,
+            });
+        }
+        0
+    }
+    let mut out: Vec<Module> = Vec::new();
+    // SAFETY: `visit` matches the callback type and only uses `data` as the Vec above.
+    unsafe {
+        libc::dl_iterate_phdr(
+            Some(visit),
+            &mut out as *mut Vec<Module> as *mut libc::c_void,
+        )
+    };
+    out
+}
+
+fn exe_path() -> String {
+    std::fs::read_link("/proc/self/exe")
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}

@@ -1,0 +1,316 @@
+//! The trace file: process-wide set-up, the writer thread, and the exit and fork paths.
+//!
+//! Threads hand full buffers to a lock-free queue (crossbeam `ArrayQueue`); a writer
+//! thread, started at the first hand-over, writes each as one chunk with one `write`
+//! and returns the buffer to the pool. If the queue is full or no writer thread could
+//! be started, the handing thread writes the chunk itself. File writes are serialised
+//! by a spin lock (not a mutex: after `fork` the child resets it, whoever held it).
+//!
+//! At process exit (`atexit`) the exiting thread drains the queue, copies the
+//! complete part of every running thread's buffer, and ends the file with the
+//! modules, a clock sample and an `End` record; nothing is written after that. A
+//! process killed before that leaves every chunk written so far, which is what a
+//! reader can use.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Once, OnceLock};
+use std::time::Duration;
+
+use crossbeam_queue::ArrayQueue;
+
+use crate::buffer::{Buffer, Full, Pool};
+use crate::format::{Encoder, EndReason, FileHeader, Record, FLAG_STACKS, META_THREAD, VERSION};
+use crate::{clock, recorder, sys};
+
+/// Buffers that may wait for the writer at once (64 MiB).
+const QUEUE_CAPACITY: usize = 1024;
+
+struct Shared {
+    pool: Pool,
+    full: ArrayQueue<Full>,
+}
+
+static INIT: Once = Once::new();
+static ENABLED: AtomicBool = AtomicBool::new(false);
+static STACKS: AtomicBool = AtomicBool::new(true);
+static SHARED: OnceLock<Shared> = OnceLock::new();
+/// The trace file's descriptor, or -1 before it is opened.
+static FD: AtomicI32 = AtomicI32::new(-1);
+/// Serialises writes to `FD`.
+static FILE_LOCK: AtomicBool = AtomicBool::new(false);
+/// Set once the exit flush has written the end of the trace.
+static FINISHED: AtomicBool = AtomicBool::new(false);
+static WRITER_STARTED: AtomicBool = AtomicBool::new(false);
+/// Set when the exit flush begins: no writer thread is started any more.
+static EXITING: AtomicBool = AtomicBool::new(false);
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+static META_INDEX: AtomicU32 = AtomicU32::new(0);
+
+/// Whether call stacks are recorded (`MEMSCOPE_STACKS=0` turns them off).
+#[inline(always)]
+pub fn stacks_enabled() -> bool {
+    STACKS.load(Ordering::Relaxed)
+}
+
+/// The buffer pool; `None` only before [`start`] ran.
+pub fn pool() -> Option<&'static Pool> {
+    SHARED.get().map(|shared| &shared.pool)
+}
+
+/// Counts events that could not be recorded (out of memory, failed writes).
+pub fn dropped(n: u64) {
+    DROPPED.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Sets up tracking for the process once; false if it is off (no trace file).
+pub fn start() -> bool {
+    INIT.call_once(|| {
+        if let Some(v) = sys::getenv(c"MEMSCOPE_STACKS") {
+            STACKS.store(v != b"0", Ordering::Relaxed);
+        }
+        let _ = SHARED.set(Shared {
+            pool: Pool::new(),
+            full: ArrayQueue::new(QUEUE_CAPACITY),
+        });
+        if open_trace_file() {
+            // SAFETY: registering plain `extern "C"` functions with no captured state.
+            unsafe {
+                libc::atexit(exit_flush);
+                libc::pthread_atfork(None, None, Some(after_fork_in_child));
+            }
+            ENABLED.store(true, Ordering::Release);
+        }
+    });
+    ENABLED.load(Ordering::Acquire)
+}
+
+/// Opens `$MEMSCOPE_OUT/memscope-<pid>-<ns>.mstrace` and writes the file header and
+/// the first meta records.
+fn open_trace_file() -> bool {
+    let dir = sys::getenv(c"MEMSCOPE_OUT").unwrap_or(b".");
+    let dir = String::from_utf8_lossy(dir);
+    let start = clock::unix_ns();
+    let path = format!("{dir}/memscope-{}-{start}.mstrace", std::process::id());
+    let Ok(cpath) = std::ffi::CString::new(path.clone()) else {
+        return false;
+    };
+    // SAFETY: `cpath` is NUL-terminated; the flags and mode are plain integers.
+    let fd = unsafe {
+        libc::open(
+            cpath.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
+            0o644,
+        )
+    };
+    if fd < 0 {
+        warn(&format!(
+            "cannot create the trace file {path}: {}",
+            std::io::Error::last_os_error()
+        ));
+        return false;
+    }
+    FD.store(fd, Ordering::Release);
+    let header = FileHeader {
+        version: VERSION,
+        flags: if stacks_enabled() { FLAG_STACKS } else { 0 },
+        pid: std::process::id(),
+        // SAFETY: getppid cannot fail.
+        ppid: unsafe { libc::getppid() } as u32,
+        start_unix_ns: start,
+    };
+    with_file(|fd| write_all(fd, &header.encode()));
+    write_meta(false);
+    true
+}
+
+/// Writes a clock sample and the loaded modules, plus the `End` record if `end`.
+fn write_meta(end: bool) {
+    let mut enc = Encoder::default();
+    let ts = clock::after();
+    enc.record(&Record::Clock {
+        ts,
+        monotonic_ns: clock::monotonic_ns(),
+        unix_ns: clock::unix_ns(),
+    });
+    for m in sys::modules() {
+        enc.record(&Record::Module {
+            bias: m.bias,
+            start: m.start,
+            end: m.end,
+            path: m.path,
+        });
+    }
+    if end {
+        let dropped = DROPPED.load(Ordering::Relaxed);
+        enc.record(&Record::End {
+            reason: EndReason::Exit as u8,
+            ts,
+            dropped,
+        });
+    }
+    let header = crate::format::ChunkHeader {
+        thread: META_THREAD,
+        index: META_INDEX.fetch_add(1, Ordering::Relaxed),
+        len: enc.bytes.len() as u32,
+        checksum: crate::format::checksum(&enc.bytes),
+    };
+    with_file(|fd| {
+        write_all(fd, &header.encode());
+        write_all(fd, &enc.bytes);
+    });
+}
+
+/// Hands a full buffer to the writer (or writes it now if the writer can't take it).
+pub fn submit(buf: NonNull<Buffer>, thread: u32, index: u32, len: usize) {
+    let Some(shared) = SHARED.get() else { return };
+    let full = Full {
+        buf,
+        thread,
+        index,
+        len,
+    };
+    if !WRITER_STARTED.load(Ordering::Relaxed) {
+        start_writer();
+    }
+    if WRITER_STARTED.load(Ordering::Acquire) {
+        match shared.full.push(full) {
+            Ok(()) => {}
+            Err(full) => write_full(shared, full),
+        }
+    } else {
+        write_full(shared, full);
+    }
+}
+
+fn write_full(shared: &Shared, mut full: Full) {
+    with_file(|fd| write_all(fd, full.bytes()));
+    shared.pool.give_back(full.buf);
+}
+
+fn start_writer() {
+    if EXITING.load(Ordering::Relaxed) || WRITER_STARTED.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("memscope-writer".into())
+        .spawn(writer_loop);
+    match spawned {
+        // The handle is leaked on purpose: the writer runs until the process ends.
+        Ok(handle) => std::mem::forget(handle),
+        Err(_) => WRITER_STARTED.store(false, Ordering::Release),
+    }
+}
+
+fn writer_loop() {
+    recorder::disable_current_thread(true);
+    let Some(shared) = SHARED.get() else { return };
+    loop {
+        let mut wrote = 0;
+        with_file(|fd| {
+            while let Some(mut full) = shared.full.pop() {
+                write_all(fd, full.bytes());
+                shared.pool.give_back(full.buf);
+                wrote += 1;
+                if wrote == 64 {
+                    break;
+                }
+            }
+        });
+        if wrote == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Runs `f` with the trace file's descriptor under the file lock; does nothing once
+/// the trace has ended or if the file is not open.
+fn with_file(f: impl FnOnce(i32)) {
+    while FILE_LOCK.swap(true, Ordering::Acquire) {
+        std::thread::yield_now();
+    }
+    let fd = FD.load(Ordering::Relaxed);
+    if fd >= 0 && !FINISHED.load(Ordering::Relaxed) {
+        f(fd);
+    }
+    FILE_LOCK.store(false, Ordering::Release);
+}
+
+fn write_all(fd: i32, mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        // SAFETY: `bytes` is a valid readable slice for its whole length.
+        let n = unsafe { libc::write(fd, bytes.as_ptr() as *const libc::c_void, bytes.len()) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            warn(&format!(
+                "writing the trace failed ({err}); the report will be incomplete"
+            ));
+            FD.store(-1, Ordering::Relaxed);
+            return;
+        }
+        bytes = &bytes[n as usize..];
+    }
+}
+
+/// `atexit` handler: the end of the trace.
+extern "C" fn exit_flush() {
+    let Some(shared) = SHARED.get() else { return };
+    EXITING.store(true, Ordering::Release);
+    let Some(scratch) = shared.pool.take() else {
+        return;
+    };
+    recorder::flush_all(scratch, |thread, index, len| {
+        let mut full = Full {
+            buf: scratch,
+            thread,
+            index,
+            len,
+        };
+        with_file(|fd| write_all(fd, full.bytes()));
+    });
+    // Our own allocations from here on are memscope's, not the program's.
+    recorder::disable_current_thread(false);
+    while let Some(full) = shared.full.pop() {
+        write_full(shared, full);
+    }
+    write_meta(true);
+    FINISHED.store(true, Ordering::Release);
+    shared.pool.give_back(scratch);
+    let fd = FD.swap(-1, Ordering::AcqRel);
+    if fd >= 0 {
+        // SAFETY: `fd` is the trace file, opened by us and closed only here.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// `pthread_atfork` child handler: a new process gets a new trace file.
+extern "C" fn after_fork_in_child() {
+    // Whoever held the lock or ran the writer is not in this process.
+    FILE_LOCK.store(false, Ordering::Release);
+    WRITER_STARTED.store(false, Ordering::Release);
+    META_INDEX.store(0, Ordering::Relaxed);
+    let fd = FD.swap(-1, Ordering::AcqRel);
+    if fd >= 0 {
+        // SAFETY: the inherited descriptor of the parent's trace; the child must not
+        // write to it.
+        unsafe { libc::close(fd) };
+    }
+    if let Some(shared) = SHARED.get() {
+        // Queued buffers hold the parent's events: the parent writes them.
+        while let Some(full) = shared.full.pop() {
+            shared.pool.give_back(full.buf);
+        }
+    }
+    if !FINISHED.load(Ordering::Relaxed) && open_trace_file() {
+        recorder::reset_after_fork();
+    }
+}
+
+fn warn(message: &str) {
+    let line = format!("memscope: {message}\n");
+    // SAFETY: writes a valid byte slice to stderr; the result is deliberately ignored.
+    unsafe { libc::write(2, line.as_ptr() as *const libc::c_void, line.len()) };
+}
