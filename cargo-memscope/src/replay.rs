@@ -1,0 +1,913 @@
+//! Pure analysis of a merged event stream: [`replay`] turns events into a
+//! [`Snapshot`] (totals, peak, sites, threads, timeline, problems, the blocks live at
+//! exit) in one pass, and [`leaks`] groups the blocks live at exit by site.
+//!
+//! Totals follow dhat-rs's `HeapStats` (nnethercote/dhat-rs, `src/lib.rs`,
+//! `update_counts_for_alloc`): a realloc is one more allocation event whose bytes are
+//! its full new size, the live bytes change by `new - old`, the live block count stays,
+//! and the peak is the *latest* moment the live bytes reach their maximum (`>=`). A
+//! realloc of an address that is not live counts as a new block, as in dhat.
+//!
+//! Each site's share of the peak is found in the same pass with lazy epochs: every
+//! new peak bumps a global epoch; before a site's live bytes change, a site last
+//! touched in an older epoch still holds the value it had at the latest peak and
+//! saves it. So each event costs O(1) and no second pass is needed.
+//!
+//! The timeline keeps at most [`TIMELINE_POINTS`] buckets; when time runs past the
+//! last bucket, neighbouring buckets merge pairwise and the bucket width doubles.
+//! Each bucket keeps its maximum (the latest one on ties), so the peak always shows.
+//!
+//! INTERNAL events (caused by memscope itself) are kept in the live map, so that their
+//! frees pair correctly, but are counted only in [`Snapshot::internal`].
+
+use rustc_hash::FxHashMap;
+
+use crate::trace::{ClockSample, Event, EventKind};
+
+/// At most this many points in a timeline.
+pub const TIMELINE_POINTS: usize = 1000;
+/// At most this many problems are kept in detail; the rest are only counted.
+pub const MAX_PROBLEMS: usize = 1000;
+/// Freed addresses remembered to tell a double free from a free of an unknown pointer.
+const FREED_MEMORY: usize = 1 << 20;
+
+/// Maps raw ticks to nanoseconds since process start: a straight line through the
+/// first and last `Clock` samples, anchored at the process's start time.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Clock {
+    origin_ts: u64,
+    origin_ns: f64,
+    ns_per_tick: f64,
+}
+
+impl Clock {
+    /// Needs two samples at different ticks; `None` otherwise (times are then unknown).
+    pub fn fit(samples: &[ClockSample], start_unix_ns: u64) -> Option<Clock> {
+        let first = samples.iter().min_by_key(|s| s.ts)?;
+        let last = samples.iter().max_by_key(|s| s.ts)?;
+        if last.ts <= first.ts || last.monotonic_ns < first.monotonic_ns {
+            return None;
+        }
+        let ns_per_tick =
+            (last.monotonic_ns - first.monotonic_ns) as f64 / (last.ts - first.ts) as f64;
+        let origin_ns = first.unix_ns.saturating_sub(start_unix_ns) as f64;
+        Some(Clock {
+            origin_ts: first.ts,
+            origin_ns,
+            ns_per_tick,
+        })
+    }
+
+    /// Nanoseconds since process start at tick `ts` (0 for ticks before the start).
+    pub fn ns(&self, ts: u64) -> u64 {
+        let ticks = ts as f64 - self.origin_ts as f64;
+        (self.origin_ns + ticks * self.ns_per_tick).max(0.0).round() as u64
+    }
+}
+
+/// Index into [`Snapshot::sites`].
+pub type SiteId = u32;
+
+/// Counts in the sense of dhat-rs's `HeapStats`; see the module documentation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// `alloc` and `alloc_zeroed` calls.
+    pub allocations: u64,
+    /// Of which `alloc_zeroed`.
+    pub zeroed_allocations: u64,
+    pub reallocations: u64,
+    /// Frees of live blocks.
+    pub frees: u64,
+    /// Sizes of allocations plus new sizes of reallocations.
+    pub bytes_allocated: u64,
+    pub live_blocks: u64,
+    pub live_bytes: u64,
+    pub peak_blocks: u64,
+    pub peak_bytes: u64,
+    /// Tick of the latest moment the live bytes were at their peak.
+    pub peak_ts: u64,
+}
+
+/// The figures of one allocation site (one call stack).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SiteStats {
+    /// Stack hash (0: no stack recorded).
+    pub stack: u64,
+    /// The site's blocks were allocated by memscope itself.
+    pub internal: bool,
+    pub allocations: u64,
+    pub reallocations: u64,
+    pub bytes_allocated: u64,
+    pub live_blocks: u64,
+    pub live_bytes: u64,
+    /// Live bytes of this site at the moment of the peak.
+    pub peak_bytes: u64,
+    /// Epoch of the last change; see the module documentation.
+    epoch: u64,
+}
+
+/// The figures of one thread.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ThreadStats {
+    pub allocations: u64,
+    pub reallocations: u64,
+    /// Frees done by this thread.
+    pub frees: u64,
+    pub bytes_allocated: u64,
+    /// Blocks allocated by this thread and still live (whoever frees them).
+    pub live_blocks: u64,
+    pub live_bytes: u64,
+    /// Largest `live_bytes` ever.
+    pub peak_bytes: u64,
+}
+
+/// A block in the live map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Block {
+    pub size: u64,
+    pub site: SiteId,
+    /// The thread that allocated it.
+    pub thread: u32,
+    /// Tick of its (re)allocation.
+    pub ts: u64,
+    pub internal: bool,
+}
+
+/// Something wrong the program did with the heap, as observed in the events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub kind: ProblemKind,
+    pub ts: u64,
+    pub thread: u32,
+    pub addr: u64,
+    /// For a double free: when and where the block was freed first.
+    pub first_free: Option<(u64, u32)>,
+    /// Site of the block involved, when known.
+    pub site: Option<SiteId>,
+    /// Sizes as allocated and as freed, for a size mismatch.
+    pub sizes: Option<(u64, u64)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ProblemKind {
+    /// An address freed twice with no allocation in between.
+    DoubleFree,
+    /// A free of an address no recorded allocation returned.
+    UnknownFree,
+    /// A realloc of an address no recorded allocation returned.
+    UnknownRealloc,
+    /// A free whose size differs from the size allocated.
+    SizeMismatch,
+    /// An allocation returned an address that was still live: its free was not recorded.
+    AddressStillLive,
+}
+
+/// Everything one pass over the events learns.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// The program's own figures (INTERNAL events excluded).
+    pub totals: Totals,
+    /// memscope's own figures (peak fields unused).
+    pub internal: Totals,
+    pub sites: Vec<SiteStats>,
+    pub threads: FxHashMap<u32, ThreadStats>,
+    /// Blocks live at the end, by address.
+    pub live: FxHashMap<u64, Block>,
+    /// `(tick, live bytes)`, at most [`TIMELINE_POINTS`] + 1 points, time-ordered.
+    pub timeline: Vec<(u64, u64)>,
+    pub problems: Vec<Problem>,
+    /// Problems of each kind, including those not kept in detail.
+    pub problem_counts: FxHashMap<ProblemKind, u64>,
+    pub first_ts: Option<u64>,
+    pub last_ts: Option<u64>,
+    pub events: u64,
+}
+
+/// Runs the events through the heap model.
+pub fn replay(events: impl IntoIterator<Item = Event>) -> Snapshot {
+    let mut state = State::default();
+    for event in events {
+        state.apply(&event);
+    }
+    state.finish()
+}
+
+/// How an allocation event changed the heap.
+#[derive(Clone, Copy)]
+enum Growth {
+    Alloc,
+    Realloc {
+        old_size: u64,
+    },
+    /// A realloc of an address that was not live.
+    ReallocUnknown,
+}
+
+#[derive(Default)]
+struct State {
+    snap: Snapshot,
+    site_index: FxHashMap<(u64, bool), SiteId>,
+    /// Per thread: the block (and its address) taken out by the free half of a
+    /// realloc whose alloc half has not come yet.
+    in_flight: FxHashMap<u32, Option<(u64, Block)>>,
+    /// Recently freed addresses: tick and thread of the free, site of the block.
+    freed: FxHashMap<u64, (u64, u32, SiteId)>,
+    epoch: u64,
+    timeline: Timeline,
+}
+
+impl State {
+    fn apply(&mut self, e: &Event) {
+        self.snap.events += 1;
+        self.snap.first_ts.get_or_insert(e.ts);
+        self.snap.last_ts = Some(e.ts);
+        match e.kind {
+            EventKind::Alloc {
+                addr,
+                size,
+                zeroed,
+                stack,
+            } => {
+                self.evict_stale(e, addr);
+                let site = self.site(stack, e.internal);
+                let block = Block {
+                    size,
+                    site,
+                    thread: e.thread,
+                    ts: e.ts,
+                    internal: e.internal,
+                };
+                self.snap.live.insert(addr, block);
+                self.totals(e.internal).zeroed_allocations += u64::from(zeroed);
+                self.grow(e, &block, Growth::Alloc);
+            }
+            EventKind::Free { addr, size } => match self.snap.live.remove(&addr) {
+                Some(block) => {
+                    if size != block.size {
+                        self.problem(e, ProblemKind::SizeMismatch, addr, Some(block.site), |p| {
+                            p.sizes = Some((block.size, size))
+                        });
+                    }
+                    self.release(e, addr, &block);
+                }
+                None => self.bad_free(e, addr),
+            },
+            EventKind::ReallocFree { addr } => {
+                let block = self.snap.live.remove(&addr);
+                if block.is_none() {
+                    self.bad_free(e, addr);
+                }
+                self.in_flight.insert(e.thread, block.map(|b| (addr, b)));
+            }
+            EventKind::ReallocAlloc {
+                addr, size, stack, ..
+            } => {
+                self.evict_stale(e, addr);
+                let (block, growth) = match self.in_flight.remove(&e.thread).flatten() {
+                    Some((_, old)) => (
+                        Block {
+                            size,
+                            ts: e.ts,
+                            ..old
+                        },
+                        Growth::Realloc { old_size: old.size },
+                    ),
+                    None => {
+                        // A realloc of an unknown block counts as a new block, as in dhat.
+                        let site = self.site(stack, e.internal);
+                        let block = Block {
+                            size,
+                            site,
+                            thread: e.thread,
+                            ts: e.ts,
+                            internal: e.internal,
+                        };
+                        (block, Growth::ReallocUnknown)
+                    }
+                };
+                self.snap.live.insert(addr, block);
+                self.grow(e, &block, growth);
+            }
+        }
+    }
+
+    /// Accounts an allocation event that made `block` what it is now.
+    fn grow(&mut self, e: &Event, block: &Block, growth: Growth) {
+        let (old, new_block) = match growth {
+            Growth::Alloc | Growth::ReallocUnknown => (0, 1),
+            Growth::Realloc { old_size } => (old_size, 0),
+        };
+        let realloc = u64::from(!matches!(growth, Growth::Alloc));
+        let new = block.size;
+
+        let totals = self.totals(block.internal);
+        totals.allocations += 1 - realloc;
+        totals.reallocations += realloc;
+        totals.bytes_allocated += new;
+        totals.live_bytes = totals.live_bytes - old + new;
+        totals.live_blocks += new_block;
+
+        self.touch_site(block.site);
+        let site = &mut self.snap.sites[block.site as usize];
+        site.allocations += 1 - realloc;
+        site.reallocations += realloc;
+        site.bytes_allocated += new;
+        site.live_bytes = site.live_bytes - old + new;
+        site.live_blocks += new_block;
+
+        let actor = self.thread(e.thread);
+        actor.allocations += 1 - realloc;
+        actor.reallocations += realloc;
+        actor.bytes_allocated += new;
+        let owner = self.thread(block.thread);
+        owner.live_bytes = owner.live_bytes - old + new;
+        owner.live_blocks += new_block;
+        owner.peak_bytes = owner.peak_bytes.max(owner.live_bytes);
+
+        if !block.internal {
+            let t = &mut self.snap.totals;
+            if t.live_bytes >= t.peak_bytes {
+                t.peak_bytes = t.live_bytes;
+                t.peak_blocks = t.live_blocks;
+                t.peak_ts = e.ts;
+                self.epoch += 1;
+            }
+            self.timeline.record(e.ts, t.live_bytes);
+        }
+    }
+
+    /// Accounts the free of a live block by thread `e.thread`.
+    fn release(&mut self, e: &Event, addr: u64, block: &Block) {
+        self.totals(block.internal).frees += 1;
+        self.thread(e.thread).frees += 1;
+        self.forget(block);
+        if !block.internal {
+            self.timeline.record(e.ts, self.snap.totals.live_bytes);
+        }
+        if self.freed.len() >= FREED_MEMORY {
+            self.freed.clear();
+        }
+        self.freed.insert(addr, (e.ts, e.thread, block.site));
+    }
+
+    /// Takes a block out of the live figures.
+    fn forget(&mut self, block: &Block) {
+        let totals = self.totals(block.internal);
+        totals.live_blocks -= 1;
+        totals.live_bytes -= block.size;
+        self.touch_site(block.site);
+        let site = &mut self.snap.sites[block.site as usize];
+        site.live_blocks -= 1;
+        site.live_bytes -= block.size;
+        let owner = self.thread(block.thread);
+        owner.live_blocks -= 1;
+        owner.live_bytes -= block.size;
+    }
+
+    /// A free (or realloc) of an address that is not live.
+    fn bad_free(&mut self, e: &Event, addr: u64) {
+        if matches!(e.kind, EventKind::ReallocFree { .. }) {
+            return self.problem(e, ProblemKind::UnknownRealloc, addr, None, |_| {});
+        }
+        match self.freed.get(&addr).copied() {
+            Some((ts, thread, site)) => {
+                self.problem(e, ProblemKind::DoubleFree, addr, Some(site), |p| {
+                    p.first_free = Some((ts, thread))
+                })
+            }
+            None => self.problem(e, ProblemKind::UnknownFree, addr, None, |_| {}),
+        }
+    }
+
+    /// Before a block is placed at `addr`: a block still there lost its free.
+    fn evict_stale(&mut self, e: &Event, addr: u64) {
+        self.freed.remove(&addr);
+        if let Some(stale) = self.snap.live.remove(&addr) {
+            self.problem(
+                e,
+                ProblemKind::AddressStillLive,
+                addr,
+                Some(stale.site),
+                |_| {},
+            );
+            self.forget(&stale);
+        }
+    }
+
+    /// Saves a site's value at the latest peak before it changes.
+    fn touch_site(&mut self, site: SiteId) {
+        let site = &mut self.snap.sites[site as usize];
+        if site.epoch != self.epoch {
+            site.peak_bytes = site.live_bytes;
+            site.epoch = self.epoch;
+        }
+    }
+
+    fn site(&mut self, stack: u64, internal: bool) -> SiteId {
+        let sites = &mut self.snap.sites;
+        *self.site_index.entry((stack, internal)).or_insert_with(|| {
+            sites.push(SiteStats {
+                stack,
+                internal,
+                allocations: 0,
+                reallocations: 0,
+                bytes_allocated: 0,
+                live_blocks: 0,
+                live_bytes: 0,
+                peak_bytes: 0,
+                epoch: 0,
+            });
+            (sites.len() - 1) as SiteId
+        })
+    }
+
+    fn totals(&mut self, internal: bool) -> &mut Totals {
+        if internal {
+            &mut self.snap.internal
+        } else {
+            &mut self.snap.totals
+        }
+    }
+
+    fn thread(&mut self, thread: u32) -> &mut ThreadStats {
+        self.snap.threads.entry(thread).or_default()
+    }
+
+    fn problem(
+        &mut self,
+        e: &Event,
+        kind: ProblemKind,
+        addr: u64,
+        site: Option<SiteId>,
+        detail: impl FnOnce(&mut Problem),
+    ) {
+        *self.snap.problem_counts.entry(kind).or_default() += 1;
+        if self.snap.problems.len() < MAX_PROBLEMS {
+            let mut p = Problem {
+                kind,
+                ts: e.ts,
+                thread: e.thread,
+                addr,
+                first_free: None,
+                site,
+                sizes: None,
+            };
+            detail(&mut p);
+            self.snap.problems.push(p);
+        }
+    }
+
+    fn finish(mut self) -> Snapshot {
+        // A realloc whose second half never came (the trace was cut between them):
+        // its old block is still live as far as anyone knows.
+        for (addr, block) in std::mem::take(&mut self.in_flight).into_values().flatten() {
+            if self.snap.live.contains_key(&addr) {
+                self.forget(&block);
+            } else {
+                self.snap.live.insert(addr, block);
+            }
+        }
+        let epoch = self.epoch;
+        for site in &mut self.snap.sites {
+            if site.epoch != epoch {
+                site.peak_bytes = site.live_bytes;
+            }
+        }
+        if self.snap.totals.peak_bytes == 0 {
+            for site in &mut self.snap.sites {
+                site.peak_bytes = 0;
+            }
+        }
+        self.snap.timeline = self
+            .timeline
+            .points(self.snap.last_ts, self.snap.totals.live_bytes);
+        self.snap
+    }
+}
+
+/// Live bytes over time, bounded; see the module documentation.
+#[derive(Default)]
+struct Timeline {
+    t0: u64,
+    /// Bucket width in ticks, a power of two once started.
+    width: u64,
+    /// Per bucket: the tick and value of its maximum.
+    buckets: Vec<Option<(u64, u64)>>,
+}
+
+impl Timeline {
+    fn record(&mut self, ts: u64, bytes: u64) {
+        if self.width == 0 {
+            self.t0 = ts;
+            self.width = 1;
+            self.buckets = vec![None; TIMELINE_POINTS];
+        }
+        let mut i = ts.saturating_sub(self.t0) / self.width;
+        while i >= TIMELINE_POINTS as u64 {
+            self.halve();
+            i = ts.saturating_sub(self.t0) / self.width;
+        }
+        let slot = &mut self.buckets[i as usize];
+        match slot {
+            Some((_, max)) if *max > bytes => {}
+            _ => *slot = Some((ts, bytes)),
+        }
+    }
+
+    /// Merges neighbouring buckets, doubling the width.
+    fn halve(&mut self) {
+        for i in 0..TIMELINE_POINTS / 2 {
+            let (a, b) = (self.buckets[2 * i], self.buckets[2 * i + 1]);
+            self.buckets[i] = match (a, b) {
+                (Some(a), Some(b)) => Some(if a.1 > b.1 { a } else { b }),
+                (a, b) => a.or(b),
+            };
+        }
+        for slot in &mut self.buckets[TIMELINE_POINTS / 2..] {
+            *slot = None;
+        }
+        self.width *= 2;
+    }
+
+    /// The bucket maxima, plus the final value at the last event.
+    fn points(&self, last_ts: Option<u64>, final_bytes: u64) -> Vec<(u64, u64)> {
+        let mut points: Vec<(u64, u64)> = self.buckets.iter().flatten().copied().collect();
+        if let Some(last) = last_ts {
+            match points.last() {
+                Some(&(ts, bytes)) if ts == last && bytes == final_bytes => {}
+                Some(&(ts, _)) if ts == last => points.push((last, final_bytes)),
+                _ => points.push((last, final_bytes)),
+            }
+        }
+        points
+    }
+}
+
+/// The blocks live at exit of one site.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeakGroup {
+    pub site: SiteId,
+    pub blocks: u64,
+    pub bytes: u64,
+    pub largest: u64,
+    /// Threads that allocated them, with their block counts, most blocks first.
+    pub threads: Vec<(u32, u64)>,
+    /// Tick of the earliest (re)allocation among them.
+    pub first_ts: u64,
+}
+
+/// Groups the blocks live at exit by site, largest groups first. INTERNAL blocks are
+/// grouped too (their sites are marked `internal`); the caller decides what they are.
+pub fn leaks(snapshot: &Snapshot) -> Vec<LeakGroup> {
+    let mut groups: FxHashMap<SiteId, (LeakGroup, FxHashMap<u32, u64>)> = FxHashMap::default();
+    for block in snapshot.live.values() {
+        let (g, threads) = groups.entry(block.site).or_insert_with(|| {
+            let group = LeakGroup {
+                site: block.site,
+                blocks: 0,
+                bytes: 0,
+                largest: 0,
+                threads: Vec::new(),
+                first_ts: u64::MAX,
+            };
+            (group, FxHashMap::default())
+        });
+        g.blocks += 1;
+        g.bytes += block.size;
+        g.largest = g.largest.max(block.size);
+        g.first_ts = g.first_ts.min(block.ts);
+        *threads.entry(block.thread).or_default() += 1;
+    }
+    let mut out: Vec<LeakGroup> = groups
+        .into_values()
+        .map(|(mut g, threads)| {
+            g.threads = threads.into_iter().collect();
+            g.threads
+                .sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            g
+        })
+        .collect();
+    out.sort_unstable_by(|a, b| b.bytes.cmp(&a.bytes).then(a.site.cmp(&b.site)));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(ts: u64, thread: u32, kind: EventKind) -> Event {
+        Event {
+            ts,
+            thread,
+            internal: false,
+            kind,
+        }
+    }
+    fn alloc(ts: u64, addr: u64, size: u64, stack: u64) -> Event {
+        ev(
+            ts,
+            1,
+            EventKind::Alloc {
+                addr,
+                size,
+                zeroed: false,
+                stack,
+            },
+        )
+    }
+    fn free(ts: u64, addr: u64, size: u64) -> Event {
+        ev(ts, 1, EventKind::Free { addr, size })
+    }
+    fn realloc(ts: u64, old_addr: u64, addr: u64, size: u64) -> [Event; 2] {
+        [
+            ev(ts, 1, EventKind::ReallocFree { addr: old_addr }),
+            ev(
+                ts + 1,
+                1,
+                EventKind::ReallocAlloc {
+                    old_addr,
+                    addr,
+                    size,
+                    stack: 0,
+                },
+            ),
+        ]
+    }
+
+    /// The figures dhat-rs's `HeapStats` would give for the same calls.
+    struct Dhat {
+        total_blocks: u64,
+        total_bytes: u64,
+        curr_blocks: u64,
+        curr_bytes: u64,
+        max_blocks: u64,
+        max_bytes: u64,
+    }
+
+    fn dhat_view(t: &Totals) -> Dhat {
+        Dhat {
+            total_blocks: t.allocations + t.reallocations,
+            total_bytes: t.bytes_allocated,
+            curr_blocks: t.live_blocks,
+            curr_bytes: t.live_bytes,
+            max_blocks: t.peak_blocks,
+            max_bytes: t.peak_bytes,
+        }
+    }
+
+    #[test]
+    fn a_known_sequence_gives_exact_totals_and_peak_the_way_dhat_counts() {
+        let mut events = vec![alloc(1, 0x10, 100, 1), alloc(2, 0x20, 50, 1)];
+        events.extend(realloc(3, 0x10, 0x30, 300)); // live 350, peak
+        events.push(free(5, 0x20, 50)); // live 300
+        events.push(ev(
+            6,
+            1,
+            EventKind::Alloc {
+                addr: 0x40,
+                size: 50,
+                zeroed: true,
+                stack: 2,
+            },
+        )); // 350 again: latest peak
+        events.push(free(7, 0x30, 300)); // 50 live at exit
+        let snap = replay(events);
+        let t = snap.totals;
+        assert_eq!(
+            (
+                t.allocations,
+                t.zeroed_allocations,
+                t.reallocations,
+                t.frees
+            ),
+            (3, 1, 1, 2)
+        );
+        assert_eq!(
+            (t.bytes_allocated, t.live_blocks, t.live_bytes),
+            (500, 1, 50)
+        );
+        assert_eq!((t.peak_bytes, t.peak_blocks, t.peak_ts), (350, 2, 6));
+        let d = dhat_view(&t);
+        assert_eq!((d.total_blocks, d.total_bytes), (4, 500));
+        assert_eq!(
+            (d.curr_blocks, d.curr_bytes, d.max_blocks, d.max_bytes),
+            (1, 50, 2, 350)
+        );
+        assert!(snap.problems.is_empty());
+    }
+
+    #[test]
+    fn a_realloc_stays_with_the_site_that_allocated_the_block() {
+        let mut events = vec![alloc(1, 0x10, 8, 5)];
+        events.extend(realloc(2, 0x10, 0x20, 64));
+        let snap = replay(events);
+        assert_eq!(snap.sites.len(), 1);
+        let s = &snap.sites[0];
+        assert_eq!(
+            (s.stack, s.allocations, s.reallocations, s.bytes_allocated),
+            (5, 1, 1, 72)
+        );
+        assert_eq!((s.live_blocks, s.live_bytes), (1, 64));
+        assert_eq!(snap.live[&0x20].size, 64);
+    }
+
+    #[test]
+    fn each_site_gets_its_live_bytes_at_the_moment_of_the_peak() {
+        let events = vec![
+            alloc(1, 0x10, 100, 1),
+            alloc(2, 0x20, 200, 2),
+            alloc(3, 0x30, 300, 3), // peak 600
+            free(4, 0x30, 300),
+            free(5, 0x10, 100),
+            alloc(6, 0x40, 250, 1), // 450, not a peak
+            alloc(7, 0x50, 10, 3),  // 460
+        ];
+        let snap = replay(events);
+        assert_eq!(snap.totals.peak_bytes, 600);
+        let at_peak: Vec<u64> = snap.sites.iter().map(|s| s.peak_bytes).collect();
+        assert_eq!(at_peak, vec![100, 200, 300]);
+        assert_eq!(at_peak.iter().sum::<u64>(), snap.totals.peak_bytes);
+    }
+
+    #[test]
+    fn a_second_free_of_the_same_address_is_a_double_free_and_a_stranger_is_unknown() {
+        let snap = replay(vec![
+            alloc(1, 0x10, 8, 1),
+            free(2, 0x10, 8),
+            free(3, 0x10, 8),
+            free(4, 0x99, 8),
+        ]);
+        let kinds: Vec<_> = snap.problems.iter().map(|p| (p.kind, p.addr)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (ProblemKind::DoubleFree, 0x10),
+                (ProblemKind::UnknownFree, 0x99)
+            ]
+        );
+        assert_eq!(snap.problems[0].first_free, Some((2, 1)));
+        assert_eq!(snap.totals.frees, 1);
+        assert_eq!(snap.totals.live_blocks, 0);
+    }
+
+    #[test]
+    fn a_reused_address_is_not_a_double_free() {
+        let snap = replay(vec![
+            alloc(1, 0x10, 8, 1),
+            free(2, 0x10, 8),
+            alloc(3, 0x10, 8, 1),
+            free(4, 0x10, 8),
+        ]);
+        assert!(snap.problems.is_empty());
+    }
+
+    #[test]
+    fn a_free_with_another_size_is_reported_and_counted_with_the_allocated_size() {
+        let snap = replay(vec![alloc(1, 0x10, 8, 1), free(2, 0x10, 16)]);
+        assert_eq!(snap.problems[0].kind, ProblemKind::SizeMismatch);
+        assert_eq!(snap.problems[0].sizes, Some((8, 16)));
+        assert_eq!(snap.totals.live_bytes, 0);
+    }
+
+    #[test]
+    fn memscopes_own_blocks_stay_out_of_the_programs_figures() {
+        let internal = Event {
+            internal: true,
+            ..alloc(2, 0x20, 1000, 0)
+        };
+        let snap = replay(vec![
+            alloc(1, 0x10, 8, 1),
+            internal,
+            ev(
+                3,
+                2,
+                EventKind::Free {
+                    addr: 0x20,
+                    size: 1000,
+                },
+            ),
+        ]);
+        assert_eq!(
+            (
+                snap.totals.allocations,
+                snap.totals.peak_bytes,
+                snap.totals.frees
+            ),
+            (1, 8, 0)
+        );
+        assert_eq!(
+            (
+                snap.internal.allocations,
+                snap.internal.frees,
+                snap.internal.live_bytes
+            ),
+            (1, 1, 0)
+        );
+    }
+
+    #[test]
+    fn per_thread_figures_follow_the_allocating_thread() {
+        let events = vec![
+            ev(
+                1,
+                1,
+                EventKind::Alloc {
+                    addr: 0x10,
+                    size: 64,
+                    zeroed: false,
+                    stack: 0,
+                },
+            ),
+            ev(
+                2,
+                2,
+                EventKind::Alloc {
+                    addr: 0x20,
+                    size: 32,
+                    zeroed: false,
+                    stack: 0,
+                },
+            ),
+            ev(
+                3,
+                2,
+                EventKind::Free {
+                    addr: 0x10,
+                    size: 64,
+                },
+            ),
+        ];
+        let snap = replay(events);
+        let (one, two) = (&snap.threads[&1], &snap.threads[&2]);
+        assert_eq!(
+            (one.allocations, one.frees, one.live_bytes, one.peak_bytes),
+            (1, 0, 0, 64)
+        );
+        assert_eq!(
+            (two.allocations, two.frees, two.live_bytes, two.peak_bytes),
+            (1, 1, 32, 32)
+        );
+    }
+
+    #[test]
+    fn blocks_live_at_exit_are_grouped_by_site_largest_first() {
+        let snap = replay(vec![
+            alloc(1, 0x10, 8, 1),
+            alloc(2, 0x20, 8, 1),
+            alloc(3, 0x30, 4096, 2),
+            alloc(4, 0x40, 1, 3),
+            free(5, 0x40, 1),
+        ]);
+        let groups = leaks(&snap);
+        let got: Vec<_> = groups
+            .iter()
+            .map(|g| (snap.sites[g.site as usize].stack, g.blocks, g.bytes))
+            .collect();
+        assert_eq!(got, vec![(2, 1, 4096), (1, 2, 16)]);
+        assert_eq!(groups[1].threads, vec![(1, 2)]);
+    }
+
+    #[test]
+    fn the_timeline_stays_bounded_and_keeps_the_peak() {
+        let mut events = Vec::new();
+        for i in 0..100_000u64 {
+            events.push(alloc(2 * i, 0x1000 + i, 10, 1));
+            let size = if i == 31_337 { 1_000_000 } else { 10 };
+            events.push(alloc(2 * i + 1, 0x1000_0000 + i, size, 1));
+            events.push(free(2 * i + 1, 0x1000_0000 + i, size));
+        }
+        let snap = replay(events);
+        assert!(
+            snap.timeline.len() <= TIMELINE_POINTS + 1,
+            "{}",
+            snap.timeline.len()
+        );
+        assert!(snap.timeline.len() >= TIMELINE_POINTS / 2);
+        assert!(snap
+            .timeline
+            .contains(&(snap.totals.peak_ts, snap.totals.peak_bytes)));
+        assert_eq!(snap.timeline.last(), Some(&(199_999, 1_000_000)));
+        assert!(snap.timeline.windows(2).all(|w| w[0].0 <= w[1].0));
+    }
+
+    #[test]
+    fn the_clock_maps_ticks_to_nanoseconds_since_start() {
+        let samples = [
+            ClockSample {
+                ts: 1000,
+                monotonic_ns: 50,
+                unix_ns: 10_500,
+            },
+            ClockSample {
+                ts: 3000,
+                monotonic_ns: 1050,
+                unix_ns: 11_500,
+            },
+        ];
+        let clock = Clock::fit(&samples, 10_000).unwrap();
+        assert_eq!(clock.ns(1000), 500);
+        assert_eq!(clock.ns(2000), 1000);
+        assert_eq!(clock.ns(0), 0);
+        assert_eq!(Clock::fit(&samples[..1], 10_000), None);
+    }
+}
