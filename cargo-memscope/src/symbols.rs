@@ -1,0 +1,531 @@
+//! Return addresses → functions, files and lines, and what frames' names tell.
+//!
+//! The only module that uses `addr2line` and `rustc-demangle`. Each `Module` record of
+//! a trace says where an object file was mapped; a return address `r` inside it is
+//! looked up at `r - 1 - bias` (the call instruction, in the file's own addresses) in
+//! its DWARF line tables, inlined frames expanded innermost first, and falls back to
+//! the symbol table when there is no DWARF. Rust names are demangled without their
+//! hash suffix. Results are cached per address; object files are loaded on first use.
+//!
+//! On top of that, decisions made by frame name: which frames are the allocator's
+//! plumbing (trimmed from the top of every stack), which frame is an allocation's
+//! *site*, and which stacks are the standard library's own bookkeeping.
+
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use rustc_hash::FxHashMap;
+use serde::Serialize;
+
+use crate::trace::Module;
+
+/// One frame of a symbolized stack; inlined calls are frames of their own.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Frame {
+    /// The return address, as `0x…` (the same for all frames inlined at it).
+    pub address: String,
+    /// Demangled function name, without hash suffix.
+    pub function: Option<String>,
+    /// Source file, after the report's path map.
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    /// This call was inlined into the next frame.
+    pub inlined: bool,
+}
+
+/// Whether an object file could be symbolized, for the report.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ModuleStatus {
+    pub path: String,
+    /// `"symbolized"`, `"no_debug_info"` (function names only, from the symbol
+    /// table), or `"unreadable"` (the file is gone or is not an object file).
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Symbolizes addresses of one process.
+pub struct Symbolizer {
+    modules: Vec<Object>,
+    path_map: Vec<(PathBuf, PathBuf)>,
+    cache: FxHashMap<u64, Rc<[Frame]>>,
+}
+
+struct Object {
+    module: Module,
+    /// `None` until first used; then the loader, or why there is none.
+    loader: Option<Result<addr2line::Loader, String>>,
+    has_dwarf: bool,
+}
+
+impl Symbolizer {
+    pub fn new(modules: &[Module], path_map: &[(PathBuf, PathBuf)]) -> Symbolizer {
+        let mut objects: Vec<Object> = Vec::new();
+        for m in modules {
+            // The meta stream lists the modules at start and again at exit.
+            if !objects.iter().any(|o| o.module == *m) {
+                objects.push(Object {
+                    module: m.clone(),
+                    loader: None,
+                    has_dwarf: false,
+                });
+            }
+        }
+        Symbolizer {
+            modules: objects,
+            path_map: path_map.to_vec(),
+            cache: FxHashMap::default(),
+        }
+    }
+
+    /// Symbolizes a stack of return addresses (innermost first) and trims the
+    /// allocator's plumbing from its top.
+    pub fn stack(&mut self, addrs: &[u64]) -> Vec<Frame> {
+        let mut frames = Vec::with_capacity(addrs.len());
+        for &addr in addrs {
+            frames.extend(self.frames(addr).iter().cloned());
+        }
+        let cut = plumbing_len(&frames);
+        frames.drain(..cut);
+        frames
+    }
+
+    /// The frames at one return address, innermost (most inlined) first.
+    pub fn frames(&mut self, addr: u64) -> Rc<[Frame]> {
+        if let Some(frames) = self.cache.get(&addr) {
+            return frames.clone();
+        }
+        let frames: Rc<[Frame]> = self.lookup(addr).into();
+        self.cache.insert(addr, frames.clone());
+        frames
+    }
+
+    fn lookup(&mut self, addr: u64) -> Vec<Frame> {
+        let address = format!("{addr:#x}");
+        let bare = || {
+            vec![Frame {
+                address: address.clone(),
+                function: None,
+                file: None,
+                line: None,
+                inlined: false,
+            }]
+        };
+        let pc = addr.saturating_sub(1);
+        let Some(object) = self
+            .modules
+            .iter_mut()
+            .find(|o| o.module.start <= pc && pc < o.module.end)
+        else {
+            return bare();
+        };
+        let probe = pc.wrapping_sub(object.module.bias);
+        let Ok(loader) = object.loader() else {
+            return bare();
+        };
+
+        let mut out = Vec::new();
+        if let Ok(mut iter) = loader.find_frames(probe) {
+            while let Ok(Some(frame)) = iter.next() {
+                let function = frame
+                    .function
+                    .as_ref()
+                    .and_then(|f| f.raw_name().ok())
+                    .map(|n| demangle(&n));
+                let (file, line) = match &frame.location {
+                    Some(loc) => (loc.file.map(|f| map_path(&self.path_map, f)), loc.line),
+                    None => (None, None),
+                };
+                out.push(Frame {
+                    address: address.clone(),
+                    function,
+                    file,
+                    line,
+                    inlined: true,
+                });
+            }
+        }
+        // DWARF may name the outermost function by its short name only; the symbol
+        // table has its full path.
+        let symbol = loader.find_symbol(probe).map(demangle);
+        match out.last_mut() {
+            Some(outer) => {
+                outer.inlined = false;
+                let short = outer.function.as_deref().is_none_or(|f| !f.contains("::"));
+                if short && symbol.is_some() {
+                    outer.function = symbol;
+                }
+            }
+            None => out.push(Frame {
+                address: address.clone(),
+                function: symbol,
+                file: None,
+                line: None,
+                inlined: false,
+            }),
+        }
+        out
+    }
+
+    /// What could be symbolized, per object file that was needed.
+    pub fn status(&self) -> Vec<ModuleStatus> {
+        self.modules
+            .iter()
+            .filter_map(|o| {
+                let (status, detail) = match o.loader.as_ref()? {
+                    Ok(_) if o.has_dwarf => ("symbolized", None),
+                    Ok(_) => (
+                        "no_debug_info",
+                        Some("no DWARF line tables: function names only".to_string()),
+                    ),
+                    Err(e) => ("unreadable", Some(e.clone())),
+                };
+                Some(ModuleStatus {
+                    path: o.module.path.clone(),
+                    status,
+                    detail,
+                })
+            })
+            .collect()
+    }
+}
+
+impl Object {
+    fn loader(&mut self) -> Result<&addr2line::Loader, &String> {
+        if self.loader.is_none() {
+            let loaded = addr2line::Loader::new(&self.module.path).map_err(|e| e.to_string());
+            if let Ok(l) = &loaded {
+                self.has_dwarf = l.get_section_range(b".debug_line").is_some();
+            }
+            self.loader = Some(loaded);
+        }
+        self.loader.as_ref().expect("set above").as_ref()
+    }
+}
+
+fn demangle(raw: &str) -> String {
+    format!("{:#}", rustc_demangle::demangle(raw))
+}
+
+/// Rewrites a compiled path through the first matching prefix of `path_map`.
+pub fn map_path(path_map: &[(PathBuf, PathBuf)], file: &str) -> String {
+    let path = Path::new(file);
+    for (from, to) in path_map {
+        if let Ok(rest) = path.strip_prefix(from) {
+            return to.join(rest).to_string_lossy().into_owned();
+        }
+    }
+    file.to_owned()
+}
+
+/// Frames of the allocator's plumbing: memscope's hook, the `#[global_allocator]`
+/// shims and `alloc::alloc`'s wrappers around them.
+fn is_plumbing(function: &str) -> bool {
+    const PREFIXES: &[&str] = &[
+        "memscope::",
+        "<memscope::",
+        "__rust_alloc",
+        "__rust_dealloc",
+        "__rust_realloc",
+        "__rustc::__rust_",
+        "__rdl_",
+        "__rg_",
+        "alloc::alloc::",
+        "<alloc::alloc::Global",
+        "std::alloc::",
+        "<std::alloc::System",
+    ];
+    PREFIXES.iter().any(|p| function.starts_with(p))
+}
+
+/// How many frames at the top of a stack are plumbing: up to the last plumbing frame
+/// of the leading run of plumbing and unknown frames.
+fn plumbing_len(frames: &[Frame]) -> usize {
+    let mut cut = 0;
+    for (i, frame) in frames.iter().enumerate() {
+        match frame.function.as_deref() {
+            Some(f) if is_plumbing(f) => cut = i + 1,
+            Some(_) => break,
+            None => {}
+        }
+    }
+    cut
+}
+
+/// Functions of Rust's standard library (and of memscope).
+pub fn is_std(frame: &Frame) -> bool {
+    const PREFIXES: &[&str] = &[
+        "std::",
+        "core::",
+        "alloc::",
+        "<std::",
+        "<core::",
+        "<alloc::",
+        "memscope::",
+        "<memscope::",
+    ];
+    match (&frame.function, &frame.file) {
+        (_, Some(file)) if file.starts_with("/rustc/") => true,
+        (Some(f), _) => PREFIXES.iter().any(|p| f.starts_with(p)) || f.starts_with("__"),
+        (None, _) => false,
+    }
+}
+
+/// Where a site frame was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SiteOrigin {
+    /// In a file under one of the user's roots.
+    User,
+    /// The first frame outside the standard library (a dependency, usually).
+    Library,
+    /// Only standard-library or unknown frames.
+    Unknown,
+}
+
+/// The frame that names an allocation's site: the innermost frame in the user's own
+/// files, or else the innermost frame outside the standard library.
+pub fn site_frame(frames: &[Frame], user_roots: &[PathBuf]) -> (Option<usize>, SiteOrigin) {
+    let in_user_root = |f: &Frame| {
+        f.file
+            .as_deref()
+            .is_some_and(|file| user_roots.iter().any(|r| Path::new(file).starts_with(r)))
+    };
+    if let Some(i) = frames.iter().position(in_user_root) {
+        return (Some(i), SiteOrigin::User);
+    }
+    if let Some(i) = frames
+        .iter()
+        .position(|f| f.function.is_some() && !is_std(f))
+    {
+        return (Some(i), SiteOrigin::Library);
+    }
+    (None, SiteOrigin::Unknown)
+}
+
+/// If a stack is the standard library keeping memory for itself until exit, the
+/// evidence for that: the frame that shows it. Decided by name:
+/// - std's I/O handles (stdout's line buffer, stdin's buffer) under `std::io::stdio`;
+/// - thread-local destructor lists under `std::sys::thread_local` or `register_dtor`;
+/// - the current thread's handle under `std::thread::current`;
+/// - anything std allocates while starting or shutting down the process: under
+///   `std::rt::lang_start_internal` but not under the user's `main` (which runs inside
+///   `__rust_begin_short_backtrace`).
+pub fn std_bookkeeping(frames: &[Frame], user_roots: &[PathBuf]) -> Option<String> {
+    const PARTS: &[(&str, &str)] = &[
+        (
+            "std::io::stdio::",
+            "std's standard I/O buffers, kept until exit",
+        ),
+        (
+            "std::sys::thread_local::",
+            "std's thread-local destructor registration",
+        ),
+        (
+            "register_dtor",
+            "std's thread-local destructor registration",
+        ),
+        (
+            "std::thread::current::",
+            "std's handle for the current thread",
+        ),
+    ];
+    for frame in frames {
+        let Some(f) = frame.function.as_deref() else {
+            continue;
+        };
+        if let Some((part, what)) = PARTS.iter().find(|(part, _)| f.contains(part)) {
+            let _ = part;
+            return Some(format!("allocated under `{f}`: {what}"));
+        }
+    }
+    let names = || frames.iter().filter_map(|f| f.function.as_deref());
+    let in_rt = names().find(|f| f.starts_with("std::rt::lang_start_internal"));
+    let in_main = names().any(|f| f.contains("__rust_begin_short_backtrace"))
+        || site_frame(frames, user_roots).1 == SiteOrigin::User;
+    match in_rt {
+        Some(f) if !in_main => Some(format!(
+            "allocated under `{f}` outside the program's `main`: std's runtime set-up"
+        )),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(function: &str, file: &str) -> Frame {
+        Frame {
+            address: "0x1".into(),
+            function: Some(function.into()),
+            file: Some(file.into()),
+            line: Some(1),
+            inlined: false,
+        }
+    }
+
+    #[test]
+    fn rust_names_are_demangled_without_their_hash() {
+        assert_eq!(
+            demangle("_ZN4core3ptr13drop_in_place17h1234567890abcdefE"),
+            "core::ptr::drop_in_place"
+        );
+        assert_eq!(demangle("main"), "main");
+    }
+
+    #[test]
+    fn allocator_plumbing_is_trimmed_from_the_top_only() {
+        let frames = vec![
+            frame("memscope::recorder::record", "/r/memscope/src/recorder.rs"),
+            Frame {
+                function: None,
+                ..frame("", "")
+            },
+            frame(
+                "<memscope::alloc::Alloc<A> as core::alloc::global::GlobalAlloc>::alloc",
+                "/r/alloc.rs",
+            ),
+            frame("__rustc::__rust_alloc", "/r/x.rs"),
+            frame(
+                "alloc::alloc::exchange_malloc",
+                "/rustc/abc/library/alloc/src/alloc.rs",
+            ),
+            frame("app::make", "/home/u/app/src/main.rs"),
+            frame("memscope::__private::scope", "/r/memscope/src/lib.rs"),
+            frame("app::main", "/home/u/app/src/main.rs"),
+        ];
+        assert_eq!(plumbing_len(&frames), 5);
+    }
+
+    #[test]
+    fn the_site_is_the_first_frame_in_the_users_files_else_outside_std() {
+        let roots = vec![PathBuf::from("/home/u/app")];
+        let frames = vec![
+            frame(
+                "alloc::raw_vec::finish_grow",
+                "/rustc/abc/library/alloc/src/raw_vec.rs",
+            ),
+            frame(
+                "serde_json::de::parse",
+                "/home/u/.cargo/registry/src/serde_json/de.rs",
+            ),
+            frame("app::load", "/home/u/app/src/lib.rs"),
+        ];
+        assert_eq!(site_frame(&frames, &roots), (Some(2), SiteOrigin::User));
+        assert_eq!(site_frame(&frames, &[]), (Some(1), SiteOrigin::Library));
+        assert_eq!(
+            site_frame(&frames[..1], &roots),
+            (None, SiteOrigin::Unknown)
+        );
+    }
+
+    #[test]
+    fn paths_are_mapped_through_the_first_matching_prefix() {
+        let map = vec![(PathBuf::from("/scratch/ws"), PathBuf::from("/home/u/ws"))];
+        assert_eq!(
+            map_path(&map, "/scratch/ws/src/main.rs"),
+            "/home/u/ws/src/main.rs"
+        );
+        assert_eq!(map_path(&map, "/rustc/x/lib.rs"), "/rustc/x/lib.rs");
+    }
+
+    #[test]
+    fn std_runtime_blocks_are_recognised_by_their_stack_and_user_blocks_are_not() {
+        let rt = frame(
+            "std::rt::lang_start_internal",
+            "/rustc/abc/library/std/src/rt.rs",
+        );
+        let begin = frame(
+            "std::sys::backtrace::__rust_begin_short_backtrace",
+            "/rustc/abc/library/std/src/sys/backtrace.rs",
+        );
+        let user = frame("app::main", "/home/u/app/src/main.rs");
+        let roots = vec![PathBuf::from("/home/u/app")];
+        assert!(std_bookkeeping(&[rt.clone()], &roots)
+            .unwrap()
+            .contains("lang_start_internal"));
+        assert_eq!(
+            std_bookkeeping(&[user.clone(), begin.clone(), rt.clone()], &roots),
+            None
+        );
+        let stdout = frame(
+            "std::io::stdio::stdout",
+            "/rustc/abc/library/std/src/io/stdio.rs",
+        );
+        assert!(std_bookkeeping(&[stdout, user, begin, rt], &roots)
+            .unwrap()
+            .contains("standard I/O"));
+    }
+
+    #[test]
+    fn an_address_outside_every_module_stays_unsymbolized() {
+        let mut s = Symbolizer::new(&[], &[]);
+        let frames = s.stack(&[0x1234]);
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].address, "0x1234");
+        assert_eq!(frames[0].function, None);
+    }
+
+    #[test]
+    fn a_missing_binary_is_reported_not_fatal() {
+        let module = Module {
+            path: "/nonexistent/bin".into(),
+            bias: 0,
+            start: 0x1000,
+            end: 0x2000,
+        };
+        let mut s = Symbolizer::new(&[module], &[]);
+        assert_eq!(s.stack(&[0x1500])[0].function, None);
+        assert_eq!(s.status()[0].status, "unreadable");
+    }
+
+    #[test]
+    fn this_test_binary_symbolizes_its_own_function() {
+        #[inline(never)]
+        fn here() -> u64 {
+            // A return address inside this function: the address after a call.
+            let f: fn() -> u64 = here;
+            std::hint::black_box(f as usize as u64 + 1)
+        }
+        let exe = std::env::current_exe().unwrap();
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+        let addr = here();
+        // The executable's mappings: the one at file offset 0 is the load bias (for a
+        // position-independent executable whose first segment has address 0).
+        let mut bias = None;
+        let mut end = 0;
+        for line in maps.lines() {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            if parts.len() < 6 || Path::new(parts[5]) != exe {
+                continue;
+            }
+            let Some((lo, hi)) = parts[0].split_once('-') else {
+                continue;
+            };
+            let (lo, hi) = (
+                u64::from_str_radix(lo, 16).unwrap(),
+                u64::from_str_radix(hi, 16).unwrap(),
+            );
+            if parts[2].trim_start_matches('0').is_empty() {
+                bias.get_or_insert(lo);
+            }
+            end = end.max(hi);
+        }
+        let Some(bias) = bias else { return };
+        let module = (bias, end);
+        let m = Module {
+            path: exe.to_string_lossy().into(),
+            bias: module.0,
+            start: module.0,
+            end: module.1,
+        };
+        let mut s = Symbolizer::new(&[m], &[]);
+        let frames = s.stack(&[addr]);
+        let name = frames
+            .last()
+            .and_then(|f| f.function.clone())
+            .unwrap_or_default();
+        assert!(name.contains("here"), "{frames:?}");
+    }
+}
