@@ -1,4 +1,52 @@
 //! `cargo memscope`: build a package with memscope's tracking allocator, run it, and
 //! report what it did with memory. See DESIGN.md for what each module owns.
 
-fn main() {}
+mod cargo;
+mod cli;
+mod embedded;
+mod report;
+mod rewrite;
+mod run;
+mod scratch;
+
+use std::process::ExitCode;
+
+use cli::Command;
+
+/// Exit codes besides the program's own (documented in `--help`, see `cli.rs`).
+pub const EXIT_SUCCESS: u8 = 0;
+/// memscope itself failed: bad arguments (clap uses 2 too), no Cargo.toml, no binary,
+/// a build failure, a missing or unreadable trace, a program that wrote no trace.
+pub const EXIT_MEMSCOPE_ERROR: u8 = 2;
+/// Reserved for threshold gates (`--fail-on-leaks`, `--max-peak`, …).
+#[allow(dead_code)]
+pub const EXIT_GATE_FAILED: u8 = 3;
+
+fn main() -> ExitCode {
+    let cli = cli::parse();
+    let color = cli.color_enabled();
+    match try_main(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            print_error(&err, color);
+            ExitCode::from(EXIT_MEMSCOPE_ERROR)
+        }
+    }
+}
+
+fn try_main(cli: cli::Cli) -> anyhow::Result<u8> {
+    match cli.command {
+        Command::Run(args) => run::run(&args),
+        Command::Report(args) => run::report(&args).map(|()| EXIT_SUCCESS),
+    }
+}
+
+/// Prints an error and its causes on one line: `error: <what failed>: <why>`.
+pub fn print_error(err: &anyhow::Error, color: bool) {
+    let label = if color {
+        "\x1b[1;31merror\x1b[0m"
+    } else {
+        "error"
+    };
+    eprintln!("{label}: {err:#}");
+}

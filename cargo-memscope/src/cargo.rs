@@ -1,0 +1,609 @@
+//! Running cargo: reading the workspace (`cargo metadata`), choosing the binary the
+//! way `cargo run` does, and building it in the scratch copy (`cargo build`, whose
+//! JSON messages name the executable).
+
+use std::ffi::{OsStr, OsString};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use cargo_metadata::{DependencyKind, Message, MetadataCommand, TargetKind};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::cli::CargoArgs;
+
+/// The user's workspace as `cargo metadata` describes it (paths in the user's tree).
+#[derive(Debug)]
+pub struct Workspace {
+    pub root: PathBuf,
+    pub target_dir: PathBuf,
+    /// The manifest cargo picks from `--manifest-path` or the current directory.
+    pub manifest: PathBuf,
+    pub members: Vec<Member>,
+    default_members: Vec<usize>,
+}
+
+#[derive(Debug)]
+pub struct Member {
+    pub name: String,
+    pub manifest: PathBuf,
+    pub default_run: Option<String>,
+    /// The root file of the package's library, unless it is a proc-macro.
+    pub lib_root: Option<PathBuf>,
+    pub bins: Vec<(String, PathBuf)>,
+    pub examples: Vec<(String, PathBuf)>,
+    pub path_deps: Vec<PathDep>,
+}
+
+impl Member {
+    pub fn dir(&self) -> &Path {
+        self.manifest.parent().expect("a manifest has a directory")
+    }
+}
+
+/// A dependency on a package by path (a workspace library, usually).
+#[derive(Debug)]
+pub struct PathDep {
+    pub dir: PathBuf,
+    pub kind: DepKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DepKind {
+    Normal,
+    Dev,
+    Build,
+}
+
+/// The executable target that `cargo memscope run` builds and runs.
+#[derive(Debug, Clone)]
+pub struct Program {
+    pub package: String,
+    /// The package's manifest, in the user's tree.
+    pub manifest: PathBuf,
+    pub name: String,
+    pub kind: ProgramKind,
+    /// The crate root file, in the user's tree.
+    pub root: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgramKind {
+    Bin,
+    Example,
+}
+
+impl ProgramKind {
+    fn flag(self) -> &'static str {
+        match self {
+            ProgramKind::Bin => "--bin",
+            ProgramKind::Example => "--example",
+        }
+    }
+}
+
+/// The cargo that invoked us (`$CARGO`), or the one on `PATH`.
+pub fn cargo() -> OsString {
+    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+}
+
+/// Locates the manifest like cargo does and reads the workspace it belongs to. Uses
+/// `--no-deps`, so the user's `Cargo.lock` is never written.
+pub fn load_workspace(args: &CargoArgs) -> anyhow::Result<Workspace> {
+    let cwd = std::env::current_dir().context("failed to read the current directory")?;
+    let manifest = locate_manifest(&cwd, args.manifest_path.as_deref())?;
+    let mut config = Vec::new();
+    for value in &args.config {
+        config.extend(["--config".to_owned(), value.clone()]);
+    }
+    let metadata = MetadataCommand::new()
+        .cargo_path(cargo())
+        .manifest_path(&manifest)
+        .current_dir(&cwd)
+        .no_deps()
+        .other_options(config)
+        .exec()
+        .map_err(|err| match err {
+            cargo_metadata::Error::CargoMetadata { stderr } => {
+                anyhow::anyhow!(cargo_error_line(&stderr))
+            }
+            other => anyhow::Error::new(other),
+        })
+        .context("failed to read the workspace with `cargo metadata`")?;
+
+    let members: Vec<Member> = metadata
+        .workspace_packages()
+        .into_iter()
+        .map(|package| {
+            let root = |kind: TargetKind| -> Vec<(String, PathBuf)> {
+                package
+                    .targets
+                    .iter()
+                    .filter(|t| t.is_kind(kind.clone()))
+                    .map(|t| (t.name.clone(), t.src_path.clone().into()))
+                    .collect()
+            };
+            let lib_root = package
+                .targets
+                .iter()
+                .find(|t| t.is_lib() || t.is_rlib() || t.is_dylib())
+                .map(|t| t.src_path.clone().into());
+            Member {
+                name: package.name.to_string(),
+                manifest: package.manifest_path.clone().into(),
+                default_run: package.default_run.clone(),
+                lib_root,
+                bins: root(TargetKind::Bin),
+                examples: root(TargetKind::Example),
+                path_deps: package
+                    .dependencies
+                    .iter()
+                    .filter_map(|dep| {
+                        let kind = match dep.kind {
+                            DependencyKind::Development => DepKind::Dev,
+                            DependencyKind::Build => DepKind::Build,
+                            _ => DepKind::Normal,
+                        };
+                        Some(PathDep {
+                            dir: dep.path.clone()?.into(),
+                            kind,
+                        })
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    let default_members = metadata
+        .workspace_default_packages()
+        .iter()
+        .filter_map(|package| {
+            members
+                .iter()
+                .position(|m| m.manifest == package.manifest_path)
+        })
+        .collect();
+    Ok(Workspace {
+        root: metadata.workspace_root.into(),
+        target_dir: metadata.target_directory.into(),
+        manifest,
+        members,
+        default_members,
+    })
+}
+
+fn locate_manifest(cwd: &Path, explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = explicit {
+        let path = cwd.join(path);
+        if path.file_name() != Some(OsStr::new("Cargo.toml")) {
+            bail!(
+                "--manifest-path must point to a Cargo.toml file, not {}",
+                path.display()
+            );
+        }
+        if !path.is_file() {
+            bail!("no Cargo.toml at {}; check --manifest-path", path.display());
+        }
+        return Ok(path);
+    }
+    cwd.ancestors()
+        .map(|dir| dir.join("Cargo.toml"))
+        .find(|candidate| candidate.is_file())
+        .with_context(|| {
+            format!(
+                "could not find Cargo.toml in {} or any parent directory; run inside a Cargo package or pass --manifest-path",
+                cwd.display()
+            )
+        })
+}
+
+/// Cargo's error output reduced to one line: the first `error:` and its first cause.
+fn cargo_error_line(stderr: &str) -> String {
+    let mut lines = stderr.lines().map(str::trim).filter(|l| !l.is_empty());
+    let Some(first) = lines.by_ref().find(|l| l.starts_with("error")) else {
+        return stderr.trim().replace('\n', "; ");
+    };
+    let first = first.trim_start_matches("error:").trim();
+    match lines.skip_while(|l| *l != "Caused by:").nth(1) {
+        Some(cause) => format!("{first}: {cause}"),
+        None => first.to_owned(),
+    }
+}
+
+impl Workspace {
+    /// Chooses the binary like `cargo run`: `--bin`/`--example`, else the only binary
+    /// of the selected package(s), else `default-run`.
+    pub fn select_program(&self, args: &CargoArgs) -> anyhow::Result<Program> {
+        let candidates: Vec<&Member> = if let Some(spec) = &args.package {
+            let name = spec.split('@').next().unwrap_or(spec);
+            let member = self
+                .members
+                .iter()
+                .find(|m| m.name == name)
+                .with_context(|| {
+                    format!(
+                        "package `{spec}` is not a member of the workspace at {}",
+                        self.root.display()
+                    )
+                })?;
+            vec![member]
+        } else if let Some(current) = self
+            .members
+            .iter()
+            .find(|m| same_file(&m.manifest, &self.manifest))
+        {
+            vec![current]
+        } else {
+            self.default_members
+                .iter()
+                .map(|&i| &self.members[i])
+                .collect()
+        };
+
+        let (kind, wanted) = match (&args.bin, &args.example) {
+            (Some(bin), _) => (ProgramKind::Bin, Some(bin)),
+            (None, Some(example)) => (ProgramKind::Example, Some(example)),
+            (None, None) => (ProgramKind::Bin, None),
+        };
+        let targets = |member: &'_ Member| match kind {
+            ProgramKind::Bin => member.bins.clone(),
+            ProgramKind::Example => member.examples.clone(),
+        };
+        let mut available: Vec<(&Member, String, PathBuf)> = candidates
+            .iter()
+            .flat_map(|member| {
+                targets(member)
+                    .into_iter()
+                    .map(move |(name, root)| (*member, name, root))
+            })
+            .collect();
+        let kind_name = match kind {
+            ProgramKind::Bin => "bin",
+            ProgramKind::Example => "example",
+        };
+        let names = |available: &[(&Member, String, PathBuf)]| {
+            available
+                .iter()
+                .map(|(_, name, _)| name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if let Some(wanted) = wanted {
+            available.retain(|(_, name, _)| name == wanted);
+            if available.is_empty() {
+                let all: Vec<_> = candidates
+                    .iter()
+                    .flat_map(|m| targets(m))
+                    .map(|(n, _)| n)
+                    .collect();
+                bail!(
+                    "no {kind_name} target named `{wanted}`; available {kind_name} targets: {}",
+                    if all.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        all.join(", ")
+                    }
+                );
+            }
+        } else if available.len() > 1 {
+            let default = match candidates.as_slice() {
+                [only] => only.default_run.as_deref(),
+                _ => None,
+            };
+            match default {
+                Some(default) => available.retain(|(_, name, _)| name == default),
+                None => bail!(
+                    "could not determine which binary to run (available: {}); use --bin NAME or set `default-run` in Cargo.toml",
+                    names(&available)
+                ),
+            }
+        }
+        let Some((member, name, root)) = available.into_iter().next() else {
+            bail!(
+                "no binary to run in {}: a bin target must be available for `cargo memscope run`",
+                self.manifest.display()
+            );
+        };
+        Ok(Program {
+            package: member.name.clone(),
+            manifest: member.manifest.clone(),
+            name,
+            kind,
+            root,
+        })
+    }
+
+    /// `path` in the user's workspace, relocated into the scratch copy at `scratch`.
+    pub fn in_scratch(&self, scratch: &Path, path: &Path) -> Option<PathBuf> {
+        path.strip_prefix(&self.root)
+            .ok()
+            .map(|relative| scratch.join(relative))
+    }
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
+}
+
+/// With `--locked`/`--frozen`, checks that the user's `Cargo.lock` is up to date
+/// (cargo only reads it then), as their own `cargo run --locked` would.
+pub fn verify_lock(ws: &Workspace, args: &CargoArgs) -> anyhow::Result<()> {
+    let mut command = Command::new(cargo());
+    command
+        .args(["metadata", "--format-version", "1", "--manifest-path"])
+        .arg(&ws.manifest)
+        .args(args.resolution_flags());
+    quiet_cargo(command).context("the lock file does not match the manifests (--locked)")
+}
+
+fn quiet_cargo(mut command: Command) -> anyhow::Result<()> {
+    let output = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .context("failed to run cargo")?;
+    if !output.status.success() {
+        bail!(cargo_error_line(&String::from_utf8_lossy(&output.stderr)));
+    }
+    Ok(())
+}
+
+/// How to build the program in the scratch copy.
+pub struct Build<'a> {
+    pub ws: &'a Workspace,
+    pub program: &'a Program,
+    pub args: &'a CargoArgs,
+    pub scratch: &'a Path,
+    /// `CARGO_TARGET_DIR` for the build, apart from the user's own.
+    pub build_dir: &'a Path,
+    pub color: bool,
+    pub progress: bool,
+}
+
+impl Build<'_> {
+    /// Builds the program and returns its executable. Cargo's and rustc's messages go
+    /// to stderr; a failed build is an error after them.
+    pub fn run(&self) -> anyhow::Result<PathBuf> {
+        let manifest = self
+            .ws
+            .in_scratch(self.scratch, &self.program.manifest)
+            .context("the package is outside its workspace")?;
+        if self.args.is_locked() {
+            // The rewrite added the runtime to the copy's manifests: let cargo add it
+            // (and only it) to the copy's lock file before the locked build.
+            let mut command = Command::new(cargo());
+            command
+                .args(["metadata", "--format-version", "1", "--manifest-path"])
+                .arg(&manifest)
+                .env("CARGO_TARGET_DIR", self.build_dir);
+            if self.args.is_offline() {
+                command.arg("--offline");
+            }
+            quiet_cargo(command)
+                .context("failed to add memscope's runtime to the scratch copy's Cargo.lock")?;
+        }
+
+        let mut command = Command::new(cargo());
+        command
+            .arg("build")
+            .arg("--manifest-path")
+            .arg(&manifest)
+            .args([self.program.kind.flag(), &self.program.name])
+            .arg("--message-format")
+            .arg(if self.color {
+                "json-diagnostic-rendered-ansi"
+            } else {
+                "json"
+            })
+            .args(["--color", if self.color { "always" } else { "never" }])
+            .args(self.args.build_flags())
+            .args(self.profile_config())
+            .current_dir(self.working_dir())
+            .env("CARGO_TARGET_DIR", self.build_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        add_frame_pointers(&mut command);
+
+        let spinner = self.progress.then(spinner);
+        command.stderr(if spinner.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::inherit()
+        });
+        let mut child = command.spawn().context("failed to run `cargo build`")?;
+        let stderr_relay = child.stderr.take().map(|stderr| {
+            let spinner = spinner.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    print_above(spinner.as_ref(), &line);
+                }
+            })
+        });
+
+        let mut executable = None;
+        let mut foreign_allocator = None;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        for message in Message::parse_stream(BufReader::new(stdout)) {
+            match message.context("failed to read cargo's build messages")? {
+                Message::CompilerArtifact(artifact) => {
+                    if let Some(spinner) = &spinner {
+                        spinner.set_message(artifact.target.name.clone());
+                    }
+                    let kind = match self.program.kind {
+                        ProgramKind::Bin => TargetKind::Bin,
+                        ProgramKind::Example => TargetKind::Example,
+                    };
+                    if artifact.target.name == self.program.name && artifact.target.is_kind(kind) {
+                        executable = artifact.executable.map(PathBuf::from).or(executable);
+                    }
+                }
+                Message::CompilerMessage(message) => {
+                    let text = &message.message.message;
+                    if let Some(crates) = text.split("conflicts with global allocator in: ").nth(1)
+                    {
+                        foreign_allocator = Some(crates.trim().to_owned());
+                    }
+                    if let Some(rendered) = &message.message.rendered {
+                        print_above(spinner.as_ref(), rendered.trim_end());
+                    }
+                }
+                Message::TextLine(line) => print_above(spinner.as_ref(), &line),
+                _ => {}
+            }
+        }
+        let status = child.wait().context("failed to wait for `cargo build`")?;
+        if let Some(relay) = stderr_relay {
+            let _ = relay.join();
+        }
+        if let Some(spinner) = spinner {
+            spinner.finish_and_clear();
+        }
+
+        if let Some(crates) = foreign_allocator {
+            bail!(
+                "`{crates}` (a dependency outside the workspace) declares its own #[global_allocator], \
+                 which memscope cannot wrap; build without it (e.g. behind a cargo feature) to track this program"
+            );
+        }
+        if !status.success() {
+            bail!(
+                "the build of `{}` failed (cargo's messages above say why); it was built from the scratch copy in {}",
+                self.program.package,
+                self.scratch.display()
+            );
+        }
+        executable.with_context(|| {
+            format!(
+                "cargo built `{}` but reported no executable for it",
+                self.program.name
+            )
+        })
+    }
+
+    /// Where cargo runs: the copy of the user's current directory, so that the same
+    /// `.cargo/config.toml` files apply.
+    fn working_dir(&self) -> PathBuf {
+        std::env::current_dir()
+            .ok()
+            .and_then(|cwd| self.ws.in_scratch(self.scratch, &cwd))
+            .filter(|dir| dir.is_dir())
+            .unwrap_or_else(|| self.scratch.to_path_buf())
+    }
+
+    /// Line tables and symbols for the chosen profile, so stacks resolve to source.
+    fn profile_config(&self) -> Vec<String> {
+        let profile = self.args.profile_name();
+        let manifest = std::fs::read_to_string(self.ws.root.join("Cargo.toml")).unwrap_or_default();
+        let mut config = vec![
+            "--config".to_owned(),
+            format!("profile.{profile}.strip=false"),
+        ];
+        if debug_level(&manifest, profile) < LINE_TABLES_ONLY {
+            config.extend([
+                "--config".to_owned(),
+                format!("profile.{profile}.debug=\"line-tables-only\""),
+            ]);
+        }
+        config
+    }
+}
+
+/// Frame pointers make call stacks cheap to record. `RUSTFLAGS` (or its encoded form)
+/// replaces config-file rustflags, so extend it when set; otherwise add to
+/// `build.rustflags` with `--config`, which merges with config files.
+fn add_frame_pointers(command: &mut Command) {
+    const FLAG: &str = "force-frame-pointers=yes";
+    if let Some(encoded) = std::env::var_os("CARGO_ENCODED_RUSTFLAGS") {
+        let mut flags = encoded;
+        if !flags.is_empty() {
+            flags.push("\x1f");
+        }
+        flags.push(format!("-C\x1f{FLAG}"));
+        command.env("CARGO_ENCODED_RUSTFLAGS", flags);
+    } else if let Some(mut flags) = std::env::var_os("RUSTFLAGS") {
+        flags.push(format!(" -C {FLAG}"));
+        command.env("RUSTFLAGS", flags);
+    } else {
+        command.args(["--config", &format!("build.rustflags=[\"-C\", \"{FLAG}\"]")]);
+    }
+}
+
+/// Debug-info levels ordered as cargo orders them, times ten.
+const LINE_TABLES_ONLY: u8 = 7;
+
+/// The debug-info level `profile` has in the workspace's root manifest (following
+/// `inherits`, with cargo's defaults for the built-in profiles).
+fn debug_level(manifest: &str, profile: &str) -> u8 {
+    let doc: toml_edit::DocumentMut = manifest.parse().unwrap_or_default();
+    let mut name = profile.to_owned();
+    for _ in 0..8 {
+        let table = doc.get("profile").and_then(|p| p.get(&name));
+        if let Some(debug) = table.and_then(|t| t.get("debug")) {
+            return match (debug.as_bool(), debug.as_integer(), debug.as_str()) {
+                (Some(true), _, _) | (_, Some(2), _) | (_, _, Some("full")) => 20,
+                (_, Some(1), _) | (_, _, Some("limited")) => 10,
+                (_, _, Some("line-tables-only")) => LINE_TABLES_ONLY,
+                (_, _, Some("line-directives-only")) => 5,
+                _ => 0,
+            };
+        }
+        name = match (
+            name.as_str(),
+            table
+                .and_then(|t| t.get("inherits"))
+                .and_then(|i| i.as_str()),
+        ) {
+            ("dev" | "test", _) => return 20,
+            ("release" | "bench", _) => return 0,
+            (_, Some(parent)) => parent.to_owned(),
+            (_, None) => return 0,
+        };
+    }
+    0
+}
+
+fn spinner() -> ProgressBar {
+    let spinner = ProgressBar::new_spinner();
+    spinner.set_style(
+        ProgressStyle::with_template(
+            "{spinner} memscope: building with the tracking allocator {msg}",
+        )
+        .expect("the template is valid"),
+    );
+    spinner.enable_steady_tick(Duration::from_millis(100));
+    spinner
+}
+
+fn print_above(spinner: Option<&ProgressBar>, line: &str) {
+    match spinner {
+        Some(spinner) => spinner.suspend(|| eprintln!("{line}")),
+        None => eprintln!("{line}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_level_follows_profiles_and_defaults() {
+        let manifest = "[profile.release]\ndebug = \"line-tables-only\"\n[profile.fast]\ninherits = \"release\"\n\
+                        [profile.slim]\ninherits = \"dev\"\ndebug = false\n";
+        assert_eq!(debug_level(manifest, "dev"), 20);
+        assert_eq!(debug_level(manifest, "release"), LINE_TABLES_ONLY);
+        assert_eq!(debug_level(manifest, "fast"), LINE_TABLES_ONLY);
+        assert_eq!(debug_level(manifest, "slim"), 0);
+        assert_eq!(debug_level("", "release"), 0);
+        assert_eq!(debug_level("", "bench"), 0);
+    }
+
+    #[test]
+    fn cargo_errors_shrink_to_one_line() {
+        let stderr = "error: failed to parse manifest at `/x/Cargo.toml`\n\nCaused by:\n  missing field `name`\n";
+        assert_eq!(
+            cargo_error_line(stderr),
+            "failed to parse manifest at `/x/Cargo.toml`: missing field `name`"
+        );
+    }
+}

@@ -1,0 +1,359 @@
+//! The command line: `cargo memscope run` and `cargo memscope report`.
+//!
+//! Cargo runs a subcommand as `cargo-memscope memscope <args>`; [`parse`] drops that
+//! extra word so `cargo-memscope <args>` works the same.
+
+use std::ffi::OsString;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// The exit status section of `--help`; the codes are the constants in `main.rs`.
+const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  `run` exits with the program's own exit code (128+N when the program is killed
+  by signal N). Otherwise:
+    2  memscope itself failed: bad arguments, no Cargo.toml, no binary to run, a
+       build failure, a missing or unreadable trace, a program that wrote no trace
+       (when the program failed too, its own exit code is kept instead)
+    3  reserved for threshold gates (leaks or peak above a limit)";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo-memscope",
+    bin_name = "cargo memscope",
+    version,
+    about = "Track every heap allocation of a Rust program and report leaks, peak and sites",
+    after_help = EXIT_STATUS_HELP
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build a binary with the tracking allocator, run it, and report its memory use
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Run(RunArgs),
+    /// Render reports from existing trace files (`*.mstrace`) or directories of them
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub cargo: CargoArgs,
+
+    #[command(flatten)]
+    pub output: OutputArgs,
+
+    /// Record allocations without call stacks (faster; reports lose allocation sites)
+    #[arg(long)]
+    pub no_stacks: bool,
+
+    /// Arguments for the program (after `--`)
+    #[arg(last = true, value_name = "ARGS")]
+    pub program_args: Vec<OsString>,
+}
+
+/// Cargo's own selection, feature and profile flags, passed through to `cargo build`.
+#[derive(Debug, Args, Clone, Default)]
+#[command(next_help_heading = "Cargo options (as for `cargo run`)")]
+pub struct CargoArgs {
+    /// Path to Cargo.toml
+    #[arg(long, value_name = "PATH")]
+    pub manifest_path: Option<PathBuf>,
+
+    /// Package with the binary to run
+    #[arg(short = 'p', long = "package", value_name = "SPEC")]
+    pub package: Option<String>,
+
+    /// Name of the bin target to run
+    #[arg(long, value_name = "NAME", conflicts_with = "example")]
+    pub bin: Option<String>,
+
+    /// Name of the example target to run
+    #[arg(long, value_name = "NAME")]
+    pub example: Option<String>,
+
+    /// Build in release mode
+    #[arg(short = 'r', long, conflicts_with = "profile")]
+    pub release: bool,
+
+    /// Build with the given profile
+    #[arg(long, value_name = "PROFILE-NAME")]
+    pub profile: Option<String>,
+
+    /// Space or comma separated list of features to activate
+    #[arg(short = 'F', long, value_name = "FEATURES")]
+    pub features: Vec<String>,
+
+    /// Activate all available features
+    #[arg(long)]
+    pub all_features: bool,
+
+    /// Do not activate the `default` feature
+    #[arg(long)]
+    pub no_default_features: bool,
+
+    /// Build for the target triple
+    #[arg(long, value_name = "TRIPLE")]
+    pub target: Option<String>,
+
+    /// Number of parallel jobs
+    #[arg(short = 'j', long, value_name = "N")]
+    pub jobs: Option<String>,
+
+    /// Override a configuration value
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub config: Vec<String>,
+
+    /// Assert that `Cargo.lock` will remain unchanged
+    #[arg(long)]
+    pub locked: bool,
+
+    /// Run without accessing the network
+    #[arg(long)]
+    pub offline: bool,
+
+    /// Equivalent to specifying both --locked and --offline
+    #[arg(long)]
+    pub frozen: bool,
+
+    /// Use verbose output (-vv very verbose)
+    #[arg(short = 'v', long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Do not print cargo log messages
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    #[command(flatten)]
+    pub output: OutputArgs,
+
+    /// Trace files, or directories whose `*.mstrace` files are read
+    #[arg(required = true, value_name = "TRACE")]
+    pub traces: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Report options")]
+pub struct OutputArgs {
+    /// Where to write the reports [default: <target-dir>/memscope/report]
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
+
+    /// Coloring of memscope's and cargo's output (honors NO_COLOR)
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = ColorChoice::Auto)]
+    pub color: ColorChoice,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ColorChoice {
+    Auto,
+    Always,
+    Never,
+}
+
+impl Cli {
+    /// Whether memscope's own messages (errors included) get colour.
+    pub fn color_enabled(&self) -> bool {
+        match &self.command {
+            Command::Run(args) => args.output.color.enabled(),
+            Command::Report(args) => args.output.color.enabled(),
+        }
+    }
+}
+
+impl ColorChoice {
+    /// Whether output to stderr gets colour: `always`/`never` win; `auto` means a
+    /// terminal and no (non-empty) `NO_COLOR`.
+    pub fn enabled(self) -> bool {
+        match self {
+            ColorChoice::Always => true,
+            ColorChoice::Never => false,
+            ColorChoice::Auto => {
+                let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+                !no_color && std::io::stderr().is_terminal()
+            }
+        }
+    }
+}
+
+impl CargoArgs {
+    /// The profile cargo will build with: `dev`, `release` or the `--profile` name.
+    pub fn profile_name(&self) -> &str {
+        match (&self.profile, self.release) {
+            (Some(profile), _) => profile,
+            (None, true) => "release",
+            (None, false) => "dev",
+        }
+    }
+
+    /// Whether cargo must not touch the lock file.
+    pub fn is_locked(&self) -> bool {
+        self.locked || self.frozen
+    }
+
+    /// Whether cargo must not use the network.
+    pub fn is_offline(&self) -> bool {
+        self.offline || self.frozen
+    }
+
+    /// The flags that pass through unchanged to `cargo build` and `cargo metadata`
+    /// (feature selection and lock/network policy).
+    pub fn resolution_flags(&self) -> Vec<OsString> {
+        let mut flags: Vec<OsString> = Vec::new();
+        for features in &self.features {
+            flags.push("--features".into());
+            flags.push(features.into());
+        }
+        if self.all_features {
+            flags.push("--all-features".into());
+        }
+        if self.no_default_features {
+            flags.push("--no-default-features".into());
+        }
+        for (set, flag) in [
+            (self.locked, "--locked"),
+            (self.offline, "--offline"),
+            (self.frozen, "--frozen"),
+        ] {
+            if set {
+                flags.push(flag.into());
+            }
+        }
+        for config in &self.config {
+            flags.push("--config".into());
+            flags.push(config.into());
+        }
+        flags
+    }
+
+    /// The flags that pass through unchanged to `cargo build` only; the selection
+    /// (`--manifest-path`, `-p`, `--bin`, `--example`) is resolved by memscope.
+    pub fn build_flags(&self) -> Vec<OsString> {
+        let mut flags = self.resolution_flags();
+        if self.release {
+            flags.push("--release".into());
+        }
+        if let Some(profile) = &self.profile {
+            flags.extend(["--profile".into(), profile.into()]);
+        }
+        if let Some(target) = &self.target {
+            flags.extend(["--target".into(), target.into()]);
+        }
+        if let Some(jobs) = &self.jobs {
+            flags.extend(["--jobs".into(), jobs.into()]);
+        }
+        for _ in 0..self.verbose {
+            flags.push("--verbose".into());
+        }
+        if self.quiet {
+            flags.push("--quiet".into());
+        }
+        flags
+    }
+}
+
+/// Parses the command line, accepting both `cargo-memscope memscope …` (as cargo runs
+/// it) and `cargo-memscope …`. Exits on `--help`, `--version` and usage errors
+/// (status 2, clap's message).
+pub fn parse() -> Cli {
+    parse_from(std::env::args_os())
+}
+
+fn parse_from(args: impl IntoIterator<Item = OsString>) -> Cli {
+    let mut args: Vec<OsString> = args.into_iter().collect();
+    if args.get(1).is_some_and(|arg| arg == "memscope") {
+        args.remove(1);
+    }
+    Cli::parse_from(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        parse_from(args.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn cargo_style_invocation_drops_the_subcommand_word() {
+        let cli = parse(&["cargo-memscope", "memscope", "run", "--release"]);
+        let Command::Run(run) = cli.command else {
+            panic!("expected run")
+        };
+        assert!(run.cargo.release);
+    }
+
+    #[test]
+    fn arguments_after_double_dash_go_to_the_program() {
+        let cli = parse(&[
+            "cargo-memscope",
+            "run",
+            "--bin",
+            "x",
+            "--",
+            "--release",
+            "a",
+        ]);
+        let Command::Run(run) = cli.command else {
+            panic!("expected run")
+        };
+        assert_eq!(run.cargo.bin.as_deref(), Some("x"));
+        assert!(!run.cargo.release);
+        assert_eq!(run.program_args, ["--release", "a"]);
+    }
+
+    #[test]
+    fn cargo_flags_pass_through_to_the_build() {
+        let cli = parse(&[
+            "cargo-memscope",
+            "run",
+            "-F",
+            "a,b",
+            "--no-default-features",
+            "--profile",
+            "bench",
+            "--locked",
+            "-vv",
+        ]);
+        let Command::Run(run) = cli.command else {
+            panic!("expected run")
+        };
+        let flags: Vec<String> = run
+            .cargo
+            .build_flags()
+            .into_iter()
+            .map(|f| f.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            flags,
+            [
+                "--features",
+                "a,b",
+                "--no-default-features",
+                "--locked",
+                "--profile",
+                "bench",
+                "--verbose",
+                "--verbose"
+            ]
+        );
+        assert_eq!(run.cargo.profile_name(), "bench");
+    }
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,669 @@
+//! The rewrite of the scratch copy that links memscope into the user's program.
+//!
+//! Two edits, always computed from the user's pristine files and written into the
+//! scratch copy only when the copy differs from the result (so a rerun with nothing
+//! changed touches nothing and cargo's build stays fresh):
+//!
+//! - manifests (toml_edit): the program's package depends on the embedded runtime as
+//!   `memscope = { package = "memscope-runtime", path = … }`; any existing dependency
+//!   on `memscope-runtime` anywhere in the workspace is repointed there (one runtime
+//!   per process); relative `path`s that leave the workspace are made absolute; the
+//!   root manifest gets a `[workspace]` table if it has none, so the copy never joins
+//!   a workspace around it.
+//! - sources (syn): a `#[global_allocator]` static in the program's crate or in a
+//!   workspace library it depends on is wrapped, not replaced: its attribute is blanked
+//!   and `__MEMSCOPE_ALLOC`, an `Alloc<ByRef<T>>` forwarding to it, is added on the
+//!   same line, so line numbers (and the reports' source locations) are unchanged.
+//!   Without one, an `Alloc::system()` allocator is appended to the crate root.
+//!
+//! Files rewritten by an earlier run but not by this one are restored, which a state
+//! file next to the scratch copy records.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Component, Path, PathBuf};
+
+use anyhow::{bail, Context};
+use quote::ToTokens;
+use toml_edit::{DocumentMut, InlineTable, Item, Table, TableLike, Value};
+
+use crate::cargo::{DepKind, Program, ProgramKind, Workspace};
+use crate::embedded::write_if_changed;
+
+const RUNTIME_PACKAGE: &str = "memscope-runtime";
+/// The runtime's library name, which is the crate name of an unrenamed dependency.
+const RUNTIME_LIB: &str = "memscope";
+const ALLOCATOR_STATIC: &str = "__MEMSCOPE_ALLOC";
+
+/// What the rewrite did.
+#[derive(Debug, Default)]
+pub struct Rewrite {
+    /// Files of the user's own that declare a `#[global_allocator]`, now wrapped.
+    pub wrapped: Vec<PathBuf>,
+}
+
+/// Rewrites the scratch copy of `ws` (at `scratch`) so that `program` is built with
+/// the runtime at `runtime` as its global allocator.
+pub fn apply(
+    ws: &Workspace,
+    program: &Program,
+    scratch: &Path,
+    runtime: &Path,
+) -> anyhow::Result<Rewrite> {
+    let allocators = find_allocators(ws, program)?;
+    let mut runtime_users: BTreeSet<PathBuf> = BTreeSet::new();
+    runtime_users.insert(program.manifest.clone());
+    for found in &allocators {
+        runtime_users.insert(owning_manifest(ws, &found.file)?);
+    }
+
+    let mut planned: BTreeMap<PathBuf, String> = BTreeMap::new();
+    let mut crate_names: BTreeMap<PathBuf, String> = BTreeMap::new();
+    let root_manifest = ws.root.join("Cargo.toml");
+    let mut manifests: BTreeSet<PathBuf> = ws.members.iter().map(|m| m.manifest.clone()).collect();
+    manifests.insert(root_manifest.clone());
+    for manifest in &manifests {
+        let Ok(text) = fs::read_to_string(manifest) else {
+            continue; // a virtual root is always readable; a member may not be
+        };
+        let edit = ManifestEdit {
+            workspace_root: &ws.root,
+            runtime,
+            is_root: *manifest == root_manifest,
+            needs_runtime: runtime_users.contains(manifest),
+        };
+        let (rewritten, crate_name) = edit
+            .apply(manifest, &text)
+            .with_context(|| format!("failed to rewrite {}", manifest.display()))?;
+        if let Some(name) = crate_name {
+            crate_names.insert(manifest.clone(), name);
+        }
+        planned.insert(manifest.clone(), rewritten);
+    }
+
+    let crate_of = |file: &Path| -> anyhow::Result<String> {
+        let manifest = owning_manifest(ws, file)?;
+        Ok(crate_names
+            .get(&manifest)
+            .cloned()
+            .unwrap_or_else(|| RUNTIME_LIB.to_owned()))
+    };
+    if allocators.is_empty() {
+        let root = &program.root;
+        let text = read_source(root)?;
+        let item = format!(
+            "#[global_allocator]\nstatic {ALLOCATOR_STATIC}: ::{krate}::Alloc = ::{krate}::Alloc::system();\n",
+            krate = crate_of(root)?
+        );
+        let separator = if text.ends_with('\n') || text.is_empty() {
+            ""
+        } else {
+            "\n"
+        };
+        planned.insert(root.clone(), format!("{text}{separator}{item}"));
+    }
+    let mut by_file: BTreeMap<&Path, Vec<&FoundAllocator>> = BTreeMap::new();
+    for found in &allocators {
+        by_file.entry(&found.file).or_default().push(found);
+    }
+    for (file, found) in by_file {
+        let text = read_source(file)?;
+        planned.insert(
+            file.to_path_buf(),
+            wrap_allocators(&text, &found, &crate_of(file)?),
+        );
+    }
+
+    write_plan(ws, scratch, planned)?;
+    Ok(Rewrite {
+        wrapped: allocators.into_iter().map(|found| found.file).collect(),
+    })
+}
+
+fn read_source(path: &Path) -> anyhow::Result<String> {
+    fs::read_to_string(path).with_context(|| format!("failed to read {}", path.display()))
+}
+
+/// The manifest of the workspace member whose directory holds `file`.
+fn owning_manifest(ws: &Workspace, file: &Path) -> anyhow::Result<PathBuf> {
+    ws.members
+        .iter()
+        .filter(|member| file.starts_with(member.dir()))
+        .max_by_key(|member| member.dir().components().count())
+        .map(|member| member.manifest.clone())
+        .with_context(|| format!("{} is not inside a workspace member", file.display()))
+}
+
+/// Writes each planned file (path in the user's workspace → contents) into the scratch
+/// copy, restores files that an earlier run rewrote, and records what is rewritten now.
+fn write_plan(
+    ws: &Workspace,
+    scratch: &Path,
+    mut planned: BTreeMap<PathBuf, String>,
+) -> anyhow::Result<()> {
+    let state_path = state_file(scratch);
+    let previous: Vec<PathBuf> = fs::read(&state_path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default();
+    let mut rewritten = Vec::new();
+    for relative in previous {
+        let original = ws.root.join(&relative);
+        if !planned.contains_key(&original) {
+            if let Ok(text) = fs::read_to_string(&original) {
+                planned.insert(original, text);
+            }
+        }
+    }
+    for (original, contents) in &planned {
+        let relative = original.strip_prefix(&ws.root).with_context(|| {
+            format!(
+                "{} is outside the workspace at {}, so memscope cannot rewrite it",
+                original.display(),
+                ws.root.display()
+            )
+        })?;
+        if fs::read_to_string(original).ok().as_deref() != Some(contents.as_str()) {
+            rewritten.push(relative.to_path_buf());
+        }
+        write_if_changed(&scratch.join(relative), contents.as_bytes())?;
+    }
+    let json = serde_json::to_vec(&rewritten).expect("paths serialize");
+    fs::write(&state_path, json)
+        .with_context(|| format!("failed to write {}", state_path.display()))
+}
+
+fn state_file(scratch: &Path) -> PathBuf {
+    let mut name = scratch.as_os_str().to_owned();
+    name.push(".rewrite.json");
+    PathBuf::from(name)
+}
+
+// ---------------------------------------------------------------------------------
+// Manifests
+
+struct ManifestEdit<'a> {
+    workspace_root: &'a Path,
+    runtime: &'a Path,
+    is_root: bool,
+    /// Whether this package's code names the runtime (the program's package, or one
+    /// whose allocator is wrapped).
+    needs_runtime: bool,
+}
+
+impl ManifestEdit<'_> {
+    /// Returns the rewritten manifest and, when the package needs the runtime, the
+    /// crate name under which its code reaches it.
+    fn apply(&self, manifest: &Path, text: &str) -> anyhow::Result<(String, Option<String>)> {
+        let mut doc: DocumentMut = text.parse().context("invalid TOML")?;
+        let dir = manifest.parent().expect("a manifest has a directory");
+        let runtime = self
+            .runtime
+            .to_str()
+            .context("the target directory's path is not UTF-8")?;
+
+        for table in dependency_tables(&mut doc) {
+            for (key, entry) in table.iter_mut() {
+                let Some(entry_table) = entry_as_table_like(&mut *entry) else {
+                    if is_runtime_entry(key.get(), None) {
+                        *entry = Item::Value(Value::InlineTable(path_table(runtime)));
+                    }
+                    continue;
+                };
+                let package = entry_table
+                    .get("package")
+                    .and_then(|p| p.as_str())
+                    .map(str::to_owned);
+                let inherited =
+                    entry_table.get("workspace").and_then(|w| w.as_bool()) == Some(true);
+                if is_runtime_entry(key.get(), package.as_deref()) && !inherited {
+                    for stale in [
+                        "version",
+                        "git",
+                        "branch",
+                        "tag",
+                        "rev",
+                        "registry",
+                        "registry-index",
+                    ] {
+                        entry_table.remove(stale);
+                    }
+                    entry_table.insert("path", toml_edit::value(runtime));
+                } else if let Some(path) = entry_table.get("path").and_then(|p| p.as_str()) {
+                    if let Some(absolute) = self.escaping_path(dir, path) {
+                        entry_table.insert("path", toml_edit::value(absolute));
+                    }
+                }
+            }
+        }
+
+        let crate_name = if self.needs_runtime {
+            Some(ensure_runtime_dependency(&mut doc, runtime)?)
+        } else {
+            None
+        };
+        if self.is_root && !doc.contains_key("workspace") {
+            doc.insert("workspace", Item::Table(Table::new()));
+        }
+        Ok((doc.to_string(), crate_name))
+    }
+
+    /// `path` (relative to `dir`) made absolute when it points outside the workspace,
+    /// which the scratch copy does not contain.
+    fn escaping_path(&self, dir: &Path, path: &str) -> Option<String> {
+        if Path::new(path).is_absolute() {
+            return None;
+        }
+        let joined = normalize(&dir.join(path));
+        (!joined.starts_with(self.workspace_root)).then(|| joined.to_string_lossy().into_owned())
+    }
+}
+
+fn is_runtime_entry(key: &str, package: Option<&str>) -> bool {
+    package.unwrap_or(key) == RUNTIME_PACKAGE
+}
+
+fn path_table(runtime: &str) -> InlineTable {
+    let mut table = InlineTable::new();
+    table.insert("path", runtime.into());
+    table
+}
+
+fn entry_as_table_like(item: &mut Item) -> Option<&mut dyn TableLike> {
+    match item {
+        Item::Table(table) => Some(table),
+        Item::Value(Value::InlineTable(table)) => Some(table),
+        _ => None,
+    }
+}
+
+/// Every table of dependency entries in a manifest, including target-specific ones,
+/// `[workspace.dependencies]` and `[patch.*]`/`[replace]`.
+fn dependency_tables(doc: &mut DocumentMut) -> Vec<&mut dyn TableLike> {
+    const KINDS: [&str; 5] = [
+        "dependencies",
+        "dev-dependencies",
+        "build-dependencies",
+        "dev_dependencies",
+        "build_dependencies",
+    ];
+    let mut tables: Vec<&mut dyn TableLike> = Vec::new();
+    for (key, item) in doc.as_table_mut().iter_mut() {
+        let Some(table) = item.as_table_like_mut() else {
+            continue;
+        };
+        match key.get() {
+            kind if KINDS.contains(&kind) => tables.push(table),
+            "replace" => tables.push(table),
+            "target" => {
+                for (_, platform) in table.iter_mut() {
+                    if let Some(platform) = platform.as_table_like_mut() {
+                        for (kind, deps) in platform.iter_mut() {
+                            if KINDS.contains(&kind.get()) {
+                                tables.extend(deps.as_table_like_mut());
+                            }
+                        }
+                    }
+                }
+            }
+            "patch" => {
+                for (_, registry) in table.iter_mut() {
+                    tables.extend(registry.as_table_like_mut());
+                }
+            }
+            "workspace" => {
+                if let Some(deps) = table.get_mut("dependencies") {
+                    tables.extend(deps.as_table_like_mut());
+                }
+            }
+            _ => {}
+        }
+    }
+    tables
+}
+
+/// Makes sure `[dependencies]` has the runtime; returns the crate name it goes by.
+fn ensure_runtime_dependency(doc: &mut DocumentMut, runtime: &str) -> anyhow::Result<String> {
+    let deps = doc
+        .entry("dependencies")
+        .or_insert_with(|| Item::Table(Table::new()))
+        .as_table_like_mut()
+        .context("`dependencies` is not a table")?;
+    for (key, entry) in deps.iter() {
+        let package = entry
+            .as_table_like()
+            .and_then(|t| t.get("package"))
+            .and_then(|p| p.as_str());
+        if is_runtime_entry(key, package) {
+            // Already repointed above (or inherited from the repointed workspace entry).
+            let name = if package.is_some() { key } else { RUNTIME_LIB };
+            return Ok(name.replace('-', "_"));
+        }
+    }
+    let key = if deps.contains_key(RUNTIME_LIB) {
+        "__memscope_runtime"
+    } else {
+        RUNTIME_LIB
+    };
+    let mut entry = path_table(runtime);
+    entry.insert("package", RUNTIME_PACKAGE.into());
+    entry.fmt();
+    deps.insert(key, Item::Value(Value::InlineTable(entry)));
+    Ok(key.to_owned())
+}
+
+/// Resolves `.` and `..` without touching the file system.
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------
+// Sources
+
+/// A `#[global_allocator]` static in the user's code, located by line and column.
+#[derive(Debug)]
+struct FoundAllocator {
+    file: PathBuf,
+    name: String,
+    ty: String,
+    /// Start and end of the `#[global_allocator]` attribute.
+    attribute: (LineColumn, LineColumn),
+    /// End of the static item (after its `;`).
+    item_end: LineColumn,
+}
+
+/// Line (1-based) and column (0-based, in characters), as proc-macro2 reports them.
+type LineColumn = (usize, usize);
+
+/// The global allocators declared in the crates that make up `program`: its own crate,
+/// its package's library and the workspace libraries it depends on.
+fn find_allocators(ws: &Workspace, program: &Program) -> anyhow::Result<Vec<FoundAllocator>> {
+    let mut roots = vec![program.root.clone()];
+    let mut seen: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut queue = vec![(
+        program.manifest.clone(),
+        program.kind == ProgramKind::Example,
+    )];
+    while let Some((manifest, with_dev)) = queue.pop() {
+        if !seen.insert(manifest.clone()) {
+            continue;
+        }
+        let Some(member) = ws.members.iter().find(|m| m.manifest == manifest) else {
+            continue;
+        };
+        roots.extend(member.lib_root.clone());
+        for dep in &member.path_deps {
+            if dep.kind == DepKind::Normal || (with_dev && dep.kind == DepKind::Dev) {
+                queue.push((dep.dir.join("Cargo.toml"), false));
+            }
+        }
+    }
+
+    let mut found = Vec::new();
+    let mut files_seen = BTreeSet::new();
+    for root in roots {
+        let mut files = vec![(root, true)];
+        while let Some((file, mod_rs)) = files.pop() {
+            if !files_seen.insert(file.clone()) {
+                continue;
+            }
+            let Ok(text) = fs::read_to_string(&file) else {
+                continue; // rustc will report a missing module file
+            };
+            let Ok(syntax) = syn::parse_file(&text) else {
+                continue; // nor will we fix a syntax error: rustc reports it
+            };
+            let dir = file
+                .parent()
+                .expect("a source file has a directory")
+                .to_path_buf();
+            let module_dir = if mod_rs {
+                dir.clone()
+            } else {
+                dir.join(file.file_stem().unwrap_or_default())
+            };
+            let mut visitor = ModuleVisitor {
+                file: &file,
+                file_dir: dir,
+                module_dir,
+                children: Vec::new(),
+                found: &mut found,
+            };
+            syn::visit::Visit::visit_file(&mut visitor, &syntax);
+            files.extend(visitor.children);
+        }
+    }
+    let outside: Vec<_> = found
+        .iter()
+        .filter(|f| !f.file.starts_with(&ws.root))
+        .collect();
+    if let Some(first) = outside.first() {
+        bail!(
+            "the global allocator in {} is outside the workspace, so memscope cannot wrap it",
+            first.file.display()
+        );
+    }
+    Ok(found)
+}
+
+/// Finds allocator statics in one file and the files of its out-of-line modules.
+struct ModuleVisitor<'a> {
+    file: &'a Path,
+    /// The directory of the file, against which `#[path]` resolves.
+    file_dir: PathBuf,
+    /// Where the current module's child module files live.
+    module_dir: PathBuf,
+    /// Module files to read next: (path, whether it is a `mod.rs`-like file).
+    children: Vec<(PathBuf, bool)>,
+    found: &'a mut Vec<FoundAllocator>,
+}
+
+impl<'ast> syn::visit::Visit<'ast> for ModuleVisitor<'_> {
+    fn visit_item_mod(&mut self, item: &'ast syn::ItemMod) {
+        let explicit = item.attrs.iter().find_map(|attr| match &attr.meta {
+            syn::Meta::NameValue(nv) if nv.path.is_ident("path") => match &nv.value {
+                syn::Expr::Lit(syn::ExprLit {
+                    lit: syn::Lit::Str(s),
+                    ..
+                }) => Some(s.value()),
+                _ => None,
+            },
+            _ => None,
+        });
+        let name = item.ident.to_string();
+        match (&item.content, explicit) {
+            (None, Some(path)) => self.children.push((self.file_dir.join(path), true)),
+            (None, None) => {
+                let flat = self.module_dir.join(format!("{name}.rs"));
+                if flat.exists() {
+                    self.children.push((flat, false));
+                } else {
+                    self.children
+                        .push((self.module_dir.join(&name).join("mod.rs"), true));
+                }
+            }
+            (Some(_), explicit) => {
+                let nested = explicit
+                    .map_or_else(|| self.module_dir.join(&name), |p| self.module_dir.join(p));
+                let outer = std::mem::replace(&mut self.module_dir, nested);
+                syn::visit::visit_item_mod(self, item);
+                self.module_dir = outer;
+            }
+        }
+    }
+
+    fn visit_item_static(&mut self, item: &'ast syn::ItemStatic) {
+        let Some(attr) = item
+            .attrs
+            .iter()
+            .find(|a| a.path().is_ident("global_allocator"))
+        else {
+            return;
+        };
+        let start = attr.pound_token.span.start();
+        let end = attr.bracket_token.span.close().end();
+        self.found.push(FoundAllocator {
+            file: self.file.to_path_buf(),
+            name: item.ident.to_string(),
+            ty: item.ty.to_token_stream().to_string(),
+            attribute: ((start.line, start.column), (end.line, end.column)),
+            item_end: {
+                let end = item.semi_token.span.end();
+                (end.line, end.column)
+            },
+        });
+    }
+}
+
+/// `text` with each allocator's attribute blanked and a forwarding `__MEMSCOPE_ALLOC`
+/// added after it on the same line.
+fn wrap_allocators(text: &str, found: &[&FoundAllocator], krate: &str) -> String {
+    let lines = line_starts(text);
+    let offset = |(line, column): LineColumn| -> usize {
+        let start = lines[line - 1];
+        start
+            + text[start..]
+                .char_indices()
+                .nth(column)
+                .map_or(text.len() - start, |(i, _)| i)
+    };
+    // (position, bytes to replace, replacement), applied from the end backwards.
+    let mut edits: Vec<(usize, usize, String)> = Vec::new();
+    for allocator in found {
+        let (start, end) = (offset(allocator.attribute.0), offset(allocator.attribute.1));
+        edits.push((
+            start,
+            end - start,
+            " ".repeat(text[start..end].chars().count()),
+        ));
+        let wrapper = format!(
+            " #[global_allocator] static {ALLOCATOR_STATIC}: ::{krate}::Alloc<::{krate}::ByRef<{ty}>> = \
+             ::{krate}::Alloc::new(::{krate}::ByRef(&{name}));",
+            ty = allocator.ty,
+            name = allocator.name
+        );
+        edits.push((offset(allocator.item_end), 0, wrapper));
+    }
+    edits.sort_by_key(|(position, _, _)| std::cmp::Reverse(*position));
+    let mut out = text.to_owned();
+    for (position, length, replacement) in edits {
+        out.replace_range(position..position + length, &replacement);
+    }
+    out
+}
+
+fn line_starts(text: &str) -> Vec<usize> {
+    std::iter::once(0)
+        .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn edit(text: &str, needs_runtime: bool) -> (String, Option<String>) {
+        let edit = ManifestEdit {
+            workspace_root: Path::new("/ws"),
+            runtime: Path::new("/t/memscope/runtime/memscope-runtime"),
+            is_root: true,
+            needs_runtime,
+        };
+        edit.apply(Path::new("/ws/app/Cargo.toml"), text).unwrap()
+    }
+
+    #[test]
+    fn program_package_gets_the_runtime_dependency_and_a_workspace_table() {
+        let (text, name) = edit(
+            "[package]\nname = \"app\"\n\n[dependencies]\nserde = \"1\"\n",
+            true,
+        );
+        assert_eq!(name.as_deref(), Some("memscope"));
+        let doc: DocumentMut = text.parse().unwrap();
+        let dep = &doc["dependencies"]["memscope"];
+        assert_eq!(dep["package"].as_str(), Some("memscope-runtime"));
+        assert_eq!(
+            dep["path"].as_str(),
+            Some("/t/memscope/runtime/memscope-runtime")
+        );
+        assert_eq!(doc["dependencies"]["serde"].as_str(), Some("1"));
+        assert!(doc.contains_key("workspace"));
+        assert!(text.starts_with("[package]\nname = \"app\"\n\n[dependencies]\nserde = \"1\"\n"));
+    }
+
+    #[test]
+    fn existing_runtime_dependency_is_repointed_and_keeps_its_name() {
+        let (text, name) = edit(
+            "[workspace]\n[dependencies]\nms = { package = \"memscope-runtime\", version = \"0.1\", features = [\"x\"] }\n\
+             [dev-dependencies]\nmemscope-runtime = \"0.1\"\n",
+            true,
+        );
+        assert_eq!(name.as_deref(), Some("ms"));
+        let doc: DocumentMut = text.parse().unwrap();
+        let dep = &doc["dependencies"]["ms"];
+        assert_eq!(
+            dep["path"].as_str(),
+            Some("/t/memscope/runtime/memscope-runtime")
+        );
+        assert!(dep.get("version").is_none());
+        assert_eq!(dep["features"].as_array().map(|a| a.len()), Some(1));
+        assert_eq!(
+            doc["dev-dependencies"]["memscope-runtime"]["path"].as_str(),
+            Some("/t/memscope/runtime/memscope-runtime")
+        );
+        assert!(doc.get("memscope").is_none());
+    }
+
+    #[test]
+    fn path_dependencies_leaving_the_workspace_become_absolute() {
+        let (text, _) = edit(
+            "[workspace]\n[dependencies]\ninner = { path = \"../lib\" }\nouter = { path = \"../../elsewhere/x\" }\n",
+            false,
+        );
+        let doc: DocumentMut = text.parse().unwrap();
+        assert_eq!(
+            doc["dependencies"]["inner"]["path"].as_str(),
+            Some("../lib")
+        );
+        assert_eq!(
+            doc["dependencies"]["outer"]["path"].as_str(),
+            Some("/elsewhere/x")
+        );
+    }
+
+    #[test]
+    fn allocator_is_wrapped_on_the_same_lines() {
+        let text = "use std::alloc::System;\n\n#[global_allocator]\nstatic GLOBAL: Counting<System> = Counting::new(System);\n\nfn main() {}\n";
+        let syntax = syn::parse_file(text).unwrap();
+        let mut found = Vec::new();
+        let mut visitor = ModuleVisitor {
+            file: Path::new("/ws/src/main.rs"),
+            file_dir: PathBuf::from("/ws/src"),
+            module_dir: PathBuf::from("/ws/src"),
+            children: Vec::new(),
+            found: &mut found,
+        };
+        syn::visit::Visit::visit_file(&mut visitor, &syntax);
+        assert_eq!(found.len(), 1);
+
+        let wrapped = wrap_allocators(text, &[&found[0]], "memscope");
+
+        assert_eq!(
+            wrapped,
+            "use std::alloc::System;\n\n                   \nstatic GLOBAL: Counting<System> = Counting::new(System); \
+             #[global_allocator] static __MEMSCOPE_ALLOC: ::memscope::Alloc<::memscope::ByRef<Counting < System >>> = \
+             ::memscope::Alloc::new(::memscope::ByRef(&GLOBAL));\n\nfn main() {}\n"
+        );
+        syn::parse_file(&wrapped).unwrap();
+    }
+}

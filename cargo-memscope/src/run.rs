@@ -1,0 +1,357 @@
+//! The two subcommands end to end: `run` (sync, rewrite, build, run the program with
+//! a fresh trace directory, report) and `report` (report existing traces).
+//!
+//! Everything memscope writes lives under `<target-dir>/memscope/` ([`Layout`]).
+
+use std::ffi::OsString;
+use std::fs;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+
+use crate::cargo::{self, Workspace};
+use crate::cli::{OutputArgs, ReportArgs, RunArgs};
+use crate::report::{self, ReportOptions};
+use crate::{embedded, rewrite, scratch};
+
+/// How many earlier runs' trace directories are kept.
+const KEPT_TRACE_DIRS: usize = 10;
+
+/// Where memscope keeps its files for one workspace.
+struct Layout {
+    /// `<target-dir>/memscope`
+    root: PathBuf,
+    /// The scratch copy: one per workspace, so a target directory shared by several
+    /// workspaces (`CARGO_TARGET_DIR`) keeps each one's copy incremental.
+    scratch: PathBuf,
+}
+
+impl Layout {
+    fn new(ws: &Workspace) -> Layout {
+        let root = ws.target_dir.join("memscope");
+        let name = ws.root.file_name().unwrap_or_default().to_string_lossy();
+        let scratch = root.join("scratch").join(format!(
+            "{name}-{:016x}",
+            fnv1a(ws.root.as_os_str().as_encoded_bytes())
+        ));
+        Layout { root, scratch }
+    }
+
+    fn runtime(&self) -> PathBuf {
+        self.root.join("runtime").join("memscope-runtime")
+    }
+
+    fn build(&self) -> PathBuf {
+        self.root.join("build")
+    }
+
+    fn default_report(&self) -> PathBuf {
+        self.root.join("report")
+    }
+
+    /// A fresh directory for this run's traces; the oldest runs' are removed.
+    fn new_trace_dir(&self) -> anyhow::Result<PathBuf> {
+        let traces = self.root.join("traces");
+        if let Ok(entries) = fs::read_dir(&traces) {
+            let mut old: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
+            old.sort();
+            let excess = (old.len() + 1).saturating_sub(KEPT_TRACE_DIRS);
+            for dir in old.into_iter().take(excess) {
+                let _ = fs::remove_dir_all(dir);
+            }
+        }
+        let millis = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let dir = traces.join(format!("{millis:015}-{}", std::process::id()));
+        fs::create_dir_all(&dir)
+            .with_context(|| format!("failed to create trace directory {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    fn report_options(&self, ws: &Workspace, output: &OutputArgs) -> ReportOptions {
+        ReportOptions {
+            output_dir: output
+                .output_dir
+                .clone()
+                .unwrap_or_else(|| self.default_report()),
+            path_map: vec![(self.scratch.clone(), ws.root.clone())],
+            user_roots: vec![ws.root.clone()],
+            color: output.color.enabled(),
+            progress: std::io::stderr().is_terminal(),
+        }
+    }
+}
+
+/// FNV-1a, 64-bit: a hash that stays the same across Rust versions.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// `cargo memscope run`: returns the exit code to end with.
+pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
+    let ws = cargo::load_workspace(&args.cargo)?;
+    let program = ws.select_program(&args.cargo)?;
+    if args.cargo.is_locked() {
+        cargo::verify_lock(&ws, &args.cargo)?;
+    }
+    let layout = Layout::new(&ws);
+    let runtime =
+        embedded::write_runtime(&layout.runtime()).context("failed to write memscope's runtime")?;
+    scratch::sync(
+        &ws.root,
+        &layout.scratch,
+        std::slice::from_ref(&ws.target_dir),
+    )
+    .context("failed to update the scratch copy of the workspace")?;
+    let rewrite = rewrite::apply(&ws, &program, &layout.scratch, &runtime)
+        .context("failed to install the tracking allocator in the scratch copy")?;
+    if args.cargo.verbose > 0 {
+        for file in &rewrite.wrapped {
+            eprintln!(
+                "memscope: wrapping the #[global_allocator] declared in {}",
+                file.display()
+            );
+        }
+    }
+    let options = layout.report_options(&ws, &args.output);
+    let executable = cargo::Build {
+        ws: &ws,
+        program: &program,
+        args: &args.cargo,
+        scratch: &layout.scratch,
+        build_dir: &layout.build(),
+        color: options.color,
+        progress: options.progress && !args.cargo.quiet,
+    }
+    .run()?;
+
+    let trace_dir = layout.new_trace_dir()?;
+    let status = run_program(&executable, &args.program_args, &trace_dir, args.no_stacks)?;
+    let code = exit_code(status);
+    // The program's own failure is what the caller needs to see first: when it failed,
+    // its exit code is kept even if reporting fails too.
+    match report_run(&trace_dir, &options) {
+        Ok(()) => Ok(code),
+        Err(err) if code != 0 => {
+            crate::print_error(&err, options.color);
+            Ok(code)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+fn report_run(trace_dir: &Path, options: &ReportOptions) -> anyhow::Result<()> {
+    let traces = trace_files(trace_dir)?;
+    if traces.is_empty() {
+        bail!(
+            "the program wrote no trace to {} (was it built with the tracking allocator, or did it exec another program?)",
+            trace_dir.display()
+        );
+    }
+    generate(&traces, options)
+}
+
+fn generate(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<()> {
+    let outcome = report::generate(traces, options).context("failed to build the report")?;
+    eprintln!(
+        "memscope: report written to {}",
+        outcome.json_path.display()
+    );
+    Ok(())
+}
+
+/// `cargo memscope report`.
+pub fn report(args: &ReportArgs) -> anyhow::Result<()> {
+    let mut traces = Vec::new();
+    for path in &args.traces {
+        if path.is_dir() {
+            let found = trace_files(path)?;
+            if found.is_empty() {
+                bail!("no trace files (*.mstrace) in {}", path.display());
+            }
+            traces.extend(found);
+        } else if path.is_file() {
+            traces.push(path.clone());
+        } else {
+            bail!("trace {} does not exist", path.display());
+        }
+    }
+    // Inside a cargo project, reports go where `run` puts them and source paths of
+    // its scratch copy map back to the workspace.
+    let options = match cargo::load_workspace(&Default::default()) {
+        Ok(ws) => Layout::new(&ws).report_options(&ws, &args.output),
+        Err(_) => ReportOptions {
+            output_dir: args
+                .output
+                .output_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("memscope-report")),
+            path_map: Vec::new(),
+            user_roots: Vec::new(),
+            color: args.output.color.enabled(),
+            progress: std::io::stderr().is_terminal(),
+        },
+    };
+    generate(&traces, &options)
+}
+
+/// The `*.mstrace` files directly in `dir`, sorted.
+fn trace_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let entries = fs::read_dir(dir)
+        .with_context(|| format!("failed to read trace directory {}", dir.display()))?;
+    let mut traces: Vec<PathBuf> = entries
+        .filter_map(|entry| Some(entry.ok()?.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "mstrace") && path.is_file())
+        .collect();
+    traces.sort();
+    Ok(traces)
+}
+
+/// Runs the program in the current directory with inherited stdio, tracing into
+/// `trace_dir`.
+fn run_program(
+    executable: &Path,
+    args: &[OsString],
+    trace_dir: &Path,
+    no_stacks: bool,
+) -> anyhow::Result<ExitStatus> {
+    let mut command = Command::new(executable);
+    command.args(args).env("MEMSCOPE_OUT", trace_dir);
+    if no_stacks {
+        command.env("MEMSCOPE_STACKS", "0");
+    }
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("failed to start {}", executable.display()))?;
+    let _signals = signals::Relay::install(child.id());
+    child
+        .wait()
+        .with_context(|| format!("failed to wait for {}", executable.display()))
+}
+
+/// The program's exit code; 128+N when signal N killed it, as a shell reports it.
+fn exit_code(status: ExitStatus) -> u8 {
+    if let Some(code) = status.code() {
+        return code as u8;
+    }
+    #[cfg(unix)]
+    if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&status) {
+        return 128u8.wrapping_add(signal as u8);
+    }
+    crate::EXIT_MEMSCOPE_ERROR
+}
+
+#[cfg(unix)]
+mod signals {
+    //! While the program runs, memscope must outlive it to write the report. Ctrl-C
+    //! and Ctrl-\ reach the whole foreground process group, so the program gets them
+    //! itself and memscope only ignores them; SIGTERM and SIGHUP are sent to memscope
+    //! alone, so they are forwarded. The handlers (not `SIG_IGN`, which the program
+    //! would inherit) are reset to the defaults when the program ends.
+
+    use std::sync::atomic::{AtomicI32, Ordering};
+
+    const IGNORED: [libc::c_int; 2] = [libc::SIGINT, libc::SIGQUIT];
+    const FORWARDED: [libc::c_int; 2] = [libc::SIGTERM, libc::SIGHUP];
+
+    /// The program's process id, for the forwarding handler; 0 when none runs.
+    static CHILD: AtomicI32 = AtomicI32::new(0);
+
+    pub struct Relay;
+
+    impl Relay {
+        pub fn install(child: u32) -> Relay {
+            // Relaxed suffices: the store happens before `sigaction` installs the
+            // handler that loads it, and `sigaction` is a system call (a barrier).
+            CHILD.store(child as i32, Ordering::Relaxed);
+            for signal in IGNORED {
+                set_handler(
+                    signal,
+                    ignore as extern "C" fn(libc::c_int) as libc::sighandler_t,
+                );
+            }
+            for signal in FORWARDED {
+                set_handler(
+                    signal,
+                    forward as extern "C" fn(libc::c_int) as libc::sighandler_t,
+                );
+            }
+            Relay
+        }
+    }
+
+    impl Drop for Relay {
+        fn drop(&mut self) {
+            for signal in IGNORED.into_iter().chain(FORWARDED) {
+                set_handler(signal, libc::SIG_DFL);
+            }
+            CHILD.store(0, Ordering::Relaxed);
+        }
+    }
+
+    extern "C" fn ignore(_: libc::c_int) {}
+
+    extern "C" fn forward(signal: libc::c_int) {
+        let child = CHILD.load(Ordering::Relaxed);
+        if child > 0 {
+            // SAFETY: kill(2) is async-signal-safe; `child` is our own child's pid,
+            // which stays reserved until we reap it after this handler is removed.
+            unsafe { libc::kill(child, signal) };
+        }
+    }
+
+    fn set_handler(signal: libc::c_int, handler: libc::sighandler_t) {
+        // SAFETY: a zeroed `sigaction` is a valid value (empty mask, no flags); the
+        // handler is either SIG_DFL or an `extern "C" fn(c_int)` that only does
+        // async-signal-safe work.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = handler;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+#[cfg(not(unix))]
+mod signals {
+    pub struct Relay;
+
+    impl Relay {
+        pub fn install(_child: u32) -> Relay {
+            Relay
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scratch_dirs_of_different_workspaces_differ_and_are_stable() {
+        assert_eq!(fnv1a(b"/a/ws"), fnv1a(b"/a/ws"));
+        assert_ne!(fnv1a(b"/a/ws"), fnv1a(b"/b/ws"));
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn killed_program_exits_with_128_plus_the_signal() {
+        let status = Command::new("sh")
+            .args(["-c", "kill -9 $$"])
+            .status()
+            .unwrap();
+        assert_eq!(exit_code(status), 137);
+        let status = Command::new("sh").args(["-c", "exit 3"]).status().unwrap();
+        assert_eq!(exit_code(status), 3);
+    }
+}
