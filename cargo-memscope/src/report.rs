@@ -1,7 +1,26 @@
-//! The report model and its JSON form. (Interface fixed first so the build pipeline
-//! and the analysis can be written side by side; the analysis half fills it in.)
+//! The report model, built from traces, and its JSON form (`report.json`, described in
+//! `docs/report-json.md`). The terminal summary and the HTML report read this same
+//! model.
+//!
+//! [`generate`] analyses each trace (one per process) on its own: stream the events
+//! through [`replay`], symbolize the stacks of the sites that allocated, classify the
+//! blocks live at exit. Then it merges the processes: sites with the same symbolized
+//! stack become one site, and the top-level summary sums the processes' summaries.
 
+use std::fs;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+
+use crate::replay::{self, Clock, ProblemKind, Snapshot};
+use crate::symbols::{self, Frame, ModuleStatus, SiteOrigin, Symbolizer};
+use crate::trace::{Tables, Trace};
+
+/// The version of the JSON schema; bumped on any incompatible change.
+pub const SCHEMA_VERSION: u32 = 1;
 
 /// How to turn traces into reports.
 #[derive(Debug, Clone)]
@@ -33,6 +52,790 @@ pub struct Outcome {
 
 /// Reads the traces, analyses them, writes the reports and prints the terminal summary.
 pub fn generate(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<Outcome> {
-    let _ = (traces, options, Path::new(""));
-    anyhow::bail!("analysis is not written yet")
+    anyhow::ensure!(!traces.is_empty(), "no trace to analyse");
+    let mut opened = Vec::with_capacity(traces.len());
+    for path in traces {
+        opened.push(Trace::open(path)?);
+    }
+    let progress = Progress::new(
+        options.progress,
+        opened.iter().map(Trace::event_bytes).sum(),
+    );
+    let mut processes = Vec::with_capacity(opened.len());
+    for trace in &opened {
+        processes.push(analyse(trace, options, &progress));
+    }
+    progress.finish();
+    let report = merge(processes);
+
+    fs::create_dir_all(&options.output_dir).with_context(|| {
+        format!(
+            "failed to create the report directory {}",
+            options.output_dir.display()
+        )
+    })?;
+    let json_path = options.output_dir.join("report.json");
+    write_json(&report, &json_path)
+        .with_context(|| format!("failed to write {}", json_path.display()))?;
+
+    let text = crate::summary::render(&report, &[json_path.as_path()], options);
+    eprint!("{text}");
+
+    Ok(Outcome {
+        json_path,
+        leaked_blocks: report.summary.leaked_blocks,
+        leaked_bytes: report.summary.leaked_bytes,
+        peak_bytes: report.summary.peak_bytes,
+        complete: report.summary.complete,
+    })
+}
+
+fn write_json(report: &Report, path: &Path) -> anyhow::Result<()> {
+    let mut out = BufWriter::new(fs::File::create(path)?);
+    serde_json::to_writer_pretty(&mut out, report)?;
+    out.write_all(b"\n")?;
+    out.flush()?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// The model. Every field is documented in docs/report-json.md.
+
+/// A whole report: one or more processes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub schema_version: u32,
+    pub memscope_version: String,
+    pub summary: Summary,
+    pub processes: Vec<Process>,
+    pub sites: Vec<Site>,
+    pub leaks: Vec<Leak>,
+    pub runtime_internal: Vec<InternalGroup>,
+    pub threads: Vec<Thread>,
+    pub timeline: Vec<Timeline>,
+    pub problems: Vec<Problem>,
+}
+
+/// What a finding rests on (SPEC §3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Basis {
+    Observed,
+    Declared,
+    Inferred,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    pub complete: bool,
+    pub allocations: u64,
+    pub zeroed_allocations: u64,
+    pub reallocations: u64,
+    pub frees: u64,
+    pub bytes_allocated: u64,
+    pub peak_bytes: u64,
+    pub peak_blocks: u64,
+    pub peak_time_ns: Option<u64>,
+    pub live_blocks_at_exit: u64,
+    pub live_bytes_at_exit: u64,
+    pub leaked_blocks: u64,
+    pub leaked_bytes: u64,
+    pub runtime_internal_blocks: u64,
+    pub runtime_internal_bytes: u64,
+    pub problems: u64,
+    pub events_dropped: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Process {
+    pub pid: u32,
+    pub ppid: u32,
+    pub trace: String,
+    pub complete: bool,
+    pub damage: Vec<String>,
+    pub duration_ns: Option<u64>,
+    pub summary: Summary,
+    pub memscope: MemscopeOwn,
+    pub symbols: Vec<ModuleStatus>,
+}
+
+/// memscope's own allocations in a process, kept out of every other figure.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MemscopeOwn {
+    pub allocations: u64,
+    pub bytes_allocated: u64,
+    pub live_blocks_at_exit: u64,
+    pub live_bytes_at_exit: u64,
+}
+
+/// A source location.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Location {
+    pub function: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Site {
+    pub id: usize,
+    pub location: Option<Location>,
+    pub origin: SiteOrigin,
+    pub allocations: u64,
+    pub reallocations: u64,
+    pub bytes_allocated: u64,
+    pub bytes_at_peak: u64,
+    pub peak_share: f64,
+    pub live_blocks_at_exit: u64,
+    pub live_bytes_at_exit: u64,
+    pub pids: Vec<u32>,
+    pub basis: Basis,
+    pub stack: Vec<Frame>,
+}
+
+/// Blocks live at exit that the program allocated at one site.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Leak {
+    pub site: usize,
+    pub location: Option<Location>,
+    pub kind: String,
+    pub blocks: u64,
+    pub bytes: u64,
+    pub largest_block: u64,
+    pub threads: Vec<ThreadRef>,
+    pub basis: Basis,
+    pub stack: Vec<Frame>,
+}
+
+/// A thread of a process, by id, with its name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadRef {
+    pub pid: u32,
+    pub thread: u32,
+    pub name: Option<String>,
+    pub blocks: u64,
+}
+
+/// Blocks live at exit that are not the program's doing.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InternalGroup {
+    /// `"std"` (the standard library's bookkeeping) or `"memscope"`.
+    pub origin: String,
+    pub site: Option<usize>,
+    pub location: Option<Location>,
+    pub blocks: u64,
+    pub bytes: u64,
+    pub basis: Basis,
+    pub evidence: String,
+    pub stack: Vec<Frame>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Thread {
+    pub pid: u32,
+    pub thread: u32,
+    pub os_tid: Option<u64>,
+    pub name: Option<String>,
+    pub allocations: u64,
+    pub reallocations: u64,
+    pub frees: u64,
+    pub bytes_allocated: u64,
+    pub peak_bytes: u64,
+    pub live_blocks_at_exit: u64,
+    pub live_bytes_at_exit: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Timeline {
+    pub pid: u32,
+    /// `"ns"` (since process start) or `"ticks"` (raw clock, when uncalibrated).
+    pub unit: String,
+    pub points: Vec<Point>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Point {
+    pub t: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Problem {
+    pub kind: String,
+    pub pid: u32,
+    pub thread: ThreadRef,
+    pub time_ns: Option<u64>,
+    pub address: String,
+    pub site: Option<usize>,
+    pub basis: Basis,
+    pub evidence: String,
+}
+
+// ---------------------------------------------------------------------------------
+// One process.
+
+/// A process's findings before the merge: sites carry per-process keys.
+struct Analysed {
+    process: Process,
+    sites: Vec<SiteDraft>,
+    threads: Vec<Thread>,
+    timeline: Timeline,
+    problems: Vec<(Problem, Option<usize>)>,
+}
+
+/// A site of one process; `leak` and `internal` describe its blocks live at exit.
+struct SiteDraft {
+    key: Vec<FrameKey>,
+    site: Site,
+    leak_threads: Vec<ThreadRef>,
+    largest_block: u64,
+    /// Runtime-internal: origin and evidence.
+    internal: Option<(&'static str, Basis, String)>,
+    /// Allocated by memscope itself: never shown among the sites.
+    memscope: bool,
+}
+
+/// What makes two frames of different processes the same.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct FrameKey(
+    Option<String>,
+    Option<String>,
+    Option<u32>,
+    bool,
+    Option<String>,
+);
+
+impl FrameKey {
+    fn of(f: &Frame) -> FrameKey {
+        let address = f.function.is_none().then(|| f.address.clone());
+        FrameKey(
+            f.function.clone(),
+            f.file.clone(),
+            f.line,
+            f.inlined,
+            address,
+        )
+    }
+}
+
+fn analyse(trace: &Trace, options: &ReportOptions, progress: &Progress) -> Analysed {
+    let base = progress.position();
+    let mut events = trace.events().on_progress(|read| progress.set(base + read));
+    let snap = replay::replay(events.by_ref());
+    let (tables, mut damage) = events.finish();
+    damage.splice(0..0, trace.damage.iter().cloned());
+
+    let pid = trace.header.pid;
+    let clock = Clock::fit(&trace.meta.clocks, trace.header.start_unix_ns);
+    let ns = |ts: u64| clock.map(|c| c.ns(ts));
+    let thread_ref = |thread: u32, blocks: u64| ThreadRef {
+        pid,
+        thread,
+        name: tables.threads.get(&thread).and_then(|t| t.name.clone()),
+        blocks,
+    };
+
+    let mut symbolizer = Symbolizer::new(&trace.meta.modules, &options.path_map);
+    let mut sites = site_drafts(&snap, &tables, &mut symbolizer, options, pid);
+    for group in replay::leaks(&snap) {
+        let draft = &mut sites[group.site as usize];
+        draft.largest_block = group.largest;
+        draft.leak_threads = group
+            .threads
+            .iter()
+            .map(|&(t, n)| thread_ref(t, n))
+            .collect();
+    }
+
+    let summary = process_summary(&snap, &sites, &damage, trace, ns(snap.totals.peak_ts));
+    let threads = threads(&snap, &tables, pid);
+    let timeline = Timeline {
+        pid,
+        unit: if clock.is_some() { "ns" } else { "ticks" }.into(),
+        points: snap
+            .timeline
+            .iter()
+            .map(|&(ts, bytes)| Point {
+                t: ns(ts).unwrap_or(ts - snap.first_ts.unwrap_or(0)),
+                bytes,
+            })
+            .collect(),
+    };
+    let problems = snap
+        .problems
+        .iter()
+        .map(|p| {
+            let site = p.site.map(|s| s as usize);
+            let where_ = site
+                .and_then(|s| sites[s].site.location.as_ref())
+                .map(location_text)
+                .unwrap_or_default();
+            let evidence = problem_evidence(p, &where_, |t| thread_ref(t, 0).name, ns);
+            let problem = Problem {
+                kind: problem_kind(p.kind).into(),
+                pid,
+                thread: thread_ref(p.thread, 0),
+                time_ns: ns(p.ts),
+                address: format!("{:#x}", p.addr),
+                site: None,
+                basis: Basis::Observed,
+                evidence,
+            };
+            (problem, site)
+        })
+        .collect();
+
+    let end_ts = trace.meta.end.map(|e| e.ts).or(snap.last_ts);
+    let process = Process {
+        pid,
+        ppid: trace.header.ppid,
+        trace: trace.path().display().to_string(),
+        complete: damage.is_empty(),
+        damage,
+        duration_ns: end_ts.and_then(ns),
+        summary,
+        memscope: MemscopeOwn {
+            allocations: snap.internal.allocations + snap.internal.reallocations,
+            bytes_allocated: snap.internal.bytes_allocated,
+            live_blocks_at_exit: snap.internal.live_blocks,
+            live_bytes_at_exit: snap.internal.live_bytes,
+        },
+        symbols: symbolizer.status(),
+    };
+    Analysed {
+        process,
+        sites,
+        threads,
+        timeline,
+        problems,
+    }
+}
+
+fn site_drafts(
+    snap: &Snapshot,
+    tables: &Tables,
+    symbolizer: &mut Symbolizer,
+    options: &ReportOptions,
+    pid: u32,
+) -> Vec<SiteDraft> {
+    let peak = snap.totals.peak_bytes;
+    snap.sites
+        .iter()
+        .map(|s| {
+            let addrs = tables.stacks.get(&s.stack).map(|f| &f[..]).unwrap_or(&[]);
+            let stack = symbolizer.stack(addrs);
+            let (at, origin) = symbols::site_frame(&stack, &options.user_roots);
+            let location = at.map(|i| &stack[i]).map(|f| Location {
+                function: f.function.clone(),
+                file: f.file.clone(),
+                line: f.line,
+            });
+            let internal = if s.internal {
+                let evidence =
+                    "flagged INTERNAL in the trace: allocated by memscope's runtime itself";
+                Some(("memscope", Basis::Observed, evidence.to_string()))
+            } else if s.live_blocks > 0 {
+                symbols::std_bookkeeping(&stack, &options.user_roots)
+                    .map(|e| ("std", Basis::Inferred, e))
+            } else {
+                None
+            };
+            SiteDraft {
+                key: stack.iter().map(FrameKey::of).collect(),
+                site: Site {
+                    id: 0,
+                    location,
+                    origin,
+                    allocations: s.allocations,
+                    reallocations: s.reallocations,
+                    bytes_allocated: s.bytes_allocated,
+                    bytes_at_peak: if s.internal { 0 } else { s.peak_bytes },
+                    peak_share: share(s.peak_bytes, peak),
+                    live_blocks_at_exit: s.live_blocks,
+                    live_bytes_at_exit: s.live_bytes,
+                    pids: vec![pid],
+                    basis: Basis::Observed,
+                    stack,
+                },
+                leak_threads: Vec::new(),
+                largest_block: 0,
+                internal,
+                memscope: s.internal,
+            }
+        })
+        .collect()
+}
+
+fn process_summary(
+    snap: &Snapshot,
+    sites: &[SiteDraft],
+    damage: &[String],
+    trace: &Trace,
+    peak_time_ns: Option<u64>,
+) -> Summary {
+    let t = &snap.totals;
+    let std_internal = sites.iter().filter(|d| !d.memscope && d.internal.is_some());
+    let (internal_blocks, internal_bytes) = std_internal.fold((0, 0), |(n, b), d| {
+        (
+            n + d.site.live_blocks_at_exit,
+            b + d.site.live_bytes_at_exit,
+        )
+    });
+    Summary {
+        complete: damage.is_empty(),
+        allocations: t.allocations,
+        zeroed_allocations: t.zeroed_allocations,
+        reallocations: t.reallocations,
+        frees: t.frees,
+        bytes_allocated: t.bytes_allocated,
+        peak_bytes: t.peak_bytes,
+        peak_blocks: t.peak_blocks,
+        peak_time_ns: if t.peak_bytes > 0 { peak_time_ns } else { None },
+        live_blocks_at_exit: t.live_blocks,
+        live_bytes_at_exit: t.live_bytes,
+        leaked_blocks: t.live_blocks - internal_blocks,
+        leaked_bytes: t.live_bytes - internal_bytes,
+        runtime_internal_blocks: internal_blocks,
+        runtime_internal_bytes: internal_bytes,
+        problems: snap.problem_counts.values().sum(),
+        events_dropped: trace.meta.end.map_or(0, |e| e.dropped),
+    }
+}
+
+fn threads(snap: &Snapshot, tables: &Tables, pid: u32) -> Vec<Thread> {
+    let mut ids: Vec<u32> = snap
+        .threads
+        .keys()
+        .chain(tables.threads.keys())
+        .copied()
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids.into_iter()
+        .map(|id| {
+            let s = snap.threads.get(&id).cloned().unwrap_or_default();
+            let info = tables.threads.get(&id).cloned().unwrap_or_default();
+            Thread {
+                pid,
+                thread: id,
+                os_tid: info.os_tid,
+                name: info.name,
+                allocations: s.allocations,
+                reallocations: s.reallocations,
+                frees: s.frees,
+                bytes_allocated: s.bytes_allocated,
+                peak_bytes: s.peak_bytes,
+                live_blocks_at_exit: s.live_blocks,
+                live_bytes_at_exit: s.live_bytes,
+            }
+        })
+        .collect()
+}
+
+fn problem_kind(kind: ProblemKind) -> &'static str {
+    match kind {
+        ProblemKind::DoubleFree => "double_free",
+        ProblemKind::UnknownFree => "unknown_free",
+        ProblemKind::UnknownRealloc => "unknown_realloc",
+        ProblemKind::SizeMismatch => "size_mismatch",
+        ProblemKind::AddressStillLive => "address_still_live",
+    }
+}
+
+fn problem_evidence(
+    p: &replay::Problem,
+    site: &str,
+    name: impl Fn(u32) -> Option<String>,
+    ns: impl Fn(u64) -> Option<u64>,
+) -> String {
+    let who = |thread: u32, ts: u64| {
+        let name = name(thread).unwrap_or_else(|| format!("#{thread}"));
+        match ns(ts) {
+            Some(t) => format!("thread {name} at {}", crate::summary::duration(t)),
+            None => format!("thread {name}"),
+        }
+    };
+    let allocated = if site.is_empty() {
+        String::new()
+    } else {
+        format!("; the block was allocated at {site}")
+    };
+    match p.kind {
+        ProblemKind::DoubleFree => {
+            let (ts, thread) = p.first_free.unwrap_or((p.ts, p.thread));
+            format!(
+                "freed by {}, after it was already freed by {}{allocated}",
+                who(p.thread, p.ts),
+                who(thread, ts)
+            )
+        }
+        ProblemKind::UnknownFree => {
+            format!(
+                "freed by {}, but no recorded allocation returned this address",
+                who(p.thread, p.ts)
+            )
+        }
+        ProblemKind::UnknownRealloc => {
+            format!(
+                "reallocated by {}, but no recorded allocation returned this address",
+                who(p.thread, p.ts)
+            )
+        }
+        ProblemKind::SizeMismatch => {
+            let (allocated_size, freed) = p.sizes.unwrap_or_default();
+            format!(
+                "freed by {} with size {freed}, but allocated with size {allocated_size}{allocated}",
+                who(p.thread, p.ts)
+            )
+        }
+        ProblemKind::AddressStillLive => format!(
+            "an allocation by {} returned this address while an earlier block there was live: \
+             that block's free was not recorded{allocated}",
+            who(p.thread, p.ts)
+        ),
+    }
+}
+
+/// `file:line (function)`, for evidence sentences.
+pub fn location_text(l: &Location) -> String {
+    let function = l.function.as_deref().unwrap_or("?");
+    match (&l.file, l.line) {
+        (Some(file), Some(line)) => format!("{file}:{line} ({function})"),
+        (Some(file), None) => format!("{file} ({function})"),
+        _ => function.to_string(),
+    }
+}
+
+fn share(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// All processes.
+
+fn merge(analysed: Vec<Analysed>) -> Report {
+    let mut summary = Summary {
+        complete: true,
+        ..Summary::default()
+    };
+    for a in &analysed {
+        add_summary(&mut summary, &a.process.summary);
+    }
+    if analysed.len() == 1 {
+        summary.peak_time_ns = analysed[0].process.summary.peak_time_ns;
+    }
+
+    // Sites with the same symbolized stack are one site, whichever process.
+    let mut index: FxHashMap<(Vec<FrameKey>, bool), usize> = FxHashMap::default();
+    let mut merged: Vec<SiteDraft> = Vec::new();
+    let mut site_maps: Vec<Vec<usize>> = Vec::new();
+    let mut processes = Vec::new();
+    let mut threads = Vec::new();
+    let mut timeline = Vec::new();
+    let mut problems = Vec::new();
+    for a in analysed {
+        let mut map = Vec::with_capacity(a.sites.len());
+        for draft in a.sites {
+            let key = (draft.key.clone(), draft.memscope);
+            let at = *index.entry(key).or_insert_with(|| {
+                merged.push(SiteDraft {
+                    leak_threads: Vec::new(),
+                    largest_block: 0,
+                    ..draft.clone_empty()
+                });
+                merged.len() - 1
+            });
+            absorb(&mut merged[at], draft);
+            map.push(at);
+        }
+        problems.extend(a.problems.into_iter().map(|(mut p, site)| {
+            p.site = site.map(|s| map[s]);
+            p
+        }));
+        site_maps.push(map);
+        processes.push(a.process);
+        threads.extend(a.threads);
+        timeline.push(a.timeline);
+    }
+
+    // Rank the program's sites by bytes, then count; ids are ranks.
+    let mut order: Vec<usize> = (0..merged.len()).filter(|&i| !merged[i].memscope).collect();
+    order.sort_by(|&a, &b| {
+        let (a, b) = (&merged[a].site, &merged[b].site);
+        (b.bytes_allocated, b.allocations + b.reallocations)
+            .cmp(&(a.bytes_allocated, a.allocations + a.reallocations))
+    });
+    let mut rank = vec![None; merged.len()];
+    for (r, &i) in order.iter().enumerate() {
+        rank[i] = Some(r);
+    }
+    for p in &mut problems {
+        p.site = p.site.and_then(|s| rank[s]);
+    }
+
+    let mut leaks = Vec::new();
+    let mut runtime_internal = Vec::new();
+    for (i, d) in merged.iter().enumerate() {
+        if d.site.live_blocks_at_exit == 0 {
+            continue;
+        }
+        let location = d.site.location.clone();
+        match &d.internal {
+            Some((origin, basis, evidence)) => runtime_internal.push(InternalGroup {
+                origin: origin.to_string(),
+                site: rank[i],
+                location,
+                blocks: d.site.live_blocks_at_exit,
+                bytes: d.site.live_bytes_at_exit,
+                basis: *basis,
+                evidence: evidence.clone(),
+                stack: d.site.stack.clone(),
+            }),
+            None => leaks.push(Leak {
+                site: rank[i].expect("program sites are ranked"),
+                location,
+                kind: "live_at_exit".into(),
+                blocks: d.site.live_blocks_at_exit,
+                bytes: d.site.live_bytes_at_exit,
+                largest_block: d.largest_block,
+                threads: d.leak_threads.clone(),
+                basis: Basis::Observed,
+                stack: d.site.stack.clone(),
+            }),
+        }
+    }
+    leaks.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.site.cmp(&b.site)));
+    runtime_internal.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+
+    let peak = summary.peak_bytes;
+    let mut sites: Vec<Site> = order.iter().map(|&i| merged[i].site.clone()).collect();
+    for (r, s) in sites.iter_mut().enumerate() {
+        s.id = r;
+        s.peak_share = share(s.bytes_at_peak, peak);
+    }
+
+    Report {
+        schema_version: SCHEMA_VERSION,
+        memscope_version: env!("CARGO_PKG_VERSION").into(),
+        summary,
+        processes,
+        sites,
+        leaks,
+        runtime_internal,
+        threads,
+        timeline,
+        problems,
+    }
+}
+
+impl SiteDraft {
+    /// The same site with no figures, to add processes' figures to.
+    fn clone_empty(&self) -> SiteDraft {
+        let s = &self.site;
+        SiteDraft {
+            key: self.key.clone(),
+            site: Site {
+                id: 0,
+                location: s.location.clone(),
+                origin: s.origin,
+                allocations: 0,
+                reallocations: 0,
+                bytes_allocated: 0,
+                bytes_at_peak: 0,
+                peak_share: 0.0,
+                live_blocks_at_exit: 0,
+                live_bytes_at_exit: 0,
+                pids: Vec::new(),
+                basis: s.basis,
+                stack: s.stack.clone(),
+            },
+            leak_threads: Vec::new(),
+            largest_block: 0,
+            internal: self.internal.clone(),
+            memscope: self.memscope,
+        }
+    }
+}
+
+fn absorb(into: &mut SiteDraft, from: SiteDraft) {
+    let (a, b) = (&mut into.site, from.site);
+    a.allocations += b.allocations;
+    a.reallocations += b.reallocations;
+    a.bytes_allocated += b.bytes_allocated;
+    a.bytes_at_peak += b.bytes_at_peak;
+    a.live_blocks_at_exit += b.live_blocks_at_exit;
+    a.live_bytes_at_exit += b.live_bytes_at_exit;
+    for pid in b.pids {
+        if !a.pids.contains(&pid) {
+            a.pids.push(pid);
+        }
+    }
+    into.leak_threads.extend(from.leak_threads);
+    into.largest_block = into.largest_block.max(from.largest_block);
+    if into.internal.is_none() {
+        into.internal = from.internal;
+    }
+}
+
+fn add_summary(into: &mut Summary, s: &Summary) {
+    into.complete &= s.complete;
+    into.allocations += s.allocations;
+    into.zeroed_allocations += s.zeroed_allocations;
+    into.reallocations += s.reallocations;
+    into.frees += s.frees;
+    into.bytes_allocated += s.bytes_allocated;
+    into.peak_bytes += s.peak_bytes;
+    into.peak_blocks += s.peak_blocks;
+    into.live_blocks_at_exit += s.live_blocks_at_exit;
+    into.live_bytes_at_exit += s.live_bytes_at_exit;
+    into.leaked_blocks += s.leaked_blocks;
+    into.leaked_bytes += s.leaked_bytes;
+    into.runtime_internal_blocks += s.runtime_internal_blocks;
+    into.runtime_internal_bytes += s.runtime_internal_bytes;
+    into.problems += s.problems;
+    into.events_dropped += s.events_dropped;
+}
+
+// ---------------------------------------------------------------------------------
+// Progress (the only user of indicatif).
+
+/// A progress bar over the trace bytes, drawn only when asked for.
+struct Progress(Option<indicatif::ProgressBar>);
+
+impl Progress {
+    fn new(enabled: bool, total: u64) -> Progress {
+        if !enabled {
+            return Progress(None);
+        }
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(total),
+            indicatif::ProgressDrawTarget::stderr(),
+        );
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "memscope: analysing {bar:30} {binary_bytes}/{binary_total_bytes} ({eta})",
+        ) {
+            bar.set_style(style);
+        }
+        Progress(Some(bar))
+    }
+
+    fn position(&self) -> u64 {
+        self.0.as_ref().map_or(0, |b| b.position())
+    }
+
+    fn set(&self, pos: u64) {
+        if let Some(bar) = &self.0 {
+            bar.set_position(pos);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
+        }
+    }
 }

@@ -15,12 +15,12 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use rustc_hash::FxHashMap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::trace::Module;
 
 /// One frame of a symbolized stack; inlined calls are frames of their own.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Frame {
     /// The return address, as `0x…` (the same for all frames inlined at it).
     pub address: String,
@@ -34,12 +34,14 @@ pub struct Frame {
 }
 
 /// Whether an object file could be symbolized, for the report.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModuleStatus {
     pub path: String,
+    /// The program's executable (the first module the trace lists).
+    pub executable: bool,
     /// `"symbolized"`, `"no_debug_info"` (function names only, from the symbol
     /// table), or `"unreadable"` (the file is gone or is not an object file).
-    pub status: &'static str,
+    pub status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }
@@ -145,14 +147,13 @@ impl Symbolizer {
                 });
             }
         }
-        // DWARF may name the outermost function by its short name only; the symbol
-        // table has its full path.
+        // DWARF may name functions by their short name only (`on_alloc`); the
+        // symbol table has the full path of the outermost one.
         let symbol = loader.find_symbol(probe).map(demangle);
         match out.last_mut() {
             Some(outer) => {
                 outer.inlined = false;
-                let short = outer.function.as_deref().is_none_or(|f| !f.contains("::"));
-                if short && symbol.is_some() {
+                if symbol.is_some() {
                     outer.function = symbol;
                 }
             }
@@ -171,18 +172,20 @@ impl Symbolizer {
     pub fn status(&self) -> Vec<ModuleStatus> {
         self.modules
             .iter()
-            .filter_map(|o| {
+            .enumerate()
+            .filter_map(|(i, o)| {
                 let (status, detail) = match o.loader.as_ref()? {
                     Ok(_) if o.has_dwarf => ("symbolized", None),
                     Ok(_) => (
                         "no_debug_info",
-                        Some("no DWARF line tables: function names only".to_string()),
+                        Some("no DWARF line tables: function names only".into()),
                     ),
                     Err(e) => ("unreadable", Some(e.clone())),
                 };
                 Some(ModuleStatus {
                     path: o.module.path.clone(),
-                    status,
+                    executable: i == 0,
+                    status: status.into(),
                     detail,
                 })
             })
@@ -239,21 +242,34 @@ fn is_plumbing(function: &str) -> bool {
 }
 
 /// How many frames at the top of a stack are plumbing: up to the last plumbing frame
-/// of the leading run of plumbing and unknown frames.
+/// of the leading run of plumbing and unknown frames. A frame inlined into a plumbing
+/// function is plumbing too (its DWARF name may be too short to tell).
 fn plumbing_len(frames: &[Frame]) -> usize {
     let mut cut = 0;
     for (i, frame) in frames.iter().enumerate() {
-        match frame.function.as_deref() {
-            Some(f) if is_plumbing(f) => cut = i + 1,
-            Some(_) => break,
-            None => {}
+        let outer = frames[i..]
+            .iter()
+            .find(|f| !f.inlined && f.address == frame.address);
+        let plumbing = |f: &Frame| f.function.as_deref().is_some_and(is_plumbing);
+        if plumbing(frame) || outer.is_some_and(plumbing) {
+            cut = i + 1;
+        } else if frame.function.is_some() {
+            break;
         }
     }
     cut
 }
 
-/// Functions of Rust's standard library (and of memscope).
+/// Functions of Rust's standard library, of memscope, and the C runtime's entry points.
 pub fn is_std(frame: &Frame) -> bool {
+    const C_RUNTIME: &[&str] = &["main", "_start", "start_thread", "clone", "clone3"];
+    if frame
+        .function
+        .as_deref()
+        .is_some_and(|f| C_RUNTIME.contains(&f) || f.starts_with("__libc_start"))
+    {
+        return true;
+    }
     const PREFIXES: &[&str] = &[
         "std::",
         "core::",
@@ -272,14 +288,16 @@ pub fn is_std(frame: &Frame) -> bool {
 }
 
 /// Where a site frame was found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SiteOrigin {
     /// In a file under one of the user's roots.
     User,
     /// The first frame outside the standard library (a dependency, usually).
     Library,
-    /// Only standard-library or unknown frames.
+    /// Only standard-library frames: the innermost `std::` function.
+    Std,
+    /// No frame has a name.
     Unknown,
 }
 
@@ -300,7 +318,15 @@ pub fn site_frame(frames: &[Frame], user_roots: &[PathBuf]) -> (Option<usize>, S
     {
         return (Some(i), SiteOrigin::Library);
     }
-    (None, SiteOrigin::Unknown)
+    let std_fn = |f: &Frame| {
+        f.function
+            .as_deref()
+            .is_some_and(|n| n.starts_with("std::") || n.starts_with("<std::"))
+    };
+    match frames.iter().position(std_fn) {
+        Some(i) => (Some(i), SiteOrigin::Std),
+        None => (None, SiteOrigin::Unknown),
+    }
 }
 
 /// If a stack is the standard library keeping memory for itself until exit, the
@@ -343,9 +369,14 @@ pub fn std_bookkeeping(frames: &[Frame], user_roots: &[PathBuf]) -> Option<Strin
     let in_rt = names().find(|f| f.starts_with("std::rt::lang_start_internal"));
     let in_main = names().any(|f| f.contains("__rust_begin_short_backtrace"))
         || site_frame(frames, user_roots).1 == SiteOrigin::User;
+    let by = match site_frame(frames, user_roots) {
+        (Some(i), _) => frames[i].function.as_deref().map(|f| format!(" by `{f}`")),
+        (None, _) => None,
+    };
+    let by = by.unwrap_or_default();
     match in_rt {
         Some(f) if !in_main => Some(format!(
-            "allocated under `{f}` outside the program's `main`: std's runtime set-up"
+            "allocated{by} under `{f}`, outside the program's `main`: std's runtime set-up"
         )),
         _ => None,
     }
@@ -399,6 +430,23 @@ mod tests {
     }
 
     #[test]
+    fn short_named_frames_inlined_into_the_allocator_hook_are_plumbing() {
+        let at = |address: &str, function: &str, inlined: bool| Frame {
+            address: address.into(),
+            inlined,
+            ..frame(function, "/x.rs")
+        };
+        let frames = vec![
+            at("0x10", "on_alloc", true),
+            at("0x10", "<memscope::alloc::Alloc<std::alloc::System> as core::alloc::global::GlobalAlloc>::alloc", false),
+            at("0x20", "__rustc::__rust_alloc", false),
+            at("0x30", "try_allocate_in", true),
+            at("0x30", "app::make", false),
+        ];
+        assert_eq!(plumbing_len(&frames), 3);
+    }
+
+    #[test]
     fn the_site_is_the_first_frame_in_the_users_files_else_outside_std() {
         let roots = vec![PathBuf::from("/home/u/app")];
         let frames = vec![
@@ -418,6 +466,13 @@ mod tests {
             site_frame(&frames[..1], &roots),
             (None, SiteOrigin::Unknown)
         );
+        let init = frame("std::rt::init", "/rustc/abc/library/std/src/rt.rs");
+        let c_main = Frame {
+            file: None,
+            ..frame("main", "")
+        };
+        let std_only = [frames[0].clone(), init, c_main];
+        assert_eq!(site_frame(&std_only, &roots), (Some(1), SiteOrigin::Std));
     }
 
     #[test]

@@ -1,0 +1,294 @@
+//! The terminal summary: a short reading of the report model, printed after a run.
+//! Every figure is one of the report's own (exact byte counts, human units beside).
+
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+
+use crate::report::{Location, Report, ReportOptions};
+
+/// Sites and leaks shown at most.
+const TOP: usize = 5;
+
+/// The summary text, ending with the report paths (`report: <path>`).
+pub fn render(report: &Report, paths: &[&Path], options: &ReportOptions) -> String {
+    let paint = Paint(options.color);
+    let roots = &options.user_roots;
+    let s = &report.summary;
+    let mut out = String::new();
+    let w = &mut out;
+
+    let _ = writeln!(
+        w,
+        "{} {} allocations ({} zeroed), {} reallocations, {} frees; {} allocated",
+        paint.bold("memscope:"),
+        count(s.allocations),
+        count(s.zeroed_allocations),
+        count(s.reallocations),
+        count(s.frees),
+        bytes(s.bytes_allocated),
+    );
+    let when = match s.peak_time_ns {
+        Some(ns) => format!(" at {}", duration(ns)),
+        None => String::new(),
+    };
+    let _ = writeln!(
+        w,
+        "  peak: {} live in {}{when}",
+        bytes(s.peak_bytes),
+        plural(s.peak_blocks, "block")
+    );
+    let leaked = format!(
+        "{} leaked in {}",
+        bytes(s.leaked_bytes),
+        plural(s.leaked_blocks, "block")
+    );
+    let leaked = if s.leaked_blocks > 0 {
+        paint.red(&leaked)
+    } else {
+        leaked
+    };
+    let _ = writeln!(
+        w,
+        "  at exit: {} live in {}: {leaked}, {} in {} kept by the Rust runtime",
+        bytes(s.live_bytes_at_exit),
+        plural(s.live_blocks_at_exit, "block"),
+        bytes(s.runtime_internal_bytes),
+        plural(s.runtime_internal_blocks, "block"),
+    );
+    if report.processes.len() > 1 {
+        let _ = writeln!(
+            w,
+            "  {} processes; figures are their sums",
+            report.processes.len()
+        );
+    }
+
+    if !report.sites.is_empty() {
+        let _ = writeln!(
+            w,
+            "{}",
+            paint.bold("top allocation sites (by bytes allocated):")
+        );
+        for site in report.sites.iter().take(TOP) {
+            let _ = writeln!(
+                w,
+                "  {:>12} in {:>15}, {:>3.0}% of peak  {}",
+                bytes_short(site.bytes_allocated),
+                plural(site.allocations + site.reallocations, "allocation"),
+                site.peak_share * 100.0,
+                place(site.location.as_ref(), roots),
+            );
+        }
+    }
+
+    if !report.leaks.is_empty() {
+        let _ = writeln!(
+            w,
+            "{}",
+            paint.red(&paint.bold("leaks (blocks live at exit):"))
+        );
+        for leak in report.leaks.iter().take(TOP) {
+            let names: Vec<String> = leak
+                .threads
+                .iter()
+                .map(|t| t.name.clone().unwrap_or_else(|| format!("#{}", t.thread)))
+                .collect();
+            let _ = writeln!(
+                w,
+                "  {:>12} in {:>10}  {}  [thread {}]",
+                bytes_short(leak.bytes),
+                plural(leak.blocks, "block"),
+                place(leak.location.as_ref(), roots),
+                names.join(", "),
+            );
+        }
+        if report.leaks.len() > TOP {
+            let _ = writeln!(w, "  … and {} more sites", report.leaks.len() - TOP);
+        }
+    }
+
+    if s.problems > 0 {
+        let _ = writeln!(
+            w,
+            "{}",
+            paint.red(&paint.bold(&format!("problems ({}):", count(s.problems))))
+        );
+        for p in report.problems.iter().take(TOP) {
+            let _ = writeln!(
+                w,
+                "  {} of {}: {}",
+                p.kind.replace('_', " "),
+                p.address,
+                p.evidence
+            );
+        }
+    }
+
+    if s.events_dropped > 0 {
+        let line = format!(
+            "warning: {} events were dropped while tracing: figures are not exact",
+            count(s.events_dropped)
+        );
+        let _ = writeln!(w, "{}", paint.yellow(&line));
+    }
+    for p in report.processes.iter().filter(|p| !p.complete) {
+        let reason = p
+            .damage
+            .first()
+            .map(String::as_str)
+            .unwrap_or("it ended early");
+        let line = format!(
+            "warning: the trace of process {} is incomplete ({reason}): figures cover what it recorded",
+            p.pid
+        );
+        let _ = writeln!(w, "{}", paint.yellow(&line));
+    }
+    // The executable without line tables, or any object file gone: say so once.
+    let mut noted = Vec::new();
+    for m in report.processes.iter().flat_map(|p| &p.symbols) {
+        let missing = m.status == "unreadable" || (m.executable && m.status != "symbolized");
+        if missing && !noted.contains(&&m.path) {
+            noted.push(&m.path);
+            let detail = m.detail.as_deref().unwrap_or(&m.status);
+            let line = format!(
+                "note: {}: {detail}: its frames have no source locations",
+                m.path
+            );
+            let _ = writeln!(w, "{}", paint.yellow(&line));
+        }
+    }
+
+    for path in paths {
+        let _ = writeln!(w, "report: {}", path.display());
+    }
+    out
+}
+
+/// `file:line function`, with the file relative to the user's root it is under.
+fn place(location: Option<&Location>, roots: &[PathBuf]) -> String {
+    let Some(l) = location else {
+        return "(unknown location)".into();
+    };
+    let function = l.function.as_deref().unwrap_or("?");
+    let file = l.file.as_deref().map(|f| {
+        let path = Path::new(f);
+        roots
+            .iter()
+            .find_map(|r| path.strip_prefix(r).ok())
+            .map_or_else(|| f.to_string(), |p| p.display().to_string())
+    });
+    match (file, l.line) {
+        (Some(file), Some(line)) => format!("{file}:{line}  {function}"),
+        (Some(file), None) => format!("{file}  {function}"),
+        (None, _) => function.to_string(),
+    }
+}
+
+/// `1,234,567`.
+pub fn count(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `1 block`, `1,024 blocks`.
+pub fn plural(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{} {noun}s", count(n))
+    }
+}
+
+/// `1,234,567 bytes (1.2 MiB)`.
+pub fn bytes(n: u64) -> String {
+    if n < 1024 {
+        format!("{} bytes", count(n))
+    } else {
+        format!("{} bytes ({})", count(n), bytes_short(n))
+    }
+}
+
+/// `1.2 MiB`.
+pub fn bytes_short(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// `12.3 ms`.
+pub fn duration(ns: u64) -> String {
+    match ns {
+        0..1_000 => format!("{ns} ns"),
+        1_000..1_000_000 => format!("{:.1} µs", ns as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} ms", ns as f64 / 1e6),
+        _ => format!("{:.2} s", ns as f64 / 1e9),
+    }
+}
+
+/// ANSI styling, or none.
+#[derive(Clone, Copy)]
+struct Paint(bool);
+
+impl Paint {
+    fn wrap(self, code: &str, text: &str) -> String {
+        if self.0 {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_string()
+        }
+    }
+    fn bold(self, text: &str) -> String {
+        self.wrap("1", text)
+    }
+    fn red(self, text: &str) -> String {
+        self.wrap("31", text)
+    }
+    fn yellow(self, text: &str) -> String {
+        self.wrap("33", text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_get_thousands_separators_and_sizes_human_units() {
+        assert_eq!(count(0), "0");
+        assert_eq!(count(999), "999");
+        assert_eq!(count(1_234_567), "1,234,567");
+        assert_eq!(bytes(4096), "4,096 bytes (4.0 KiB)");
+        assert_eq!(bytes(12), "12 bytes");
+        assert_eq!(bytes_short(3 * 1024 * 1024 / 2), "1.5 MiB");
+        assert_eq!(duration(12_300_000), "12.3 ms");
+    }
+
+    #[test]
+    fn user_files_are_shown_relative_to_their_root() {
+        let l = Location {
+            function: Some("app::main".into()),
+            file: Some("/ws/src/main.rs".into()),
+            line: Some(7),
+        };
+        assert_eq!(
+            place(Some(&l), &[PathBuf::from("/ws")]),
+            "src/main.rs:7  app::main"
+        );
+        assert_eq!(place(None, &[]), "(unknown location)");
+    }
+}
