@@ -4,10 +4,14 @@
 mod cargo;
 mod cli;
 mod embedded;
+mod replay;
 mod report;
 mod rewrite;
 mod run;
 mod scratch;
+mod summary;
+mod symbols;
+mod trace;
 
 use std::process::ExitCode;
 

@@ -193,11 +193,6 @@ impl Trace {
         &self.path
     }
 
-    /// True when every chunk was readable and the process wrote its end record.
-    pub fn complete(&self) -> bool {
-        self.damage.is_empty()
-    }
-
     /// Walks the chunk headers, keeping the longest valid copy of each chunk.
     fn index(&mut self) -> io::Result<()> {
         let mut copies: FxHashMap<(u32, u32), ChunkRef> = FxHashMap::default();
@@ -401,11 +396,6 @@ impl<'t> Events<'t> {
     pub fn on_progress(mut self, f: impl FnMut(u64) + 't) -> Self {
         self.progress = Some(Box::new(f));
         self
-    }
-
-    /// Stack and thread tables gathered so far (complete once the stream is drained).
-    pub fn tables(&self) -> &Tables {
-        &self.tables
     }
 
     /// Ends the stream: the tables and what went wrong while decoding.
@@ -780,7 +770,7 @@ mod tests {
                 ),
             ]
         );
-        assert!(trace.complete());
+        assert!(trace.damage.is_empty());
     }
 
     #[test]
@@ -862,7 +852,7 @@ mod tests {
         let trace = Trace::open(&path).unwrap();
         let ts: Vec<u64> = trace.events().map(|e| e.ts).collect();
         assert_eq!(ts, vec![1, 2, 3, 4]);
-        assert!(trace.complete());
+        assert!(trace.damage.is_empty());
     }
 
     #[test]
@@ -877,7 +867,7 @@ mod tests {
         let path = dir.path().join("cut.mstrace");
         std::fs::write(&path, &cut).unwrap();
         let trace = Trace::open(&path).unwrap();
-        assert!(!trace.complete());
+        assert!(!trace.damage.is_empty());
         assert!(
             trace
                 .damage
@@ -898,7 +888,7 @@ mod tests {
             .chunk(1, 0, &[alloc(1, 0x10, 8, 0)])
             .write(dir.path(), "t.mstrace");
         let trace = Trace::open(&path).unwrap();
-        assert!(!trace.complete());
+        assert!(!trace.damage.is_empty());
         assert_eq!(trace.events().count(), 1);
     }
 
@@ -912,7 +902,7 @@ mod tests {
         t.bytes[flip] ^= 0x40;
         let t = t.chunk(2, 0, &[alloc(2, 0x20, 8, 0)]);
         let trace = Trace::open(&t.write(dir.path(), "t.mstrace")).unwrap();
-        assert!(!trace.complete());
+        assert!(!trace.damage.is_empty());
         assert_eq!(trace.events().count(), 0);
     }
 
@@ -925,7 +915,7 @@ mod tests {
             .chunk(1, 2, &[alloc(3, 0x30, 8, 0)])
             .write(dir.path(), "t.mstrace");
         let trace = Trace::open(&path).unwrap();
-        assert!(!trace.complete());
+        assert!(!trace.damage.is_empty());
         assert_eq!(trace.events().count(), 1);
     }
 
