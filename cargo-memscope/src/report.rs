@@ -839,3 +839,139 @@ impl Progress {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::testing::*;
+    use memscope::format::Record;
+
+    fn options(dir: &Path) -> ReportOptions {
+        ReportOptions {
+            output_dir: dir.join("out"),
+            path_map: Vec::new(),
+            user_roots: Vec::new(),
+            color: false,
+            progress: false,
+        }
+    }
+
+    fn read_json(outcome: &Outcome) -> serde_json::Value {
+        serde_json::from_str(&fs::read_to_string(&outcome.json_path).unwrap()).unwrap()
+    }
+
+    fn program(end: Option<u64>) -> TraceBytes {
+        TraceBytes::new()
+            .chunk(
+                1,
+                0,
+                &[
+                    thread("main"),
+                    stack(11, &[0x1111]),
+                    stack(22, &[0x2222]),
+                    alloc(10, 0xa0, 4096, 11),
+                    alloc(20, 0xb0, 100, 22),
+                    Record::Realloc {
+                        internal: false,
+                        ts_before: 30,
+                        ts_after: 31,
+                        old_addr: 0xb0,
+                        new_addr: 0xc0,
+                        new_size: 300,
+                        align: 8,
+                        stack: 22,
+                    },
+                    internal_alloc(35, 0xd0, 64),
+                    free(40, 0xc0, 300),
+                    free(50, 0xc0, 300),
+                ],
+            )
+            .meta(0, end)
+    }
+
+    #[test]
+    fn report_json_has_the_schema_version_and_exact_figures() {
+        let dir = tempfile::tempdir().unwrap();
+        let trace = program(Some(60)).write(dir.path(), "p.mstrace");
+        let outcome = generate(&[trace], &options(dir.path())).unwrap();
+        let json = read_json(&outcome);
+        assert_eq!(json["schema_version"], 1);
+        let s = &json["summary"];
+        let field = |name: &str| s[name].as_u64().unwrap();
+        assert_eq!(field("allocations"), 2);
+        assert_eq!(field("reallocations"), 1);
+        assert_eq!(field("frees"), 1);
+        assert_eq!(field("bytes_allocated"), 4096 + 100 + 300);
+        assert_eq!(field("peak_bytes"), 4396);
+        assert_eq!(field("peak_time_ns"), 31);
+        assert_eq!(
+            (field("live_blocks_at_exit"), field("live_bytes_at_exit")),
+            (1, 4096)
+        );
+        assert_eq!((field("leaked_blocks"), field("leaked_bytes")), (1, 4096));
+        assert_eq!(field("problems"), 1);
+        assert_eq!(s["complete"], true);
+        assert_eq!(
+            (
+                outcome.leaked_blocks,
+                outcome.leaked_bytes,
+                outcome.peak_bytes
+            ),
+            (1, 4096, 4396)
+        );
+
+        assert_eq!(json["sites"][0]["bytes_allocated"], 4096);
+        assert_eq!(json["sites"][0]["stack"][0]["address"], "0x1111");
+        assert_eq!(json["leaks"][0]["bytes"], 4096);
+        assert_eq!(json["leaks"][0]["basis"], "observed");
+        assert_eq!(json["leaks"][0]["threads"][0]["name"], "main");
+        assert_eq!(json["problems"][0]["kind"], "double_free");
+        assert_eq!(json["problems"][0]["site"], 1);
+        assert_eq!(json["runtime_internal"][0]["origin"], "memscope");
+        assert_eq!(json["runtime_internal"][0]["bytes"], 64);
+        assert_eq!(json["processes"][0]["memscope"]["live_bytes_at_exit"], 64);
+        assert_eq!(json["threads"][0]["name"], "main");
+        assert_eq!(json["timeline"][0]["unit"], "ns");
+    }
+
+    #[test]
+    fn the_summary_sums_processes_and_equal_stacks_are_one_site() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = program(Some(60)).write(dir.path(), "a.mstrace");
+        let b = program(Some(60)).write(dir.path(), "b.mstrace");
+        let outcome = generate(&[a, b], &options(dir.path())).unwrap();
+        let json = read_json(&outcome);
+        assert_eq!(json["summary"]["allocations"], 4);
+        assert_eq!(json["summary"]["peak_bytes"], 2 * 4396);
+        assert_eq!(json["summary"]["peak_time_ns"], serde_json::Value::Null);
+        assert_eq!(json["processes"].as_array().unwrap().len(), 2);
+        assert_eq!(json["sites"].as_array().unwrap().len(), 2);
+        assert_eq!(json["sites"][0]["bytes_allocated"], 2 * 4096);
+        assert_eq!(json["sites"][0]["peak_share"], 4096.0 / 4396.0);
+        assert_eq!(json["leaks"][0]["blocks"], 2);
+    }
+
+    #[test]
+    fn a_trace_without_its_end_gives_an_incomplete_report_of_what_was_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let trace = program(None).write(dir.path(), "p.mstrace");
+        let outcome = generate(&[trace], &options(dir.path())).unwrap();
+        assert!(!outcome.complete);
+        let json = read_json(&outcome);
+        assert_eq!(json["summary"]["complete"], false);
+        assert_eq!(json["summary"]["allocations"], 2);
+        assert!(json["processes"][0]["damage"][0]
+            .as_str()
+            .unwrap()
+            .contains("no end record"));
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_trace_is_a_one_line_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("junk.mstrace");
+        fs::write(&path, b"definitely not a trace").unwrap();
+        let err = generate(&[path], &options(dir.path())).unwrap_err();
+        assert!(format!("{err:#}").contains("not a memscope trace"));
+    }
+}
