@@ -911,3 +911,99 @@ mod tests {
         assert_eq!(Clock::fit(&samples[..1], 10_000), None);
     }
 }
+
+/// Throughput of the whole read path (index, merge, replay) on a large synthetic
+/// trace. Run with `cargo test --release -p cargo-memscope -- --ignored --nocapture
+/// analysis_streams`; set `MEMSCOPE_BENCH_EVENTS` to change the event count.
+#[cfg(test)]
+mod bench {
+    use crate::trace::testing::{alloc, free, stack, TraceBytes};
+    use crate::trace::Trace;
+    use memscope::format::{ChunkHeader, Encoder};
+    use std::io::Write;
+
+    #[test]
+    #[ignore = "takes a while; a measurement, not a check"]
+    fn analysis_streams_millions_of_events_in_bounded_memory() {
+        let events: u64 = std::env::var("MEMSCOPE_BENCH_EVENTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(25_000_000);
+        let threads = 4u32;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.mstrace");
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+        file.write_all(&TraceBytes::new().meta(0, Some(u64::MAX)).bytes)
+            .unwrap();
+
+        // Each thread keeps a window of 1,000 live blocks: allocate, and free the block
+        // allocated 1,000 steps earlier. Chunks of 64 KiB, threads interleaved.
+        let per_thread = events / u64::from(threads) / 2;
+        let mut index = vec![0u32; threads as usize];
+        let mut enc: Vec<Encoder> = (0..threads).map(|_| Encoder::default()).collect();
+        let mut flush =
+            |t: usize, enc: &mut Encoder, file: &mut std::io::BufWriter<std::fs::File>| {
+                let header = ChunkHeader {
+                    thread: t as u32 + 1,
+                    index: index[t],
+                    len: enc.bytes.len() as u32,
+                    checksum: memscope::format::checksum(&enc.bytes),
+                };
+                index[t] += 1;
+                file.write_all(&header.encode()).unwrap();
+                file.write_all(&enc.bytes).unwrap();
+                enc.bytes.clear();
+            };
+        for t in 0..threads as usize {
+            for s in 0..64u64 {
+                enc[t].record(&stack(s + 1, &[0x1000 + s, 0x2000, 0x3000]));
+            }
+        }
+        for i in 0..per_thread {
+            for t in 0..threads as usize {
+                let ts = i * 8 + t as u64;
+                let base = (t as u64 + 1) << 40;
+                enc[t].record(&alloc(ts, base + (i % 4096) * 64, 16 + i % 200, 1 + i % 64));
+                if i >= 1000 {
+                    let old = i - 1000;
+                    enc[t].record(&free(ts + 1, base + (old % 4096) * 64, 16 + old % 200));
+                }
+                if enc[t].bytes.len() >= 64 * 1024 {
+                    flush(t, &mut enc[t], &mut file);
+                }
+            }
+        }
+        for t in 0..threads as usize {
+            flush(t, &mut enc[t], &mut file);
+        }
+        drop(file);
+
+        let size = std::fs::metadata(&path).unwrap().len();
+        let start = std::time::Instant::now();
+        let trace = Trace::open(&path).unwrap();
+        let indexed = start.elapsed();
+        let mut stream = trace.events();
+        let snap = super::replay(stream.by_ref());
+        let elapsed = start.elapsed();
+        let (tables, damage) = stream.finish();
+        assert!(
+            damage.is_empty() && trace.damage.is_empty(),
+            "{damage:?} {:?}",
+            trace.damage
+        );
+        assert_eq!(tables.stacks.len(), 64);
+        assert_eq!(snap.live.len(), threads as usize * 1000);
+        eprintln!(
+            "{} events, {:.0} MiB trace: indexed in {:.2?}, analysed in {:.2?}: {:.1} M events/s; peak RSS {}",
+            snap.events,
+            size as f64 / (1 << 20) as f64,
+            indexed,
+            elapsed,
+            snap.events as f64 / elapsed.as_secs_f64() / 1e6,
+            std::fs::read_to_string("/proc/self/status")
+                .ok()
+                .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM")).map(str::to_owned))
+                .unwrap_or_default(),
+        );
+    }
+}
