@@ -468,9 +468,8 @@ impl Build<'_> {
         }
         if !status.success() {
             bail!(
-                "the build of `{}` failed (cargo's messages above say why); it was built from the scratch copy in {}",
-                self.program.package,
-                self.scratch.display()
+                "the build of `{}` failed; cargo's messages above say why",
+                self.program.package
             );
         }
         executable.with_context(|| {

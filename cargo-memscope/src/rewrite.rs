@@ -19,6 +19,7 @@
 //! Files rewritten by an earlier run but not by this one are restored, which a state
 //! file next to the scratch copy records.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Component, Path, PathBuf};
@@ -149,9 +150,9 @@ fn write_plan(
     let mut rewritten = Vec::new();
     for relative in previous {
         let original = ws.root.join(&relative);
-        if !planned.contains_key(&original) {
-            if let Ok(text) = fs::read_to_string(&original) {
-                planned.insert(original, text);
+        if let Entry::Vacant(slot) = planned.entry(original) {
+            if let Ok(text) = fs::read_to_string(slot.key()) {
+                slot.insert(text);
             }
         }
     }

@@ -158,12 +158,9 @@ fn report_run(trace_dir: &Path, options: &ReportOptions) -> anyhow::Result<()> {
     generate(&traces, options)
 }
 
+/// Writes the reports; `report::generate` prints the summary and where they are.
 fn generate(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<()> {
-    let outcome = report::generate(traces, options).context("failed to build the report")?;
-    eprintln!(
-        "memscope: report written to {}",
-        outcome.json_path.display()
-    );
+    report::generate(traces, options).context("failed to build the report")?;
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 //!
 //! The copy is kept between runs and synced incrementally, so cargo's incremental
 //! builds keep working: a file is copied only when its size or modification time
-//! differs from what was copied last time (recorded in a state file next to the copy),
+//! differs from what was copied last time (recorded in `<scratch>.sync.json`),
 //! and the copy gets the source's modification time so that cargo's fingerprints see
 //! the file as old as the original. Files that disappeared from the workspace are
 //! deleted from the copy. `.git/`, the workspace's `target/` and any other cargo
@@ -20,8 +20,6 @@ use anyhow::Context;
 /// What was copied last time: relative path → (size, modification time in ns).
 type State = BTreeMap<PathBuf, (u64, u128)>;
 
-const STATE_FILE: &str = ".memscope-sync.json";
-
 /// What a sync did, for `-v` output and tests.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct SyncStats {
@@ -35,7 +33,9 @@ pub struct SyncStats {
 pub fn sync(source: &Path, scratch: &Path, skip: &[PathBuf]) -> anyhow::Result<SyncStats> {
     fs::create_dir_all(scratch)
         .with_context(|| format!("failed to create scratch copy {}", scratch.display()))?;
-    let state_path = scratch.join(STATE_FILE);
+    let mut state_path = scratch.as_os_str().to_owned();
+    state_path.push(".sync.json");
+    let state_path = PathBuf::from(state_path);
     let previous = read_state(&state_path);
 
     let mut files = Vec::new();
@@ -85,7 +85,7 @@ fn list_files(root: &Path, dir: &Path, skip: &[PathBuf], out: &mut Vec<PathBuf>)
             if !is_skipped_dir(root, &path, skip) {
                 list_files(root, &path, skip, out)?;
             }
-        } else if entry.file_name() != STATE_FILE {
+        } else {
             out.push(path.strip_prefix(root).expect("under root").to_path_buf());
         }
     }
@@ -135,6 +135,15 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// A scratch directory inside a temporary one, so its state file is cleaned up too.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
     fn write(path: &Path, contents: &str) {
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         fs::write(path, contents).unwrap();
@@ -143,7 +152,8 @@ mod tests {
     #[test]
     fn copies_sources_with_their_mtime_and_skips_build_and_vcs_dirs() {
         let source = tempfile::tempdir().unwrap();
-        let scratch = tempfile::tempdir().unwrap();
+        let scratch_parent = tempfile::tempdir().unwrap();
+        let scratch = Scratch(scratch_parent.path().join("copy"));
         let root = source.path();
         write(&root.join("Cargo.toml"), "[package]");
         write(&root.join("src/main.rs"), "fn main() {}");
@@ -173,7 +183,8 @@ mod tests {
     #[test]
     fn second_sync_copies_only_changed_files_and_deletes_removed_ones() {
         let source = tempfile::tempdir().unwrap();
-        let scratch = tempfile::tempdir().unwrap();
+        let scratch_parent = tempfile::tempdir().unwrap();
+        let scratch = Scratch(scratch_parent.path().join("copy"));
         let root = source.path();
         write(&root.join("a.rs"), "a");
         write(&root.join("b.rs"), "b");
@@ -216,7 +227,8 @@ mod tests {
     #[test]
     fn explicitly_skipped_target_dir_is_not_copied() {
         let source = tempfile::tempdir().unwrap();
-        let scratch = tempfile::tempdir().unwrap();
+        let scratch_parent = tempfile::tempdir().unwrap();
+        let scratch = Scratch(scratch_parent.path().join("copy"));
         let root = source.path();
         write(&root.join("build-out/x"), "x");
         write(&root.join("src/lib.rs"), "");

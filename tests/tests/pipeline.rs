@@ -1,0 +1,331 @@
+//! The build-and-run pipeline of `cargo memscope run` and `cargo memscope report`, on
+//! the real binary: errors, pass-through of stdio, arguments and exit codes, the
+//! scratch copy and incremental builds, wrapping a program's own allocator.
+//!
+//! These tests assert what the pipeline guarantees (exit codes, trace files written,
+//! user files untouched), not the contents of reports.
+
+use memscope_e2e::{memscope_command, Fixture, Output};
+
+const EXIT_MEMSCOPE_ERROR: i32 = 2;
+
+/// memscope failed with exit code 2 and said why on its last line of stderr; when
+/// `alone`, that line is all it printed.
+fn assert_error(output: &Output, needle: &str, alone: bool) {
+    assert_eq!(output.code, Some(EXIT_MEMSCOPE_ERROR), "{output:#?}");
+    let last = output.last_stderr_line();
+    assert!(
+        last.starts_with("error: ") && last.contains(needle),
+        "expected {needle:?} in {output:#?}"
+    );
+    assert!(!output.stderr.contains("panicked"), "{output:#?}");
+    if alone {
+        assert_eq!(output.stderr.lines().count(), 1, "{output:#?}");
+    }
+}
+
+fn assert_one_line_error(output: &Output, needle: &str) {
+    assert_error(output, needle, true);
+}
+
+#[test]
+fn running_outside_a_cargo_package_is_a_one_line_error() {
+    let empty = tempfile::tempdir().unwrap();
+    let output = memscope_command(empty.path(), &["run"]).run();
+    assert_one_line_error(&output, "could not find Cargo.toml");
+}
+
+#[test]
+fn manifest_path_without_a_cargo_toml_is_a_one_line_error() {
+    let empty = tempfile::tempdir().unwrap();
+    let missing = empty.path().join("Cargo.toml");
+    let output = memscope_command(
+        empty.path(),
+        &["run", "--manifest-path", missing.to_str().unwrap()],
+    )
+    .run();
+    assert_one_line_error(&output, "no Cargo.toml at");
+}
+
+#[test]
+fn unknown_flag_is_rejected_with_exit_code_2() {
+    let empty = tempfile::tempdir().unwrap();
+    let output = memscope_command(empty.path(), &["run", "--no-such-flag"]).run();
+    assert_eq!(output.code, Some(EXIT_MEMSCOPE_ERROR), "{output:#?}");
+    let first = output.stderr.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("error: ") && first.contains("--no-such-flag"),
+        "{output:#?}"
+    );
+}
+
+#[test]
+fn report_of_a_trace_that_does_not_exist_is_a_one_line_error() {
+    let empty = tempfile::tempdir().unwrap();
+    let output = memscope_command(empty.path(), &["report", "missing.mstrace"]).run();
+    assert_one_line_error(&output, "missing.mstrace does not exist");
+}
+
+#[test]
+fn help_documents_the_exit_codes() {
+    let empty = tempfile::tempdir().unwrap();
+    let output = memscope_command(empty.path(), &["run", "--help"]).run();
+    assert_eq!(output.code, Some(0));
+    assert!(output.stdout.contains("Exit status:"), "{output:#?}");
+    assert!(output.stdout.contains("128+N"), "{output:#?}");
+    assert!(
+        output.stdout.contains("2  memscope itself failed"),
+        "{output:#?}"
+    );
+}
+
+#[test]
+fn package_without_a_binary_is_a_one_line_error() {
+    let lib = Fixture::from_files(
+        "lib-only",
+        &[
+            ("Cargo.toml", "[package]\nname = \"lib-only\"\nversion = \"0.1.0\"\nedition = \"2021\"\n[workspace]\n"),
+            ("src/lib.rs", "pub fn f() {}\n"),
+        ],
+    );
+    let output = lib.memscope(&["run"]).run();
+    assert_one_line_error(&output, "a bin target must be available");
+}
+
+#[test]
+fn several_binaries_without_bin_flag_is_an_error_naming_them() {
+    let bins = Fixture::from_files(
+        "two-bins",
+        &[
+            ("Cargo.toml", "[package]\nname = \"two-bins\"\nversion = \"0.1.0\"\nedition = \"2021\"\n[workspace]\n"),
+            ("src/bin/first.rs", "fn main() {}\n"),
+            ("src/bin/second.rs", "fn main() {}\n"),
+        ],
+    );
+    let output = bins.memscope(&["run"]).run();
+    assert_one_line_error(&output, "available: first, second");
+
+    let output = bins.memscope(&["run", "--bin", "third"]).run();
+    assert_one_line_error(&output, "no bin target named `third`");
+}
+
+#[test]
+fn build_failure_is_a_one_line_error_after_the_compiler_messages() {
+    let broken = Fixture::from_files(
+        "broken",
+        &[
+            ("Cargo.toml", "[package]\nname = \"broken\"\nversion = \"0.1.0\"\nedition = \"2021\"\n[workspace]\n"),
+            ("src/main.rs", "fn main() {\n    let x: u32 = \"not a number\";\n}\n"),
+        ],
+    )
+    .with_target_dir(memscope_e2e::e2e_target_root().join("broken"));
+    let output = broken.memscope(&["run"]).run();
+    assert_error(&output, "the build of `broken` failed", false);
+    assert!(
+        output.stderr.contains("mismatched types"),
+        "rustc's message reaches the user: {output:#?}"
+    );
+}
+
+#[test]
+fn program_stdin_stdout_and_exit_code_pass_through() {
+    let fixture = Fixture::shared("pipeline-exit-code");
+    let output = fixture
+        .memscope(&["run"])
+        .stdin("hello through memscope\n")
+        .run();
+    assert_eq!(output.stdout, "hello through memscope\n", "{output:#?}");
+    assert_eq!(output.code, Some(3), "{output:#?}");
+    assert_eq!(fixture.latest_traces().len(), 1, "one trace per process");
+}
+
+#[test]
+fn arguments_after_double_dash_reach_the_program() {
+    let fixture = Fixture::shared("pipeline-exit-code");
+    let output = fixture
+        .memscope(&["run", "--", "--release", "two words"])
+        .stdin("x\n")
+        .run();
+    assert_eq!(
+        output.stdout, "x\nargs: --release two words\n",
+        "{output:#?}"
+    );
+    assert_eq!(output.code, Some(3), "{output:#?}");
+}
+
+#[test]
+fn program_killed_by_a_signal_exits_with_128_plus_the_signal() {
+    let fixture = Fixture::shared("pipeline-exit-code");
+    let output = fixture.memscope(&["run", "--", "--abort"]).run();
+    assert_eq!(output.code, Some(128 + 6), "SIGABRT is 6: {output:#?}");
+}
+
+#[test]
+fn first_run_writes_a_trace_under_target_memscope_and_leaves_user_files_untouched() {
+    let fixture = Fixture::copy("hello-leak");
+    let before = fixture.files();
+
+    let output = fixture.memscope(&["run"]).run();
+
+    assert!(
+        output.stdout.contains("hello from hello-leak"),
+        "{output:#?}"
+    );
+    assert_eq!(fixture.latest_traces().len(), 1, "{output:#?}");
+    assert!(fixture.path().join("target/memscope/scratch").is_dir());
+    assert!(
+        !fixture.path().join("target/debug").exists(),
+        "the user's build cache is untouched"
+    );
+    assert_eq!(
+        fixture.files(),
+        before,
+        "user files are byte-identical after a run"
+    );
+}
+
+#[test]
+fn second_run_does_not_recompile_the_program() {
+    let fixture = Fixture::shared("hello-leak");
+    let before = fixture.files();
+    let first = fixture.memscope(&["run"]).run();
+    assert!(first.stdout.contains("hello from hello-leak"), "{first:#?}");
+
+    let second = fixture.memscope(&["run"]).run();
+
+    assert!(
+        second.stdout.contains("hello from hello-leak"),
+        "{second:#?}"
+    );
+    assert!(
+        !second.stderr.contains("Compiling"),
+        "nothing is rebuilt: {second:#?}"
+    );
+    assert_eq!(fixture.latest_traces().len(), 1, "{second:#?}");
+    assert_eq!(fixture.files(), before);
+}
+
+#[test]
+fn program_with_its_own_allocator_is_wrapped_not_replaced() {
+    let fixture = Fixture::shared("pipeline-own-allocator");
+    let output = fixture.memscope(&["run", "-v"]).run();
+
+    let counted: u64 = output
+        .stdout
+        .strip_prefix("allocations counted by the program's own allocator: ")
+        .and_then(|rest| rest.trim().parse().ok())
+        .unwrap_or_else(|| panic!("the program prints its counter: {output:#?}"));
+    assert!(
+        counted > 0,
+        "the program's allocator still sees every allocation"
+    );
+    assert!(
+        output.stderr.contains("wrapping the #[global_allocator]"),
+        "{output:#?}"
+    );
+    assert_eq!(
+        fixture.latest_traces().len(),
+        1,
+        "memscope still records: {output:#?}"
+    );
+}
+
+#[test]
+fn workspace_binary_runs_from_the_root_and_from_its_member_directory() {
+    let fixture = Fixture::shared("pipeline-workspace");
+    let from_root = fixture.memscope(&["run", "--", "a", "b"]).run();
+    assert!(
+        from_root
+            .stdout
+            .contains("sum of squares: 385\nargs: a b\n"),
+        "{from_root:#?}"
+    );
+    assert_eq!(fixture.latest_traces().len(), 1, "{from_root:#?}");
+
+    let from_member = fixture
+        .memscope_in(&fixture.path().join("app"), &["run", "-p", "app"])
+        .run();
+    assert!(
+        from_member.stdout.contains("sum of squares: 385"),
+        "{from_member:#?}"
+    );
+    assert!(
+        !from_member.stderr.contains("Compiling app"),
+        "same scratch copy, same build: {from_member:#?}"
+    );
+}
+
+#[test]
+fn allocator_declared_outside_the_workspace_is_a_one_line_error() {
+    let fixture = Fixture::from_files(
+        "foreign-allocator",
+        &[
+            (
+                "app/Cargo.toml",
+                "[package]\nname = \"app\"\nversion = \"0.1.0\"\nedition = \"2021\"\n[workspace]\n\
+                 [dependencies]\nforeign = { path = \"../foreign\" }\n",
+            ),
+            ("app/src/main.rs", "extern crate foreign;\nfn main() {}\n"),
+            (
+                "foreign/Cargo.toml",
+                "[package]\nname = \"foreign\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
+            ),
+            (
+                "foreign/src/lib.rs",
+                "#[global_allocator]\nstatic A: std::alloc::System = std::alloc::System;\n",
+            ),
+        ],
+    )
+    .with_target_dir(memscope_e2e::e2e_target_root().join("foreign-allocator"));
+    let output = fixture
+        .memscope_in(&fixture.path().join("app"), &["run"])
+        .run();
+    assert_error(
+        &output,
+        "`foreign` (a dependency outside the workspace) declares its own #[global_allocator]",
+        false,
+    );
+}
+
+#[test]
+fn edited_source_is_rebuilt_on_the_next_run() {
+    let main = |word: &str| format!("fn main() {{ println!(\"{word}\"); }}\n");
+    let fixture = Fixture::from_files(
+        "edited",
+        &[
+            ("Cargo.toml", "[package]\nname = \"edited\"\nversion = \"0.1.0\"\nedition = \"2021\"\n[workspace]\n"),
+            ("src/main.rs", &main("one")),
+        ],
+    )
+    .with_target_dir(memscope_e2e::e2e_target_root().join("edited"));
+    let first = fixture.memscope(&["run"]).run();
+    assert_eq!(first.stdout, "one\n", "{first:#?}");
+
+    std::fs::write(fixture.path().join("src/main.rs"), main("two")).unwrap();
+    let second = fixture.memscope(&["run"]).run();
+
+    assert_eq!(second.stdout, "two\n", "{second:#?}");
+    assert_eq!(fixture.latest_traces().len(), 1, "{second:#?}");
+}
+
+#[test]
+fn locked_run_keeps_the_user_lock_file_and_still_links_the_runtime() {
+    let lock = "# This file is automatically @generated by Cargo.\n# It is not intended for manual editing.\n\
+                version = 4\n\n[[package]]\nname = \"locked\"\nversion = \"0.1.0\"\n";
+    let fixture = Fixture::from_files(
+        "locked",
+        &[
+            ("Cargo.toml", "[package]\nname = \"locked\"\nversion = \"0.1.0\"\nedition = \"2021\"\n[workspace]\n"),
+            ("Cargo.lock", lock),
+            ("src/main.rs", "fn main() { println!(\"locked\"); }\n"),
+        ],
+    )
+    .with_target_dir(memscope_e2e::e2e_target_root().join("locked"));
+    let output = fixture.memscope(&["run", "--locked"]).run();
+    assert_eq!(output.stdout, "locked\n", "{output:#?}");
+    assert_eq!(fixture.latest_traces().len(), 1, "{output:#?}");
+    assert_eq!(
+        std::fs::read_to_string(fixture.path().join("Cargo.lock")).unwrap(),
+        lock
+    );
+}
