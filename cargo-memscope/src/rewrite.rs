@@ -14,7 +14,9 @@
 //!   workspace library it depends on is wrapped, not replaced: its attribute is blanked
 //!   and `__MEMSCOPE_ALLOC`, an `Alloc<ByRef<T>>` forwarding to it, is added on the
 //!   same line, so line numbers (and the reports' source locations) are unchanged.
-//!   Without one, an `Alloc::system()` allocator is appended to the crate root.
+//!   Without one, the crate root gets a module (a file beside the runtime, so that no
+//!   code of memscope's appears at a line of the user's file) holding an
+//!   `Alloc::system()` allocator.
 //!
 //! Files rewritten by an earlier run but not by this one are restored, which a state
 //! file next to the scratch copy records.
@@ -91,17 +93,17 @@ pub fn apply(
     };
     if allocators.is_empty() {
         let root = &program.root;
+        let module = install_system_allocator(runtime, &crate_of(root)?)?;
         let text = read_source(root)?;
-        let item = format!(
-            "#[global_allocator]\nstatic {ALLOCATOR_STATIC}: ::{krate}::Alloc = ::{krate}::Alloc::system();\n",
-            krate = crate_of(root)?
-        );
         let separator = if text.ends_with('\n') || text.is_empty() {
             ""
         } else {
             "\n"
         };
-        planned.insert(root.clone(), format!("{text}{separator}{item}"));
+        planned.insert(
+            root.clone(),
+            format!("{text}{separator}#[path = {module:?}]\nmod __memscope_allocator;\n"),
+        );
     }
     let mut by_file: BTreeMap<&Path, Vec<&FoundAllocator>> = BTreeMap::new();
     for found in &allocators {
@@ -119,6 +121,21 @@ pub fn apply(
     Ok(Rewrite {
         wrapped: allocators.into_iter().map(|found| found.file).collect(),
     })
+}
+
+/// Writes the module that declares memscope's allocator over `System`, for a crate
+/// that reaches the runtime as `krate`; returns its path.
+fn install_system_allocator(runtime: &Path, krate: &str) -> anyhow::Result<String> {
+    let module = runtime.join("install").join(format!("{krate}.rs"));
+    let text = format!(
+        "//! Added to the crate root by cargo-memscope: the tracking allocator over `System`.\n\n\
+         #[global_allocator]\nstatic {ALLOCATOR_STATIC}: ::{krate}::Alloc = ::{krate}::Alloc::system();\n"
+    );
+    write_if_changed(&module, text.as_bytes())?;
+    module
+        .into_os_string()
+        .into_string()
+        .map_err(|_| anyhow::anyhow!("the target directory's path is not UTF-8"))
 }
 
 fn read_source(path: &Path) -> anyhow::Result<String> {

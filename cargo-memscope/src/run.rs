@@ -17,6 +17,9 @@ use crate::cli::{OutputArgs, ReportArgs, RunArgs};
 use crate::report::{self, ReportOptions};
 use crate::{embedded, rewrite, scratch};
 
+/// How the embedded runtime's source files are named in reports.
+const RUNTIME_DISPLAY_PATH: &str = "<memscope-runtime>";
+
 /// How many earlier runs' trace directories are kept.
 const KEPT_TRACE_DIRS: usize = 10;
 
@@ -79,7 +82,12 @@ impl Layout {
                 .output_dir
                 .clone()
                 .unwrap_or_else(|| self.default_report()),
-            path_map: vec![(self.scratch.clone(), ws.root.clone())],
+            // The runtime lives under the target directory, usually inside the
+            // workspace: name it apart so its frames are never taken for user code.
+            path_map: vec![
+                (self.runtime(), PathBuf::from(RUNTIME_DISPLAY_PATH)),
+                (self.scratch.clone(), ws.root.clone()),
+            ],
             user_roots: vec![ws.root.clone()],
             color: output.color.enabled(),
             progress: std::io::stderr().is_terminal(),
@@ -171,7 +179,14 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<()> {
         if path.is_dir() {
             let found = trace_files(path)?;
             if found.is_empty() {
-                bail!("no trace files (*.mstrace) in {}", path.display());
+                match latest_run(path) {
+                    Some(latest) => bail!(
+                        "no trace files (*.mstrace) in {}; its subdirectories hold one run each: pass one of them (latest: {})",
+                        path.display(),
+                        latest.display()
+                    ),
+                    None => bail!("no trace files (*.mstrace) in {}", path.display()),
+                }
             }
             traces.extend(found);
         } else if path.is_file() {
@@ -209,6 +224,18 @@ fn trace_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         .collect();
     traces.sort();
     Ok(traces)
+}
+
+/// The newest subdirectory of `dir` that holds traces (run directories are named by
+/// their start time).
+fn latest_run(dir: &Path) -> Option<PathBuf> {
+    let mut runs: Vec<PathBuf> = fs::read_dir(dir)
+        .ok()?
+        .filter_map(|entry| Some(entry.ok()?.path()))
+        .filter(|path| trace_files(path).is_ok_and(|traces| !traces.is_empty()))
+        .collect();
+    runs.sort();
+    runs.pop()
 }
 
 /// Runs the program in the current directory with inherited stdio, tracing into
