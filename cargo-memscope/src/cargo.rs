@@ -427,7 +427,7 @@ impl Build<'_> {
         for message in Message::parse_stream(BufReader::new(stdout)) {
             match message.context("failed to read cargo's build messages")? {
                 Message::CompilerArtifact(artifact) => {
-                    if let Some(spinner) = &spinner {
+                    if let (Some(spinner), false) = (&spinner, artifact.fresh) {
                         spinner.set_message(artifact.target.name.clone());
                     }
                     let kind = match self.program.kind {

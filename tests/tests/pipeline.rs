@@ -329,3 +329,46 @@ fn locked_run_keeps_the_user_lock_file_and_still_links_the_runtime() {
         lock
     );
 }
+
+#[test]
+fn allocator_in_a_workspace_library_is_wrapped_where_it_is_declared() {
+    let fixture = Fixture::from_files(
+        "library-allocator",
+        &[
+            ("Cargo.toml", "[workspace]\nresolver = \"2\"\nmembers = [\"app\", \"counting\"]\n"),
+            (
+                "app/Cargo.toml",
+                "[package]\nname = \"app\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\
+                 [dependencies]\ncounting = { path = \"../counting\" }\n",
+            ),
+            (
+                "app/src/main.rs",
+                "fn main() {\n    let v = vec![1u8; 100];\n    println!(\"counted {}\", counting::count() > 0);\n    drop(v);\n}\n",
+            ),
+            (
+                "counting/Cargo.toml",
+                "[package]\nname = \"counting\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
+            ),
+            (
+                "counting/src/lib.rs",
+                "use std::alloc::{GlobalAlloc, Layout, System};\n\
+                 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};\n\
+                 pub struct Counting(AtomicUsize);\n\
+                 unsafe impl GlobalAlloc for Counting {\n\
+                 \x20   unsafe fn alloc(&self, l: Layout) -> *mut u8 { self.0.fetch_add(1, Relaxed); unsafe { System.alloc(l) } }\n\
+                 \x20   unsafe fn dealloc(&self, p: *mut u8, l: Layout) { unsafe { System.dealloc(p, l) } }\n\
+                 }\n\
+                 mod global {\n\
+                 \x20   #[global_allocator]\n\
+                 \x20   pub static GLOBAL: super::Counting = super::Counting(std::sync::atomic::AtomicUsize::new(0));\n\
+                 }\n\
+                 pub fn count() -> usize { global::GLOBAL.0.load(Relaxed) }\n",
+            ),
+        ],
+    )
+    .with_target_dir(memscope_e2e::e2e_target_root().join("library-allocator"));
+    let output = fixture.memscope(&["run"]).run();
+    assert_eq!(output.stdout, "counted true\n", "{output:#?}");
+    assert_eq!(output.code, Some(0), "{output:#?}");
+    assert_eq!(fixture.latest_traces().len(), 1, "{output:#?}");
+}
