@@ -1,1 +1,90 @@
-fn main() {}
+//! `cargo run --release -p memscope-bench`: runs each workload untracked, tracked by
+//! memscope (with and without call stacks) and under dhat-rs, alternating variants,
+//! and prints each variant's median time and its ratio to the untracked run.
+//!
+//! The variants are built here with frame pointers on (as `cargo memscope` builds
+//! programs) into `target/bench`, so the comparison is like for like. Arguments:
+//! `--runs N` (default 5), `--no-dhat`, and workload names to run only those.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use memscope_bench::WORKLOADS;
+
+struct Variant {
+    name: &'static str,
+    binary: &'static str,
+    stacks: bool,
+}
+
+const VARIANTS: &[Variant] = &[
+    Variant { name: "untracked", binary: "bench-untracked", stacks: true },
+    Variant { name: "memscope", binary: "bench-tracked", stacks: true },
+    Variant { name: "memscope, no stacks", binary: "bench-tracked", stacks: false },
+    Variant { name: "dhat-rs", binary: "bench-dhat", stacks: true },
+];
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runs = args
+        .iter()
+        .position(|a| a == "--runs")
+        .and_then(|i| args.get(i + 1))
+        .map(|n| n.parse().expect("--runs takes a number"))
+        .unwrap_or(5usize);
+    let with_dhat = !args.iter().any(|a| a == "--no-dhat");
+    let chosen: Vec<&str> = WORKLOADS.iter().copied().filter(|w| args.iter().any(|a| a == w)).collect();
+    let workloads = if chosen.is_empty() { WORKLOADS.to_vec() } else { chosen };
+
+    let bin_dir = build_variants();
+    let trace_dir = std::env::temp_dir().join(format!("memscope-bench-{}", std::process::id()));
+    println!("runs per variant: {runs} (median shown); ratios are to the untracked run\n");
+    println!("{:<18} {:<22} {:>12} {:>8}", "workload", "variant", "median ms", "ratio");
+    for workload in workloads {
+        let variants: Vec<&Variant> = VARIANTS.iter().filter(|v| with_dhat || v.binary != "bench-dhat").collect();
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+        for _ in 0..runs {
+            for (i, v) in variants.iter().enumerate() {
+                times[i].push(run_once(&bin_dir, v, workload, &trace_dir));
+            }
+        }
+        let medians: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
+        for (v, m) in variants.iter().zip(&medians) {
+            println!("{:<18} {:<22} {:>12.1} {:>7.2}x", workload, v.name, m / 1e6, m / medians[0]);
+        }
+        println!();
+    }
+    let _ = std::fs::remove_dir_all(&trace_dir);
+}
+
+fn build_variants() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
+    let target = root.join("target").join("bench");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(&root)
+        .args(["build", "--release", "-q", "-p", "memscope-bench", "--bins", "--target-dir"])
+        .arg(&target)
+        .env("RUSTFLAGS", "-C force-frame-pointers=yes")
+        .status()
+        .expect("failed to run cargo");
+    assert!(status.success(), "building the benchmark variants failed");
+    target.join("release")
+}
+
+fn run_once(bin_dir: &Path, variant: &Variant, workload: &str, trace_dir: &Path) -> f64 {
+    let _ = std::fs::remove_dir_all(trace_dir);
+    std::fs::create_dir_all(trace_dir).expect("failed to create the trace directory");
+    let out = Command::new(bin_dir.join(variant.binary))
+        .arg(workload)
+        .env("MEMSCOPE_OUT", trace_dir)
+        .env("MEMSCOPE_STACKS", if variant.stacks { "1" } else { "0" })
+        .output()
+        .expect("failed to run a benchmark variant");
+    assert!(out.status.success(), "{} {workload} failed: {}", variant.name, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().parse().expect("a variant printed no time")
+}
+
+fn median(times: &mut [f64]) -> f64 {
+    times.sort_by(|a, b| a.total_cmp(b));
+    times[times.len() / 2]
+}

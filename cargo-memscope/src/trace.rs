@@ -23,8 +23,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use memscope::format::{
-    self, ChunkHeader, FileHeader, FormatError, Record, CHUNK_HEADER_LEN, FILE_HEADER_LEN,
-    META_THREAD,
+    self, ChunkHeader, FileHeader, FormatError, Record, StreamDecoder, CHUNK_HEADER_LEN,
+    FILE_HEADER_LEN, META_THREAD,
 };
 use rustc_hash::FxHashMap;
 
@@ -45,7 +45,7 @@ pub struct Event {
     pub ts: u64,
     /// The stream (thread) that recorded the event.
     pub thread: u32,
-    /// Caused by memscope itself.
+    /// Caused by memscope itself (frees carry no flag: they follow their block).
     pub internal: bool,
     pub kind: EventKind,
 }
@@ -275,40 +275,42 @@ impl Trace {
         };
         let (_, chunks) = self.streams.remove(at);
         let mut payload = Vec::new();
+        let mut decoder = StreamDecoder::default();
         for chunk in chunks {
             payload.resize(chunk.len as usize, 0);
             read_exact_at(&self.file, chunk.offset, &mut payload)?;
             let mut pos = 0;
             while pos < payload.len() {
-                match format::decode(&payload, pos) {
+                match decoder.decode(&payload, pos) {
                     Ok((record, next)) => {
                         pos = next;
                         match record {
-                            Record::Clock {
+                            None => {}
+                            Some(Record::Clock {
                                 ts,
                                 monotonic_ns,
                                 unix_ns,
-                            } => self.meta.clocks.push(ClockSample {
+                            }) => self.meta.clocks.push(ClockSample {
                                 ts,
                                 monotonic_ns,
                                 unix_ns,
                             }),
-                            Record::Module {
+                            Some(Record::Module {
                                 bias,
                                 start,
                                 end,
                                 path,
-                            } => self.meta.modules.push(Module {
+                            }) => self.meta.modules.push(Module {
                                 path,
                                 bias,
                                 start,
                                 end,
                             }),
-                            Record::End {
+                            Some(Record::End {
                                 reason,
                                 ts,
                                 dropped,
-                            } => {
+                            }) => {
                                 self.meta.end = Some(End {
                                     reason,
                                     ts,
@@ -351,6 +353,8 @@ impl Trace {
                     next_chunk: 0,
                     buf: Vec::new(),
                     pos: 0,
+                    decoder: format::StreamDecoder::default(),
+                    decoder: StreamDecoder::default(),
                     pending: None,
                     head: None,
                 })
@@ -386,6 +390,8 @@ struct Stream<'t> {
     next_chunk: usize,
     buf: Vec<u8>,
     pos: usize,
+    decoder: format::StreamDecoder,
+    decoder: StreamDecoder,
     /// The alloc half of a realloc whose free half was handed out.
     pending: Option<Event>,
     head: Option<Event>,
@@ -436,8 +442,12 @@ impl<'t> Events<'t> {
                 }
                 continue;
             }
-            let (record, next) = match format::decode(&stream.buf, stream.pos) {
-                Ok(decoded) => decoded,
+            let (record, next) = match stream.decoder.decode(&stream.buf, stream.pos) {
+                Ok((Some(record), next)) => (record, next),
+                Ok((None, next)) => {
+                    stream.pos = next;
+                    continue;
+                }
                 Err(e) => {
                     self.damage.push(format!(
                         "thread {}: {e}; its later records are ignored",
@@ -478,14 +488,9 @@ impl<'t> Events<'t> {
                         },
                     ));
                 }
-                Record::Free {
-                    internal,
-                    ts,
-                    addr,
-                    size,
-                    ..
-                } => {
-                    return Some(event(ts, internal, EventKind::Free { addr, size }));
+                Record::Free { ts, addr } => {
+                    // The trace does not repeat a free's size: replay knows the block.
+                    return Some(event(ts, false, EventKind::Free { addr, size: 0 }));
                 }
                 Record::Realloc {
                     internal,
@@ -674,14 +679,8 @@ pub(crate) mod testing {
         }
     }
 
-    pub fn free(ts: u64, addr: u64, size: u64) -> Record {
-        Record::Free {
-            internal: false,
-            ts,
-            addr,
-            size,
-            align: 8,
-        }
+    pub fn free(ts: u64, addr: u64, _size: u64) -> Record {
+        Record::Free { ts, addr }
     }
 
     pub fn realloc(

@@ -2,7 +2,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 
-use crate::{clock, recorder};
+use crate::recorder;
 
 /// A global allocator that records every event of the allocator `A` it wraps.
 ///
@@ -60,14 +60,14 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Alloc<A> {
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // Recorded first: once the inner allocator has it, the address may be reused.
-        recorder::on_free(ptr, layout);
+        recorder::on_free(ptr);
         // SAFETY: the caller upholds `GlobalAlloc::dealloc`'s contract.
         unsafe { self.inner.dealloc(ptr, layout) }
     }
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let ts_before = clock::before();
+        let ts_before = recorder::before_realloc(ptr);
         // SAFETY: the caller upholds `GlobalAlloc::realloc`'s contract.
         let new = unsafe { self.inner.realloc(ptr, layout, new_size) };
         if !new.is_null() {

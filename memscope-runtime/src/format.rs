@@ -14,32 +14,49 @@
 //! All integers are little-endian. Each thread writes its own stream of records; a
 //! chunk carries part of one stream: `thread` names the stream (thread 0 is the
 //! process's meta stream) and `index` counts that thread's chunks from 0. The same
-//! chunk may be written more than once as it grows (the writer snapshots buffers of
-//! idle threads so that a killed process loses little); a later copy is always an
-//! extension of an earlier one, so a reader keeps the longest copy of each
-//! `(thread, index)`. `checksum` is [`checksum`] of the payload; a chunk whose payload
-//! is short or whose checksum does not match ends the readable part of the file.
+//! chunk may be written more than once as it grows (at exit, memscope copies the
+//! buffers of threads that are still running); a later copy is always an extension
+//! of an earlier one, so a reader keeps the longest copy of each `(thread, index)`.
+//! `checksum` is [`checksum`] of the payload; a chunk whose payload is short or whose
+//! checksum does not match ends the readable part of the file.
 //!
-//! A record is a sequence of 64-bit words. Word 0 packs `tag:8 | a:8 | b:48` (tag in
-//! the low byte). Timestamps are raw CPU clock ticks; [`Tag::Clock`] records in the
-//! meta stream map them to nanoseconds. Within one thread's stream timestamps never
-//! decrease, and across threads a free is always stamped before the allocation that
-//! reuses its address, so merging the streams by timestamp orders events correctly.
+//! ## Records
 //!
-//! | tag | a | b | following words |
+//! Records are sequences of 64-bit words and are compact, because the allocator hook
+//! writes one per event: word 0 packs `tag:4 | small:12 | wide:48` (tag in the low
+//! bits). A stream must be decoded in order with a [`StreamDecoder`], which carries
+//! the stream's clock and its stack slots from record to record and chunk to chunk.
+//!
+//! | tag | small | wide | further words |
 //! |---|---|---|---|
-//! | `Alloc` 1, `AllocZeroed` 2 | log2(align) | size | ts, addr, stack |
-//! | `Realloc` 3 | log2(align) | new size | ts_before, ts_after, old addr, new addr, stack |
-//! | `Free` 4 | log2(align) | size | ts, addr |
-//! | `Stack` 5 | 0 | frame count n | hash, n return addresses (innermost first) |
-//! | `Thread` 6 | 0 | name length | os thread id, name bytes padded to 8 |
-//! | `Clock` 16 | 0 | 0 | ts, monotonic ns, unix ns |
-//! | `Module` 17 | 0 | path length | load bias, start, end, path padded to 8 |
-//! | `End` 18 | reason | 0 | ts, events dropped |
+//! | `ALLOC` 1 | stamp delta | address | `size:40 \| log2(align):6 \| slot:12 \| zeroed:1 \| internal:1` |
+//! | `FREE` 2 | stamp delta | address | — |
+//! | `REALLOC` 3 | delta of the free half | old address | word 1 = `delta of the alloc half (bits 4..16) \| new address (bits 16..)`, word 2 as `ALLOC`'s word 1 |
+//! | `STAMP` 4 | 0 | 0 | the stream clock's new value |
+//! | `STACK` 5 | frame count n | slot | n return addresses, innermost first |
+//! | `THREAD` 6 | name length | 0 | OS thread id, name bytes padded to 8 |
+//! | `REALLOC_WIDE` 7 | 0 | old address | new address, `ALLOC`'s word 1, free-half stamp, alloc-half stamp |
+//! | `EXTENDED` 15 | kind | word count n | n words; kinds below, unknown kinds are skipped |
 //!
-//! Tag bit `0x80` ([`INTERNAL`]) marks an event caused by memscope itself (for example
-//! the thread handle std creates when memscope asks a thread for its name); readers
-//! keep such blocks out of the user's figures. Stack `0` means "no stack recorded".
+//! Extended kinds: `CLOCK` 1 (counter, monotonic ns, unix ns), `MODULE` 2 (load bias,
+//! start, end, path length, path bytes padded to 8), `END` 3 (reason, stamp, events
+//! dropped).
+//!
+//! **Stamps.** An event's stamp is the stream clock plus its delta; the stream clock
+//! then becomes that stamp. A `STAMP` record sets the clock outright (the writer puts
+//! one at the start of every chunk and wherever a delta would not fit 12 bits), so a
+//! chunk decodes on its own. Stamps come from a hybrid logical clock in CPU counter
+//! units (see the runtime's `clock.rs`): within a thread they strictly increase, they
+//! stay within about a millisecond of real time, and for any one address they order
+//! its allocations and frees as they happened, across threads (the reader still
+//! checks, see `clock.rs`). `CLOCK` records map counter values to nanoseconds.
+//!
+//! **Stacks.** A stream names stacks by slot (1..=4095; 0 = no stack). `STACK` binds a
+//! slot to frames until the slot is bound again. The decoder turns slots into the
+//! stack's [`stack_hash`], the same in every stream, so [`Record`]s name stacks by hash.
+//!
+//! **Internal.** The `internal` bit marks an event caused by memscope itself; readers
+//! keep such blocks out of the user's figures.
 
 /// Bytes that open every trace file.
 pub const MAGIC: &[u8; 8] = b"MEMSCOPE";
@@ -55,46 +72,44 @@ pub const CHUNK_MAGIC: u32 = u32::from_le_bytes(*b"CHNK");
 pub const FLAG_STACKS: u32 = 1;
 /// The stream of process-wide records (clock, modules, end).
 pub const META_THREAD: u32 = 0;
-/// Tag bit marking an event caused by memscope itself.
-pub const INTERNAL: u8 = 0x80;
 /// The deepest stack recorded.
 pub const MAX_FRAMES: usize = 64;
-/// Largest size that fits the 48-bit size field.
-pub const MAX_SIZE: u64 = (1 << 48) - 1;
+/// Stack slots per stream, slot 0 meaning "no stack".
+pub const STACK_SLOTS: usize = 4096;
+/// Largest stamp delta that fits a record.
+pub const MAX_DELTA: u64 = (1 << 12) - 1;
+/// Largest size that fits a record; larger sizes are recorded as this.
+pub const MAX_SIZE: u64 = (1 << 40) - 1;
 
-/// Record kinds; see the module documentation for their layout.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Tag {
-    Alloc = 1,
-    AllocZeroed = 2,
-    Realloc = 3,
-    Free = 4,
-    Stack = 5,
-    Thread = 6,
-    Clock = 16,
-    Module = 17,
-    End = 18,
+pub const TAG_ALLOC: u64 = 1;
+pub const TAG_FREE: u64 = 2;
+pub const TAG_REALLOC: u64 = 3;
+pub const TAG_STAMP: u64 = 4;
+pub const TAG_STACK: u64 = 5;
+pub const TAG_THREAD: u64 = 6;
+pub const TAG_REALLOC_WIDE: u64 = 7;
+pub const TAG_EXTENDED: u64 = 15;
+
+pub const EXT_CLOCK: u64 = 1;
+pub const EXT_MODULE: u64 = 2;
+pub const EXT_END: u64 = 3;
+
+const ADDR_MASK: u64 = (1 << 48) - 1;
+
+/// Packs word 0 of a record.
+#[inline(always)]
+pub const fn head(tag: u64, small: u64, wide: u64) -> u64 {
+    tag | (small << 4) | (wide << 16)
 }
 
-impl Tag {
-    fn from_u8(tag: u8) -> Option<Tag> {
-        Some(match tag {
-            1 => Tag::Alloc,
-            2 => Tag::AllocZeroed,
-            3 => Tag::Realloc,
-            4 => Tag::Free,
-            5 => Tag::Stack,
-            6 => Tag::Thread,
-            16 => Tag::Clock,
-            17 => Tag::Module,
-            18 => Tag::End,
-            _ => return None,
-        })
-    }
+/// Packs the size word of `ALLOC` and `REALLOC` records.
+#[inline(always)]
+pub const fn size_word(size: u64, align_log2: u64, slot: u64, zeroed: bool, internal: bool) -> u64 {
+    let size = if size > MAX_SIZE { MAX_SIZE } else { size };
+    size | (align_log2 << 40) | (slot << 46) | ((zeroed as u64) << 58) | ((internal as u64) << 59)
 }
 
-/// Why a process's trace ended, as written in [`Tag::End`].
+/// Why a process's trace ended, as written in `END`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum EndReason {
@@ -102,45 +117,56 @@ pub enum EndReason {
     Exit = 0,
 }
 
-/// Packs word 0 of a record.
+/// The hash that names a stack in decoded records; never 0 (0 means "no stack").
+/// FxHash-style mixing ([`stack_mix`] per frame) with MurmurHash3's 64-bit finaliser
+/// ([`stack_finish`]); the runtime computes it incrementally while walking.
+pub fn stack_hash(frames: &[u64]) -> u64 {
+    stack_finish(frames.iter().fold(0, |h, &f| stack_mix(h, f)), frames.len())
+}
+
+/// Mixes one frame into a stack hash.
 #[inline(always)]
-pub const fn head(tag: u8, a: u8, b: u64) -> u64 {
-    (tag as u64) | ((a as u64) << 8) | (b << 16)
+pub fn stack_mix(h: u64, frame: u64) -> u64 {
+    (h.rotate_left(5) ^ frame).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95)
 }
 
-/// Number of words a record with this head occupies, or `None` for an unknown tag.
-pub fn record_words(word0: u64) -> Option<usize> {
-    let b = (word0 >> 16) as usize;
-    Some(match Tag::from_u8(word0 as u8 & !INTERNAL)? {
-        Tag::Alloc | Tag::AllocZeroed => 4,
-        Tag::Realloc => 6,
-        Tag::Free => 3,
-        Tag::Stack => 2 + b,
-        Tag::Thread => 2 + b.div_ceil(8),
-        Tag::Clock => 4,
-        Tag::Module => 4 + b.div_ceil(8),
-        Tag::End => 3,
-    })
+/// Finishes a stack hash over `len` frames.
+#[inline(always)]
+pub fn stack_finish(h: u64, len: usize) -> u64 {
+    let mut h = h ^ len as u64;
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    h | (h == 0) as u64
 }
 
-/// Words needed for a byte string padded to 8.
-#[inline]
-pub const fn padded_words(len: usize) -> usize {
-    len.div_ceil(8)
-}
-
-/// Checksum of a chunk payload: FNV-1a style mixing over 64-bit words, fast enough for
-/// the writer thread and strong enough to notice a torn or truncated write.
+/// Checksum of a chunk payload: four independent multiply-xor lanes over 64-bit
+/// words (fast on the writer thread), strong enough to notice torn or corrupt writes.
 pub fn checksum(payload: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for word in payload.chunks(8) {
-        let mut buf = [0u8; 8];
-        buf[..word.len()].copy_from_slice(word);
-        h ^= u64::from_le_bytes(buf);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        h ^= h >> 29;
+    let mut lanes = [
+        0xcbf2_9ce4_8422_2325u64,
+        0x8422_2325_cbf2_9ce4,
+        0x9e37_79b9_7f4a_7c15,
+        0x7f4a_7c15_9e37_79b9,
+    ];
+    let mut words = payload.chunks_exact(32);
+    for block in &mut words {
+        for (lane, word) in lanes.iter_mut().zip(block.chunks_exact(8)) {
+            let w = u64::from_le_bytes(word.try_into().unwrap_or_default());
+            *lane = (*lane ^ w).wrapping_mul(0x0000_0100_0000_01b3);
+        }
     }
-    h
+    let mut tail = [0u8; 32];
+    tail[..words.remainder().len()].copy_from_slice(words.remainder());
+    for (lane, word) in lanes.iter_mut().zip(tail.chunks_exact(8)) {
+        let w = u64::from_le_bytes(word.try_into().unwrap_or_default());
+        *lane = (*lane ^ w).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    lanes.iter().fold(payload.len() as u64, |h, &l| {
+        (h ^ l ^ (l >> 29)).wrapping_mul(0xff51_afd7_ed55_8ccd)
+    })
 }
 
 /// The fixed header at the start of a trace file.
@@ -220,7 +246,7 @@ impl ChunkHeader {
     }
 }
 
-/// One decoded record. Addresses and timestamps are as the writer saw them.
+/// One decoded record, with absolute stamps and stacks named by [`stack_hash`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
     Alloc {
@@ -242,13 +268,12 @@ pub enum Record {
         align: u64,
         stack: u64,
     },
+    /// A free. Its size is not recorded: it is the size of the block it frees.
     Free {
-        internal: bool,
         ts: u64,
         addr: u64,
-        size: u64,
-        align: u64,
     },
+    /// Frames of a stack, innermost return address first; `hash` names it in events.
     Stack {
         hash: u64,
         frames: Vec<u64>,
@@ -283,6 +308,8 @@ pub enum FormatError {
     BadChunk,
     UnknownTag(u8),
     Truncated,
+    /// A stack slot outside 1..4096.
+    BadSlot,
 }
 
 impl std::fmt::Display for FormatError {
@@ -296,90 +323,199 @@ impl std::fmt::Display for FormatError {
             FormatError::BadChunk => write!(f, "corrupt chunk header"),
             FormatError::UnknownTag(t) => write!(f, "unknown record tag {t}"),
             FormatError::Truncated => write!(f, "record runs past the end of its chunk"),
+            FormatError::BadSlot => write!(f, "stack slot out of range"),
         }
     }
 }
 
 impl std::error::Error for FormatError {}
 
-/// Decodes the record at byte offset `pos` of `payload`; returns it and the offset of
-/// the next record.
-pub fn decode(payload: &[u8], pos: usize) -> Result<(Record, usize), FormatError> {
-    if pos + 8 > payload.len() {
-        return Err(FormatError::Truncated);
+/// Decodes one thread's stream, record by record, across its chunks in order.
+#[derive(Clone, Debug)]
+pub struct StreamDecoder {
+    clock: u64,
+    slots: Vec<u64>,
+}
+
+impl Default for StreamDecoder {
+    fn default() -> Self {
+        StreamDecoder {
+            clock: 0,
+            slots: vec![0; STACK_SLOTS],
+        }
     }
-    let word0 = u64_at(payload, pos);
-    let raw_tag = word0 as u8;
-    let words = record_words(word0).ok_or(FormatError::UnknownTag(raw_tag))?;
-    let end = pos
-        .checked_add(words.checked_mul(8).ok_or(FormatError::Truncated)?)
-        .ok_or(FormatError::Truncated)?;
-    if end > payload.len() {
-        return Err(FormatError::Truncated);
+}
+
+impl StreamDecoder {
+    /// Decodes the record at byte offset `pos` of `payload` (one chunk's payload);
+    /// returns it and the offset of the next record. `Ok(None, next)` is a record
+    /// that only updates the decoder (a `STAMP`) or that this version does not know
+    /// (an unknown extended kind).
+    pub fn decode(
+        &mut self,
+        payload: &[u8],
+        pos: usize,
+    ) -> Result<(Option<Record>, usize), FormatError> {
+        let words = |n: usize| -> Result<usize, FormatError> {
+            let end = n
+                .checked_mul(8)
+                .and_then(|b| b.checked_add(pos))
+                .ok_or(FormatError::Truncated)?;
+            if end > payload.len() {
+                Err(FormatError::Truncated)
+            } else {
+                Ok(end)
+            }
+        };
+        let w0 = u64_at_checked(payload, pos)?;
+        let w = |i: usize| u64_at(payload, pos + 8 * i);
+        let small = (w0 >> 4) & 0xfff;
+        let wide = w0 >> 16;
+        let record = match w0 & 0xf {
+            TAG_ALLOC => {
+                let end = words(2)?;
+                let ts = self.advance(small);
+                let (size, align, stack, zeroed, internal) = self.size_word(w(1))?;
+                (
+                    Some(Record::Alloc {
+                        internal,
+                        zeroed,
+                        ts,
+                        addr: wide,
+                        size,
+                        align,
+                        stack,
+                    }),
+                    end,
+                )
+            }
+            TAG_FREE => {
+                let end = words(1)?;
+                (
+                    Some(Record::Free {
+                        ts: self.advance(small),
+                        addr: wide,
+                    }),
+                    end,
+                )
+            }
+            TAG_REALLOC => {
+                let end = words(3)?;
+                let ts_before = self.advance(small);
+                let w1 = w(1);
+                let ts_after = self.advance((w1 >> 4) & 0xfff);
+                let (new_size, align, stack, _, internal) = self.size_word(w(2))?;
+                let new_addr = w1 >> 16;
+                (
+                    Some(Record::Realloc {
+                        internal,
+                        ts_before,
+                        ts_after,
+                        old_addr: wide,
+                        new_addr,
+                        new_size,
+                        align,
+                        stack,
+                    }),
+                    end,
+                )
+            }
+            TAG_REALLOC_WIDE => {
+                let end = words(5)?;
+                let (new_size, align, stack, _, internal) = self.size_word(w(2))?;
+                let (ts_before, ts_after) = (w(3), w(4));
+                self.clock = ts_after;
+                (
+                    Some(Record::Realloc {
+                        internal,
+                        ts_before,
+                        ts_after,
+                        old_addr: wide,
+                        new_addr: w(1) & ADDR_MASK,
+                        new_size,
+                        align,
+                        stack,
+                    }),
+                    end,
+                )
+            }
+            TAG_STAMP => {
+                let end = words(2)?;
+                self.clock = w(1);
+                (None, end)
+            }
+            TAG_STACK => {
+                let n = small as usize;
+                let end = words(1 + n)?;
+                let slot = (wide & 0xfff) as usize;
+                if slot == 0 {
+                    return Err(FormatError::BadSlot);
+                }
+                let frames: Vec<u64> = (0..n).map(|i| w(1 + i)).collect();
+                let hash = stack_hash(&frames);
+                self.slots[slot] = hash;
+                (Some(Record::Stack { hash, frames }), end)
+            }
+            TAG_THREAD => {
+                let len = small as usize;
+                let end = words(2 + len.div_ceil(8))?;
+                (
+                    Some(Record::Thread {
+                        os_tid: w(1),
+                        name: string_at(payload, pos + 16, len),
+                    }),
+                    end,
+                )
+            }
+            TAG_EXTENDED => {
+                let n = usize::try_from(wide).map_err(|_| FormatError::Truncated)?;
+                let end = words(n.checked_add(1).ok_or(FormatError::Truncated)?)?;
+                let record = match small {
+                    EXT_CLOCK if n >= 3 => Some(Record::Clock {
+                        ts: w(1),
+                        monotonic_ns: w(2),
+                        unix_ns: w(3),
+                    }),
+                    EXT_MODULE if n >= 4 => {
+                        let len = (w(4) as usize).min((n - 4) * 8);
+                        Some(Record::Module {
+                            bias: w(1),
+                            start: w(2),
+                            end: w(3),
+                            path: string_at(payload, pos + 40, len),
+                        })
+                    }
+                    EXT_END if n >= 3 => Some(Record::End {
+                        reason: w(1) as u8,
+                        ts: w(2),
+                        dropped: w(3),
+                    }),
+                    _ => None,
+                };
+                (record, end)
+            }
+            tag => return Err(FormatError::UnknownTag(tag as u8)),
+        };
+        Ok(record)
     }
-    let w = |i: usize| u64_at(payload, pos + 8 * i);
-    let internal = raw_tag & INTERNAL != 0;
-    let a = (word0 >> 8) as u8;
-    let b = word0 >> 16;
-    let align = 1u64.checked_shl(a as u32).unwrap_or(0);
-    let tag = Tag::from_u8(raw_tag & !INTERNAL).ok_or(FormatError::UnknownTag(raw_tag))?;
-    let record = match tag {
-        Tag::Alloc | Tag::AllocZeroed => Record::Alloc {
-            internal,
-            zeroed: tag == Tag::AllocZeroed,
-            ts: w(1),
-            addr: w(2),
-            size: b,
-            align,
-            stack: w(3),
-        },
-        Tag::Realloc => Record::Realloc {
-            internal,
-            ts_before: w(1),
-            ts_after: w(2),
-            old_addr: w(3),
-            new_addr: w(4),
-            new_size: b,
-            align,
-            stack: w(5),
-        },
-        Tag::Free => Record::Free {
-            internal,
-            ts: w(1),
-            addr: w(2),
-            size: b,
-            align,
-        },
-        Tag::Stack => Record::Stack {
-            hash: w(1),
-            frames: (0..b as usize).map(|i| w(2 + i)).collect(),
-        },
-        Tag::Thread => Record::Thread {
-            os_tid: w(1),
-            name: string_at(payload, pos + 16, b as usize),
-        },
-        Tag::Clock => Record::Clock {
-            ts: w(1),
-            monotonic_ns: w(2),
-            unix_ns: w(3),
-        },
-        Tag::Module => Record::Module {
-            bias: w(1),
-            start: w(2),
-            end: w(3),
-            path: string_at(payload, pos + 32, b as usize),
-        },
-        Tag::End => Record::End {
-            reason: a,
-            ts: w(1),
-            dropped: w(2),
-        },
-    };
-    Ok((record, end))
+
+    fn advance(&mut self, delta: u64) -> u64 {
+        self.clock = self.clock.wrapping_add(delta);
+        self.clock
+    }
+
+    fn size_word(&self, w: u64) -> Result<(u64, u64, u64, bool, bool), FormatError> {
+        let size = w & MAX_SIZE;
+        let align = 1u64 << ((w >> 40) & 0x3f);
+        let slot = ((w >> 46) & 0xfff) as usize;
+        let stack = if slot == 0 { 0 } else { self.slots[slot] };
+        Ok((size, align, stack, (w >> 58) & 1 == 1, (w >> 59) & 1 == 1))
+    }
 }
 
 fn string_at(bytes: &[u8], pos: usize, len: usize) -> String {
-    String::from_utf8_lossy(&bytes[pos..pos + len]).into_owned()
+    let end = (pos + len).min(bytes.len());
+    String::from_utf8_lossy(&bytes[pos.min(end)..end]).into_owned()
 }
 
 fn u32_at(bytes: &[u8], pos: usize) -> u32 {
@@ -394,11 +530,23 @@ fn u64_at(bytes: &[u8], pos: usize) -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// Encodes records into a byte vector; used for the meta stream and by tests. The
-/// allocator's hot path writes words directly instead (see `buffer.rs`).
-#[derive(Default, Debug, Clone)]
+fn u64_at_checked(bytes: &[u8], pos: usize) -> Result<u64, FormatError> {
+    if pos.checked_add(8).is_none_or(|end| end > bytes.len()) {
+        return Err(FormatError::Truncated);
+    }
+    Ok(u64_at(bytes, pos))
+}
+
+/// Encodes one stream's records into bytes, as the runtime does; used for the meta
+/// stream and by tests that build synthetic traces. (The allocator's hot path packs
+/// its words directly, see the runtime's `recorder.rs`.) Stacks are bound to slots
+/// in the order their `Stack` records are encoded; events must name stacks whose
+/// record came first in the same stream.
+#[derive(Debug, Clone, Default)]
 pub struct Encoder {
     pub bytes: Vec<u8>,
+    clock: u64,
+    slots: Vec<u64>,
 }
 
 impl Encoder {
@@ -407,16 +555,39 @@ impl Encoder {
         self
     }
 
-    pub fn padded(&mut self, s: &[u8]) -> &mut Self {
+    fn padded(&mut self, s: &[u8]) -> &mut Self {
         self.bytes.extend_from_slice(s);
-        let pad = padded_words(s.len()) * 8 - s.len();
-        self.bytes.extend(std::iter::repeat_n(0u8, pad));
+        self.bytes.resize(self.bytes.len().div_ceil(8) * 8, 0);
         self
     }
 
+    /// The delta from the stream clock to `ts`, writing a `STAMP` first if needed.
+    fn delta(&mut self, ts: u64) -> u64 {
+        match ts.checked_sub(self.clock) {
+            Some(d) if d <= MAX_DELTA => {
+                self.clock = ts;
+                d
+            }
+            _ => {
+                self.word(head(TAG_STAMP, 0, 0)).word(ts);
+                self.clock = ts;
+                0
+            }
+        }
+    }
+
+    fn slot(&self, stack: u64) -> u64 {
+        if stack == 0 {
+            return 0;
+        }
+        self.slots
+            .iter()
+            .position(|&h| h == stack)
+            .map_or(0, |i| (i % (STACK_SLOTS - 1)) as u64 + 1)
+    }
+
     pub fn record(&mut self, record: &Record) -> &mut Self {
-        let flag = |internal: bool| if internal { INTERNAL } else { 0 };
-        let log2 = |align: u64| align.trailing_zeros() as u8;
+        let log2 = |align: u64| align.trailing_zeros() as u64;
         match record {
             Record::Alloc {
                 internal,
@@ -427,15 +598,9 @@ impl Encoder {
                 align,
                 stack,
             } => {
-                let tag = if *zeroed {
-                    Tag::AllocZeroed
-                } else {
-                    Tag::Alloc
-                } as u8;
-                self.word(head(tag | flag(*internal), log2(*align), *size))
-                    .word(*ts)
-                    .word(*addr)
-                    .word(*stack)
+                let d = self.delta(*ts);
+                let sw = size_word(*size, log2(*align), self.slot(*stack), *zeroed, *internal);
+                self.word(head(TAG_ALLOC, d, *addr)).word(sw)
             }
             Record::Realloc {
                 internal,
@@ -446,37 +611,46 @@ impl Encoder {
                 new_size,
                 align,
                 stack,
-            } => self
-                .word(head(
-                    Tag::Realloc as u8 | flag(*internal),
-                    log2(*align),
-                    *new_size,
-                ))
-                .word(*ts_before)
-                .word(*ts_after)
-                .word(*old_addr)
-                .word(*new_addr)
-                .word(*stack),
-            Record::Free {
-                internal,
-                ts,
-                addr,
-                size,
-                align,
-            } => self
-                .word(head(Tag::Free as u8 | flag(*internal), log2(*align), *size))
-                .word(*ts)
-                .word(*addr),
+            } => {
+                let sw = size_word(*new_size, log2(*align), self.slot(*stack), false, *internal);
+                let after = ts_after.checked_sub(*ts_before).filter(|d| *d <= MAX_DELTA);
+                match (
+                    ts_before
+                        .checked_sub(self.clock)
+                        .filter(|d| *d <= MAX_DELTA),
+                    after,
+                ) {
+                    (Some(before), Some(after)) => {
+                        self.clock = *ts_after;
+                        self.word(head(TAG_REALLOC, before, *old_addr))
+                            .word(head(0, after, *new_addr))
+                            .word(sw)
+                    }
+                    _ => {
+                        self.clock = *ts_after;
+                        self.word(head(TAG_REALLOC_WIDE, 0, *old_addr))
+                            .word(*new_addr)
+                            .word(sw)
+                            .word(*ts_before)
+                            .word(*ts_after)
+                    }
+                }
+            }
+            Record::Free { ts, addr } => {
+                let d = self.delta(*ts);
+                self.word(head(TAG_FREE, d, *addr))
+            }
             Record::Stack { hash, frames } => {
-                self.word(head(Tag::Stack as u8, 0, frames.len() as u64))
-                    .word(*hash);
+                self.slots.push(*hash);
+                let slot = self.slot(*hash);
+                self.word(head(TAG_STACK, frames.len() as u64, slot));
                 for f in frames {
                     self.word(*f);
                 }
                 self
             }
             Record::Thread { os_tid, name } => self
-                .word(head(Tag::Thread as u8, 0, name.len() as u64))
+                .word(head(TAG_THREAD, name.len() as u64, 0))
                 .word(*os_tid)
                 .padded(name.as_bytes()),
             Record::Clock {
@@ -484,7 +658,7 @@ impl Encoder {
                 monotonic_ns,
                 unix_ns,
             } => self
-                .word(head(Tag::Clock as u8, 0, 0))
+                .word(head(TAG_EXTENDED, EXT_CLOCK, 3))
                 .word(*ts)
                 .word(*monotonic_ns)
                 .word(*unix_ns),
@@ -493,18 +667,22 @@ impl Encoder {
                 start,
                 end,
                 path,
-            } => self
-                .word(head(Tag::Module as u8, 0, path.len() as u64))
-                .word(*bias)
-                .word(*start)
-                .word(*end)
-                .padded(path.as_bytes()),
+            } => {
+                let n = 4 + path.len().div_ceil(8) as u64;
+                self.word(head(TAG_EXTENDED, EXT_MODULE, n))
+                    .word(*bias)
+                    .word(*start)
+                    .word(*end)
+                    .word(path.len() as u64)
+                    .padded(path.as_bytes())
+            }
             Record::End {
                 reason,
                 ts,
                 dropped,
             } => self
-                .word(head(Tag::End as u8, *reason, 0))
+                .word(head(TAG_EXTENDED, EXT_END, 3))
+                .word(*reason as u64)
                 .word(*ts)
                 .word(*dropped),
         }
@@ -516,7 +694,13 @@ mod tests {
     use super::*;
 
     fn all_kinds() -> Vec<Record> {
+        let frames = vec![0x401000, 0x402000, 0x403000];
+        let stack = stack_hash(&frames);
         vec![
+            Record::Stack {
+                hash: stack,
+                frames,
+            },
             Record::Alloc {
                 internal: false,
                 zeroed: true,
@@ -524,7 +708,7 @@ mod tests {
                 addr: 0x1000,
                 size: 4096,
                 align: 16,
-                stack: 99,
+                stack,
             },
             Record::Realloc {
                 internal: true,
@@ -536,16 +720,19 @@ mod tests {
                 align: 8,
                 stack: 0,
             },
-            Record::Free {
+            Record::Realloc {
                 internal: false,
-                ts: 10,
-                addr: 0x2000,
-                size: 8192,
-                align: 4096,
+                ts_before: 10,
+                ts_after: 10 + 1_000_000,
+                old_addr: 0x2000,
+                new_addr: 0x3000,
+                new_size: 1,
+                align: 1,
+                stack,
             },
-            Record::Stack {
-                hash: 5,
-                frames: vec![1, 2, 3],
+            Record::Free {
+                ts: 5_000_000_000,
+                addr: 0x3000,
             },
             Record::Thread {
                 os_tid: 42,
@@ -570,28 +757,47 @@ mod tests {
         ]
     }
 
+    fn decode_all(bytes: &[u8]) -> Result<Vec<Record>, FormatError> {
+        let mut dec = StreamDecoder::default();
+        let mut pos = 0;
+        let mut out = Vec::new();
+        while pos < bytes.len() {
+            let (r, next) = dec.decode(bytes, pos)?;
+            out.extend(r);
+            pos = next;
+        }
+        Ok(out)
+    }
+
     #[test]
     fn every_record_kind_decodes_to_what_was_encoded() {
         let mut enc = Encoder::default();
         for r in all_kinds() {
             enc.record(&r);
         }
-        let mut pos = 0;
-        let mut out = Vec::new();
-        while pos < enc.bytes.len() {
-            let (r, next) = decode(&enc.bytes, pos).unwrap();
-            out.push(r);
-            pos = next;
-        }
-        assert_eq!(out, all_kinds());
+        assert_eq!(decode_all(&enc.bytes).unwrap(), all_kinds());
     }
 
     #[test]
     fn a_record_cut_short_is_reported_as_truncated() {
         let mut enc = Encoder::default();
-        enc.record(&all_kinds()[1]);
+        enc.record(&all_kinds()[2]);
         let cut = &enc.bytes[..enc.bytes.len() - 8];
-        assert_eq!(decode(cut, 0), Err(FormatError::Truncated));
+        assert_eq!(decode_all(cut), Err(FormatError::Truncated));
+    }
+
+    #[test]
+    fn garbage_never_panics_the_decoder() {
+        let mut seed = 0x1234_5678_u64;
+        for _ in 0..2000 {
+            let bytes: Vec<u8> = (0..64)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    (seed >> 56) as u8
+                })
+                .collect();
+            let _ = decode_all(&bytes);
+        }
     }
 
     #[test]
@@ -615,5 +821,13 @@ mod tests {
             checksum: 9,
         };
         assert_eq!(ChunkHeader::decode(&c.encode()), Ok(c));
+    }
+
+    #[test]
+    fn checksums_notice_a_flipped_bit() {
+        let data: Vec<u8> = (0..200u8).collect();
+        let mut flipped = data.clone();
+        flipped[77] ^= 4;
+        assert_ne!(checksum(&data), checksum(&flipped));
     }
 }

@@ -26,11 +26,14 @@ use std::ptr::{self, NonNull};
 use std::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 
 use crate::buffer::{Buffer, PAYLOAD_BYTES};
-use crate::format::{head, Tag, MAX_FRAMES, MAX_SIZE};
+use crate::format::{
+    head, size_word, MAX_DELTA, MAX_FRAMES, STACK_SLOTS, TAG_ALLOC, TAG_FREE, TAG_REALLOC,
+    TAG_REALLOC_WIDE, TAG_STACK, TAG_STAMP, TAG_THREAD,
+};
 use crate::{clock, stack, sys, writer};
 
-/// Entries of the per-thread cache of stacks already written (a power of two).
-const STACK_CACHE: usize = 4096;
+/// Entries of the per-thread cache of stacks already written: one per stack slot.
+const STACK_CACHE: usize = STACK_SLOTS;
 /// `CURRENT` while the thread's record is being created: events pass through.
 const INITIALIZING: usize = 1;
 /// `CURRENT` of a thread that is never recorded (memscope's writer, or tracking off).
@@ -60,6 +63,10 @@ pub struct ThreadRecord {
     next: AtomicPtr<ThreadRecord>,
     // Touched only by the owning thread:
     busy: Cell<bool>,
+    /// The thread's last timestamp (see `clock.rs`).
+    last_stamp: Cell<u64>,
+    /// The stamp the stream's next delta is relative to (see `format.rs`).
+    stream_clock: Cell<u64>,
     stack_top: Cell<usize>,
     stack_cache: Cell<*mut u64>,
     name: Cell<[u8; 16]>,
@@ -97,56 +104,78 @@ fn with_record(f: impl FnOnce(&ThreadRecord)) {
 #[inline(always)]
 pub fn on_alloc(addr: *mut u8, layout: Layout, zeroed: bool) {
     with_record(|rec| {
-        let stack = rec.stack_id();
-        let ts = clock::after();
-        let tag = if zeroed { Tag::AllocZeroed } else { Tag::Alloc } as u8;
-        rec.push(&[
-            head(tag, align_log2(layout), size(layout.size())),
-            ts,
-            addr as u64,
-            stack,
-        ]);
+        let slot = rec.stack_slot();
+        let ts = clock::stamp(&rec.last_stamp, addr as usize);
+        let sw = size_word(
+            layout.size() as u64,
+            align_log2(layout),
+            slot,
+            zeroed,
+            false,
+        );
+        rec.push_stamped(ts, |d| [head(TAG_ALLOC, d, addr as u64), sw]);
     });
 }
 
 /// Records a free that is about to be passed to the inner allocator.
 #[inline(always)]
-pub fn on_free(addr: *mut u8, layout: Layout) {
+pub fn on_free(addr: *mut u8) {
     with_record(|rec| {
-        let ts = clock::before();
-        rec.push(&[
-            head(Tag::Free as u8, align_log2(layout), size(layout.size())),
-            ts,
-            addr as u64,
-        ]);
+        let ts = clock::stamp(&rec.last_stamp, addr as usize);
+        rec.push_stamped(ts, |d| [head(TAG_FREE, d, addr as u64)]);
     });
 }
 
-/// Records a reallocation; `ts_before` was read before calling the inner allocator.
+/// Stamps the free half of a reallocation, before the inner allocator is called;
+/// 0 when the thread is not recorded.
+#[inline(always)]
+pub fn before_realloc(old: *mut u8) -> u64 {
+    let mut ts = 0;
+    with_record(|rec| ts = clock::stamp(&rec.last_stamp, old as usize));
+    ts
+}
+
+/// Records a reallocation whose free half was stamped `ts_before`.
 #[inline(always)]
 pub fn on_realloc(old: *mut u8, new: *mut u8, layout: Layout, new_size: usize, ts_before: u64) {
+    if ts_before == 0 {
+        return;
+    }
     with_record(|rec| {
-        let stack = rec.stack_id();
-        let ts_after = clock::after();
-        rec.push(&[
-            head(Tag::Realloc as u8, align_log2(layout), size(new_size)),
-            ts_before,
-            ts_after,
-            old as u64,
-            new as u64,
-            stack,
-        ]);
+        let slot = rec.stack_slot();
+        let ts_after = clock::stamp(&rec.last_stamp, new as usize);
+        let sw = size_word(new_size as u64, align_log2(layout), slot, false, false);
+        let base = rec.stream_clock.get();
+        let before = ts_before.wrapping_sub(base);
+        let after = ts_after - ts_before;
+        if ts_before >= base && before <= MAX_DELTA && after <= MAX_DELTA {
+            rec.push(
+                &[
+                    head(TAG_REALLOC, before, old as u64),
+                    head(0, after, new as u64),
+                    sw,
+                ],
+                base,
+            );
+        } else {
+            rec.push(
+                &[
+                    head(TAG_REALLOC_WIDE, 0, old as u64),
+                    new as u64,
+                    sw,
+                    ts_before,
+                    ts_after,
+                ],
+                base,
+            );
+        }
+        rec.stream_clock.set(ts_after);
     });
 }
 
 #[inline(always)]
-fn align_log2(layout: Layout) -> u8 {
-    layout.align().trailing_zeros() as u8
-}
-
-#[inline(always)]
-fn size(size: usize) -> u64 {
-    (size as u64).min(MAX_SIZE)
+fn align_log2(layout: Layout) -> u64 {
+    layout.align().trailing_zeros() as u64
 }
 
 /// Marks the calling thread as never recorded from now on. On memscope's writer
@@ -227,6 +256,8 @@ impl ThreadRecord {
             alive: AtomicBool::new(true),
             next: AtomicPtr::new(ptr::null_mut()),
             busy: Cell::new(false),
+            last_stamp: Cell::new(0),
+            stream_clock: Cell::new(0),
             stack_top: Cell::new(sys::stack_top()),
             stack_cache: Cell::new(cache),
             name: Cell::new([0; 16]),
@@ -254,13 +285,29 @@ impl ThreadRecord {
         rec
     }
 
-    /// Appends one record. The words must fit an empty buffer.
+    /// Appends an event stamped `ts`, built from its stamp delta; writes a `STAMP`
+    /// record first when the delta does not fit.
     #[inline(always)]
-    fn push(&self, words: &[u64]) {
+    fn push_stamped<const N: usize>(&self, ts: u64, event: impl FnOnce(u64) -> [u64; N]) {
+        let base = self.stream_clock.get();
+        let delta = ts.wrapping_sub(base);
+        if ts >= base && delta <= MAX_DELTA {
+            self.push(&event(delta), base);
+        } else {
+            self.push(&[head(TAG_STAMP, 0, 0), ts], base);
+            self.push(&event(0), ts);
+        }
+        self.stream_clock.set(ts);
+    }
+
+    /// Appends one record whose stamp deltas are relative to `base`. The words must
+    /// fit an empty buffer.
+    #[inline(always)]
+    fn push(&self, words: &[u64], base: u64) {
         let len = self.len.load(Ordering::Relaxed);
         let buf = self.buf.load(Ordering::Relaxed);
         if len + words.len() * 8 > PAYLOAD_BYTES || buf.is_null() {
-            return self.push_slow(words);
+            return self.push_slow(words, base);
         }
         // SAFETY: `buf` is this thread's current buffer, owned by it; the record fits
         // behind the `len` committed bytes (checked above), and `len` is a multiple of 8.
@@ -275,28 +322,31 @@ impl ThreadRecord {
         self.len.store(len + words.len() * 8, Ordering::Release);
     }
 
+    /// The buffer is full (or gone): hand it over and start the next chunk with the
+    /// stream clock, so that every chunk decodes on its own.
     #[cold]
     #[inline(never)]
-    fn push_slow(&self, words: &[u64]) {
+    fn push_slow(&self, words: &[u64], base: u64) {
         if self.alive.load(Ordering::Relaxed) {
             self.hand_over(true);
             self.note_name();
-            self.push(words);
+            self.push(&[head(TAG_STAMP, 0, 0), base], base);
+            self.push(words, base);
         } else {
             // After the thread's exit flush: one chunk per event.
             let Some(buf) = writer::pool().and_then(|p| p.take()) else {
                 return writer::dropped(1);
             };
             let gen = self.gen.fetch_add(2, Ordering::Relaxed);
-            // SAFETY: the buffer was just taken from the pool; the record fits.
+            let stamp = [head(TAG_STAMP, 0, 0), base];
+            // SAFETY: the buffer was just taken from the pool and is ours; the two
+            // records fit easily.
             unsafe {
-                ptr::copy_nonoverlapping(
-                    words.as_ptr(),
-                    (*buf.as_ptr()).words.as_mut_ptr(),
-                    words.len(),
-                )
-            };
-            writer::submit(buf, self.tid, gen / 2, words.len() * 8);
+                let dst = (*buf.as_ptr()).words.as_mut_ptr();
+                ptr::copy_nonoverlapping(stamp.as_ptr(), dst, 2);
+                ptr::copy_nonoverlapping(words.as_ptr(), dst.add(2), words.len());
+            }
+            writer::submit(buf, self.tid, gen / 2, (2 + words.len()) * 8);
         }
     }
 
@@ -357,41 +407,44 @@ impl ThreadRecord {
         }
         self.name.set(name);
         let mut words = [0u64; 4];
-        words[0] = head(Tag::Thread as u8, 0, len as u64);
+        words[0] = head(TAG_THREAD, len as u64, 0);
         words[1] = os_tid;
         words[2] = u64::from_le_bytes(name[0..8].try_into().unwrap_or_default());
         words[3] = u64::from_le_bytes(name[8..16].try_into().unwrap_or_default());
-        self.push(&words[..2 + len.div_ceil(8)]);
+        self.push(&words[..2 + len.div_ceil(8)], self.stream_clock.get());
     }
 
-    /// The id of the current call stack, writing the stack first if this thread has
-    /// not written it yet; 0 when stacks are off.
+    /// The slot of the current call stack in this thread's stream, writing the stack
+    /// first if the slot does not hold it yet; 0 when stacks are off.
     #[inline(always)]
-    fn stack_id(&self) -> u64 {
+    fn stack_slot(&self) -> u64 {
         if !writer::stacks_enabled() {
             return 0;
         }
-        let frames = stack::capture(self.stack_top.get());
-        if frames.len == 0 {
+        let mut words = [std::mem::MaybeUninit::<u64>::uninit(); MAX_FRAMES + 1];
+        // SAFETY: `words[1..]` has room for MAX_FRAMES; `capture` writes the first
+        // `len` of them, and nothing else is read.
+        let (len, hash) =
+            unsafe { stack::capture(self.stack_top.get(), words[1..].as_mut_ptr() as *mut u64) };
+        if len == 0 {
             return 0;
         }
-        let addrs = &frames.addrs[..frames.len];
-        let hash = stack::hash(addrs);
+        let slot = hash % (STACK_SLOTS as u64 - 1) + 1;
         let cache = self.stack_cache.get();
         if !cache.is_null() {
-            // SAFETY: `cache` has STACK_CACHE entries and the index is masked to fit.
-            let slot = unsafe { &mut *cache.add(hash as usize & (STACK_CACHE - 1)) };
-            if *slot == hash {
-                return hash;
+            // SAFETY: `cache` has STACK_CACHE entries and `slot < STACK_CACHE`.
+            let cached = unsafe { &mut *cache.add(slot as usize) };
+            if *cached == hash {
+                return slot;
             }
-            *slot = hash;
+            *cached = hash;
         }
-        let mut words = [0u64; MAX_FRAMES + 2];
-        words[0] = head(Tag::Stack as u8, 0, addrs.len() as u64);
-        words[1] = hash;
-        words[2..2 + addrs.len()].copy_from_slice(addrs);
-        self.push(&words[..2 + addrs.len()]);
-        hash
+        words[0].write(head(TAG_STACK, len as u64, slot));
+        // SAFETY: word 0 was just written and `capture` wrote the next `len`.
+        let record =
+            unsafe { &*(&words[..1 + len] as *const [std::mem::MaybeUninit<u64>] as *const [u64]) };
+        self.push(record, self.stream_clock.get());
+        slot
     }
 
     /// Copies the complete part of this (possibly running) thread's current buffer
@@ -478,6 +531,7 @@ pub fn reset_after_fork() {
         let me = unsafe { &*me };
         me.len.store(0, Ordering::Relaxed);
         me.gen.store(0, Ordering::Relaxed);
+        me.stream_clock.set(0);
         me.name.set([0; 16]);
         let cache = me.stack_cache.get();
         if !cache.is_null() {

@@ -8,28 +8,25 @@
 //! that range is mapped, so a broken chain (a frame compiled without frame pointers)
 //! ends the walk early instead of faulting.
 //!
-//! Stacks are identified by a 64-bit hash (FxHash-style mixing with a MurmurHash3
-//! finaliser) so that each thread writes each distinct stack once.
+//! The walk computes the stack's hash (`format::stack_hash`) as it goes, so that each
+//! thread can write each distinct stack once.
 
-use crate::format::MAX_FRAMES;
-
-/// Return addresses of the current call stack, innermost first.
-pub struct Frames {
-    pub addrs: [u64; MAX_FRAMES],
-    pub len: usize,
-}
+use crate::format::{stack_finish, stack_mix, MAX_FRAMES};
 
 /// Walks the frame-pointer chain of the calling thread, whose stack ends (grows down
-/// from) `stack_top`.
+/// from) `stack_top`, writing return addresses (innermost first) to `out`, which must
+/// have room for `MAX_FRAMES` (it may be uninitialised). Returns how many were written
+/// and the stack's hash; 0 frames means no usable chain.
+///
+/// # Safety
+/// `out` must be valid for writes of `MAX_FRAMES` `u64`s.
 #[inline(always)]
-pub fn capture(stack_top: usize) -> Frames {
-    let mut frames = Frames {
-        addrs: [0; MAX_FRAMES],
-        len: 0,
-    };
-    let (mut fp, sp) = registers();
-    let lo = sp;
-    while frames.len < MAX_FRAMES {
+pub unsafe fn capture(stack_top: usize, out: *mut u64) -> (usize, u64) {
+    let (mut fp, lo) = registers();
+    let mut n = 0;
+    let mut h = 0u64;
+    // Locals only: the loop is a chain of dependent loads, keep it free of spills.
+    while n < MAX_FRAMES {
         if fp < lo || fp % 8 != 0 || fp.saturating_add(16) > stack_top {
             break;
         }
@@ -39,29 +36,16 @@ pub fn capture(stack_top: usize) -> Frames {
         if ret == 0 {
             break;
         }
-        frames.addrs[frames.len] = ret as u64;
-        frames.len += 1;
+        // SAFETY: `n < MAX_FRAMES` and the caller gives room for MAX_FRAMES.
+        unsafe { out.add(n).write(ret as u64) };
+        h = stack_mix(h, ret as u64);
+        n += 1;
         if next <= fp {
             break;
         }
         fp = next;
     }
-    frames
-}
-
-/// The hash that names a stack; never 0 (0 means "no stack").
-#[inline(always)]
-pub fn hash(frames: &[u64]) -> u64 {
-    let mut h: u64 = frames.len() as u64;
-    for &f in frames {
-        h = (h.rotate_left(5) ^ f).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^= h >> 33;
-    h | (h == 0) as u64
+    (n, stack_finish(h, n))
 }
 
 #[inline(always)]
@@ -94,36 +78,32 @@ mod tests {
     use super::*;
 
     #[inline(never)]
-    fn nested(depth: u32, top: usize) -> Frames {
+    fn nested(depth: u32, top: usize, out: &mut [u64; MAX_FRAMES]) -> (usize, u64) {
         if depth == 0 {
-            capture(top)
+            // SAFETY: `out` has room for MAX_FRAMES.
+            unsafe { capture(top, out.as_mut_ptr()) }
         } else {
-            let f = nested(depth - 1, top);
-            std::hint::black_box(f)
+            std::hint::black_box(nested(depth - 1, top, out))
         }
     }
 
     #[test]
     fn a_walk_never_leaves_the_stack_and_sees_nested_calls() {
         let top = crate::sys::stack_top();
-        let frames = nested(5, top);
+        let mut out = [0; MAX_FRAMES];
+        let (len, h) = nested(5, top, &mut out);
         // Tests are built with frame pointers only when RUSTFLAGS asks for them; the
         // walk must be safe either way and, when it works, see the nested calls.
-        assert!(frames.len <= MAX_FRAMES);
-        if cfg!(target_arch = "x86_64") && frames.len > 0 {
-            assert!(frames.addrs[..frames.len].iter().all(|&a| a != 0));
+        assert!(len <= MAX_FRAMES);
+        if len > 0 {
+            assert!(out[..len].iter().all(|&a| a != 0));
+            assert_eq!(h, crate::format::stack_hash(&out[..len]));
         }
     }
 
     #[test]
     fn a_garbage_stack_top_stops_the_walk_at_once() {
-        assert_eq!(capture(0).len, 0);
-    }
-
-    #[test]
-    fn hashes_differ_for_different_stacks_and_are_never_zero() {
-        assert_ne!(hash(&[1, 2, 3]), hash(&[1, 2, 4]));
-        assert_ne!(hash(&[]), 0);
-        assert_eq!(hash(&[7, 8]), hash(&[7, 8]));
+        // SAFETY: the array has room for MAX_FRAMES.
+        assert_eq!(unsafe { capture(0, [0; MAX_FRAMES].as_mut_ptr()) }.0, 0);
     }
 }

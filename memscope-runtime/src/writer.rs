@@ -127,7 +127,7 @@ fn open_trace_file() -> bool {
 /// Writes a clock sample and the loaded modules, plus the `End` record if `end`.
 fn write_meta(end: bool) {
     let mut enc = Encoder::default();
-    let ts = clock::after();
+    let ts = clock::counter();
     enc.record(&Record::Clock {
         ts,
         monotonic_ns: clock::monotonic_ns(),
@@ -206,18 +206,20 @@ fn writer_loop() {
     recorder::disable_current_thread(true);
     let Some(shared) = SHARED.get() else { return };
     loop {
+        clock::tick();
         let mut wrote = 0;
         with_file(|fd| {
             while let Some(mut full) = shared.full.pop() {
                 write_all(fd, full.bytes());
                 shared.pool.give_back(full.buf);
+                clock::tick();
                 wrote += 1;
                 if wrote == 64 {
                     break;
                 }
             }
         });
-        if wrote == 0 {
+        if wrote < 64 {
             std::thread::sleep(Duration::from_millis(1));
         }
     }

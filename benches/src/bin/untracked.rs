@@ -1,0 +1,4 @@
+//! The workloads with the system allocator, untracked.
+fn main() {
+    memscope_bench::run_from_args();
+}

@@ -1,0 +1,71 @@
+//! The benchmark's workloads. Each variant binary (untracked, tracked, dhat) runs the
+//! same code; only its `#[global_allocator]` differs. A workload prints the
+//! nanoseconds it took, measured inside the process, so process start-up and trace
+//! finalisation are reported separately by the driver.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+/// Names of the workloads, in the order the driver runs them.
+pub const WORKLOADS: &[&str] = &["churn", "churn-4-threads", "million-live", "vec-growth"];
+
+/// Operations per thread in the churn workloads.
+const CHURN_OPS: usize = 2_000_000;
+
+/// Runs the workload named by the first argument and prints `elapsed_ns`.
+pub fn run_from_args() {
+    let name = std::env::args().nth(1).unwrap_or_default();
+    let start = Instant::now();
+    match name.as_str() {
+        "churn" => churn(CHURN_OPS, 1),
+        "churn-4-threads" => churn(CHURN_OPS, 4),
+        "million-live" => million_live(),
+        "vec-growth" => vec_growth(),
+        other => {
+            eprintln!("unknown workload {other:?}; expected one of {WORKLOADS:?}");
+            std::process::exit(2);
+        }
+    }
+    println!("{}", start.elapsed().as_nanos());
+}
+
+/// Small-object churn: each thread keeps 64 live boxes of 8–256 bytes and replaces
+/// one per operation (one allocation and one free per operation).
+fn churn(ops: usize, threads: usize) {
+    let work = move |seed: u64| {
+        let mut slots: Vec<Box<[u8]>> = (0..64).map(|_| vec![1u8; 8].into_boxed_slice()).collect();
+        let mut x = seed;
+        for i in 0..ops {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let size = 8 + (x >> 33) as usize % 249;
+            slots[i % 64] = vec![i as u8; size].into_boxed_slice();
+        }
+        black_box(&slots);
+    };
+    if threads == 1 {
+        work(1);
+    } else {
+        let handles: Vec<_> = (0..threads as u64).map(|t| std::thread::spawn(move || work(t + 1))).collect();
+        for h in handles {
+            h.join().expect("churn thread panicked");
+        }
+    }
+}
+
+/// A million live blocks at once, then all freed.
+fn million_live() {
+    let blocks: Vec<Box<u64>> = (0..1_000_000u64).map(Box::new).collect();
+    black_box(&blocks);
+    drop(blocks);
+}
+
+/// Vectors growing by push: mostly reallocations.
+fn vec_growth() {
+    for round in 0..20_000u32 {
+        let mut v = Vec::new();
+        for i in 0..1000u32 {
+            v.push(i ^ round);
+        }
+        black_box(&v);
+    }
+}
