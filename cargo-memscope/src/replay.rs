@@ -144,8 +144,6 @@ pub struct Problem {
     pub first_free: Option<(u64, u32)>,
     /// Site of the block involved, when known.
     pub site: Option<SiteId>,
-    /// Sizes as allocated and as freed, for a size mismatch.
-    pub sizes: Option<(u64, u64)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -156,8 +154,6 @@ pub enum ProblemKind {
     UnknownFree,
     /// A realloc of an address no recorded allocation returned.
     UnknownRealloc,
-    /// A free whose size differs from the size allocated.
-    SizeMismatch,
     /// An allocation returned an address that was still live: its free was not recorded.
     AddressStillLive,
 }
@@ -241,15 +237,8 @@ impl State {
                 self.totals(e.internal).zeroed_allocations += u64::from(zeroed);
                 self.grow(e, &block, Growth::Alloc);
             }
-            EventKind::Free { addr, size } => match self.snap.live.remove(&addr) {
-                Some(block) => {
-                    if size != block.size {
-                        self.problem(e, ProblemKind::SizeMismatch, addr, Some(block.site), |p| {
-                            p.sizes = Some((block.size, size))
-                        });
-                    }
-                    self.release(e, addr, &block);
-                }
+            EventKind::Free { addr } => match self.snap.live.remove(&addr) {
+                Some(block) => self.release(e, addr, &block),
                 None => self.bad_free(e, addr),
             },
             EventKind::ReallocFree { addr } => {
@@ -450,7 +439,6 @@ impl State {
                 addr,
                 first_free: None,
                 site,
-                sizes: None,
             };
             detail(&mut p);
             self.snap.problems.push(p);
@@ -615,8 +603,8 @@ mod tests {
             },
         )
     }
-    fn free(ts: u64, addr: u64, size: u64) -> Event {
-        ev(ts, 1, EventKind::Free { addr, size })
+    fn free(ts: u64, addr: u64, _size: u64) -> Event {
+        ev(ts, 1, EventKind::Free { addr })
     }
     fn realloc(ts: u64, old_addr: u64, addr: u64, size: u64) -> [Event; 2] {
         [
@@ -762,14 +750,6 @@ mod tests {
     }
 
     #[test]
-    fn a_free_with_another_size_is_reported_and_counted_with_the_allocated_size() {
-        let snap = replay(vec![alloc(1, 0x10, 8, 1), free(2, 0x10, 16)]);
-        assert_eq!(snap.problems[0].kind, ProblemKind::SizeMismatch);
-        assert_eq!(snap.problems[0].sizes, Some((8, 16)));
-        assert_eq!(snap.totals.live_bytes, 0);
-    }
-
-    #[test]
     fn memscopes_own_blocks_stay_out_of_the_programs_figures() {
         let internal = Event {
             internal: true,
@@ -778,14 +758,7 @@ mod tests {
         let snap = replay(vec![
             alloc(1, 0x10, 8, 1),
             internal,
-            ev(
-                3,
-                2,
-                EventKind::Free {
-                    addr: 0x20,
-                    size: 1000,
-                },
-            ),
+            ev(3, 2, EventKind::Free { addr: 0x20 }),
         ]);
         assert_eq!(
             (
@@ -828,14 +801,7 @@ mod tests {
                     stack: 0,
                 },
             ),
-            ev(
-                3,
-                2,
-                EventKind::Free {
-                    addr: 0x10,
-                    size: 64,
-                },
-            ),
+            ev(3, 2, EventKind::Free { addr: 0x10 }),
         ];
         let snap = replay(events);
         let (one, two) = (&snap.threads[&1], &snap.threads[&2]);
@@ -954,19 +920,23 @@ mod bench {
                 file.write_all(&enc.bytes).unwrap();
                 enc.bytes.clear();
             };
-        for t in 0..threads as usize {
-            for s in 0..64u64 {
-                enc[t].record(&stack(s + 1, &[0x1000 + s, 0x2000, 0x3000]));
+        let stacks: Vec<(memscope::format::Record, u64)> = (0..64u64)
+            .map(|s| stack(&[0x1000 + s, 0x2000, 0x3000]))
+            .collect();
+        for e in &mut enc {
+            for (record, _) in &stacks {
+                e.record(record);
             }
         }
         for i in 0..per_thread {
             for t in 0..threads as usize {
                 let ts = i * 8 + t as u64;
                 let base = (t as u64 + 1) << 40;
-                enc[t].record(&alloc(ts, base + (i % 4096) * 64, 16 + i % 200, 1 + i % 64));
+                let hash = stacks[(i % 64) as usize].1;
+                enc[t].record(&alloc(ts, base + (i % 4096) * 64, 16 + i % 200, hash));
                 if i >= 1000 {
                     let old = i - 1000;
-                    enc[t].record(&free(ts + 1, base + (old % 4096) * 64, 16 + old % 200));
+                    enc[t].record(&free(ts + 1, base + (old % 4096) * 64));
                 }
                 if enc[t].bytes.len() >= 64 * 1024 {
                     flush(t, &mut enc[t], &mut file);

@@ -537,7 +537,6 @@ fn problem_kind(kind: ProblemKind) -> &'static str {
         ProblemKind::DoubleFree => "double_free",
         ProblemKind::UnknownFree => "unknown_free",
         ProblemKind::UnknownRealloc => "unknown_realloc",
-        ProblemKind::SizeMismatch => "size_mismatch",
         ProblemKind::AddressStillLive => "address_still_live",
     }
 }
@@ -578,13 +577,6 @@ fn problem_evidence(
         ProblemKind::UnknownRealloc => {
             format!(
                 "reallocated by {}, but no recorded allocation returned this address",
-                who(p.thread, p.ts)
-            )
-        }
-        ProblemKind::SizeMismatch => {
-            let (allocated_size, freed) = p.sizes.unwrap_or_default();
-            format!(
-                "freed by {} with size {freed}, but allocated with size {allocated_size}{allocated}",
                 who(p.thread, p.ts)
             )
         }
@@ -861,16 +853,18 @@ mod tests {
     }
 
     fn program(end: Option<u64>) -> TraceBytes {
+        let (big, big_stack) = stack(&[0x1111]);
+        let (small, small_stack) = stack(&[0x2222]);
         TraceBytes::new()
             .chunk(
                 1,
                 0,
                 &[
                     thread("main"),
-                    stack(11, &[0x1111]),
-                    stack(22, &[0x2222]),
-                    alloc(10, 0xa0, 4096, 11),
-                    alloc(20, 0xb0, 100, 22),
+                    big,
+                    small,
+                    alloc(10, 0xa0, 4096, big_stack),
+                    alloc(20, 0xb0, 100, small_stack),
                     Record::Realloc {
                         internal: false,
                         ts_before: 30,
@@ -879,11 +873,11 @@ mod tests {
                         new_addr: 0xc0,
                         new_size: 300,
                         align: 8,
-                        stack: 22,
+                        stack: small_stack,
                     },
                     internal_alloc(35, 0xd0, 64),
-                    free(40, 0xc0, 300),
-                    free(50, 0xc0, 300),
+                    free(40, 0xc0),
+                    free(50, 0xc0),
                 ],
             )
             .meta(0, end)

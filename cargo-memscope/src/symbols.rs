@@ -241,6 +241,25 @@ fn is_plumbing(function: &str) -> bool {
     PREFIXES.iter().any(|p| function.starts_with(p))
 }
 
+/// A function's path without generic arguments: `<a::B<c::D>>::f::<E>` → `a::B::f::`.
+/// The type of a qualified path (`<a::B as T>::f`) is kept, its generics are not.
+fn function_path(function: &str) -> String {
+    let keep = usize::from(function.starts_with('<'));
+    let mut depth = 0usize;
+    let mut out = String::with_capacity(function.len());
+    let mut prev = ' ';
+    for c in function.chars() {
+        match c {
+            '<' => depth += 1,
+            '>' if prev != '-' => depth = depth.saturating_sub(1),
+            _ if depth <= keep => out.push(c),
+            _ => {}
+        }
+        prev = c;
+    }
+    out
+}
+
 /// How many frames at the top of a stack are plumbing: up to the last plumbing frame
 /// of the leading run of plumbing and unknown frames. A frame inlined into a plumbing
 /// function is plumbing too (its DWARF name may be too short to tell).
@@ -250,7 +269,13 @@ fn plumbing_len(frames: &[Frame]) -> usize {
         let outer = frames[i..]
             .iter()
             .find(|f| !f.inlined && f.address == frame.address);
-        let plumbing = |f: &Frame| f.function.as_deref().is_some_and(is_plumbing);
+        let plumbing = |f: &Frame| {
+            f.function.as_deref().is_some_and(is_plumbing)
+                || f.file.as_deref().is_some_and(|file| {
+                    file.ends_with("/library/alloc/src/alloc.rs")
+                        || file.ends_with("/library/std/src/alloc.rs")
+                })
+        };
         if plumbing(frame) || outer.is_some_and(plumbing) {
             cut = i + 1;
         } else if frame.function.is_some() {
@@ -304,10 +329,14 @@ pub enum SiteOrigin {
 /// The frame that names an allocation's site: the innermost frame in the user's own
 /// files, or else the innermost frame outside the standard library.
 pub fn site_frame(frames: &[Frame], user_roots: &[PathBuf]) -> (Option<usize>, SiteOrigin) {
+    // memscope's runtime is built from under the workspace's target directory: its
+    // frames are never the user's.
     let in_user_root = |f: &Frame| {
-        f.file
-            .as_deref()
-            .is_some_and(|file| user_roots.iter().any(|r| Path::new(file).starts_with(r)))
+        !is_std(f)
+            && f.file.as_deref().is_some_and(|file| {
+                user_roots.iter().any(|r| Path::new(file).starts_with(r))
+                    && !file.contains("/target/memscope/")
+            })
     };
     if let Some(i) = frames.iter().position(in_user_root) {
         return (Some(i), SiteOrigin::User);
@@ -330,39 +359,62 @@ pub fn site_frame(frames: &[Frame], user_roots: &[PathBuf]) -> (Option<usize>, S
 }
 
 /// If a stack is the standard library keeping memory for itself until exit, the
-/// evidence for that: the frame that shows it. Decided by name:
-/// - std's I/O handles (stdout's line buffer, stdin's buffer) under `std::io::stdio`;
-/// - thread-local destructor lists under `std::sys::thread_local` or `register_dtor`;
-/// - the current thread's handle under `std::thread::current`;
+/// evidence for that: the frame that shows it. Decided by function path (generic
+/// arguments removed, so that a user's `BufReader<StdinLock>` is not std's):
+/// - the lazily created standard I/O handles (stdin's buffer, stdout's line buffer):
+///   inside `std::io::stdio::{stdin,stdout,stderr}`;
+/// - the list of thread-local destructors: `std::sys::thread_local::destructors`,
+///   `std::sys::thread_local::guard`, or a `register_dtor` function;
+/// - the current thread's handle and name: `std::thread::current`;
+/// - the stack-overflow handler's per-thread information:
+///   `std::sys::pal::unix::stack_overflow`;
 /// - anything std allocates while starting or shutting down the process: under
 ///   `std::rt::lang_start_internal` but not under the user's `main` (which runs inside
 ///   `__rust_begin_short_backtrace`).
 pub fn std_bookkeeping(frames: &[Frame], user_roots: &[PathBuf]) -> Option<String> {
-    const PARTS: &[(&str, &str)] = &[
+    const PREFIXES: &[(&str, &str)] = &[
         (
-            "std::io::stdio::",
-            "std's standard I/O buffers, kept until exit",
+            "std::io::stdio::stdin::",
+            "std's stdin buffer, kept until exit",
         ),
         (
-            "std::sys::thread_local::",
-            "std's thread-local destructor registration",
+            "std::io::stdio::stdout::",
+            "std's stdout buffer, kept until exit",
         ),
         (
-            "register_dtor",
-            "std's thread-local destructor registration",
+            "std::io::stdio::stderr::",
+            "std's stderr handle, kept until exit",
+        ),
+        (
+            "std::sys::thread_local::destructors::",
+            "std's list of thread-local destructors",
+        ),
+        (
+            "std::sys::thread_local::guard::",
+            "std's thread-local destructor guard",
         ),
         (
             "std::thread::current::",
             "std's handle for the current thread",
+        ),
+        (
+            "std::sys::pal::unix::stack_overflow::",
+            "std's stack-overflow handler information",
         ),
     ];
     for frame in frames {
         let Some(f) = frame.function.as_deref() else {
             continue;
         };
-        if let Some((part, what)) = PARTS.iter().find(|(part, _)| f.contains(part)) {
-            let _ = part;
+        let path = function_path(f);
+        let found = PREFIXES.iter().find(|(prefix, _)| path.starts_with(prefix));
+        if let Some((_, what)) = found {
             return Some(format!("allocated under `{f}`: {what}"));
+        }
+        if path.contains("register_dtor") {
+            return Some(format!(
+                "allocated under `{f}`: std's list of thread-local destructors"
+            ));
         }
     }
     let names = || frames.iter().filter_map(|f| f.function.as_deref());
@@ -505,12 +557,53 @@ mod tests {
             None
         );
         let stdout = frame(
-            "std::io::stdio::stdout",
+            "std::io::stdio::stdout::{closure#0}",
             "/rustc/abc/library/std/src/io/stdio.rs",
         );
         assert!(std_bookkeeping(&[stdout, user, begin, rt], &roots)
             .unwrap()
-            .contains("standard I/O"));
+            .contains("stdout buffer"));
+    }
+
+    #[test]
+    fn a_users_own_reader_of_stdin_is_not_stds_bookkeeping() {
+        let roots = vec![PathBuf::from("/home/u/app")];
+        let user = frame("app::main", "/home/u/app/src/main.rs");
+        let begin = frame(
+            "std::sys::backtrace::__rust_begin_short_backtrace",
+            "/rustc/abc/library/std/src/sys/backtrace.rs",
+        );
+        let reader = frame(
+            "<std::io::buffered::bufreader::BufReader<std::io::stdio::StdinLock>>::with_capacity",
+            "/rustc/abc/library/std/src/io/buffered/bufreader.rs",
+        );
+        let read_line = frame(
+            "<std::io::stdio::Stdin>::read_line",
+            "/rustc/abc/library/std/src/io/stdio.rs",
+        );
+        let users = [reader.clone(), read_line, user.clone(), begin.clone()];
+        assert_eq!(std_bookkeeping(&users, &roots), None);
+        let init = frame(
+            "std::io::stdio::stdin::{closure#0}",
+            "/rustc/abc/library/std/src/io/stdio.rs",
+        );
+        let stds = [reader, init, user, begin];
+        assert!(std_bookkeeping(&stds, &roots)
+            .unwrap()
+            .contains("stdin buffer"));
+    }
+
+    #[test]
+    fn function_paths_lose_their_generic_arguments() {
+        assert_eq!(
+            function_path("<std::io::BufReader<std::io::stdio::StdinRaw>>::with_capacity"),
+            "std::io::BufReader::with_capacity"
+        );
+        assert_eq!(
+            function_path("<fn() -> u8 as a::T>::f"),
+            "fn() -> u8 as a::T::f"
+        );
+        assert_eq!(function_path("a::b::<c::D>"), "a::b::");
     }
 
     #[test]

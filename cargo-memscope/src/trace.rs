@@ -58,14 +58,10 @@ pub enum EventKind {
         zeroed: bool,
         stack: u64,
     },
-    Free {
-        addr: u64,
-        size: u64,
-    },
+    /// A free; its size is the size of the block it frees.
+    Free { addr: u64 },
     /// First half of a `Realloc`: `addr` (the old block) stops being live.
-    ReallocFree {
-        addr: u64,
-    },
+    ReallocFree { addr: u64 },
     /// Second half of a `Realloc`: the block now lives at `addr` with `size` bytes.
     ReallocAlloc {
         old_addr: u64,
@@ -353,7 +349,6 @@ impl Trace {
                     next_chunk: 0,
                     buf: Vec::new(),
                     pos: 0,
-                    decoder: format::StreamDecoder::default(),
                     decoder: StreamDecoder::default(),
                     pending: None,
                     head: None,
@@ -390,7 +385,6 @@ struct Stream<'t> {
     next_chunk: usize,
     buf: Vec<u8>,
     pos: usize,
-    decoder: format::StreamDecoder,
     decoder: StreamDecoder,
     /// The alloc half of a realloc whose free half was handed out.
     pending: Option<Event>,
@@ -489,8 +483,7 @@ impl<'t> Events<'t> {
                     ));
                 }
                 Record::Free { ts, addr } => {
-                    // The trace does not repeat a free's size: replay knows the block.
-                    return Some(event(ts, false, EventKind::Free { addr, size: 0 }));
+                    return Some(event(ts, false, EventKind::Free { addr }));
                 }
                 Record::Realloc {
                     internal,
@@ -585,7 +578,9 @@ fn read_at(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
 /// Synthetic traces for tests, written with the format's own encoder.
 #[cfg(test)]
 pub(crate) mod testing {
-    use memscope::format::{ChunkHeader, Encoder, FileHeader, Record, FLAG_STACKS, VERSION};
+    use memscope::format::{
+        head, stack_hash, ChunkHeader, Encoder, FileHeader, Record, FLAG_STACKS, TAG_STAMP, VERSION,
+    };
 
     /// Process start, as Unix nanoseconds, of every synthetic trace.
     pub const START_UNIX_NS: u64 = 1_700_000_000_000_000_000;
@@ -593,6 +588,18 @@ pub(crate) mod testing {
     /// Builds a trace file chunk by chunk.
     pub struct TraceBytes {
         pub bytes: Vec<u8>,
+    }
+
+    /// Encodes records as one chunk's payload that decodes on its own: it starts by
+    /// setting the stream clock, as the runtime's chunks do. Stacks must be bound in
+    /// the same chunk as the events that use them.
+    pub fn payload(records: &[Record]) -> Vec<u8> {
+        let mut enc = Encoder::default();
+        enc.word(head(TAG_STAMP, 0, 0)).word(0);
+        for r in records {
+            enc.record(r);
+        }
+        enc.bytes
     }
 
     impl TraceBytes {
@@ -610,24 +617,25 @@ pub(crate) mod testing {
         }
 
         /// Appends one chunk of `thread`'s stream.
-        pub fn chunk(mut self, thread: u32, index: u32, records: &[Record]) -> Self {
-            let mut enc = Encoder::default();
-            for r in records {
-                enc.record(r);
-            }
+        pub fn chunk(self, thread: u32, index: u32, records: &[Record]) -> Self {
+            self.raw_chunk(thread, index, &payload(records))
+        }
+
+        /// Appends one chunk with the given payload.
+        pub fn raw_chunk(mut self, thread: u32, index: u32, payload: &[u8]) -> Self {
             let header = ChunkHeader {
                 thread,
                 index,
-                len: enc.bytes.len() as u32,
-                checksum: memscope::format::checksum(&enc.bytes),
+                len: payload.len() as u32,
+                checksum: memscope::format::checksum(payload),
             };
             self.bytes.extend_from_slice(&header.encode());
-            self.bytes.extend_from_slice(&enc.bytes);
+            self.bytes.extend_from_slice(payload);
             self
         }
 
-        /// Appends the meta stream: a clock where one tick is one nanosecond, the
-        /// given modules, and (if `end` is given) an end record at that tick.
+        /// Appends the meta stream: a clock where one tick is one nanosecond and (if
+        /// `end` is given) an end record at that tick.
         pub fn meta(self, index: u32, end: Option<u64>) -> Self {
             let mut records = vec![clock(0), clock(1_000_000)];
             if let Some(ts) = end {
@@ -679,7 +687,7 @@ pub(crate) mod testing {
         }
     }
 
-    pub fn free(ts: u64, addr: u64, _size: u64) -> Record {
+    pub fn free(ts: u64, addr: u64) -> Record {
         Record::Free { ts, addr }
     }
 
@@ -702,11 +710,16 @@ pub(crate) mod testing {
         }
     }
 
-    pub fn stack(hash: u64, frames: &[u64]) -> Record {
-        Record::Stack {
+    /// A stack record and the hash that names it in events.
+    pub fn stack(frames: &[u64]) -> (Record, u64) {
+        let hash = stack_hash(frames);
+        (
+            Record::Stack {
+                hash,
+                frames: frames.to_vec(),
+            },
             hash,
-            frames: frames.to_vec(),
-        }
+        )
     }
 
     pub fn thread(name: &str) -> Record {
@@ -732,7 +745,7 @@ mod tests {
         // Thread 2's chunk comes first in the file, but its allocation is later.
         let path = TraceBytes::new()
             .chunk(2, 0, &[alloc(11, 0x1000, 32, 0)])
-            .chunk(1, 0, &[alloc(5, 0x1000, 16, 0), free(10, 0x1000, 16)])
+            .chunk(1, 0, &[alloc(5, 0x1000, 16, 0), free(10, 0x1000)])
             .meta(0, Some(20))
             .write(dir.path(), "t.mstrace");
         let trace = Trace::open(&path).unwrap();
@@ -749,14 +762,7 @@ mod tests {
                         stack: 0
                     }
                 ),
-                (
-                    10,
-                    1,
-                    EventKind::Free {
-                        addr: 0x1000,
-                        size: 16
-                    }
-                ),
+                (10, 1, EventKind::Free { addr: 0x1000 }),
                 (
                     11,
                     2,
@@ -777,7 +783,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = TraceBytes::new()
             .chunk(1, 0, &[alloc(7, 0x2000, 8, 0)])
-            .chunk(2, 0, &[free(7, 0x2000, 8)])
+            .chunk(2, 0, &[free(7, 0x2000)])
             .meta(0, Some(9))
             .write(dir.path(), "t.mstrace");
         let trace = Trace::open(&path).unwrap();
@@ -845,7 +851,7 @@ mod tests {
             .chunk(1, 0, &first)
             .chunk(1, 0, &grown)
             .chunk(1, 0, &first)
-            .chunk(1, 1, &[free(4, 0x10, 8)])
+            .chunk(1, 1, &[free(4, 0x10)])
             .meta(0, Some(5))
             .write(dir.path(), "t.mstrace");
         let trace = Trace::open(&path).unwrap();
@@ -921,6 +927,7 @@ mod tests {
     #[test]
     fn stack_and_thread_records_fill_the_tables_last_name_winning() {
         let dir = tempfile::tempdir().unwrap();
+        let (frames, hash) = stack(&[0x401000, 0x402000]);
         let path = TraceBytes::new()
             .meta(0, Some(9))
             .chunk(
@@ -928,18 +935,25 @@ mod tests {
                 0,
                 &[
                     thread("first"),
-                    stack(7, &[0x401000, 0x402000]),
-                    alloc(1, 0x10, 8, 7),
+                    frames,
+                    alloc(1, 0x10, 8, hash),
                     thread("main"),
                 ],
             )
             .write(dir.path(), "t.mstrace");
         let trace = Trace::open(&path).unwrap();
         let mut events = trace.events();
-        assert_eq!(events.by_ref().count(), 1);
+        let stacks: Vec<u64> = events
+            .by_ref()
+            .map(|e| match e.kind {
+                EventKind::Alloc { stack, .. } => stack,
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(stacks, vec![hash]);
         let (tables, damage) = events.finish();
         assert!(damage.is_empty());
-        assert_eq!(&*tables.stacks[&7], &[0x401000, 0x402000]);
+        assert_eq!(&*tables.stacks[&hash], &[0x401000, 0x402000]);
         assert_eq!(tables.threads[&1].name.as_deref(), Some("main"));
         assert_eq!(tables.threads[&1].os_tid, Some(77));
         assert_eq!(trace.meta.clocks.len(), 2);
@@ -978,17 +992,13 @@ mod tests {
                 0,
                 &[
                     thread("w"),
-                    stack(3, &[1, 2, 3]),
-                    alloc(1, 0x10, 8, 3),
+                    stack(&[1, 2, 3]).0,
+                    alloc(1, 0x10, 8, stack(&[1, 2, 3]).1),
                     realloc(2, 3, 0x10, 0x20, 64),
                 ],
             )
-            .chunk(
-                2,
-                0,
-                &[alloc(4, 0x30, 8, 0), free(5, 0x30, 8), free(6, 0x30, 8)],
-            )
-            .chunk(1, 1, &[free(7, 0x20, 64)])
+            .chunk(2, 0, &[alloc(4, 0x30, 8, 0), free(5, 0x30), free(6, 0x30)])
+            .chunk(1, 1, &[free(7, 0x20)])
             .bytes;
         let path = dir.path().join("t.mstrace");
         let check = |bytes: &[u8]| {
