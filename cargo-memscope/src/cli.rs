@@ -45,12 +45,7 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    #[command(flatten)]
-    pub cargo: CargoArgs,
-
-    #[command(flatten)]
-    pub output: OutputArgs,
-
+    // Declared before the flattened groups, which set the help heading of what follows.
     /// Record allocations without call stacks (faster; reports lose allocation sites)
     #[arg(long)]
     pub no_stacks: bool,
@@ -58,6 +53,12 @@ pub struct RunArgs {
     /// Arguments for the program (after `--`)
     #[arg(last = true, value_name = "ARGS")]
     pub program_args: Vec<OsString>,
+
+    #[command(flatten)]
+    pub cargo: CargoArgs,
+
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 /// Cargo's own selection, feature and profile flags, passed through to `cargo build`.

@@ -160,7 +160,7 @@ fn write_plan(
     mut planned: BTreeMap<PathBuf, String>,
 ) -> anyhow::Result<()> {
     let state_path = state_file(scratch);
-    let previous: Vec<PathBuf> = fs::read(&state_path)
+    let previous: Vec<String> = fs::read(&state_path)
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
         .unwrap_or_default();
@@ -182,11 +182,11 @@ fn write_plan(
             )
         })?;
         if fs::read_to_string(original).ok().as_deref() != Some(contents.as_str()) {
-            rewritten.push(relative.to_path_buf());
+            rewritten.push(relative.to_string_lossy().into_owned());
         }
         write_if_changed(&scratch.join(relative), contents.as_bytes())?;
     }
-    let json = serde_json::to_vec(&rewritten).expect("paths serialize");
+    let json = serde_json::to_vec(&rewritten).expect("strings serialize");
     fs::write(&state_path, json)
         .with_context(|| format!("failed to write {}", state_path.display()))
 }

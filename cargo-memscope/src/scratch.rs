@@ -17,8 +17,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 
-/// What was copied last time: relative path → (size, modification time in ns).
-type State = BTreeMap<PathBuf, (u64, u128)>;
+/// What was copied last time: relative path → (size, modification time in ns). Keys
+/// are lossy UTF-8 (JSON): a file with a non-UTF-8 name is just copied every time.
+type State = BTreeMap<String, (u64, u128)>;
 
 /// What a sync did, for `-v` output and tests.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -39,7 +40,7 @@ pub fn sync(source: &Path, scratch: &Path, skip: &[PathBuf]) -> anyhow::Result<S
     let previous = read_state(&state_path);
 
     let mut files = Vec::new();
-    list_files(source, source, skip, &mut files)
+    list_files(source, source, skip, &mut Vec::new(), &mut files)
         .with_context(|| format!("failed to read workspace {}", source.display()))?;
 
     let mut stats = SyncStats::default();
@@ -51,7 +52,8 @@ pub fn sync(source: &Path, scratch: &Path, skip: &[PathBuf]) -> anyhow::Result<S
         };
         let stamp = (metadata.len(), mtime_ns(metadata.modified().ok()));
         let to = scratch.join(&relative);
-        if previous.get(&relative) == Some(&stamp) && to.exists() {
+        let key = relative.to_string_lossy().into_owned();
+        if previous.get(&key) == Some(&stamp) && to.exists() {
             stats.unchanged += 1;
         } else {
             copy_with_mtime(&from, &to, metadata.modified().ok()).with_context(|| {
@@ -59,7 +61,7 @@ pub fn sync(source: &Path, scratch: &Path, skip: &[PathBuf]) -> anyhow::Result<S
             })?;
             stats.copied += 1;
         }
-        current.insert(relative, stamp);
+        current.insert(key, stamp);
     }
     for relative in previous.keys().filter(|path| !current.contains_key(*path)) {
         match fs::remove_file(scratch.join(relative)) {
@@ -68,14 +70,27 @@ pub fn sync(source: &Path, scratch: &Path, skip: &[PathBuf]) -> anyhow::Result<S
             Err(err) => return Err(err).context("failed to delete a file from the scratch copy"),
         }
     }
-    let json = serde_json::to_vec(&current).expect("the sync state serializes");
+    let json = serde_json::to_vec(&current).context("failed to record the scratch copy's state")?;
     fs::write(&state_path, json)
         .with_context(|| format!("failed to write {}", state_path.display()))?;
     Ok(stats)
 }
 
 /// Collects the paths (relative to `root`) of all files under `dir` worth copying.
-fn list_files(root: &Path, dir: &Path, skip: &[PathBuf], out: &mut Vec<PathBuf>) -> io::Result<()> {
+/// Symbolic links to directories are followed, except back into a directory on the
+/// way down (`visiting`, canonical paths), which would never end.
+fn list_files(
+    root: &Path,
+    dir: &Path,
+    skip: &[PathBuf],
+    visiting: &mut Vec<PathBuf>,
+    out: &mut Vec<PathBuf>,
+) -> io::Result<()> {
+    let canonical = dir.canonicalize()?;
+    if visiting.contains(&canonical) {
+        return Ok(());
+    }
+    visiting.push(canonical);
     let mut entries: Vec<_> = fs::read_dir(dir)?.collect::<io::Result<_>>()?;
     entries.sort_by_key(|entry| entry.file_name());
     for entry in entries {
@@ -83,12 +98,13 @@ fn list_files(root: &Path, dir: &Path, skip: &[PathBuf], out: &mut Vec<PathBuf>)
         let is_dir = fs::metadata(&path).is_ok_and(|m| m.is_dir()); // follows links
         if is_dir {
             if !is_skipped_dir(root, &path, skip) {
-                list_files(root, &path, skip, out)?;
+                list_files(root, &path, skip, visiting, out)?;
             }
         } else {
             out.push(path.strip_prefix(root).expect("under root").to_path_buf());
         }
     }
+    visiting.pop();
     Ok(())
 }
 
@@ -222,6 +238,21 @@ mod tests {
             "bb"
         );
         assert!(!scratch.path().join("gone.rs").exists());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn symbolic_link_loops_are_not_followed_forever() {
+        let source = tempfile::tempdir().unwrap();
+        let scratch_parent = tempfile::tempdir().unwrap();
+        let scratch = Scratch(scratch_parent.path().join("copy"));
+        let root = source.path();
+        write(&root.join("src/main.rs"), "fn main() {}");
+        std::os::unix::fs::symlink(root, root.join("src/loop")).unwrap();
+
+        sync(root, scratch.path(), &[]).unwrap();
+
+        assert!(scratch.path().join("src/main.rs").exists());
     }
 
     #[test]
