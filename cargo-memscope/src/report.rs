@@ -324,6 +324,19 @@ fn analyse(trace: &Trace, options: &ReportOptions, progress: &Progress) -> Analy
     let snap = replay::replay(events.by_ref());
     let (tables, mut damage) = events.finish();
     damage.splice(0..0, trace.damage.iter().cloned());
+    // With part of a trace missing, a free whose allocation is in that part looks like
+    // a free of an unknown pointer: such problems are not facts, so they are only
+    // counted, as damage.
+    let mut problems_found: u64 = snap.problem_counts.values().sum();
+    let mut shown_problems = &snap.problems[..];
+    if !damage.is_empty() && problems_found > 0 {
+        damage.push(format!(
+            "{problems_found} frees or reallocations did not pair with a recorded allocation; \
+             with part of the trace missing they are not reported as problems"
+        ));
+        problems_found = 0;
+        shown_problems = &[];
+    }
 
     let pid = trace.header.pid;
     let clock = Clock::fit(&trace.meta.clocks, trace.header.start_unix_ns);
@@ -347,7 +360,8 @@ fn analyse(trace: &Trace, options: &ReportOptions, progress: &Progress) -> Analy
             .collect();
     }
 
-    let summary = process_summary(&snap, &sites, &damage, trace, ns(snap.totals.peak_ts));
+    let peak_time = ns(snap.totals.peak_ts);
+    let summary = process_summary(&snap, &sites, &damage, trace, peak_time, problems_found);
     let threads = threads(&snap, &tables, pid);
     let timeline = Timeline {
         pid,
@@ -361,8 +375,7 @@ fn analyse(trace: &Trace, options: &ReportOptions, progress: &Progress) -> Analy
             })
             .collect(),
     };
-    let problems = snap
-        .problems
+    let problems = shown_problems
         .iter()
         .map(|p| {
             let site = p.site.map(|s| s as usize);
@@ -472,6 +485,7 @@ fn process_summary(
     damage: &[String],
     trace: &Trace,
     peak_time_ns: Option<u64>,
+    problems: u64,
 ) -> Summary {
     let t = &snap.totals;
     let std_internal = sites.iter().filter(|d| !d.memscope && d.internal.is_some());
@@ -497,7 +511,7 @@ fn process_summary(
         leaked_bytes: t.live_bytes - internal_bytes,
         runtime_internal_blocks: internal_blocks,
         runtime_internal_bytes: internal_bytes,
-        problems: snap.problem_counts.values().sum(),
+        problems,
         events_dropped: trace.meta.end.map_or(0, |e| e.dropped),
     }
 }
@@ -954,6 +968,12 @@ mod tests {
         let json = read_json(&outcome);
         assert_eq!(json["summary"]["complete"], false);
         assert_eq!(json["summary"]["allocations"], 2);
+        assert_eq!(json["summary"]["problems"], 0);
+        assert_eq!(json["problems"].as_array().unwrap().len(), 0);
+        assert!(json["processes"][0]["damage"][1]
+            .as_str()
+            .unwrap()
+            .contains("1 frees or reallocations did not pair"));
         assert!(json["processes"][0]["damage"][0]
             .as_str()
             .unwrap()

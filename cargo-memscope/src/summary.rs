@@ -37,6 +37,12 @@ pub fn render(report: &Report, paths: &[&Path], options: &ReportOptions) -> Stri
         bytes(s.peak_bytes),
         plural(s.peak_blocks, "block")
     );
+    // A trace cut short (killed process) has no exit: its end is where it stops.
+    let at_exit = if s.complete {
+        "at exit"
+    } else {
+        "when the trace ends"
+    };
     let leaked = format!(
         "{} leaked in {}",
         bytes(s.leaked_bytes),
@@ -49,7 +55,7 @@ pub fn render(report: &Report, paths: &[&Path], options: &ReportOptions) -> Stri
     };
     let _ = writeln!(
         w,
-        "  at exit: {} live in {}: {leaked}, {} in {} kept by the Rust runtime",
+        "  {at_exit}: {} live in {}: {leaked}, {} in {} kept by the Rust runtime",
         bytes(s.live_bytes_at_exit),
         plural(s.live_blocks_at_exit, "block"),
         bytes(s.runtime_internal_bytes),
@@ -85,7 +91,7 @@ pub fn render(report: &Report, paths: &[&Path], options: &ReportOptions) -> Stri
         let _ = writeln!(
             w,
             "{}",
-            paint.red(&paint.bold("leaks (blocks live at exit):"))
+            paint.red(&paint.bold(&format!("leaks (blocks live {at_exit}):")))
         );
         for leak in report.leaks.iter().take(TOP) {
             let names: Vec<String> = leak
