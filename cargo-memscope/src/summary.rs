@@ -178,6 +178,10 @@ fn place(location: Option<&Location>, roots: &[PathBuf]) -> String {
     let function = l.function.as_deref().unwrap_or("?");
     let file = l.file.as_deref().map(|f| {
         let path = Path::new(f);
+        if let Some(rest) = f.strip_prefix("/rustc/").and_then(|r| r.split_once('/')) {
+            // The standard library's sources, named by the compiler's commit hash.
+            return rest.1.to_string();
+        }
         roots
             .iter()
             .find_map(|r| path.strip_prefix(r).ok())
@@ -296,5 +300,14 @@ mod tests {
             "src/main.rs:7  app::main"
         );
         assert_eq!(place(None, &[]), "(unknown location)");
+        let std = Location {
+            function: Some("std::rt::init".into()),
+            file: Some("/rustc/0123abcd/library/std/src/rt.rs".into()),
+            line: Some(118),
+        };
+        assert_eq!(
+            place(Some(&std), &[]),
+            "library/std/src/rt.rs:118  std::rt::init"
+        );
     }
 }
