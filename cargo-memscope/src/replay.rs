@@ -449,10 +449,11 @@ impl State {
         // A realloc whose second half never came (the trace was cut between them):
         // its old block is still live as far as anyone knows.
         for (addr, block) in std::mem::take(&mut self.in_flight).into_values().flatten() {
-            if self.snap.live.contains_key(&addr) {
-                self.forget(&block);
-            } else {
-                self.snap.live.insert(addr, block);
+            match self.snap.live.entry(addr) {
+                std::collections::hash_map::Entry::Occupied(_) => self.forget(&block),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(block);
+                }
             }
         }
         let epoch = self.epoch;
@@ -890,6 +891,7 @@ mod bench {
 
     #[test]
     #[ignore = "takes a while; a measurement, not a check"]
+    #[allow(clippy::needless_range_loop)] // `t` names a thread and indexes several arrays
     fn analysis_streams_millions_of_events_in_bounded_memory() {
         let events: u64 = std::env::var("MEMSCOPE_BENCH_EVENTS")
             .ok()

@@ -715,7 +715,7 @@ fn merge(analysed: Vec<Analysed>) -> Report {
         }
     }
     leaks.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.site.cmp(&b.site)));
-    runtime_internal.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+    runtime_internal.sort_by_key(|g| std::cmp::Reverse(g.bytes));
 
     let peak = summary.peak_bytes;
     let mut sites: Vec<Site> = order.iter().map(|&i| merged[i].site.clone()).collect();

@@ -549,7 +549,7 @@ mod tests {
         );
         let user = frame("app::main", "/home/u/app/src/main.rs");
         let roots = vec![PathBuf::from("/home/u/app")];
-        assert!(std_bookkeeping(&[rt.clone()], &roots)
+        assert!(std_bookkeeping(std::slice::from_ref(&rt), &roots)
             .unwrap()
             .contains("lang_start_internal"));
         assert_eq!(

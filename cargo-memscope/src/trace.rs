@@ -1022,7 +1022,7 @@ mod tests {
                 seed ^= seed >> 7;
                 seed ^= seed << 17;
                 let at = (seed % bytes.len() as u64) as usize;
-                bytes[at] ^= 1 << (seed >> 60) % 8;
+                bytes[at] ^= 1 << ((seed >> 60) % 8);
             }
             if round % 2 == 0 {
                 reseal(&mut bytes);
