@@ -2,10 +2,11 @@
 //! with room for its chunk header in front, so a chunk is written with one `write`.
 //!
 //! Buffers come from a lock-free pool (crossbeam `ArrayQueue`) and go back to it
-//! after the writer has written them; they are obtained from `System` directly, never
-//! through the global allocator, so taking one records no event. Buffers are never
-//! freed while the process runs unless the pool is full: a snapshot may still be
-//! reading one that was just handed over (see `recorder.rs`).
+//! after use; they are obtained from `System` directly, never through the global
+//! allocator, so taking one records no event. Buffers are never freed while the
+//! process runs: a snapshot at exit may still be reading one that a thread just gave
+//! up (see `recorder.rs`). So the number ever allocated is bounded by the most that
+//! were in use at once; past the pool's capacity, idle ones are simply kept.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::ptr::NonNull;
@@ -14,12 +15,13 @@ use crossbeam_queue::ArrayQueue;
 
 use crate::format::{ChunkHeader, CHUNK_HEADER_LEN};
 
-/// Payload capacity of one buffer, in 64-bit words (64 KiB).
-pub const PAYLOAD_WORDS: usize = 8192;
+/// Payload capacity of one buffer, in 64-bit words (16 KiB: a thread's own buffer
+/// stays in its core's cache).
+pub const PAYLOAD_WORDS: usize = 2048;
 /// Payload capacity in bytes.
 pub const PAYLOAD_BYTES: usize = PAYLOAD_WORDS * 8;
-/// How many idle buffers the pool keeps.
-const POOL_CAPACITY: usize = 256;
+/// How many idle buffers the pool holds.
+const POOL_CAPACITY: usize = 4096;
 
 /// A chunk header followed by its payload, contiguous in memory.
 #[repr(C, align(64))]
@@ -68,13 +70,10 @@ impl Pool {
         NonNull::new(unsafe { System.alloc(Layout::new::<Buffer>()) } as *mut Buffer)
     }
 
-    /// Returns a buffer to the pool (or to the system when the pool is full).
+    /// Returns a buffer to the pool. When the pool is full the buffer is kept
+    /// allocated but unused (see the module documentation).
     pub fn give_back(&self, buf: NonNull<Buffer>) {
-        if let Err(Idle(buf)) = self.idle.push(Idle(buf)) {
-            // SAFETY: `buf` came from `take`, i.e. from System with this layout, and
-            // nothing refers to it any more: the pool was full, so it is not pooled.
-            unsafe { System.dealloc(buf.as_ptr() as *mut u8, Layout::new::<Buffer>()) };
-        }
+        let _ = self.idle.push(Idle(buf));
     }
 }
 

@@ -38,15 +38,15 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Number of address stripes (a power of two). 512 KiB of counters, touched sparsely.
-const STRIPES: usize = 8192;
-
-#[repr(align(64))]
-struct Stripe(AtomicU64);
+/// Number of address stripes (a power of two): 512 KiB of counters, touched sparsely.
+/// Stripe `i` serves every address `a` with `(a / 16) % STRIPES == i`, so neighbouring
+/// blocks share cache lines of counters (few lines per thread's working set) and
+/// threads, whose heaps lie apart, rarely share one.
+const STRIPES: usize = 1 << 16;
 
 #[allow(clippy::declare_interior_mutable_const)] // used only to initialise the array
-const STRIPE: Stripe = Stripe(AtomicU64::new(0));
-static STRIPE_CLOCKS: [Stripe; STRIPES] = [STRIPE; STRIPES];
+const STRIPE: AtomicU64 = AtomicU64::new(0);
+static STRIPE_CLOCKS: [AtomicU64; STRIPES] = [STRIPE; STRIPES];
 
 #[repr(align(64))]
 struct Tick(AtomicU64);
@@ -62,18 +62,12 @@ pub fn stamp(last: &Cell<u64>, addr: usize) -> u64 {
         now = counter();
     }
     let base = now.max(last.get() + 1);
-    let stripe = &STRIPE_CLOCKS[stripe_of(addr)].0;
+    let stripe = &STRIPE_CLOCKS[(addr >> 4) & (STRIPES - 1)];
     let seen = stripe.load(Ordering::Relaxed);
     let stamp = base.max(seen + 1);
     stripe.store(stamp, Ordering::Relaxed);
     last.set(stamp);
     stamp
-}
-
-#[inline(always)]
-fn stripe_of(addr: usize) -> usize {
-    ((addr as u64 >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - STRIPES.trailing_zeros()))
-        as usize
 }
 
 /// Advances the coarse clock; called by the writer thread.

@@ -350,32 +350,48 @@ impl ThreadRecord {
         }
     }
 
-    /// Submits the current buffer and, if `replace`, installs a fresh one.
-    fn hand_over(&self, replace: bool) {
+    /// Copies the buffer's records into a pool buffer for the writer and empties it;
+    /// unless `keep`, also gives the buffer up (the thread is ending).
+    ///
+    /// The thread's own buffer never leaves it: its cache lines stay in this core's
+    /// cache, so appending an event is a store that hits. The bulk copy is cheap next
+    /// to storing every event into memory that another core read last.
+    fn hand_over(&self, keep: bool) {
+        let Some(pool) = writer::pool() else { return };
+        let len = self.len.load(Ordering::Relaxed);
+        if keep && len == 0 {
+            return;
+        }
         let gen = self.gen.load(Ordering::Relaxed);
         self.gen.store(gen + 1, Ordering::Relaxed);
         fence(Ordering::Release);
-        let old = self.buf.load(Ordering::Relaxed);
-        let len = self.len.load(Ordering::Relaxed);
-        let fresh = if replace {
-            writer::pool().and_then(|p| p.take())
-        } else {
-            None
-        };
-        self.buf.store(
-            fresh.map_or(ptr::null_mut(), NonNull::as_ptr),
-            Ordering::Relaxed,
-        );
+        let own = self.buf.load(Ordering::Relaxed);
+        if let Some(own) = NonNull::new(own).filter(|_| len > 0) {
+            match pool.take() {
+                Some(out) => {
+                    // SAFETY: `own` is this thread's buffer with `len` bytes written;
+                    // `out` was just taken from the pool and is ours; both hold
+                    // PAYLOAD_BYTES >= len.
+                    unsafe {
+                        ptr::copy_nonoverlapping(
+                            (*own.as_ptr()).words.as_ptr(),
+                            (*out.as_ptr()).words.as_mut_ptr(),
+                            len / 8,
+                        )
+                    };
+                    writer::submit(out, self.tid, gen / 2, len);
+                }
+                None => writer::dropped(1),
+            }
+        }
+        if !keep {
+            self.buf.store(ptr::null_mut(), Ordering::Relaxed);
+            if let Some(own) = NonNull::new(own) {
+                pool.give_back(own);
+            }
+        }
         self.len.store(0, Ordering::Relaxed);
         self.gen.store(gen + 2, Ordering::Release);
-        if let Some(old) = NonNull::new(old) {
-            writer::submit(old, self.tid, gen / 2, len);
-        }
-        if replace && fresh.is_none() {
-            // Out of memory for buffers: keep going without recording on this thread.
-            self.alive.store(false, Ordering::Relaxed);
-            writer::dropped(1);
-        }
     }
 
     /// The thread is ending: write out what it recorded.
@@ -384,8 +400,8 @@ impl ThreadRecord {
             return;
         }
         self.note_name();
-        self.hand_over(false);
         self.alive.store(false, Ordering::Release);
+        self.hand_over(false);
         let cache = self.stack_cache.replace(ptr::null_mut());
         if !cache.is_null() {
             // SAFETY: allocated in `create` with this layout; no longer referenced.

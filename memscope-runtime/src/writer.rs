@@ -24,7 +24,7 @@ use crate::format::{Encoder, EndReason, FileHeader, Record, FLAG_STACKS, META_TH
 use crate::{clock, recorder, sys};
 
 /// Buffers that may wait for the writer at once (64 MiB).
-const QUEUE_CAPACITY: usize = 1024;
+const QUEUE_CAPACITY: usize = 4096;
 
 struct Shared {
     pool: Pool,
