@@ -241,6 +241,16 @@ fn is_plumbing(function: &str) -> bool {
     PREFIXES.iter().any(|p| function.starts_with(p))
 }
 
+/// A file of memscope's runtime: inlined into the allocator shim, its frames carry
+/// short DWARF names (`on_alloc`, `with_record<…>`), so they are told by their file:
+/// the embedded copy `cargo memscope` maps to `<memscope-runtime>`, a path checkout,
+/// or a registry copy (`memscope-runtime-0.1.0/src/…`).
+fn is_runtime_source(file: &str) -> bool {
+    file.starts_with("<memscope-runtime>")
+        || file.contains("/memscope-runtime/src/")
+        || (file.contains("/memscope-runtime-") && file.contains("/src/"))
+}
+
 /// A function's path without generic arguments: `<a::B<c::D>>::f::<E>` → `a::B::f::`.
 /// The type of a qualified path (`<a::B as T>::f`) is kept, its generics are not.
 fn function_path(function: &str) -> String {
@@ -274,6 +284,7 @@ fn plumbing_len(frames: &[Frame]) -> usize {
                 || f.file.as_deref().is_some_and(|file| {
                     file.ends_with("/library/alloc/src/alloc.rs")
                         || file.ends_with("/library/std/src/alloc.rs")
+                        || is_runtime_source(file)
                 })
         };
         if plumbing(frame) || outer.is_some_and(plumbing) {
@@ -476,6 +487,31 @@ mod tests {
             ),
             frame("app::make", "/home/u/app/src/main.rs"),
             frame("memscope::__private::scope", "/r/memscope/src/lib.rs"),
+            frame("app::main", "/home/u/app/src/main.rs"),
+        ];
+        assert_eq!(plumbing_len(&frames), 5);
+    }
+
+    #[test]
+    fn runtime_frames_inlined_into_user_code_are_plumbing_by_their_file() {
+        // Release builds inline the whole hook into the allocating function: every
+        // frame shares one address and the runtime's carry short DWARF names.
+        let inlined = |function: &str, file: &str| Frame {
+            inlined: true,
+            ..frame(function, file)
+        };
+        let frames = vec![
+            inlined(
+                "with_record<memscope::recorder::on_alloc::{closure_env#0}>",
+                "/w/memscope-runtime/src/recorder.rs",
+            ),
+            inlined("on_alloc", "<memscope-runtime>/src/recorder.rs"),
+            inlined(
+                "alloc<std::alloc::System>",
+                "/reg/memscope-runtime-0.1.0/src/alloc.rs",
+            ),
+            inlined("__rust_alloc", "/home/u/app/src/main.rs"),
+            inlined("alloc", "/rustc/abc/library/alloc/src/alloc.rs"),
             frame("app::main", "/home/u/app/src/main.rs"),
         ];
         assert_eq!(plumbing_len(&frames), 5);

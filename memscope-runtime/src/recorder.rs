@@ -23,7 +23,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::buffer::{Buffer, PAYLOAD_BYTES};
 use crate::format::{
@@ -61,6 +61,9 @@ pub struct ThreadRecord {
     /// False once the thread flushed its last buffer at exit.
     alive: AtomicBool,
     next: AtomicPtr<ThreadRecord>,
+    /// `(chunk index << 32) | length` of the last snapshot written (writer and exit
+    /// flush only, which hold the file lock).
+    snapshotted: AtomicU64,
     // Touched only by the owning thread:
     busy: Cell<bool>,
     /// The thread's last timestamp (see `clock.rs`).
@@ -255,6 +258,7 @@ impl ThreadRecord {
             len: AtomicUsize::new(0),
             alive: AtomicBool::new(true),
             next: AtomicPtr::new(ptr::null_mut()),
+            snapshotted: AtomicU64::new(0),
             busy: Cell::new(false),
             last_stamp: Cell::new(0),
             stream_clock: Cell::new(0),
@@ -509,9 +513,9 @@ fn for_each_record(mut f: impl FnMut(&ThreadRecord)) {
     }
 }
 
-/// At process exit: hands over the calling thread's buffer and copies the complete
-/// part of every other live thread's buffer, passing each chunk to `write`.
-pub fn flush_all(scratch: NonNull<Buffer>, mut write: impl FnMut(u32, u32, usize)) {
+/// At process exit: hands over the calling thread's buffer, then snapshots the
+/// others (see [`snapshot_running`]).
+pub fn flush_all(scratch: NonNull<Buffer>, write: impl FnMut(u32, u32, usize)) {
     let me = CURRENT.with(|c| c.get());
     if (me as usize) > DISABLED {
         // SAFETY: see `with_record`.
@@ -521,13 +525,25 @@ pub fn flush_all(scratch: NonNull<Buffer>, mut write: impl FnMut(u32, u32, usize
         me.hand_over(true);
         me.busy.set(was_busy);
     }
+    snapshot_running(scratch, write);
+}
+
+/// Copies the complete part of every other running thread's buffer into `scratch`
+/// and passes it to `write` as chunk `(thread, index, len)`, unless it did not grow
+/// since the last snapshot. Used every 100 ms by the writer, so that a process that
+/// is killed loses little, and at exit.
+pub fn snapshot_running(scratch: NonNull<Buffer>, mut write: impl FnMut(u32, u32, usize)) {
+    let me = CURRENT.with(|c| c.get());
     for_each_record(|r| {
         if ptr::eq(r, me) || !r.alive.load(Ordering::Acquire) {
             return;
         }
         // SAFETY: `scratch` belongs to the caller, who lends it to us exclusively.
         if let Some((index, len)) = r.snapshot(unsafe { &mut *scratch.as_ptr() }) {
-            write(r.tid, index, len);
+            let mark = (u64::from(index) << 32) | len as u64;
+            if r.snapshotted.swap(mark, Ordering::Relaxed) != mark {
+                write(r.tid, index, len);
+            }
         }
     });
 }

@@ -80,6 +80,7 @@ pub fn start() -> bool {
                 libc::pthread_atfork(None, None, Some(after_fork_in_child));
             }
             ENABLED.store(true, Ordering::Release);
+            start_writer();
         }
     });
     ENABLED.load(Ordering::Acquire)
@@ -119,35 +120,37 @@ fn open_trace_file() -> bool {
         ppid: unsafe { libc::getppid() } as u32,
         start_unix_ns: start,
     };
-    with_file(|fd| write_all(fd, &header.encode()));
-    write_meta(false);
+    with_file(|fd| {
+        write_all(fd, &header.encode());
+        write_meta(fd, Meta::Modules);
+    });
     true
 }
 
-/// Writes a clock sample and the loaded modules, plus the `End` record if `end`.
-fn write_meta(end: bool) {
+/// What goes into the meta stream now and then.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Meta {
+    /// A clock sample (every 100 ms).
+    Clock,
+    /// A clock sample and the loaded modules (at start).
+    Modules,
+    /// A clock sample, the modules and the end of the trace (at exit).
+    End,
+}
+
+/// Writes a meta chunk; the caller holds the file lock (`fd`).
+fn write_meta(fd: i32, what: Meta) {
     let mut enc = Encoder::default();
     let ts = clock::counter();
-    enc.record(&Record::Clock {
-        ts,
-        monotonic_ns: clock::monotonic_ns(),
-        unix_ns: clock::unix_ns(),
-    });
-    for m in sys::modules() {
-        enc.record(&Record::Module {
-            bias: m.bias,
-            start: m.start,
-            end: m.end,
-            path: m.path,
-        });
+    enc.record(&Record::Clock { ts, monotonic_ns: clock::monotonic_ns(), unix_ns: clock::unix_ns() });
+    if what != Meta::Clock {
+        for m in sys::modules() {
+            enc.record(&Record::Module { bias: m.bias, start: m.start, end: m.end, path: m.path });
+        }
     }
-    if end {
+    if what == Meta::End {
         let dropped = DROPPED.load(Ordering::Relaxed);
-        enc.record(&Record::End {
-            reason: EndReason::Exit as u8,
-            ts,
-            dropped,
-        });
+        enc.record(&Record::End { reason: EndReason::Exit as u8, ts, dropped });
     }
     let header = crate::format::ChunkHeader {
         thread: META_THREAD,
@@ -155,10 +158,8 @@ fn write_meta(end: bool) {
         len: enc.bytes.len() as u32,
         checksum: crate::format::checksum(&enc.bytes),
     };
-    with_file(|fd| {
-        write_all(fd, &header.encode());
-        write_all(fd, &enc.bytes);
-    });
+    write_all(fd, &header.encode());
+    write_all(fd, &enc.bytes);
 }
 
 /// Hands a full buffer to the writer (or writes it now if the writer can't take it).
@@ -202,9 +203,14 @@ fn start_writer() {
     }
 }
 
+/// How often the writer snapshots running threads and samples the clock.
+const SNAPSHOT_EVERY: Duration = Duration::from_millis(100);
+
 fn writer_loop() {
     recorder::disable_current_thread(true);
     let Some(shared) = SHARED.get() else { return };
+    let Some(scratch) = shared.pool.take() else { return };
+    let mut last_snapshot = std::time::Instant::now();
     loop {
         clock::tick();
         let mut wrote = 0;
@@ -217,6 +223,13 @@ fn writer_loop() {
                 if wrote == 64 {
                     break;
                 }
+            }
+            if last_snapshot.elapsed() >= SNAPSHOT_EVERY && !EXITING.load(Ordering::Acquire) {
+                last_snapshot = std::time::Instant::now();
+                write_meta(fd, Meta::Clock);
+                recorder::snapshot_running(scratch, |thread, index, len| {
+                    write_all(fd, Full { buf: scratch, thread, index, len }.bytes());
+                });
             }
         });
         if wrote < 64 {
@@ -278,7 +291,7 @@ extern "C" fn exit_flush() {
     while let Some(full) = shared.full.pop() {
         write_full(shared, full);
     }
-    write_meta(true);
+    with_file(|fd| write_meta(fd, Meta::End));
     FINISHED.store(true, Ordering::Release);
     shared.pool.give_back(scratch);
     let fd = FD.swap(-1, Ordering::AcqRel);
