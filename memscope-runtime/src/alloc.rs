@@ -2,7 +2,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 
-use crate::recorder;
+use crate::{measure, recorder};
 
 /// A global allocator that records every event of the allocator `A` it wraps.
 ///
@@ -42,6 +42,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Alloc<A> {
         // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract for `layout`.
         let ptr = unsafe { self.inner.alloc(layout) };
         if !ptr.is_null() {
+            measure::on_alloc(layout.size());
             recorder::on_alloc(ptr, layout, false);
         }
         ptr
@@ -52,6 +53,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Alloc<A> {
         // SAFETY: the caller upholds `GlobalAlloc::alloc_zeroed`'s contract.
         let ptr = unsafe { self.inner.alloc_zeroed(layout) };
         if !ptr.is_null() {
+            measure::on_alloc(layout.size());
             recorder::on_alloc(ptr, layout, true);
         }
         ptr
@@ -60,6 +62,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Alloc<A> {
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // Recorded first: once the inner allocator has it, the address may be reused.
+        measure::on_free(layout.size());
         recorder::on_free(ptr);
         // SAFETY: the caller upholds `GlobalAlloc::dealloc`'s contract.
         unsafe { self.inner.dealloc(ptr, layout) }
@@ -71,6 +74,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Alloc<A> {
         // SAFETY: the caller upholds `GlobalAlloc::realloc`'s contract.
         let new = unsafe { self.inner.realloc(ptr, layout, new_size) };
         if !new.is_null() {
+            measure::on_realloc(layout.size(), new_size);
             recorder::on_realloc(ptr, new, layout, new_size, ts_before);
         }
         new

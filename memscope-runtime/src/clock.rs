@@ -70,6 +70,18 @@ pub fn stamp(last: &Cell<u64>, addr: usize) -> u64 {
     stamp
 }
 
+/// Stamps a thread-local event (no address): later than the thread's last stamp.
+#[inline]
+pub fn stamp_thread(last: &Cell<u64>) -> u64 {
+    let mut now = TICK.0.load(Ordering::Relaxed);
+    if now == 0 {
+        now = counter();
+    }
+    let stamp = now.max(last.get() + 1);
+    last.set(stamp);
+    stamp
+}
+
 /// Advances the coarse clock; called by the writer thread.
 pub fn tick() {
     TICK.0.fetch_max(counter(), Ordering::Relaxed);

@@ -23,12 +23,14 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{
+    fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+};
 
 use crate::buffer::{Buffer, PAYLOAD_BYTES};
 use crate::format::{
-    head, size_word, MAX_DELTA, MAX_FRAMES, STACK_SLOTS, TAG_ALLOC, TAG_FREE, TAG_REALLOC,
-    TAG_REALLOC_WIDE, TAG_STACK, TAG_STAMP, TAG_THREAD,
+    head, size_word, MAX_DELTA, MAX_FRAMES, STACK_SLOTS, TAG_ALLOC, TAG_EXTENDED, TAG_FREE,
+    TAG_REALLOC, TAG_REALLOC_WIDE, TAG_STACK, TAG_STAMP, TAG_THREAD,
 };
 use crate::{clock, stack, sys, writer};
 
@@ -174,6 +176,25 @@ pub fn on_realloc(old: *mut u8, new: *mut u8, layout: Layout, new_size: usize, t
         }
         rec.stream_clock.set(ts_after);
     });
+}
+
+/// Appends an extended record `[head(EXTENDED, kind, 1 + n), stamp, payload…]`;
+/// false if the thread is not recorded. Payloads are limited to 256 words.
+pub fn emit(kind: u64, payload: &[u64]) -> bool {
+    const MAX: usize = 256;
+    if payload.len() > MAX || kind == 0 || kind > 0xfff {
+        return false;
+    }
+    let mut done = false;
+    with_record(|rec| {
+        let mut words = [0u64; MAX + 2];
+        words[0] = head(TAG_EXTENDED, kind, 1 + payload.len() as u64);
+        words[1] = clock::stamp_thread(&rec.last_stamp);
+        words[2..2 + payload.len()].copy_from_slice(payload);
+        rec.push(&words[..2 + payload.len()], rec.stream_clock.get());
+        done = true;
+    });
+    done
 }
 
 #[inline(always)]

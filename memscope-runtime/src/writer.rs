@@ -142,15 +142,28 @@ enum Meta {
 fn write_meta(fd: i32, what: Meta) {
     let mut enc = Encoder::default();
     let ts = clock::counter();
-    enc.record(&Record::Clock { ts, monotonic_ns: clock::monotonic_ns(), unix_ns: clock::unix_ns() });
+    enc.record(&Record::Clock {
+        ts,
+        monotonic_ns: clock::monotonic_ns(),
+        unix_ns: clock::unix_ns(),
+    });
     if what != Meta::Clock {
         for m in sys::modules() {
-            enc.record(&Record::Module { bias: m.bias, start: m.start, end: m.end, path: m.path });
+            enc.record(&Record::Module {
+                bias: m.bias,
+                start: m.start,
+                end: m.end,
+                path: m.path,
+            });
         }
     }
     if what == Meta::End {
         let dropped = DROPPED.load(Ordering::Relaxed);
-        enc.record(&Record::End { reason: EndReason::Exit as u8, ts, dropped });
+        enc.record(&Record::End {
+            reason: EndReason::Exit as u8,
+            ts,
+            dropped,
+        });
     }
     let header = crate::format::ChunkHeader {
         thread: META_THREAD,
@@ -209,7 +222,9 @@ const SNAPSHOT_EVERY: Duration = Duration::from_millis(100);
 fn writer_loop() {
     recorder::disable_current_thread(true);
     let Some(shared) = SHARED.get() else { return };
-    let Some(scratch) = shared.pool.take() else { return };
+    let Some(scratch) = shared.pool.take() else {
+        return;
+    };
     let mut last_snapshot = std::time::Instant::now();
     loop {
         clock::tick();
@@ -228,7 +243,16 @@ fn writer_loop() {
                 last_snapshot = std::time::Instant::now();
                 write_meta(fd, Meta::Clock);
                 recorder::snapshot_running(scratch, |thread, index, len| {
-                    write_all(fd, Full { buf: scratch, thread, index, len }.bytes());
+                    write_all(
+                        fd,
+                        Full {
+                            buf: scratch,
+                            thread,
+                            index,
+                            len,
+                        }
+                        .bytes(),
+                    );
                 });
             }
         });
