@@ -24,6 +24,7 @@ pub const RUNTIME_FILES: &[(&str, &str)] = runtime_files![
     "src/buffer.rs",
     "src/clock.rs",
     "src/format.rs",
+    "src/measure.rs",
     "src/recorder.rs",
     "src/stack.rs",
     "src/sys.rs",
