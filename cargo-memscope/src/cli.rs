@@ -154,6 +154,10 @@ pub struct OutputArgs {
     /// Coloring of memscope's and cargo's output (honors NO_COLOR)
     #[arg(long, value_enum, value_name = "WHEN", default_value_t = ColorChoice::Auto)]
     pub color: ColorChoice,
+
+    /// Open report.html in a browser when it is written
+    #[arg(long)]
+    pub open: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -4,6 +4,7 @@
 mod cargo;
 mod cli;
 mod embedded;
+mod html;
 mod replay;
 mod report;
 mod rewrite;

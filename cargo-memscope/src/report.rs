@@ -25,7 +25,7 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// How to turn traces into reports.
 #[derive(Debug, Clone)]
 pub struct ReportOptions {
-    /// Where `report.json` (and later `report.html`) are written; created if missing.
+    /// Where `report.json` and `report.html` are written; created if missing.
     pub output_dir: PathBuf,
     /// Source path prefixes as compiled → as the user knows them (scratch copy → the
     /// user's workspace), applied to every file name shown in a report.
@@ -43,6 +43,7 @@ pub struct ReportOptions {
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub json_path: PathBuf,
+    pub html_path: PathBuf,
     pub leaked_blocks: u64,
     pub leaked_bytes: u64,
     pub peak_bytes: u64,
@@ -78,11 +79,15 @@ pub fn generate(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<O
     write_json(&report, &json_path)
         .with_context(|| format!("failed to write {}", json_path.display()))?;
 
-    let text = crate::summary::render(&report, &[json_path.as_path()], options);
+    let html_path = options.output_dir.join("report.html");
+    crate::html::write(&report, &options.user_roots, &html_path)?;
+
+    let text = crate::summary::render(&report, &[&json_path, &html_path], options);
     eprint!("{text}");
 
     Ok(Outcome {
         json_path,
+        html_path,
         leaked_blocks: report.summary.leaked_blocks,
         leaked_bytes: report.summary.leaked_bytes,
         peak_bytes: report.summary.peak_bytes,

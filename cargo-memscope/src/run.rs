@@ -145,7 +145,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
     let code = exit_code(status);
     // The program's own failure is what the caller needs to see first: when it failed,
     // its exit code is kept even if reporting fails too.
-    match report_run(&trace_dir, &options) {
+    match report_run(&trace_dir, &options, args.output.open) {
         Ok(()) => Ok(code),
         Err(err) if code != 0 => {
             crate::print_error(&err, options.color);
@@ -155,7 +155,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
     }
 }
 
-fn report_run(trace_dir: &Path, options: &ReportOptions) -> anyhow::Result<()> {
+fn report_run(trace_dir: &Path, options: &ReportOptions, open: bool) -> anyhow::Result<()> {
     let traces = trace_files(trace_dir)?;
     if traces.is_empty() {
         bail!(
@@ -163,12 +163,16 @@ fn report_run(trace_dir: &Path, options: &ReportOptions) -> anyhow::Result<()> {
             trace_dir.display()
         );
     }
-    generate(&traces, options)
+    generate(&traces, options, open)
 }
 
-/// Writes the reports; `report::generate` prints the summary and where they are.
-fn generate(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<()> {
-    report::generate(traces, options).context("failed to build the report")?;
+/// Writes the reports; `report::generate` prints the summary and where they are. With
+/// `open`, opens the HTML report in a browser.
+fn generate(traces: &[PathBuf], options: &ReportOptions, open: bool) -> anyhow::Result<()> {
+    let outcome = report::generate(traces, options).context("failed to build the report")?;
+    if open {
+        crate::html::open(&outcome.html_path);
+    }
     Ok(())
 }
 
@@ -211,7 +215,7 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<()> {
             progress: std::io::stderr().is_terminal(),
         },
     };
-    generate(&traces, &options)
+    generate(&traces, &options, args.output.open)
 }
 
 /// The `*.mstrace` files directly in `dir`, sorted.

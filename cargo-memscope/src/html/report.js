@@ -1,0 +1,245 @@
+// memscope's HTML report: switches views and drives the allocation-sites table (sort,
+// filter, pages, stacks). Strings from the tracked program are only ever inserted as
+// text (textContent, createTextNode), never parsed as HTML.
+(function () {
+  "use strict";
+
+  // ---- views: one section at a time, chosen by the URL's fragment ----
+  const views = Array.from(document.querySelectorAll("section.view"));
+  const links = Array.from(document.querySelectorAll("#nav a[data-view]"));
+
+  function show(id) {
+    if (!views.some((v) => v.id === id)) id = "overview";
+    for (const v of views) v.hidden = v.id !== id;
+    for (const a of links) a.classList.toggle("active", a.dataset.view === id);
+  }
+  document.body.classList.add("js");
+  window.addEventListener("hashchange", () => {
+    show(location.hash.slice(1));
+    window.scrollTo(0, 0);
+  });
+  show(location.hash.slice(1));
+
+  // ---- figures, formatted as the terminal summary formats them ----
+  const count = (n) => n.toLocaleString("en-US");
+  function bytesShort(n) {
+    const units = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if (n < 1024) return n + " B";
+    let value = n / 1024;
+    let unit = 0;
+    while (value >= 1024 && unit < units.length - 1) {
+      value /= 1024;
+      unit += 1;
+    }
+    return value.toFixed(1) + " " + units[unit];
+  }
+
+  function el(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    return node;
+  }
+
+  // ---- the sites table ----
+  const table = document.getElementById("site-table");
+  const dataNode = document.getElementById("memscope-data");
+  if (table && dataNode) {
+    sitesTable(table, JSON.parse(dataNode.textContent));
+  }
+
+  function sitesTable(table, data) {
+    const PAGE = 100;
+    const frames = data.frames;
+    const sites = data.sites;
+    const body = table.tBodies[0];
+    const filter = document.getElementById("site-filter");
+    const origin = document.getElementById("site-origin");
+    const status = document.getElementById("site-status");
+    const pageLabel = document.getElementById("site-page");
+    const prev = document.getElementById("site-prev");
+    const next = document.getElementById("site-next");
+
+    // What the filter searches: every frame's function and file, lower-cased once.
+    const haystack = sites.map((s) => {
+      const parts = [];
+      if (s.location) parts.push(s.location.function || "", s.file || "");
+      for (const i of s.stack) parts.push(frames[i].function || "", frames[i].file || "");
+      return parts.join("\n").toLowerCase();
+    });
+    const keys = {
+      id: (s) => s.id,
+      location: (s) => (s.location && s.location.function) || "",
+      bytes_allocated: (s) => s.bytes_allocated,
+      count: (s) => s.allocations + s.reallocations,
+      bytes_at_peak: (s) => s.bytes_at_peak,
+      live_bytes_at_exit: (s) => s.live_bytes_at_exit,
+    };
+    const originName = { user: "your code", library: "library", std: "std only", unknown: "no symbols" };
+    let sortKey = "bytes_allocated";
+    let descending = true;
+    let rows = [];
+    let page = 0;
+    const open = new Set();
+
+    function update() {
+      const needle = filter.value.trim().toLowerCase();
+      const wanted = origin.value;
+      rows = [];
+      for (let i = 0; i < sites.length; i++) {
+        if (wanted && sites[i].origin !== wanted) continue;
+        if (needle && !haystack[i].includes(needle)) continue;
+        rows.push(i);
+      }
+      const key = keys[sortKey];
+      rows.sort((a, b) => {
+        const x = key(sites[a]);
+        const y = key(sites[b]);
+        const order = x < y ? -1 : x > y ? 1 : sites[a].id - sites[b].id;
+        return descending ? -order : order;
+      });
+      page = Math.min(page, Math.max(0, Math.ceil(rows.length / PAGE) - 1));
+      draw();
+    }
+
+    function draw() {
+      body.replaceChildren();
+      const from = page * PAGE;
+      const to = Math.min(rows.length, from + PAGE);
+      for (const i of rows.slice(from, to)) {
+        body.appendChild(row(sites[i]));
+        if (open.has(sites[i].id)) body.appendChild(stackRow(sites[i]));
+      }
+      if (rows.length === 0) {
+        const tr = el("tr");
+        const td = el("td", "muted", "No site matches.");
+        td.colSpan = 7;
+        tr.appendChild(td);
+        body.appendChild(tr);
+      }
+      status.textContent =
+        rows.length === sites.length
+          ? count(sites.length) + " sites"
+          : count(rows.length) + " of " + count(sites.length) + " sites match";
+      pageLabel.textContent = rows.length ? count(from + 1) + "–" + count(to) + " of " + count(rows.length) : "";
+      prev.disabled = page === 0;
+      next.disabled = to >= rows.length;
+      for (const th of table.tHead.rows[0].cells) {
+        th.classList.toggle("sorted", th.dataset.key === sortKey);
+        th.classList.toggle("ascending", th.dataset.key === sortKey && !descending);
+      }
+    }
+
+    function row(site) {
+      const tr = el("tr", "site");
+      tr.dataset.site = site.id;
+      tr.tabIndex = 0;
+      tr.appendChild(el("td", "num muted", "#" + site.id));
+      const where = el("td", "where");
+      where.appendChild(el("span", "fn", (site.location && site.location.function) || "?"));
+      if (site.file) {
+        const line = site.location.line;
+        where.appendChild(el("span", "file", site.file + (line === null ? "" : ":" + line)));
+      }
+      where.appendChild(el("span", "tag origin-" + site.origin, originName[site.origin] || site.origin));
+      tr.appendChild(where);
+      tr.appendChild(figure(count(site.bytes_allocated), bytesShort(site.bytes_allocated)));
+      tr.appendChild(
+        figure(count(site.allocations), site.reallocations ? "+" + count(site.reallocations) + " reallocations" : "")
+      );
+      tr.appendChild(figure(count(site.bytes_at_peak), (site.peak_share * 100).toFixed(1) + "% of peak"));
+      tr.appendChild(
+        figure(count(site.live_bytes_at_exit), site.live_blocks_at_exit ? "in " + count(site.live_blocks_at_exit) + " blocks" : "")
+      );
+      const basisCell = el("td");
+      basisCell.appendChild(el("span", "basis basis-" + site.basis, site.basis));
+      tr.appendChild(basisCell);
+      tr.addEventListener("click", () => toggle(site.id));
+      tr.addEventListener("keydown", (e) => {
+        if (e.key === "Enter" || e.key === " ") {
+          e.preventDefault();
+          toggle(site.id);
+        }
+      });
+      return tr;
+    }
+
+    function figure(main, sub) {
+      const td = el("td", "num", main);
+      if (sub) td.appendChild(el("div", "sub", sub));
+      return td;
+    }
+
+    function stackRow(site) {
+      const tr = el("tr", "stack-row");
+      const td = el("td");
+      td.colSpan = 7;
+      const list = el("ol", "frames");
+      for (const i of site.stack) {
+        const f = frames[i];
+        const li = el("li");
+        li.appendChild(el("span", "fn", f.function || f.address));
+        if (f.file) li.appendChild(el("span", "file", f.file + (f.line === null ? "" : ":" + f.line)));
+        if (f.inlined) li.appendChild(el("span", "tag", "inlined"));
+        list.appendChild(li);
+      }
+      if (site.stack.length === 0) td.appendChild(el("p", "muted", "No stack was recorded for this site."));
+      td.appendChild(list);
+      if (site.stack.length >= data.frames_shown) {
+        td.appendChild(el("p", "note", "The stack is cut at " + count(data.frames_shown) + " frames; report.json has all of it."));
+      }
+      td.appendChild(
+        el("p", "muted small", "Processes: " + site.pids.join(", ") + " · allocated " + count(site.allocations) + " times, reallocated " + count(site.reallocations) + " times")
+      );
+      tr.appendChild(td);
+      return tr;
+    }
+
+    function toggle(id) {
+      if (open.has(id)) open.delete(id);
+      else open.add(id);
+      draw();
+    }
+
+    for (const th of table.tHead.rows[0].cells) {
+      if (!th.dataset.key) continue;
+      th.tabIndex = 0;
+      const sort = () => {
+        if (sortKey === th.dataset.key) descending = !descending;
+        else {
+          sortKey = th.dataset.key;
+          descending = sortKey !== "location" && sortKey !== "id";
+        }
+        update();
+      };
+      th.addEventListener("click", sort);
+      th.addEventListener("keydown", (e) => {
+        if (e.key === "Enter") sort();
+      });
+    }
+    let pending = 0;
+    filter.addEventListener("input", () => {
+      clearTimeout(pending);
+      pending = setTimeout(() => {
+        page = 0;
+        update();
+      }, 120);
+    });
+    origin.addEventListener("change", () => {
+      page = 0;
+      update();
+    });
+    prev.addEventListener("click", () => {
+      page -= 1;
+      draw();
+    });
+    next.addEventListener("click", () => {
+      page += 1;
+      draw();
+    });
+    update();
+  }
+
+  // For tests and the curious: how long the page took to become usable.
+  document.documentElement.dataset.readyMs = String(Math.round(performance.now()));
+})();
