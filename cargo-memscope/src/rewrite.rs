@@ -45,6 +45,20 @@ pub struct Rewrite {
     pub wrapped: Vec<PathBuf>,
 }
 
+/// A crate that gets memscope's allocator.
+#[derive(Debug, Clone)]
+pub struct CrateRoot {
+    /// The manifest of its package, in the user's tree.
+    pub manifest: PathBuf,
+    /// Its root source file, in the user's tree.
+    pub root: PathBuf,
+    /// Whether the package's dev-dependencies are linked into it.
+    pub with_dev: bool,
+    /// Install the allocator under `#[cfg(test)]` only: a library or binary whose unit
+    /// tests are tracked, which other crates also link or run untested.
+    pub cfg_test: bool,
+}
+
 /// Rewrites the scratch copy of `ws` (at `scratch`) so that `program` is built with
 /// the runtime at `runtime` as its global allocator.
 pub fn apply(
@@ -53,9 +67,53 @@ pub fn apply(
     scratch: &Path,
     runtime: &Path,
 ) -> anyhow::Result<Rewrite> {
-    let allocators = find_allocators(ws, program)?;
+    let krate = CrateRoot {
+        manifest: program.manifest.clone(),
+        root: program.root.clone(),
+        with_dev: program.kind == ProgramKind::Example,
+        cfg_test: false,
+    };
+    apply_crates(ws, &[krate], scratch, runtime)
+}
+
+/// Rewrites the scratch copy so that every crate of `crates` is built with the
+/// runtime as its global allocator: a `#[global_allocator]` it links from the
+/// workspace is wrapped, otherwise one is installed in its root.
+pub fn apply_crates(
+    ws: &Workspace,
+    crates: &[CrateRoot],
+    scratch: &Path,
+    runtime: &Path,
+) -> anyhow::Result<Rewrite> {
+    let mut allocators: Vec<FoundAllocator> = Vec::new();
+    // memscope's own allocator goes in where the program's can be absent: always
+    // when it declares none, under the negation of their `cfg`s when all are gated.
+    let mut install: Vec<(&CrateRoot, String)> = Vec::new();
+    for krate in crates {
+        let found = find_allocators(ws, krate)?;
+        let test_only = if krate.cfg_test { "#[cfg(test)]\n" } else { "" };
+        if found.is_empty() {
+            install.push((krate, test_only.to_owned()));
+        } else if found.iter().all(|a| a.cfg.is_some()) {
+            let any: Vec<&str> = found.iter().filter_map(|a| a.cfg.as_deref()).collect();
+            install.push((
+                krate,
+                format!("{test_only}#[cfg(not(any({})))]\n", any.join(", ")),
+            ));
+        }
+        for f in found {
+            if !allocators
+                .iter()
+                .any(|a| a.file == f.file && a.attribute == f.attribute)
+            {
+                allocators.push(f);
+            }
+        }
+    }
     let mut runtime_users: BTreeSet<PathBuf> = BTreeSet::new();
-    runtime_users.insert(program.manifest.clone());
+    for krate in crates {
+        runtime_users.insert(krate.manifest.clone());
+    }
     for found in &allocators {
         runtime_users.insert(owning_manifest(ws, &found.file)?);
     }
@@ -91,20 +149,6 @@ pub fn apply(
             .cloned()
             .unwrap_or_else(|| RUNTIME_LIB.to_owned()))
     };
-    if allocators.is_empty() {
-        let root = &program.root;
-        let module = install_system_allocator(runtime, &crate_of(root)?)?;
-        let text = read_source(root)?;
-        let separator = if text.ends_with('\n') || text.is_empty() {
-            ""
-        } else {
-            "\n"
-        };
-        planned.insert(
-            root.clone(),
-            format!("{text}{separator}#[path = {module:?}]\nmod __memscope_allocator;\n"),
-        );
-    }
     let mut by_file: BTreeMap<&Path, Vec<&FoundAllocator>> = BTreeMap::new();
     for found in &allocators {
         by_file.entry(&found.file).or_default().push(found);
@@ -114,6 +158,23 @@ pub fn apply(
         planned.insert(
             file.to_path_buf(),
             wrap_allocators(&text, &found, &crate_of(file)?),
+        );
+    }
+    for (krate, cfg) in install {
+        let root = &krate.root;
+        let module = install_system_allocator(runtime, &crate_of(root)?)?;
+        let text = match planned.get(root) {
+            Some(wrapped) => wrapped.clone(),
+            None => read_source(root)?,
+        };
+        let separator = if text.ends_with('\n') || text.is_empty() {
+            ""
+        } else {
+            "\n"
+        };
+        planned.insert(
+            root.clone(),
+            format!("{text}{separator}{cfg}#[path = {module:?}]\nmod __memscope_allocator;\n"),
         );
     }
 
@@ -398,20 +459,21 @@ struct FoundAllocator {
     attribute: (LineColumn, LineColumn),
     /// End of the static item (after its `;`).
     item_end: LineColumn,
+    /// The item's `#[cfg(…)]` predicates joined with `all(…)`, if it has any: the
+    /// wrapper carries them, and memscope's own allocator is installed under their
+    /// negation (a `#[cfg(feature = "dhat")]` allocator is only there with the feature).
+    cfg: Option<String>,
 }
 
 /// Line (1-based) and column (0-based, in characters), as proc-macro2 reports them.
 type LineColumn = (usize, usize);
 
-/// The global allocators declared in the crates that make up `program`: its own crate,
+/// The global allocators declared in the crates that make up `krate`: its own crate,
 /// its package's library and the workspace libraries it depends on.
-fn find_allocators(ws: &Workspace, program: &Program) -> anyhow::Result<Vec<FoundAllocator>> {
-    let mut roots = vec![program.root.clone()];
+fn find_allocators(ws: &Workspace, krate: &CrateRoot) -> anyhow::Result<Vec<FoundAllocator>> {
+    let mut roots = vec![krate.root.clone()];
     let mut seen: BTreeSet<PathBuf> = BTreeSet::new();
-    let mut queue = vec![(
-        program.manifest.clone(),
-        program.kind == ProgramKind::Example,
-    )];
+    let mut queue = vec![(krate.manifest.clone(), krate.with_dev)];
     while let Some((manifest, with_dev)) = queue.pop() {
         if !seen.insert(manifest.clone()) {
             continue;
@@ -530,7 +592,15 @@ impl<'ast> syn::visit::Visit<'ast> for ModuleVisitor<'_> {
         };
         let start = attr.pound_token.span.start();
         let end = attr.bracket_token.span.close().end();
+        let cfgs: Vec<String> = item
+            .attrs
+            .iter()
+            .filter(|a| a.path().is_ident("cfg"))
+            .filter_map(|a| a.meta.require_list().ok())
+            .map(|list| list.tokens.to_string())
+            .collect();
         self.found.push(FoundAllocator {
+            cfg: (!cfgs.is_empty()).then(|| format!("all({})", cfgs.join(", "))),
             file: self.file.to_path_buf(),
             name: item.ident.to_string(),
             ty: item.ty.to_token_stream().to_string(),
@@ -564,8 +634,12 @@ fn wrap_allocators(text: &str, found: &[&FoundAllocator], krate: &str) -> String
             end - start,
             " ".repeat(text[start..end].chars().count()),
         ));
+        let cfg = allocator
+            .cfg
+            .as_ref()
+            .map_or(String::new(), |cfg| format!(" #[cfg({cfg})]"));
         let wrapper = format!(
-            " #[global_allocator] static {ALLOCATOR_STATIC}: ::{krate}::Alloc<::{krate}::ByRef<{ty}>> = \
+            "{cfg} #[global_allocator] static {ALLOCATOR_STATIC}: ::{krate}::Alloc<::{krate}::ByRef<{ty}>> = \
              ::{krate}::Alloc::new(::{krate}::ByRef(&{name}));",
             ty = allocator.ty,
             name = allocator.name
@@ -681,6 +755,35 @@ mod tests {
             "use std::alloc::System;\n\n                   \nstatic GLOBAL: Counting<System> = Counting::new(System); \
              #[global_allocator] static __MEMSCOPE_ALLOC: ::memscope::Alloc<::memscope::ByRef<Counting < System >>> = \
              ::memscope::Alloc::new(::memscope::ByRef(&GLOBAL));\n\nfn main() {}\n"
+        );
+        syn::parse_file(&wrapped).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod cfg_tests {
+    use super::*;
+
+    #[test]
+    fn a_cfg_gated_allocator_is_wrapped_under_the_same_cfg() {
+        let text = "#[cfg(feature = \"dhat\")]\n#[global_allocator]\nstatic ALLOC: dhat::Alloc = dhat::Alloc;\nfn main() {}\n";
+        let syntax = syn::parse_file(text).unwrap();
+        let mut found = Vec::new();
+        let mut visitor = ModuleVisitor {
+            file: Path::new("/ws/src/main.rs"),
+            file_dir: PathBuf::from("/ws/src"),
+            module_dir: PathBuf::from("/ws/src"),
+            children: Vec::new(),
+            found: &mut found,
+        };
+        syn::visit::Visit::visit_file(&mut visitor, &syntax);
+        assert_eq!(found[0].cfg.as_deref(), Some("all(feature = \"dhat\")"));
+        let wrapped = wrap_allocators(text, &[&found[0]], "memscope");
+        assert!(
+            wrapped.contains(
+                " #[cfg(all(feature = \"dhat\"))] #[global_allocator] static __MEMSCOPE_ALLOC"
+            ),
+            "{wrapped}"
         );
         syn::parse_file(&wrapped).unwrap();
     }

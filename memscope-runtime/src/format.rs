@@ -42,6 +42,24 @@
 //! start, end, path length, path bytes padded to 8), `END` 3 (reason, stamp, events
 //! dropped).
 //!
+//! Instrumentation kinds (written by `#[memscope::instrument]` and the registration
+//! API through the runtime's `__private::emit`; word 1 is always the event's stamp,
+//! which does not move the stream clock):
+//!
+//! | kind | words after the stamp |
+//! |---|---|
+//! | `INSTRUMENTED` 16 | runtime API version: the process uses instrumentation |
+//! | `DEF` 17 | id, `class:8 \| line:32 \| column:24`, `name_len:16 \| detail_len:16 \| file_len:16`, name, detail and file bytes back to back, padded to 8 |
+//! | `ENTER` 18 | id of a scope (`DEF`) or a task (`TASK`) entered on this thread |
+//! | `EXIT` 19 | id of the scope or task left |
+//! | `OWNS` 20 | variable id (`DEF`), block count n, then per block: `address:48 \| flags:8 << 56` (1 = interior pointer, 2 = reference-counted), size, `strong:32 \| weak:32` |
+//! | `TASK` 21 | task id, site id (`DEF`, 0 = none), name length, name bytes padded to 8 |
+//! | `TASK_END` 22 | task id, [`TaskState`] |
+//!
+//! Ids come from one per-process counter: a `DEF` is written once per call site or
+//! declaration, before or after (on another thread) the events that name it, so
+//! readers resolve ids at the end. `DEF` classes are [`DefClass`].
+//!
 //! **Stamps.** An event's stamp is the stream clock plus its delta; the stream clock
 //! then becomes that stamp. A `STAMP` record sets the clock outright (the writer puts
 //! one at the start of every chunk and wherever a delta would not fit 12 bits), so a
@@ -93,6 +111,105 @@ pub const TAG_EXTENDED: u64 = 15;
 pub const EXT_CLOCK: u64 = 1;
 pub const EXT_MODULE: u64 = 2;
 pub const EXT_END: u64 = 3;
+pub const EXT_INSTRUMENTED: u64 = 16;
+pub const EXT_DEF: u64 = 17;
+pub const EXT_ENTER: u64 = 18;
+pub const EXT_EXIT: u64 = 19;
+pub const EXT_OWNS: u64 = 20;
+pub const EXT_TASK: u64 = 21;
+pub const EXT_TASK_END: u64 = 22;
+
+/// `OWNS` block flag: the address points inside the block, not at its start.
+pub const OWNS_INTERIOR: u64 = 1;
+/// `OWNS` block flag: a reference-counted block (`Rc`, `Arc`); counts are valid.
+pub const OWNS_REFCOUNTED: u64 = 2;
+
+/// What a `DEF` record names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum DefClass {
+    /// An instrumented function (detail: module path).
+    Function = 1,
+    /// A `let` binding or a `track!`ed variable (detail: its type).
+    Variable = 2,
+    /// A manual scope guard, `memscope::scope("name")` (detail: module path).
+    Scope = 3,
+    /// Where tasks are created: an instrumented `async fn` or `memscope_task` (detail:
+    /// module path).
+    Task = 4,
+}
+
+impl DefClass {
+    pub fn from_u8(v: u8) -> Option<DefClass> {
+        Some(match v {
+            1 => DefClass::Function,
+            2 => DefClass::Variable,
+            3 => DefClass::Scope,
+            4 => DefClass::Task,
+            _ => return None,
+        })
+    }
+}
+
+/// How a task ended, as written in `TASK_END`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum TaskState {
+    /// Its future returned `Ready`.
+    Completed = 1,
+    /// It was dropped before completing (cancelled, or its executor shut down).
+    Dropped = 2,
+}
+
+/// One heap block that a variable owns, as written in `OWNS`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnedBlock {
+    /// The block's start, or an address inside it when `interior`.
+    pub addr: u64,
+    /// The block's size as the owner knows it (capacity × element size).
+    pub size: u64,
+    pub interior: bool,
+    /// `(strong, weak)` counts of an `Rc`/`Arc` block.
+    pub counts: Option<(u32, u32)>,
+}
+
+impl OwnedBlock {
+    /// The three words of this block in an `OWNS` record.
+    pub fn words(&self) -> [u64; 3] {
+        let flags = if self.interior { OWNS_INTERIOR } else { 0 }
+            | if self.counts.is_some() {
+                OWNS_REFCOUNTED
+            } else {
+                0
+            };
+        let (strong, weak) = self.counts.unwrap_or((0, 0));
+        [
+            (self.addr & ADDR_MASK) | (flags << 56),
+            self.size,
+            u64::from(strong) | (u64::from(weak) << 32),
+        ]
+    }
+
+    fn from_words(w: [u64; 3]) -> OwnedBlock {
+        let flags = w[0] >> 56;
+        OwnedBlock {
+            addr: w[0] & ADDR_MASK,
+            size: w[1],
+            interior: flags & OWNS_INTERIOR != 0,
+            counts: (flags & OWNS_REFCOUNTED != 0).then_some((w[2] as u32, (w[2] >> 32) as u32)),
+        }
+    }
+}
+
+/// Packs word 2 of a `DEF` record.
+pub const fn def_word(class: DefClass, line: u32, column: u32) -> u64 {
+    class as u64 | ((line as u64) << 8) | (((column as u64) & 0xff_ffff) << 40)
+}
+
+/// Packs word 3 of a `DEF` record.
+pub const fn def_lengths(name: usize, detail: usize, file: usize) -> u64 {
+    (name as u64 & 0xffff) | ((detail as u64 & 0xffff) << 16) | ((file as u64 & 0xffff) << 32)
+}
 
 const ADDR_MASK: u64 = (1 << 48) - 1;
 
@@ -298,6 +415,51 @@ pub enum Record {
         ts: u64,
         dropped: u64,
     },
+    /// The process uses instrumentation (`version` of the registration API).
+    Instrumented {
+        ts: u64,
+        version: u64,
+    },
+    /// An interned name: a call site or a declaration (see [`DefClass`]).
+    Def {
+        ts: u64,
+        id: u64,
+        class: u8,
+        line: u32,
+        column: u32,
+        name: String,
+        detail: String,
+        file: String,
+    },
+    /// The thread entered scope or task `id`.
+    Enter {
+        ts: u64,
+        id: u64,
+    },
+    /// The thread left scope or task `id`.
+    Exit {
+        ts: u64,
+        id: u64,
+    },
+    /// Variable `var` (a `DEF` id) owns these blocks now.
+    Owns {
+        ts: u64,
+        var: u64,
+        blocks: Vec<OwnedBlock>,
+    },
+    /// Task `id` was created at `site` (a `DEF` id, 0 = none).
+    Task {
+        ts: u64,
+        id: u64,
+        site: u64,
+        name: String,
+    },
+    /// Task `id` ended ([`TaskState`] as `state`).
+    TaskEnd {
+        ts: u64,
+        id: u64,
+        state: u8,
+    },
 }
 
 /// What can be wrong with trace bytes.
@@ -489,6 +651,58 @@ impl StreamDecoder {
                         reason: w(1) as u8,
                         ts: w(2),
                         dropped: w(3),
+                    }),
+                    EXT_INSTRUMENTED if n >= 2 => Some(Record::Instrumented {
+                        ts: w(1),
+                        version: w(2),
+                    }),
+                    EXT_DEF if n >= 4 => {
+                        let (cw, lw) = (w(3), w(4));
+                        let room = (n - 4) * 8;
+                        let name_len = ((lw & 0xffff) as usize).min(room);
+                        let detail_len = (((lw >> 16) & 0xffff) as usize).min(room - name_len);
+                        let file_len =
+                            (((lw >> 32) & 0xffff) as usize).min(room - name_len - detail_len);
+                        let at = pos + 40;
+                        Some(Record::Def {
+                            ts: w(1),
+                            id: w(2),
+                            class: cw as u8,
+                            line: (cw >> 8) as u32,
+                            column: ((cw >> 40) & 0xff_ffff) as u32,
+                            name: string_at(payload, at, name_len),
+                            detail: string_at(payload, at + name_len, detail_len),
+                            file: string_at(payload, at + name_len + detail_len, file_len),
+                        })
+                    }
+                    EXT_ENTER if n >= 2 => Some(Record::Enter { ts: w(1), id: w(2) }),
+                    EXT_EXIT if n >= 2 => Some(Record::Exit { ts: w(1), id: w(2) }),
+                    EXT_OWNS if n >= 3 => {
+                        let count = (w(3) as usize).min((n - 3) / 3);
+                        let blocks = (0..count)
+                            .map(|i| {
+                                OwnedBlock::from_words([w(4 + 3 * i), w(5 + 3 * i), w(6 + 3 * i)])
+                            })
+                            .collect();
+                        Some(Record::Owns {
+                            ts: w(1),
+                            var: w(2),
+                            blocks,
+                        })
+                    }
+                    EXT_TASK if n >= 4 => {
+                        let len = (w(4) as usize).min((n - 4) * 8);
+                        Some(Record::Task {
+                            ts: w(1),
+                            id: w(2),
+                            site: w(3),
+                            name: string_at(payload, pos + 40, len),
+                        })
+                    }
+                    EXT_TASK_END if n >= 3 => Some(Record::TaskEnd {
+                        ts: w(1),
+                        id: w(2),
+                        state: w(3) as u8,
                     }),
                     _ => None,
                 };
@@ -685,6 +899,65 @@ impl Encoder {
                 .word(*reason as u64)
                 .word(*ts)
                 .word(*dropped),
+            Record::Instrumented { ts, version } => self
+                .word(head(TAG_EXTENDED, EXT_INSTRUMENTED, 2))
+                .word(*ts)
+                .word(*version),
+            Record::Def {
+                ts,
+                id,
+                class,
+                line,
+                column,
+                name,
+                detail,
+                file,
+            } => {
+                let text = [name.as_bytes(), detail.as_bytes(), file.as_bytes()].concat();
+                let n = 4 + text.len().div_ceil(8) as u64;
+                let class = DefClass::from_u8(*class).unwrap_or(DefClass::Function);
+                self.word(head(TAG_EXTENDED, EXT_DEF, n))
+                    .word(*ts)
+                    .word(*id)
+                    .word(def_word(class, *line, *column))
+                    .word(def_lengths(name.len(), detail.len(), file.len()))
+                    .padded(&text)
+            }
+            Record::Enter { ts, id } => self
+                .word(head(TAG_EXTENDED, EXT_ENTER, 2))
+                .word(*ts)
+                .word(*id),
+            Record::Exit { ts, id } => self
+                .word(head(TAG_EXTENDED, EXT_EXIT, 2))
+                .word(*ts)
+                .word(*id),
+            Record::Owns { ts, var, blocks } => {
+                let n = 3 + 3 * blocks.len() as u64;
+                self.word(head(TAG_EXTENDED, EXT_OWNS, n))
+                    .word(*ts)
+                    .word(*var)
+                    .word(blocks.len() as u64);
+                for b in blocks {
+                    for w in b.words() {
+                        self.word(w);
+                    }
+                }
+                self
+            }
+            Record::Task { ts, id, site, name } => {
+                let n = 4 + name.len().div_ceil(8) as u64;
+                self.word(head(TAG_EXTENDED, EXT_TASK, n))
+                    .word(*ts)
+                    .word(*id)
+                    .word(*site)
+                    .word(name.len() as u64)
+                    .padded(name.as_bytes())
+            }
+            Record::TaskEnd { ts, id, state } => self
+                .word(head(TAG_EXTENDED, EXT_TASK_END, 3))
+                .word(*ts)
+                .word(*id)
+                .word(*state as u64),
         }
     }
 }
@@ -753,6 +1026,48 @@ mod tests {
                 reason: 0,
                 ts: 11,
                 dropped: 0,
+            },
+            Record::Instrumented { ts: 12, version: 1 },
+            Record::Def {
+                ts: 13,
+                id: 7,
+                class: DefClass::Variable as u8,
+                line: 42,
+                column: 9,
+                name: "cache".into(),
+                detail: "alloc::vec::Vec<u8>".into(),
+                file: "src/main.rs".into(),
+            },
+            Record::Enter { ts: 14, id: 7 },
+            Record::Owns {
+                ts: 15,
+                var: 7,
+                blocks: vec![
+                    OwnedBlock {
+                        addr: 0x5000,
+                        size: 4096,
+                        interior: false,
+                        counts: None,
+                    },
+                    OwnedBlock {
+                        addr: 0x6010,
+                        size: 40,
+                        interior: true,
+                        counts: Some((2, 1)),
+                    },
+                ],
+            },
+            Record::Exit { ts: 16, id: 7 },
+            Record::Task {
+                ts: 17,
+                id: 8,
+                site: 0,
+                name: "ingest-7".into(),
+            },
+            Record::TaskEnd {
+                ts: 18,
+                id: 8,
+                state: TaskState::Completed as u8,
             },
         ]
     }

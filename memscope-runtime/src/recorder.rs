@@ -68,6 +68,8 @@ pub struct ThreadRecord {
     snapshotted: AtomicU64,
     // Touched only by the owning thread:
     busy: Cell<bool>,
+    /// Events of this thread are memscope's own (see `mark_current_thread_internal`).
+    internal: Cell<bool>,
     /// The thread's last timestamp (see `clock.rs`).
     last_stamp: Cell<u64>,
     /// The stamp the stream's next delta is relative to (see `format.rs`).
@@ -149,7 +151,13 @@ pub fn on_realloc(old: *mut u8, new: *mut u8, layout: Layout, new_size: usize, t
     with_record(|rec| {
         let slot = rec.stack_slot();
         let ts_after = clock::stamp(&rec.last_stamp, new as usize);
-        let sw = size_word(new_size as u64, align_log2(layout), slot, false, false);
+        let sw = size_word(
+            new_size as u64,
+            align_log2(layout),
+            slot,
+            false,
+            rec.internal.get(),
+        );
         let base = rec.stream_clock.get();
         let before = ts_before.wrapping_sub(base);
         let after = ts_after - ts_before;
@@ -202,20 +210,16 @@ fn align_log2(layout: Layout) -> u64 {
     layout.align().trailing_zeros() as u64
 }
 
-/// Marks the calling thread as never recorded from now on. On memscope's writer
-/// thread this also discards what std's thread start-up recorded there: those events
-/// are memscope's, not the program's.
-pub fn disable_current_thread(discard: bool) {
-    let rec = CURRENT.with(|c| c.replace(DISABLED as *const ThreadRecord));
-    if discard && (rec as usize) > DISABLED {
-        // SAFETY: see `with_record`; this thread owns the record.
-        let rec = unsafe { &*rec };
-        rec.alive.store(false, Ordering::Release);
-        let buf = rec.buf.swap(ptr::null_mut(), Ordering::AcqRel);
-        if let (Some(buf), Some(pool)) = (NonNull::new(buf), writer::pool()) {
-            pool.give_back(buf);
-        }
-    }
+/// Marks the calling thread as never recorded from now on (the exiting thread, once
+/// the trace is ending).
+pub fn disable_current_thread() {
+    CURRENT.with(|c| c.set(DISABLED as *const ThreadRecord));
+}
+
+/// Flags every allocation the calling thread makes from now on as memscope's own
+/// (memscope's writer thread). Readers keep such blocks out of the program's figures.
+pub fn mark_current_thread_internal() {
+    with_record(|rec| rec.internal.set(true));
 }
 
 /// First event of a thread: creates and registers its record.
@@ -236,6 +240,10 @@ fn start_thread() -> *const ThreadRecord {
     // SAFETY: `rec` was just created and is never freed.
     let r = unsafe { &*rec };
     r.busy.set(true);
+    if r.tid >= 2 {
+        // The program runs a second thread: past std's start-up, the writer can run.
+        writer::start_writer();
+    }
     // Registering the guard's destructor may allocate; `busy` lets that through.
     // `try_with` fails only when the thread-locals are already being destroyed, and
     // then there is no later point to hand the buffer over: the process-exit flush
@@ -281,6 +289,7 @@ impl ThreadRecord {
             next: AtomicPtr::new(ptr::null_mut()),
             snapshotted: AtomicU64::new(0),
             busy: Cell::new(false),
+            internal: Cell::new(false),
             last_stamp: Cell::new(0),
             stream_clock: Cell::new(0),
             stack_top: Cell::new(sys::stack_top()),

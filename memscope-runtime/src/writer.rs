@@ -80,7 +80,6 @@ pub fn start() -> bool {
                 libc::pthread_atfork(None, None, Some(after_fork_in_child));
             }
             ENABLED.store(true, Ordering::Release);
-            start_writer();
         }
     });
     ENABLED.load(Ordering::Acquire)
@@ -120,9 +119,10 @@ fn open_trace_file() -> bool {
         ppid: unsafe { libc::getppid() } as u32,
         start_unix_ns: start,
     };
+    let meta = meta_chunk(Meta::Modules);
     with_file(|fd| {
         write_all(fd, &header.encode());
-        write_meta(fd, Meta::Modules);
+        write_all(fd, &meta);
     });
     true
 }
@@ -138,8 +138,9 @@ enum Meta {
     End,
 }
 
-/// Writes a meta chunk; the caller holds the file lock (`fd`).
-fn write_meta(fd: i32, what: Meta) {
+/// A meta chunk (header and payload), built before taking the file lock: building
+/// it allocates, and an allocation must never wait for the lock it might need.
+fn meta_chunk(what: Meta) -> Vec<u8> {
     let mut enc = Encoder::default();
     let ts = clock::counter();
     enc.record(&Record::Clock {
@@ -171,8 +172,9 @@ fn write_meta(fd: i32, what: Meta) {
         len: enc.bytes.len() as u32,
         checksum: crate::format::checksum(&enc.bytes),
     };
-    write_all(fd, &header.encode());
-    write_all(fd, &enc.bytes);
+    let mut chunk = header.encode().to_vec();
+    chunk.extend_from_slice(&enc.bytes);
+    chunk
 }
 
 /// Hands a full buffer to the writer (or writes it now if the writer can't take it).
@@ -202,7 +204,10 @@ fn write_full(shared: &Shared, mut full: Full) {
     shared.pool.give_back(full.buf);
 }
 
-fn start_writer() {
+/// Starts the writer thread if it is not running. Called at the first hand-over and
+/// when the program starts its second thread, never earlier: a thread started while
+/// std sets up `main` would change which thread allocates std's shared bookkeeping.
+pub fn start_writer() {
     if EXITING.load(Ordering::Relaxed) || WRITER_STARTED.swap(true, Ordering::AcqRel) {
         return;
     }
@@ -220,7 +225,9 @@ fn start_writer() {
 const SNAPSHOT_EVERY: Duration = Duration::from_millis(100);
 
 fn writer_loop() {
-    recorder::disable_current_thread(true);
+    // What this thread allocates (std's per-thread bookkeeping, meta records) is
+    // memscope's doing: recorded, but flagged as such.
+    recorder::mark_current_thread_internal();
     let Some(shared) = SHARED.get() else { return };
     let Some(scratch) = shared.pool.take() else {
         return;
@@ -229,6 +236,8 @@ fn writer_loop() {
     loop {
         clock::tick();
         let mut wrote = 0;
+        let due = last_snapshot.elapsed() >= SNAPSHOT_EVERY && !EXITING.load(Ordering::Acquire);
+        let clock_chunk = due.then(|| meta_chunk(Meta::Clock));
         with_file(|fd| {
             while let Some(mut full) = shared.full.pop() {
                 write_all(fd, full.bytes());
@@ -239,9 +248,9 @@ fn writer_loop() {
                     break;
                 }
             }
-            if last_snapshot.elapsed() >= SNAPSHOT_EVERY && !EXITING.load(Ordering::Acquire) {
+            if let Some(chunk) = &clock_chunk {
                 last_snapshot = std::time::Instant::now();
-                write_meta(fd, Meta::Clock);
+                write_all(fd, chunk);
                 recorder::snapshot_running(scratch, |thread, index, len| {
                     write_all(
                         fd,
@@ -311,11 +320,12 @@ extern "C" fn exit_flush() {
         with_file(|fd| write_all(fd, full.bytes()));
     });
     // Our own allocations from here on are memscope's, not the program's.
-    recorder::disable_current_thread(false);
+    recorder::disable_current_thread();
     while let Some(full) = shared.full.pop() {
         write_full(shared, full);
     }
-    with_file(|fd| write_meta(fd, Meta::End));
+    let meta = meta_chunk(Meta::End);
+    with_file(|fd| write_all(fd, &meta));
     FINISHED.store(true, Ordering::Release);
     shared.pool.give_back(scratch);
     let fd = FD.swap(-1, Ordering::AcqRel);
