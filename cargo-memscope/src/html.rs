@@ -16,6 +16,7 @@
 //! section that a later model adds slots in as one field of [`Page`] and one block of
 //! the template.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -27,10 +28,10 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::report::{
-    InternalGroup, Leak, Problem, Process, Report, Site, Summary, Thread, Timeline,
+    Basis, InternalGroup, Leak, Location, Problem, Process, Report, Site, Summary, Thread, Timeline,
 };
 use crate::summary;
-use crate::symbols::{Frame, ModuleStatus};
+use crate::symbols::{Frame, ModuleStatus, SiteOrigin};
 
 const TEMPLATE: &str = include_str!("html/report.html");
 const STYLE: &str = include_str!("html/report.css");
@@ -38,9 +39,9 @@ const SCRIPT: &str = include_str!("html/report.js");
 
 /// Sites in the page: the top this many by bytes allocated, by allocation count, by
 /// bytes live at the peak and by bytes live at exit (the orders the table sorts on).
-pub const SITES_PER_RANKING: usize = 1000;
+pub const SITES_PER_RANKING: usize = 500;
 /// Leak groups listed (largest first).
-pub const LEAKS_SHOWN: usize = 1000;
+pub const LEAKS_SHOWN: usize = 500;
 /// Runtime-internal groups listed (largest first).
 pub const INTERNAL_SHOWN: usize = 200;
 /// Threads listed (most bytes allocated first).
@@ -67,6 +68,7 @@ pub fn render(report: &Report, user_roots: &[PathBuf]) -> anyhow::Result<String>
     env.set_undefined_behavior(UndefinedBehavior::SemiStrict);
     env.add_filter("num", summary::count);
     env.add_filter("bytes", summary::bytes);
+    env.add_filter("plural", |n: u64, noun: String| summary::plural(n, &noun));
     env.add_filter("bytes_short", summary::bytes_short);
     env.add_filter("duration", |ns: Option<u64>| ns.map(summary::duration));
     env.add_filter("percent", percent);
@@ -75,7 +77,7 @@ pub fn render(report: &Report, user_roots: &[PathBuf]) -> anyhow::Result<String>
     env.add_template("report.html", TEMPLATE)
         .context("the HTML report template does not parse")?;
     let template = env.get_template("report.html")?;
-    let data = script_json(&page.sites_data(user_roots));
+    let data = script_json(&page.script_data(user_roots));
     // The only values not escaped: our own style and script, and JSON escaped for a
     // script element.
     let html = template
@@ -205,6 +207,7 @@ struct Page<'a> {
     /// The views the report has, in order: `(id, title, count)`.
     views: Vec<(&'static str, &'static str, Option<usize>)>,
     frames_shown: usize,
+    sites_per_ranking: usize,
     /// A random token that lets the page's own script run (Content-Security-Policy).
     nonce: String,
 }
@@ -247,6 +250,7 @@ impl<'a> Page<'a> {
             problems: Part::of(&report.problems, PROBLEMS_SHOWN),
             views: Vec::new(),
             frames_shown: FRAMES_SHOWN,
+            sites_per_ranking: SITES_PER_RANKING,
             nonce: nonce(),
         };
         page.views = page.views();
@@ -273,41 +277,58 @@ impl<'a> Page<'a> {
         views
     }
 
-    /// The sites table's data, for the script: the shown sites, with their stacks as
-    /// indexes into one table of distinct frames.
-    fn sites_data(&self, user_roots: &[PathBuf]) -> SitesData<'a> {
-        let mut frames = Vec::new();
+    /// The script's data: the shown sites, and the stacks of those sites and of the
+    /// shown leaks, as indexes into one table of distinct frames.
+    fn script_data(&self, user_roots: &[PathBuf]) -> ScriptData<'a> {
+        let mut data = ScriptData {
+            total: self.sites.total,
+            frames_shown: FRAMES_SHOWN,
+            sites: Vec::with_capacity(self.sites.items.len()),
+            stacks: BTreeMap::new(),
+            frames: Vec::new(),
+        };
         let mut index: FxHashMap<&Frame, usize> = FxHashMap::default();
-        let sites = self
-            .sites
-            .items
-            .iter()
-            .map(|site| SiteData {
-                site,
-                stack: site
-                    .stack
+        let mut add_stack = |data: &mut ScriptData<'a>, id: usize, stack: &'a [Frame]| {
+            data.stacks.entry(id).or_insert_with(|| {
+                let shown = &stack[..stack.len().min(FRAMES_SHOWN)];
+                shown
                     .iter()
-                    .take(FRAMES_SHOWN)
                     .map(|f| {
                         *index.entry(f).or_insert_with(|| {
-                            frames.push(FrameData::new(f, user_roots));
-                            frames.len() - 1
+                            data.frames.push(FrameData::new(f, user_roots));
+                            data.frames.len() - 1
                         })
                     })
-                    .collect(),
+                    .collect()
+            });
+        };
+        for site in &self.sites.items {
+            add_stack(&mut data, site.id, &site.stack);
+            data.sites.push(SiteData {
+                id: site.id,
+                location: site.location.as_ref(),
                 file: site
                     .location
                     .as_ref()
                     .and_then(|l| l.file.as_deref())
                     .map(|f| display_path(f, user_roots)),
-            })
-            .collect();
-        SitesData {
-            total: self.sites.total,
-            frames_shown: FRAMES_SHOWN,
-            sites,
-            frames,
+                origin: site.origin,
+                allocations: site.allocations,
+                reallocations: site.reallocations,
+                bytes_allocated: site.bytes_allocated,
+                bytes_at_peak: site.bytes_at_peak,
+                peak_share: site.peak_share,
+                live_blocks_at_exit: site.live_blocks_at_exit,
+                live_bytes_at_exit: site.live_bytes_at_exit,
+                pids: &site.pids,
+                basis: site.basis,
+                depth: site.stack.len(),
+            });
         }
+        for leak in &self.leaks.items {
+            add_stack(&mut data, leak.site, &leak.stack);
+        }
+        data
     }
 }
 
@@ -338,44 +359,60 @@ fn shown_sites(sites: &[Site]) -> Vec<&Site> {
         .collect()
 }
 
+/// What the page's script reads (see `report.js`).
 #[derive(Serialize)]
-struct SitesData<'a> {
+struct ScriptData<'a> {
+    /// Sites in the report (the page holds `sites`).
     total: usize,
     frames_shown: usize,
     sites: Vec<SiteData<'a>>,
+    /// Site id → its stack's first [`FRAMES_SHOWN`] frames, innermost first.
+    stacks: BTreeMap<usize, Vec<usize>>,
     frames: Vec<FrameData<'a>>,
 }
 
-/// A site with its stack as frame indexes (the other fields are the report's).
+/// A site as the script needs it: the report's figures and the location's file as
+/// shown.
 #[derive(Serialize)]
 struct SiteData<'a> {
-    #[serde(flatten)]
-    site: &'a Site,
+    id: usize,
+    location: Option<&'a Location>,
     /// The location's file as shown (relative to the user's root).
     file: Option<String>,
-    #[serde(rename = "stack")]
-    stack: Vec<usize>,
+    origin: SiteOrigin,
+    allocations: u64,
+    reallocations: u64,
+    bytes_allocated: u64,
+    bytes_at_peak: u64,
+    peak_share: f64,
+    live_blocks_at_exit: u64,
+    live_bytes_at_exit: u64,
+    pids: &'a [u32],
+    basis: Basis,
+    /// Frames in the whole stack.
+    depth: usize,
 }
 
+/// A frame, as an array to keep the page small: `[function, file as shown, line,
+/// inlined, address]`, the address only for frames without a function name.
 #[derive(Serialize)]
-struct FrameData<'a> {
-    function: Option<&'a str>,
-    /// As shown (relative to the user's root).
-    file: Option<String>,
-    line: Option<u32>,
-    inlined: bool,
-    address: &'a str,
-}
+struct FrameData<'a>(
+    Option<&'a str>,
+    Option<String>,
+    Option<u32>,
+    bool,
+    Option<&'a str>,
+);
 
 impl<'a> FrameData<'a> {
     fn new(f: &'a Frame, user_roots: &[PathBuf]) -> FrameData<'a> {
-        FrameData {
-            function: f.function.as_deref(),
-            file: f.file.as_deref().map(|p| display_path(p, user_roots)),
-            line: f.line,
-            inlined: f.inlined,
-            address: &f.address,
-        }
+        FrameData(
+            f.function.as_deref(),
+            f.file.as_deref().map(|p| display_path(p, user_roots)),
+            f.line,
+            f.inlined,
+            f.function.is_none().then_some(f.address.as_str()),
+        )
     }
 }
 
@@ -487,19 +524,13 @@ fn chart(timeline: &Timeline, process: Option<&Process>) -> Chart {
     let x = |t: u64| left + (right - left) * t as f64 / t_max as f64;
     let y = |b: u64| bottom - (bottom - top) * b as f64 / b_max as f64;
 
-    let mut line = String::new();
-    for (i, p) in points.iter().enumerate() {
-        let cmd = if i == 0 { 'M' } else { 'L' };
-        line.push_str(&format!("{cmd}{:.1} {:.1} ", x(p.t), y(p.bytes)));
+    // Live bytes hold until the next point: a step line, from nothing live at the
+    // start.
+    let mut line = format!("M{:.1} {:.1}", x(0), y(0));
+    for p in points {
+        line.push_str(&format!(" H{:.1} V{:.1}", x(p.t), y(p.bytes)));
     }
-    let first = points.first().map_or(0, |p| p.t);
-    let last = points.last().map_or(0, |p| p.t);
-    let area = format!(
-        "M{:.1} {bottom:.1} {}L{:.1} {bottom:.1} Z",
-        x(first),
-        line.replacen('M', "L", 1),
-        x(last)
-    );
+    let area = format!("{line} V{bottom:.1} Z");
 
     let ns = timeline.unit == "ns";
     let time_label = |t: u64| {
@@ -554,7 +585,7 @@ fn chart(timeline: &Timeline, process: Option<&Process>) -> Chart {
         width: CHART_W,
         height: CHART_H,
         plot: [left, top, right, bottom],
-        line: line.trim_end().to_string(),
+        line,
         area,
         x_ticks,
         y_ticks,
@@ -565,5 +596,432 @@ fn chart(timeline: &Timeline, process: Option<&Process>) -> Chart {
         },
         peak,
         points: points.len(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::{MemscopeOwn, Point, ThreadRef};
+
+    #[allow(dead_code)]
+    mod chromium {
+        include!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/tests/html_support/chromium.rs"
+        ));
+    }
+
+    /// Markup that runs a script if it is ever parsed as HTML.
+    const EVIL: &str = r#"<img src=x onerror="document.title='pwned'">"#;
+    /// Text that ends a script element if it is ever written into one unescaped.
+    const BREAKOUT: &str = "</script><script>document.title='pwned'</script>";
+
+    fn frame(function: &str, file: &str, line: u32) -> Frame {
+        Frame {
+            address: format!("0x{:x}", 0x1000 + line),
+            function: Some(function.into()),
+            file: Some(file.into()),
+            line: Some(line),
+            inlined: false,
+        }
+    }
+
+    fn site(id: usize, stack: Vec<Frame>, bytes: u64, live: u64) -> Site {
+        let top = &stack[0];
+        Site {
+            id,
+            location: Some(Location {
+                function: top.function.clone(),
+                file: top.file.clone(),
+                line: top.line,
+            }),
+            origin: SiteOrigin::User,
+            allocations: 1 + bytes / 100,
+            reallocations: 0,
+            bytes_allocated: bytes,
+            bytes_at_peak: bytes / 2,
+            peak_share: 0.5,
+            live_blocks_at_exit: u64::from(live > 0),
+            live_bytes_at_exit: live,
+            pids: vec![7],
+            basis: Basis::Observed,
+            stack,
+        }
+    }
+
+    fn summary() -> Summary {
+        Summary {
+            complete: true,
+            allocations: 1234,
+            zeroed_allocations: 5,
+            reallocations: 67,
+            frees: 1200,
+            bytes_allocated: 1_234_567,
+            peak_bytes: 45_678,
+            peak_blocks: 89,
+            peak_time_ns: Some(1_500_000),
+            live_blocks_at_exit: 3,
+            live_bytes_at_exit: 4640,
+            leaked_blocks: 2,
+            leaked_bytes: 4096,
+            runtime_internal_blocks: 1,
+            runtime_internal_bytes: 544,
+            problems: 1,
+            events_dropped: 0,
+        }
+    }
+
+    /// A report with every view, and `name` as every string the program supplies.
+    fn report(name: &str, sites: Vec<Site>) -> Report {
+        let thread = ThreadRef {
+            pid: 7,
+            thread: 2,
+            name: Some(name.into()),
+            blocks: 1,
+        };
+        let leaks = sites
+            .iter()
+            .filter(|s| s.live_bytes_at_exit > 0)
+            .map(|s| Leak {
+                site: s.id,
+                location: s.location.clone(),
+                kind: "live_at_exit".into(),
+                blocks: s.live_blocks_at_exit,
+                bytes: s.live_bytes_at_exit,
+                largest_block: s.live_bytes_at_exit,
+                threads: vec![thread.clone()],
+                basis: Basis::Observed,
+                stack: s.stack.clone(),
+            })
+            .collect();
+        let std_stack = vec![frame(
+            "std::rt::lang_start_internal",
+            "/rustc/0123abcd/library/std/src/rt.rs",
+            118,
+        )];
+        Report {
+            schema_version: 1,
+            memscope_version: "0.1.0".into(),
+            summary: summary(),
+            processes: vec![Process {
+                pid: 7,
+                ppid: 1,
+                trace: format!("/tmp/{name}.mstrace"),
+                complete: true,
+                damage: vec![],
+                duration_ns: Some(2_000_000),
+                summary: summary(),
+                memscope: MemscopeOwn::default(),
+                symbols: vec![ModuleStatus {
+                    path: format!("/bin/{name}"),
+                    executable: true,
+                    status: "symbolized".into(),
+                    detail: None,
+                }],
+            }],
+            leaks,
+            runtime_internal: vec![InternalGroup {
+                origin: "std".into(),
+                site: None,
+                location: None,
+                blocks: 1,
+                bytes: 544,
+                basis: Basis::Inferred,
+                evidence: format!("allocated by `{name}` outside the program's `main`"),
+                stack: std_stack,
+            }],
+            threads: vec![Thread {
+                pid: 7,
+                thread: 2,
+                os_tid: Some(4242),
+                name: Some(name.into()),
+                allocations: 10,
+                reallocations: 0,
+                frees: 9,
+                bytes_allocated: 5000,
+                peak_bytes: 4096,
+                live_blocks_at_exit: 1,
+                live_bytes_at_exit: 4096,
+            }],
+            timeline: vec![Timeline {
+                pid: 7,
+                unit: "ns".into(),
+                points: vec![
+                    Point { t: 10, bytes: 100 },
+                    Point {
+                        t: 1_500_000,
+                        bytes: 45_678,
+                    },
+                    Point {
+                        t: 2_000_000,
+                        bytes: 4640,
+                    },
+                ],
+            }],
+            problems: vec![Problem {
+                kind: "double_free".into(),
+                pid: 7,
+                thread,
+                time_ns: Some(1_000),
+                address: "0xdead".into(),
+                site: Some(0),
+                basis: Basis::Observed,
+                evidence: format!("freed by thread {name} twice"),
+            }],
+            sites,
+        }
+    }
+
+    fn hostile_report() -> Report {
+        let stack = vec![
+            frame(BREAKOUT, EVIL, 3),
+            frame("app::main", "/ws/src/main.rs", 9),
+        ];
+        report(EVIL, vec![site(0, stack, 4096, 4096)])
+    }
+
+    /// The page's elements whose text or attributes could hold a program's strings.
+    fn assert_no_injected_markup(html: &str) {
+        assert_eq!(html.matches("<script").count(), 3, "only our own scripts");
+        assert!(!html.contains("<img"), "an <img> element was injected");
+    }
+
+    #[test]
+    fn json_for_a_script_element_cannot_close_it() {
+        let json = script_json(&BREAKOUT);
+        assert!(!json.contains('<') && !json.contains('>') && !json.contains('&'));
+        assert_eq!(
+            json,
+            r#""\u003c/script\u003e\u003cscript\u003edocument.title='pwned'\u003c/script\u003e""#
+        );
+        assert_eq!(serde_json::from_str::<String>(&json).unwrap(), BREAKOUT);
+        assert_eq!(script_json(&"a&b"), r#""a\u0026b""#);
+    }
+
+    #[test]
+    fn the_page_s_own_script_and_style_cannot_end_their_elements() {
+        assert!(!SCRIPT.to_lowercase().contains("</script"));
+        assert!(!STYLE.to_lowercase().contains("</style"));
+    }
+
+    #[test]
+    fn program_strings_are_escaped_in_every_view() {
+        let html = render(&hostile_report(), &[]).unwrap();
+        assert_no_injected_markup(&html);
+        assert!(!html.contains("onerror=\""), "an attribute was injected");
+        let escaped = "&lt;img src=x onerror=&quot;document.title=&#x27;pwned&#x27;&quot;&gt;";
+        // Threads, leaks' threads and stacks, problems, evidence, processes' modules.
+        assert!(html.matches(escaped).count() >= 6, "{html}");
+        assert!(html.contains("&lt;&#x2f;script&gt;&lt;script&gt;"));
+        // The sites table's data, as JSON for the script.
+        assert!(
+            html.contains(r#""file":"\u003cimg src=x onerror=\"document.title='pwned'\"\u003e""#)
+        );
+    }
+
+    #[test]
+    fn the_overview_shows_the_report_s_own_figures() {
+        let report = hostile_report();
+        let html = render(&report, &[]).unwrap();
+        let s = &report.summary;
+        for (field, value, text) in [
+            ("allocations", s.allocations, "1,234"),
+            ("reallocations", s.reallocations, "67"),
+            ("frees", s.frees, "1,200"),
+            ("bytes_allocated", s.bytes_allocated, "1,234,567 bytes"),
+            ("peak_bytes", s.peak_bytes, "45,678 bytes"),
+            ("live_bytes_at_exit", s.live_bytes_at_exit, "4,640 bytes"),
+            ("leaked_bytes", s.leaked_bytes, "4,096 bytes"),
+            (
+                "runtime_internal_bytes",
+                s.runtime_internal_bytes,
+                "544 bytes",
+            ),
+            ("problems", s.problems, "1"),
+        ] {
+            let card = format!("data-field=\"{field}\" data-value=\"{value}\">");
+            let at = html.find(&card).unwrap_or_else(|| panic!("no card {card}"));
+            let figure = &html[at..][..html[at..].find("</dd>").unwrap()];
+            assert!(figure.ends_with(&format!(">{text}")), "{field}: {figure}");
+        }
+        assert!(html.contains("44.6 KiB in 89 blocks at 1.5 ms"));
+    }
+
+    #[test]
+    fn views_the_report_does_not_have_are_not_shown() {
+        let mut report = report("main", vec![]);
+        report.leaks.clear();
+        report.problems.clear();
+        report.runtime_internal.clear();
+        let html = render(&report, &[]).unwrap();
+        for absent in ["sites", "leaks", "problems", "internal"] {
+            assert!(
+                !html.contains(&format!("<section id=\"{absent}\"")),
+                "{absent}"
+            );
+            assert!(!html.contains(&format!("href=\"#{absent}\"")), "{absent}");
+        }
+        for present in ["overview", "threads", "processes"] {
+            assert!(
+                html.contains(&format!("<section id=\"{present}\"")),
+                "{present}"
+            );
+        }
+        let full = render(&hostile_report(), &[]).unwrap();
+        for present in ["sites", "leaks", "problems", "internal"] {
+            assert!(
+                full.contains(&format!("<section id=\"{present}\"")),
+                "{present}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_incomplete_trace_is_said_at_the_top() {
+        let mut report = hostile_report();
+        report.summary.complete = false;
+        report.processes[0].complete = false;
+        report.processes[0].damage = vec!["no end record".into()];
+        let html = render(&report, &[]).unwrap();
+        assert!(html.contains("The trace of process 7 is incomplete (no end record)"));
+        assert!(html.contains("Live when the trace ends"));
+    }
+
+    #[test]
+    fn file_names_are_shown_relative_to_the_workspace_and_std_without_its_hash() {
+        let roots = [PathBuf::from("/ws")];
+        assert_eq!(display_path("/ws/src/main.rs", &roots), "src/main.rs");
+        assert_eq!(
+            display_path("/rustc/0123abcd/library/std/src/rt.rs", &roots),
+            "library/std/src/rt.rs"
+        );
+        assert_eq!(display_path("/elsewhere/x.rs", &roots), "/elsewhere/x.rs");
+    }
+
+    #[test]
+    fn the_timeline_is_a_step_line_with_the_peak_marked() {
+        let report = hostile_report();
+        let c = chart(&report.timeline[0], Some(&report.processes[0]));
+        let peak = c.peak.expect("a peak");
+        assert_eq!(peak.bytes, 45_678);
+        assert_eq!(peak.label, "peak 44.6 KiB at 1.5 ms");
+        assert!((peak.y - CHART_TOP).abs() < 1e-9, "the peak is the top");
+        assert!(c
+            .line
+            .starts_with(&format!("M{CHART_LEFT:.1} {:.1}", CHART_H - CHART_BOTTOM)));
+        assert_eq!(c.line.matches(" H").count(), 3);
+    }
+
+    #[test]
+    fn file_urls_percent_encode_what_a_url_cannot_hold() {
+        assert_eq!(
+            file_url(Path::new("/tmp/a b/<x>.html")),
+            "file:///tmp/a%20b/%3Cx%3E.html"
+        );
+    }
+
+    /// 100,000 sites, each with its own 16-frame stack, every tenth leaking, ranked
+    /// differently by each figure so that the page holds close to the most sites.
+    fn big_report() -> Report {
+        let sites = (0..100_000usize)
+            .map(|i| {
+                let stack = (0..16)
+                    .map(|d| {
+                        let function = format!("app::module_{i}::function_{d}");
+                        frame(&function, &format!("/ws/src/m{i}.rs"), d as u32 + 1)
+                    })
+                    .collect();
+                let n = i as u64;
+                let live = if i % 10 == 0 { 64 + (n * 31) % 1000 } else { 0 };
+                let mut site = site(i, stack, 10_000_000 - 37 * n, live);
+                site.allocations = 1 + n;
+                site.bytes_at_peak = (n * 7919) % 100_000;
+                site
+            })
+            .collect();
+        report("main", sites)
+    }
+
+    #[test]
+    fn shown_sites_are_the_top_of_every_ranking_the_table_sorts_on() {
+        let mut sites: Vec<Site> = (0..5000)
+            .map(|i| site(i, vec![frame("f", "/ws/f.rs", 1)], 1_000_000 - i as u64, 0))
+            .collect();
+        // A site low by bytes but first by bytes live at exit.
+        sites[4999].live_bytes_at_exit = 1 << 40;
+        let shown = shown_sites(&sites);
+        assert!(shown.len() <= 4 * SITES_PER_RANKING);
+        assert!(shown.iter().any(|s| s.id == 4999));
+        assert!((0..SITES_PER_RANKING).all(|i| shown.iter().any(|s| s.id == i)));
+    }
+
+    #[test]
+    fn a_report_of_100000_sites_stays_small_says_what_it_left_out_and_opens_fast() {
+        let report = big_report();
+        let started = std::time::Instant::now();
+        let html = render(&report, &[PathBuf::from("/ws")]).unwrap();
+        eprintln!("rendered {} bytes in {:?}", html.len(), started.elapsed());
+        assert!(html.len() < 20 << 20, "{} bytes", html.len());
+        let shown = shown_sites(&report.sites).len();
+        assert!(
+            shown > 3 * SITES_PER_RANKING,
+            "{shown} sites: the rankings differ"
+        );
+        assert!(html.contains(&format!(
+            "Showing {} of 100,000 sites: the top 500 by bytes allocated",
+            summary::count(shown as u64)
+        )));
+        assert!(html
+            .contains("Showing the largest 500 of 10,000 leaking sites; all are in report.json"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("report.html");
+        fs::write(&path, &html).unwrap();
+        for view in ["overview", "sites", "leaks"] {
+            let page = chromium::load_view(&path, view);
+            assert_eq!(page.console, Vec::<String>::new());
+            let ready: u64 = page
+                .root_data("ready-ms")
+                .expect("the script ran")
+                .parse()
+                .unwrap();
+            eprintln!(
+                "{view}: usable after {ready} ms; the browser ran for {:?}",
+                page.elapsed
+            );
+            assert!(
+                ready < 2000,
+                "{view}: the page took {ready} ms to become usable"
+            );
+            if view == "sites" {
+                assert_eq!(
+                    page.dom.matches("<tr class=\"site\"").count(),
+                    100,
+                    "a page of rows"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_strings_run_no_script_in_a_browser() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("report.html");
+        write(&hostile_report(), &[], &path).unwrap();
+        let page = chromium::load(&path);
+        assert_eq!(page.console, Vec::<String>::new());
+        assert!(
+            page.dom.contains("<title>memscope report</title>"),
+            "the title was changed"
+        );
+        assert_no_injected_markup(&page.dom);
+        // The sites table, drawn by the script from the JSON data, shows the names as
+        // text (the serialized DOM escapes `<` and `>` in text).
+        let row = &page.dom[page.dom.find("<tr class=\"site\"").expect("a site row")..];
+        assert!(
+            row.contains(r#"&lt;/script&gt;&lt;script&gt;document.title='pwned'&lt;/script&gt;"#)
+        );
+        assert!(row.contains(r#"&lt;img src=x onerror="document.title='pwned'"&gt;:3"#));
     }
 }

@@ -10,10 +10,9 @@
 
   function show(id) {
     if (!views.some((v) => v.id === id)) id = "overview";
-    for (const v of views) v.hidden = v.id !== id;
+    for (const v of views) v.classList.toggle("shown", v.id === id);
     for (const a of links) a.classList.toggle("active", a.dataset.view === id);
   }
-  document.body.classList.add("js");
   window.addEventListener("hashchange", () => {
     show(location.hash.slice(1));
     window.scrollTo(0, 0);
@@ -34,6 +33,8 @@
     return value.toFixed(1) + " " + units[unit];
   }
 
+  const plural = (n, noun) => (n === 1 ? "1 " + noun : count(n) + " " + noun + "s");
+
   function el(tag, className, text) {
     const node = document.createElement(tag);
     if (className) node.className = className;
@@ -41,16 +42,50 @@
     return node;
   }
 
-  // ---- the sites table ----
-  const table = document.getElementById("site-table");
   const dataNode = document.getElementById("memscope-data");
-  if (table && dataNode) {
-    sitesTable(table, JSON.parse(dataNode.textContent));
+  const data = dataNode ? JSON.parse(dataNode.textContent) : { sites: [], stacks: {}, frames: [] };
+
+  // ---- stacks: frames are [function, file, line, inlined, address] ----
+  function frameList(siteId, depth) {
+    const box = document.createDocumentFragment();
+    const ids = data.stacks[siteId] || [];
+    if (ids.length === 0) {
+      box.appendChild(el("p", "muted", "No stack was recorded for this site."));
+      return box;
+    }
+    const list = el("ol", "frames");
+    for (const i of ids) {
+      const [fn, file, line, inlined, address] = data.frames[i];
+      const li = el("li");
+      li.appendChild(el("span", "fn", fn || address || "?"));
+      if (file) li.appendChild(el("span", "file", file + (line === null ? "" : ":" + line)));
+      if (inlined) li.appendChild(el("span", "tag", "inlined"));
+      list.appendChild(li);
+    }
+    box.appendChild(list);
+    if (depth > ids.length) {
+      box.appendChild(el("p", "note", "… " + count(depth - ids.length) + " more frames in report.json"));
+    }
+    return box;
   }
 
-  function sitesTable(table, data) {
+  // The leaks' stacks, drawn when first opened.
+  for (const details of document.querySelectorAll("details.stack[data-site]")) {
+    details.addEventListener("toggle", () => {
+      if (details.open && !details.dataset.drawn) {
+        details.dataset.drawn = "1";
+        const depth = Number(details.dataset.depth || 0);
+        details.appendChild(frameList(Number(details.dataset.site), depth));
+      }
+    });
+  }
+
+  // ---- the sites table ----
+  const table = document.getElementById("site-table");
+  if (table) sitesTable(table);
+
+  function sitesTable(table) {
     const PAGE = 100;
-    const frames = data.frames;
     const sites = data.sites;
     const body = table.tBodies[0];
     const filter = document.getElementById("site-filter");
@@ -64,7 +99,7 @@
     const haystack = sites.map((s) => {
       const parts = [];
       if (s.location) parts.push(s.location.function || "", s.file || "");
-      for (const i of s.stack) parts.push(frames[i].function || "", frames[i].file || "");
+      for (const i of data.stacks[s.id] || []) parts.push(data.frames[i][0] || "", data.frames[i][1] || "");
       return parts.join("\n").toLowerCase();
     });
     const keys = {
@@ -149,7 +184,7 @@
       );
       tr.appendChild(figure(count(site.bytes_at_peak), (site.peak_share * 100).toFixed(1) + "% of peak"));
       tr.appendChild(
-        figure(count(site.live_bytes_at_exit), site.live_blocks_at_exit ? "in " + count(site.live_blocks_at_exit) + " blocks" : "")
+        figure(count(site.live_bytes_at_exit), site.live_blocks_at_exit ? "in " + plural(site.live_blocks_at_exit, "block") : "")
       );
       const basisCell = el("td");
       basisCell.appendChild(el("span", "basis basis-" + site.basis, site.basis));
@@ -174,22 +209,13 @@
       const tr = el("tr", "stack-row");
       const td = el("td");
       td.colSpan = 7;
-      const list = el("ol", "frames");
-      for (const i of site.stack) {
-        const f = frames[i];
-        const li = el("li");
-        li.appendChild(el("span", "fn", f.function || f.address));
-        if (f.file) li.appendChild(el("span", "file", f.file + (f.line === null ? "" : ":" + f.line)));
-        if (f.inlined) li.appendChild(el("span", "tag", "inlined"));
-        list.appendChild(li);
-      }
-      if (site.stack.length === 0) td.appendChild(el("p", "muted", "No stack was recorded for this site."));
-      td.appendChild(list);
-      if (site.stack.length >= data.frames_shown) {
-        td.appendChild(el("p", "note", "The stack is cut at " + count(data.frames_shown) + " frames; report.json has all of it."));
-      }
+      td.appendChild(frameList(site.id, site.depth));
       td.appendChild(
-        el("p", "muted small", "Processes: " + site.pids.join(", ") + " · allocated " + count(site.allocations) + " times, reallocated " + count(site.reallocations) + " times")
+        el(
+          "p",
+          "muted small",
+          "Processes: " + site.pids.join(", ") + " · allocated " + count(site.allocations) + " times, reallocated " + count(site.reallocations) + " times"
+        )
       );
       tr.appendChild(td);
       return tr;
@@ -240,6 +266,8 @@
     update();
   }
 
-  // For tests and the curious: how long the page took to become usable.
+  // For tests and the curious: how long the page took to become usable (laid out,
+  // which reading offsetHeight forces).
+  void document.body.offsetHeight;
   document.documentElement.dataset.readyMs = String(Math.round(performance.now()));
 })();
