@@ -68,8 +68,6 @@ pub struct ThreadRecord {
     snapshotted: AtomicU64,
     // Touched only by the owning thread:
     busy: Cell<bool>,
-    /// Events of this thread are memscope's own (see `mark_current_thread_internal`).
-    internal: Cell<bool>,
     /// The thread's last timestamp (see `clock.rs`).
     last_stamp: Cell<u64>,
     /// The stamp the stream's next delta is relative to (see `format.rs`).
@@ -151,13 +149,7 @@ pub fn on_realloc(old: *mut u8, new: *mut u8, layout: Layout, new_size: usize, t
     with_record(|rec| {
         let slot = rec.stack_slot();
         let ts_after = clock::stamp(&rec.last_stamp, new as usize);
-        let sw = size_word(
-            new_size as u64,
-            align_log2(layout),
-            slot,
-            false,
-            rec.internal.get(),
-        );
+        let sw = size_word(new_size as u64, align_log2(layout), slot, false, false);
         let base = rec.stream_clock.get();
         let before = ts_before.wrapping_sub(base);
         let after = ts_after - ts_before;
@@ -214,12 +206,6 @@ fn align_log2(layout: Layout) -> u64 {
 /// the trace is ending).
 pub fn disable_current_thread() {
     CURRENT.with(|c| c.set(DISABLED as *const ThreadRecord));
-}
-
-/// Flags every allocation the calling thread makes from now on as memscope's own
-/// (memscope's writer thread). Readers keep such blocks out of the program's figures.
-pub fn mark_current_thread_internal() {
-    with_record(|rec| rec.internal.set(true));
 }
 
 /// First event of a thread: creates and registers its record.
@@ -289,7 +275,6 @@ impl ThreadRecord {
             next: AtomicPtr::new(ptr::null_mut()),
             snapshotted: AtomicU64::new(0),
             busy: Cell::new(false),
-            internal: Cell::new(false),
             last_stamp: Cell::new(0),
             stream_clock: Cell::new(0),
             stack_top: Cell::new(sys::stack_top()),
@@ -307,6 +292,7 @@ impl ThreadRecord {
         // SAFETY: just initialised; records are never freed.
         let r = unsafe { &*rec };
         r.note_name();
+
         // Publish in the process-wide list (Treiber-stack push).
         let mut head = RECORDS.load(Ordering::Relaxed);
         loop {

@@ -211,13 +211,30 @@ pub fn start_writer() {
     if EXITING.load(Ordering::Relaxed) || WRITER_STARTED.swap(true, Ordering::AcqRel) {
         return;
     }
-    let spawned = std::thread::Builder::new()
-        .name("memscope-writer".into())
-        .spawn(writer_loop);
-    match spawned {
-        // The handle is leaked on purpose: the writer runs until the process ends.
-        Ok(handle) => std::mem::forget(handle),
-        Err(_) => WRITER_STARTED.store(false, Ordering::Release),
+    extern "C" fn run(_: *mut libc::c_void) -> *mut libc::c_void {
+        writer_loop();
+        std::ptr::null_mut()
+    }
+    // A raw pthread, not a std thread: std's thread start-up allocates (the thread's
+    // name, its stack-overflow bookkeeping in a map shared with the program's threads),
+    // which would change what the program's own threads allocate. All signals are
+    // blocked in it, so the program's signal handlers never run on memscope's thread.
+    // SAFETY: plain libc calls with valid pointers to locals; `run` matches the start
+    // routine's type and uses no argument. The thread is detached: nobody joins it.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let mut thread: libc::pthread_t = std::mem::zeroed();
+        let rc = libc::pthread_create(&mut thread, std::ptr::null(), run, std::ptr::null_mut());
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        if rc == 0 {
+            libc::pthread_setname_np(thread, c"memscope-writer".as_ptr());
+            libc::pthread_detach(thread);
+        } else {
+            WRITER_STARTED.store(false, Ordering::Release);
+        }
     }
 }
 
@@ -225,9 +242,8 @@ pub fn start_writer() {
 const SNAPSHOT_EVERY: Duration = Duration::from_millis(100);
 
 fn writer_loop() {
-    // What this thread allocates (std's per-thread bookkeeping, meta records) is
-    // memscope's doing: recorded, but flagged as such.
-    recorder::mark_current_thread_internal();
+    // What this thread allocates (meta records) is memscope's, and freed on the spot.
+    recorder::disable_current_thread();
     let Some(shared) = SHARED.get() else { return };
     let Some(scratch) = shared.pool.take() else {
         return;

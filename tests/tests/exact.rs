@@ -1,0 +1,198 @@
+//! Exact figures on programs whose memory behaviour is known by construction
+//! (`fixtures/exact`), checked two ways: against what each scenario does by
+//! construction, and against dhat-rs running the same code as an independent oracle.
+//!
+//! memscope counts from process start, dhat-rs from its profiler's start in `main`, so
+//! each scenario is compared as a difference from the `baseline` scenario (which does
+//! nothing): what std does before `main` cancels out.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use memscope_e2e::Fixture;
+use serde_json::Value;
+
+const SCENARIOS: &[&str] = &[
+    "forgotten-vec",
+    "realloc-growth",
+    "known-peak",
+    "named-thread-leak",
+    "over-aligned",
+    "process-exit",
+    "panic-caught",
+    "million-leaks",
+];
+
+/// The figures both tools report, in dhat-rs's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Heap {
+    total_blocks: i64,
+    total_bytes: i64,
+    curr_blocks: i64,
+    curr_bytes: i64,
+    max_bytes: i64,
+}
+
+impl Heap {
+    fn minus(self, base: Heap) -> Heap {
+        Heap {
+            total_blocks: self.total_blocks - base.total_blocks,
+            total_bytes: self.total_bytes - base.total_bytes,
+            curr_blocks: self.curr_blocks - base.curr_blocks,
+            curr_bytes: self.curr_bytes - base.curr_bytes,
+            max_bytes: 0,
+        }
+    }
+}
+
+struct Run {
+    report: Value,
+}
+
+impl Run {
+    fn summary(&self, field: &str) -> i64 {
+        self.report["summary"][field]
+            .as_i64()
+            .unwrap_or_else(|| panic!("summary.{field} in {}", self.report))
+    }
+
+    /// memscope's figures mapped to dhat's (docs/report-json.md, "How the totals compare").
+    fn heap(&self) -> Heap {
+        Heap {
+            total_blocks: self.summary("allocations") + self.summary("reallocations"),
+            total_bytes: self.summary("bytes_allocated"),
+            curr_blocks: self.summary("live_blocks_at_exit"),
+            curr_bytes: self.summary("live_bytes_at_exit"),
+            max_bytes: self.summary("peak_bytes"),
+        }
+    }
+}
+
+fn memscope_run(fixture: &Fixture, scenario: &str, out: &Path) -> Run {
+    let dir = out.join(scenario);
+    let output = fixture
+        .memscope(&[
+            "run",
+            "-q",
+            "--output-dir",
+            dir.to_str().unwrap(),
+            "--",
+            scenario,
+        ])
+        .run();
+    assert_eq!(output.code, Some(0), "{scenario}: {output:#?}");
+    let json = std::fs::read_to_string(dir.join("report.json")).expect("report.json");
+    Run {
+        report: serde_json::from_str(&json).expect("valid JSON"),
+    }
+}
+
+/// Runs every scenario under dhat-rs (the fixture's `dhat` feature).
+fn dhat_runs(fixture: &Fixture) -> BTreeMap<String, Heap> {
+    let target = fixture.target_dir().join("dhat");
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "-q", "--features", "dhat", "--target-dir"])
+        .arg(&target)
+        .current_dir(fixture.path())
+        .env_remove("RUSTFLAGS")
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building the fixture with dhat failed");
+    std::iter::once(&"baseline")
+        .chain(SCENARIOS)
+        .map(|scenario| {
+            let out = Command::new(target.join("debug/exact"))
+                .arg(scenario)
+                .env_clear()
+                .output()
+                .expect("the dhat build runs");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let line = stderr
+                .lines()
+                .find_map(|l| l.strip_prefix("dhat: "))
+                .unwrap_or_else(|| panic!("{scenario}: no dhat line in {stderr}"));
+            let n: Vec<i64> = line.split(' ').map(|x| x.parse().unwrap()).collect();
+            let heap = Heap {
+                total_blocks: n[0],
+                total_bytes: n[1],
+                curr_blocks: n[2],
+                curr_bytes: n[3],
+                max_bytes: n[5],
+            };
+            (scenario.to_string(), heap)
+        })
+        .collect()
+}
+
+#[test]
+fn every_scenario_matches_dhat_and_what_it_does_by_construction() {
+    let fixture = Fixture::shared("exact");
+    let out = tempfile::tempdir().unwrap();
+    let baseline = memscope_run(&fixture, "baseline", out.path());
+    let dhat = dhat_runs(&fixture);
+    let mut runs = BTreeMap::new();
+    for scenario in SCENARIOS {
+        let run = memscope_run(&fixture, scenario, out.path());
+        let ours = run.heap().minus(baseline.heap());
+        let theirs = dhat[*scenario].minus(dhat["baseline"]);
+        assert_eq!(
+            ours, theirs,
+            "{scenario}: memscope (left) and dhat-rs (right), relative to the baseline"
+        );
+        runs.insert(*scenario, run);
+    }
+
+    // The peak happens inside `main` in every scenario, on top of the same blocks std
+    // set up before `main`: one offset for all, and only std's few hundred bytes.
+    let offsets: Vec<i64> = SCENARIOS
+        .iter()
+        .map(|s| runs[s].heap().max_bytes - dhat[*s].max_bytes)
+        .collect();
+    assert!(
+        offsets.iter().all(|&o| o == offsets[0]),
+        "peak offsets differ: {offsets:?}"
+    );
+    assert!(
+        (0..1024).contains(&offsets[0]),
+        "peak offset {}",
+        offsets[0]
+    );
+
+    // By construction.
+    let leaked = |s: &str| {
+        (
+            runs[s].summary("leaked_blocks"),
+            runs[s].summary("leaked_bytes"),
+        )
+    };
+    assert_eq!(leaked("forgotten-vec"), (1, 4096));
+    assert_eq!(leaked("realloc-growth"), (0, 0));
+    assert_eq!(leaked("known-peak"), (0, 0));
+    assert_eq!(leaked("named-thread-leak"), (1, 1000));
+    assert_eq!(leaked("over-aligned"), (8, 800));
+    // Three Vecs of 10, 20 and 30 bytes, and the scenario's name (12 bytes) that
+    // `process::exit` never dropped.
+    assert_eq!(leaked("process-exit"), (4, 72));
+    assert_eq!(leaked("panic-caught"), (0, 0));
+    assert_eq!(leaked("million-leaks"), (1_000_000, 8_000_000));
+    assert_eq!(runs["realloc-growth"].summary("reallocations"), 15);
+    // Ten 1 MiB boxes, five dropped, three 2 MiB: 11 MiB, plus the two small Vecs
+    // holding the boxes and the scenario's name.
+    let peak = dhat["known-peak"].max_bytes;
+    assert!(
+        (11 << 20..(11 << 20) + 512).contains(&peak),
+        "known-peak peak {peak}"
+    );
+
+    let leak = &runs["named-thread-leak"].report["leaks"][0];
+    assert_eq!(leak["bytes"], 1000);
+    assert_eq!(leak["threads"][0]["name"], "leaky-worker", "{leak}");
+    assert!(
+        leak["location"]["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("src/main.rs"),
+        "{leak}"
+    );
+}
