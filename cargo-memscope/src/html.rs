@@ -857,21 +857,21 @@ mod tests {
         let html = render(&report, &[]).unwrap();
         for absent in ["sites", "leaks", "problems", "internal"] {
             assert!(
-                !html.contains(&format!("<section id=\"{absent}\"")),
+                !html.contains(&format!("<section id=\"view-{absent}\"")),
                 "{absent}"
             );
             assert!(!html.contains(&format!("href=\"#{absent}\"")), "{absent}");
         }
         for present in ["overview", "threads", "processes"] {
             assert!(
-                html.contains(&format!("<section id=\"{present}\"")),
+                html.contains(&format!("<section id=\"view-{present}\"")),
                 "{present}"
             );
         }
         let full = render(&hostile_report(), &[]).unwrap();
         for present in ["sites", "leaks", "problems", "internal"] {
             assert!(
-                full.contains(&format!("<section id=\"{present}\"")),
+                full.contains(&format!("<section id=\"view-{present}\"")),
                 "{present}"
             );
         }

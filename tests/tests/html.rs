@@ -155,7 +155,7 @@ fn report_html_shows_the_figures_of_report_json_and_logs_nothing() {
     assert_eq!(field("leaked_blocks"), "1");
     let leaks = &page.dom[page
         .dom
-        .find("<section id=\"leaks\"")
+        .find("<section id=\"view-leaks\"")
         .expect("a leaks view")..];
     assert!(leaks.contains("<td class=\"num\" data-value=\"4096\">4,096</td>"));
     assert!(leaks.contains("src/main.rs:5"), "the leak's source line");
@@ -165,6 +165,20 @@ fn report_html_shows_the_figures_of_report_json_and_logs_nothing() {
         .find("<tbody><tr class=\"site\"")
         .expect("site rows")..];
     assert!(sites.starts_with("<tbody><tr class=\"site\" data-site=\"0\""));
+
+    // A leak's link to its site opens the site's full stack.
+    assert!(leaks.contains("<a class=\"site-link\" href=\"#sites/0\">#0</a>"));
+    let page = chromium::load_view(&dir.join("report.html"), "sites/0");
+    assert_no_console_messages(&page);
+    let stack = &page.dom[page
+        .dom
+        .find("<tr class=\"stack-row\"")
+        .expect("an open stack")..];
+    let stack = &stack[..stack.find("</tr>").unwrap()];
+    assert!(
+        stack.contains("<li><span class=\"fn\">hello_leak::main</span><span class=\"file\">src/main.rs:5</span></li>"),
+        "{stack}"
+    );
 }
 
 #[test]
@@ -197,15 +211,15 @@ fn thread_and_file_names_that_are_markup_are_shown_as_text_and_run_nothing() {
     );
     for name in [img, bold] {
         let text = as_dom_text(name);
-        let leaks = &body[body.find("<section id=\"leaks\"").unwrap()..];
+        let leaks = &body[body.find("<section id=\"view-leaks\"").unwrap()..];
         assert!(leaks.contains(&text), "{text} among the leak's threads");
-        let threads = &body[body.find("<section id=\"threads\"").unwrap()..];
+        let threads = &body[body.find("<section id=\"view-threads\"").unwrap()..];
         assert!(threads.contains(&text), "{text} among the threads");
     }
     // The source file's name, in the leaks (from the template) and in the sites table
     // (from the script).
     let file = as_dom_text("src/<img src=x onerror=alert(1)>.rs:3");
-    let leaks = &body[body.find("<section id=\"leaks\"").unwrap()..];
+    let leaks = &body[body.find("<section id=\"view-leaks\"").unwrap()..];
     assert!(leaks.contains(&file), "{file} in the leaks");
     let sites = &body[body.find("<tr class=\"site\"").expect("site rows")..];
     assert!(sites.contains(&file), "{file} in the sites table");

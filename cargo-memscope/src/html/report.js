@@ -8,16 +8,21 @@
   const views = Array.from(document.querySelectorAll("section.view"));
   const links = Array.from(document.querySelectorAll("#nav a[data-view]"));
 
+  // Sections are `view-<name>` and links `#<name>`, so that the browser does not
+  // scroll to a section of its own accord. `#sites/<id>` opens one site's stack.
   function show(id) {
-    if (!views.some((v) => v.id === id)) id = "overview";
-    for (const v of views) v.classList.toggle("shown", v.id === id);
+    if (!views.some((v) => v.id === "view-" + id)) id = "overview";
+    for (const v of views) v.classList.toggle("shown", v.id === "view-" + id);
     for (const a of links) a.classList.toggle("active", a.dataset.view === id);
   }
-  window.addEventListener("hashchange", () => {
-    show(location.hash.slice(1));
-    window.scrollTo(0, 0);
-  });
-  show(location.hash.slice(1));
+  let siteTable = null;
+  function route() {
+    const [view, arg] = location.hash.slice(1).split("/");
+    show(view);
+    if (view === "sites" && arg !== undefined && siteTable) siteTable.focus(Number(arg));
+    else window.scrollTo(0, 0);
+  }
+  window.addEventListener("hashchange", route);
 
   // ---- figures, formatted as the terminal summary formats them ----
   const count = (n) => n.toLocaleString("en-US");
@@ -82,7 +87,7 @@
 
   // ---- the sites table ----
   const table = document.getElementById("site-table");
-  if (table) sitesTable(table);
+  if (table) siteTable = sitesTable(table);
 
   function sitesTable(table) {
     const PAGE = 100;
@@ -172,11 +177,11 @@
       tr.appendChild(el("td", "num muted", "#" + site.id));
       const where = el("td", "where");
       where.appendChild(el("span", "fn", (site.location && site.location.function) || "?"));
+      where.appendChild(el("span", "tag origin-" + site.origin, originName[site.origin] || site.origin));
       if (site.file) {
         const line = site.location.line;
         where.appendChild(el("span", "file", site.file + (line === null ? "" : ":" + line)));
       }
-      where.appendChild(el("span", "tag origin-" + site.origin, originName[site.origin] || site.origin));
       tr.appendChild(where);
       tr.appendChild(figure(count(site.bytes_allocated), bytesShort(site.bytes_allocated)));
       tr.appendChild(
@@ -264,7 +269,27 @@
       draw();
     });
     update();
+
+    // Shows the site with this id, its stack open, whatever the filter and page.
+    function focus(id) {
+      filter.value = "";
+      origin.value = "";
+      update();
+      const at = rows.findIndex((i) => sites[i].id === id);
+      if (at < 0) {
+        status.textContent = "Site #" + id + " is not among the sites in this page; report.json has it.";
+        return;
+      }
+      open.add(id);
+      page = Math.floor(at / PAGE);
+      draw();
+      const tr = body.querySelector('tr[data-site="' + id + '"]');
+      if (tr) tr.scrollIntoView({ block: "center" });
+    }
+    return { focus };
   }
+
+  route();
 
   // For tests and the curious: how long the page took to become usable (laid out,
   // which reading offsetHeight forces).
