@@ -524,6 +524,8 @@ impl<'t> Events<'t> {
                 }
                 // Meta records belong to thread 0; elsewhere they carry nothing we use.
                 Record::Clock { .. } | Record::Module { .. } | Record::End { .. } => {}
+                // Instrumentation records are read by the instrumentation analysis.
+                _ => {}
             }
         }
     }
