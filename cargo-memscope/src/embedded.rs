@@ -1,8 +1,9 @@
 //! The runtime's sources, embedded in this binary so that a user's program can be
 //! built against exactly the runtime this `cargo-memscope` reads traces of.
 //!
-//! [`write_runtime`] lays them out as a standalone package next to the scratch copy;
-//! a unit test keeps [`RUNTIME_FILES`] in step with `memscope-runtime/`.
+//! [`write_runtime`] lays them out as a standalone package next to the scratch copy,
+//! with the proc-macro crate it depends on (`memscope-macros`) beside it; unit tests
+//! keep [`RUNTIME_FILES`] and [`MACRO_FILES`] in step with the two crates.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,25 @@ macro_rules! runtime_files {
     };
 }
 
+macro_rules! macro_files {
+    ($($path:literal),* $(,)?) => {
+        &[$(($path, include_str!(concat!("../../memscope-macros/", $path)))),*]
+    };
+}
+
+/// Every file of `memscope-macros/` that its build needs; written to the directory
+/// `../memscope-macros` beside the runtime, where the runtime's manifest finds it.
+pub const MACRO_FILES: &[(&str, &str)] = macro_files![
+    "Cargo.toml",
+    "src/lib.rs",
+    "src/args.rs",
+    "src/expand.rs",
+    "src/fallback.rs",
+    "src/model.rs",
+    "src/trackable.rs",
+    "src/validate.rs",
+];
+
 /// Every file of `memscope-runtime/` that its build needs: path relative to the
 /// package root, and contents.
 pub const RUNTIME_FILES: &[(&str, &str)] = runtime_files![
@@ -24,10 +44,13 @@ pub const RUNTIME_FILES: &[(&str, &str)] = runtime_files![
     "src/buffer.rs",
     "src/clock.rs",
     "src/format.rs",
+    "src/instrument.rs",
     "src/measure.rs",
     "src/recorder.rs",
     "src/stack.rs",
     "src/sys.rs",
+    "src/task.rs",
+    "src/trackable.rs",
     "src/writer.rs",
 ];
 
@@ -38,8 +61,22 @@ pub fn write_runtime(dir: &Path) -> anyhow::Result<PathBuf> {
     for (relative, contents) in RUNTIME_FILES {
         write_if_changed(&dir.join(relative), contents.as_bytes())?;
     }
-    remove_stale_sources(&dir.join("src"), dir)?;
+    remove_stale_sources(&dir.join("src"), dir, RUNTIME_FILES)?;
+    let macros = macros_dir(dir);
+    for (relative, contents) in MACRO_FILES {
+        write_if_changed(&macros.join(relative), contents.as_bytes())?;
+    }
+    remove_stale_sources(&macros.join("src"), &macros, MACRO_FILES)?;
     Ok(dir.to_path_buf())
+}
+
+/// Where the macros crate goes for a runtime written to `runtime`: its sibling, as in
+/// this repository.
+fn macros_dir(runtime: &Path) -> PathBuf {
+    runtime
+        .parent()
+        .unwrap_or(runtime)
+        .join("memscope-macros")
 }
 
 /// Writes `contents` to `path` unless it already holds them; the write goes through a
@@ -61,18 +98,22 @@ pub fn write_if_changed(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("failed to write {}", path.display()))
 }
 
-fn remove_stale_sources(src: &Path, root: &Path) -> anyhow::Result<()> {
+fn remove_stale_sources(
+    src: &Path,
+    root: &Path,
+    files: &[(&str, &str)],
+) -> anyhow::Result<()> {
     let Ok(entries) = fs::read_dir(src) else {
         return Ok(());
     };
     for entry in entries {
         let path = entry?.path();
         if path.is_dir() {
-            remove_stale_sources(&path, root)?;
+            remove_stale_sources(&path, root, files)?;
             continue;
         }
         let relative = path.strip_prefix(root).unwrap_or(&path);
-        let known = RUNTIME_FILES
+        let known = files
             .iter()
             .any(|(file, _)| Path::new(file) == relative);
         if !known && path.extension().is_some_and(|ext| ext == "rs") {
@@ -101,33 +142,43 @@ mod tests {
 
     #[test]
     fn every_runtime_source_file_is_embedded() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../memscope-runtime");
-        let mut found = Vec::new();
-        runtime_sources(&root.join("src"), &root, &mut found);
-        let missing: Vec<&String> = found
-            .iter()
-            .filter(|file| !RUNTIME_FILES.iter().any(|(path, _)| path == file))
-            .collect();
-        assert!(
-            missing.is_empty(),
-            "add these runtime files to RUNTIME_FILES in embedded.rs: {missing:?}"
-        );
+        for (krate, files, list) in [
+            ("memscope-runtime", RUNTIME_FILES, "RUNTIME_FILES"),
+            ("memscope-macros", MACRO_FILES, "MACRO_FILES"),
+        ] {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(krate);
+            let mut found = Vec::new();
+            runtime_sources(&root.join("src"), &root, &mut found);
+            let missing: Vec<&String> = found
+                .iter()
+                .filter(|file| !files.iter().any(|(path, _)| path == file))
+                .collect();
+            assert!(
+                missing.is_empty(),
+                "add these {krate} files to {list} in embedded.rs: {missing:?}"
+            );
+        }
     }
 
     #[test]
     fn written_runtime_matches_the_embedded_files_and_drops_stale_ones() {
         let dir = tempfile::tempdir().unwrap();
-        let stale = dir.path().join("src/old.rs");
+        let runtime = dir.path().join("memscope-runtime");
+        let stale = runtime.join("src/old.rs");
         fs::create_dir_all(stale.parent().unwrap()).unwrap();
         fs::write(&stale, "").unwrap();
 
-        write_runtime(dir.path()).unwrap();
+        write_runtime(&runtime).unwrap();
 
         for (relative, contents) in RUNTIME_FILES {
             assert_eq!(
-                fs::read_to_string(dir.path().join(relative)).unwrap(),
+                fs::read_to_string(runtime.join(relative)).unwrap(),
                 *contents
             );
+        }
+        for (relative, contents) in MACRO_FILES {
+            let path = dir.path().join("memscope-macros").join(relative);
+            assert_eq!(fs::read_to_string(path).unwrap(), *contents);
         }
         assert!(!stale.exists());
     }

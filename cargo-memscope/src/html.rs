@@ -647,6 +647,7 @@ mod tests {
             pids: vec![7],
             basis: Basis::Observed,
             stack,
+            variables: Vec::new(),
         }
     }
 
@@ -693,6 +694,7 @@ mod tests {
                 threads: vec![thread.clone()],
                 basis: Basis::Observed,
                 stack: s.stack.clone(),
+                variables: Vec::new(),
             })
             .collect();
         let std_stack = vec![frame(
@@ -770,6 +772,9 @@ mod tests {
                 evidence: format!("freed by thread {name} twice"),
             }],
             sites,
+            scopes: Vec::new(),
+            variables: Vec::new(),
+            tasks: Vec::new(),
         }
     }
 
@@ -857,21 +862,21 @@ mod tests {
         let html = render(&report, &[]).unwrap();
         for absent in ["sites", "leaks", "problems", "internal"] {
             assert!(
-                !html.contains(&format!("<section id=\"view-{absent}\"")),
+                !html.contains(&format!("<section id=\"{absent}\"")),
                 "{absent}"
             );
             assert!(!html.contains(&format!("href=\"#{absent}\"")), "{absent}");
         }
         for present in ["overview", "threads", "processes"] {
             assert!(
-                html.contains(&format!("<section id=\"view-{present}\"")),
+                html.contains(&format!("<section id=\"{present}\"")),
                 "{present}"
             );
         }
         let full = render(&hostile_report(), &[]).unwrap();
         for present in ["sites", "leaks", "problems", "internal"] {
             assert!(
-                full.contains(&format!("<section id=\"view-{present}\"")),
+                full.contains(&format!("<section id=\"{present}\"")),
                 "{present}"
             );
         }

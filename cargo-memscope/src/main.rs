@@ -5,6 +5,7 @@ mod cargo;
 mod cli;
 mod embedded;
 mod html;
+mod instrument;
 mod replay;
 mod report;
 mod rewrite;

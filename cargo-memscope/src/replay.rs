@@ -214,6 +214,9 @@ struct State {
 
 impl State {
     fn apply(&mut self, e: &Event) {
+        if let EventKind::Mark(_) = e.kind {
+            return; // instrumentation, see `crate::instrument`
+        }
         self.snap.events += 1;
         self.snap.first_ts.get_or_insert(e.ts);
         self.snap.last_ts = Some(e.ts);
@@ -277,6 +280,7 @@ impl State {
                 self.snap.live.insert(addr, block);
                 self.grow(e, &block, growth);
             }
+            EventKind::Mark(_) => {}
         }
     }
 

@@ -119,6 +119,13 @@ pub struct Report {
     pub threads: Vec<Thread>,
     pub timeline: Vec<Timeline>,
     pub problems: Vec<Problem>,
+    /// Instrumentation (`#[memscope::instrument]`): the scope tree, variables, tasks.
+    #[serde(default)]
+    pub scopes: Vec<crate::instrument::Scope>,
+    #[serde(default)]
+    pub variables: Vec<crate::instrument::Variable>,
+    #[serde(default)]
+    pub tasks: Vec<crate::instrument::Task>,
 }
 
 /// What a finding rests on (SPEC §3).
@@ -196,6 +203,9 @@ pub struct Site {
     pub pids: Vec<u32>,
     pub basis: Basis,
     pub stack: Vec<Frame>,
+    /// Variables whose blocks this site allocated (instrumentation).
+    #[serde(default)]
+    pub variables: Vec<crate::instrument::VarRef>,
 }
 
 /// Blocks live at exit that the program allocated at one site.
@@ -210,6 +220,9 @@ pub struct Leak {
     pub threads: Vec<ThreadRef>,
     pub basis: Basis,
     pub stack: Vec<Frame>,
+    /// Variables that named these blocks (instrumentation).
+    #[serde(default)]
+    pub variables: Vec<crate::instrument::VarRef>,
 }
 
 /// A thread of a process, by id, with its name.
@@ -286,6 +299,7 @@ struct Analysed {
     threads: Vec<Thread>,
     timeline: Timeline,
     problems: Vec<(Problem, Option<usize>)>,
+    instrumented: crate::instrument::Sections,
 }
 
 /// A site of one process; `leak` and `internal` describe its blocks live at exit.
@@ -298,6 +312,8 @@ struct SiteDraft {
     internal: Option<(&'static str, Basis, String)>,
     /// Allocated by memscope itself: never shown among the sites.
     memscope: bool,
+    /// Variables naming the site's blocks live at exit.
+    leak_variables: Vec<crate::instrument::VarRef>,
 }
 
 /// What makes two frames of different processes the same.
@@ -326,7 +342,8 @@ impl FrameKey {
 fn analyse(trace: &Trace, options: &ReportOptions, progress: &Progress) -> Analysed {
     let base = progress.position();
     let mut events = trace.events().on_progress(|read| progress.set(base + read));
-    let snap = replay::replay(events.by_ref());
+    let mut collector = crate::instrument::Collector::default();
+    let snap = replay::replay(events.by_ref().inspect(|e| collector.observe(e)));
     let (tables, mut damage) = events.finish();
     damage.splice(0..0, trace.damage.iter().cloned());
     // With part of a trace missing, a free whose allocation is in that part looks like
@@ -420,12 +437,20 @@ fn analyse(trace: &Trace, options: &ReportOptions, progress: &Progress) -> Analy
         },
         symbols: symbolizer.status(),
     };
+    let mut instrumented = collector.finish(&snap, &tables.names, pid);
+    for (site, refs) in std::mem::take(&mut instrumented.site_variables) {
+        sites[site as usize].site.variables = refs;
+    }
+    for (site, refs) in std::mem::take(&mut instrumented.leak_variables) {
+        sites[site as usize].leak_variables = refs;
+    }
     Analysed {
         process,
         sites,
         threads,
         timeline,
         problems,
+        instrumented,
     }
 }
 
@@ -474,11 +499,13 @@ fn site_drafts(
                     pids: vec![pid],
                     basis: Basis::Observed,
                     stack,
+                    variables: Vec::new(),
                 },
                 leak_threads: Vec::new(),
                 largest_block: 0,
                 internal,
                 memscope: s.internal,
+                leak_variables: Vec::new(),
             }
         })
         .collect()
@@ -648,7 +675,16 @@ fn merge(analysed: Vec<Analysed>) -> Report {
     let mut threads = Vec::new();
     let mut timeline = Vec::new();
     let mut problems = Vec::new();
+    let (mut scopes, mut variables, mut tasks) = (Vec::new(), Vec::new(), Vec::new());
     for a in analysed {
+        let offset = scopes.len();
+        scopes.extend(a.instrumented.scopes.into_iter().map(|mut s| {
+            s.id += offset;
+            s.parent = s.parent.map(|p| p + offset);
+            s
+        }));
+        variables.extend(a.instrumented.variables);
+        tasks.extend(a.instrumented.tasks);
         let mut map = Vec::with_capacity(a.sites.len());
         for draft in a.sites {
             let key = (draft.key.clone(), draft.memscope);
@@ -716,6 +752,7 @@ fn merge(analysed: Vec<Analysed>) -> Report {
                 threads: d.leak_threads.clone(),
                 basis: Basis::Observed,
                 stack: d.site.stack.clone(),
+                variables: d.leak_variables.clone(),
             }),
         }
     }
@@ -740,6 +777,9 @@ fn merge(analysed: Vec<Analysed>) -> Report {
         threads,
         timeline,
         problems,
+        scopes,
+        variables,
+        tasks,
     }
 }
 
@@ -763,11 +803,13 @@ impl SiteDraft {
                 pids: Vec::new(),
                 basis: s.basis,
                 stack: s.stack.clone(),
+                variables: Vec::new(),
             },
             leak_threads: Vec::new(),
             largest_block: 0,
             internal: self.internal.clone(),
             memscope: self.memscope,
+            leak_variables: Vec::new(),
         }
     }
 }
@@ -786,6 +828,8 @@ fn absorb(into: &mut SiteDraft, from: SiteDraft) {
         }
     }
     into.leak_threads.extend(from.leak_threads);
+    crate::instrument::merge_refs(&mut into.site.variables, b.variables);
+    crate::instrument::merge_refs(&mut into.leak_variables, from.leak_variables);
     into.largest_block = into.largest_block.max(from.largest_block);
     if into.internal.is_none() {
         into.internal = from.internal;

@@ -17,7 +17,7 @@
 //! first. On equal timestamps frees go before allocations.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -69,6 +69,23 @@ pub enum EventKind {
         size: u64,
         stack: u64,
     },
+    /// An instrumentation event, in the thread's order among its allocations (see
+    /// `crate::instrument`); not an allocation event.
+    Mark(Mark),
+}
+
+/// Instrumentation events; the names they refer to are in [`Tables::names`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mark {
+    Enter { id: u64 },
+    Exit { id: u64 },
+    /// One block of an `OWNS` record.
+    Owns {
+        var: u64,
+        block: memscope::format::OwnedBlock,
+    },
+    TaskStart { id: u64, site: u64 },
+    TaskEnd { id: u64, state: u8 },
 }
 
 impl EventKind {
@@ -76,7 +93,7 @@ impl EventKind {
     fn rank(&self) -> u8 {
         match self {
             EventKind::Free { .. } | EventKind::ReallocFree { .. } => 0,
-            EventKind::Alloc { .. } | EventKind::ReallocAlloc { .. } => 1,
+            EventKind::Alloc { .. } | EventKind::ReallocAlloc { .. } | EventKind::Mark(_) => 1,
         }
     }
 }
@@ -127,6 +144,8 @@ pub struct Tables {
     /// Stack hash → return addresses, innermost first.
     pub stacks: FxHashMap<u64, Box<[u64]>>,
     pub threads: FxHashMap<u32, ThreadInfo>,
+    /// Names from instrumentation records.
+    pub names: crate::instrument::Names,
 }
 
 /// Where a chunk's payload is.
@@ -351,6 +370,7 @@ impl Trace {
                     pos: 0,
                     decoder: StreamDecoder::default(),
                     pending: None,
+                    queued: VecDeque::new(),
                     head: None,
                 })
                 .collect(),
@@ -388,6 +408,8 @@ struct Stream<'t> {
     decoder: StreamDecoder,
     /// The alloc half of a realloc whose free half was handed out.
     pending: Option<Event>,
+    /// Further events of one record (the blocks of an `OWNS`).
+    queued: VecDeque<Event>,
     head: Option<Event>,
 }
 
@@ -415,7 +437,7 @@ impl<'t> Events<'t> {
 
     fn next_of(&mut self, i: usize) -> Option<Event> {
         let stream = &mut self.streams[i];
-        if let Some(e) = stream.pending.take() {
+        if let Some(e) = stream.pending.take().or_else(|| stream.queued.pop_front()) {
             return Some(e);
         }
         loop {
@@ -524,8 +546,36 @@ impl<'t> Events<'t> {
                 }
                 // Meta records belong to thread 0; elsewhere they carry nothing we use.
                 Record::Clock { .. } | Record::Module { .. } | Record::End { .. } => {}
-                // Instrumentation records are read by the instrumentation analysis.
-                _ => {}
+                Record::Instrumented { .. } | Record::Def { .. } => {
+                    self.tables.names.take(&record);
+                }
+                Record::Enter { ts, id } => {
+                    return Some(event(ts, false, EventKind::Mark(Mark::Enter { id })));
+                }
+                Record::Exit { ts, id } => {
+                    return Some(event(ts, false, EventKind::Mark(Mark::Exit { id })));
+                }
+                Record::Owns { ts, var, blocks } => {
+                    let mut marks = blocks
+                        .into_iter()
+                        .map(|block| event(ts, false, EventKind::Mark(Mark::Owns { var, block })));
+                    let first = marks.next();
+                    stream.queued.extend(marks);
+                    if first.is_some() {
+                        return first;
+                    }
+                }
+                Record::Task { ts, id, site, .. } => {
+                    self.tables.names.take(&record);
+                    return Some(event(
+                        ts,
+                        false,
+                        EventKind::Mark(Mark::TaskStart { id, site }),
+                    ));
+                }
+                Record::TaskEnd { ts, id, state } => {
+                    return Some(event(ts, false, EventKind::Mark(Mark::TaskEnd { id, state })));
+                }
             }
         }
     }
