@@ -34,6 +34,9 @@ pub struct Member {
     pub lib_root: Option<PathBuf>,
     pub bins: Vec<(String, PathBuf)>,
     pub examples: Vec<(String, PathBuf)>,
+    /// Integration tests and benches (`cargo memscope test` tracks them).
+    pub tests: Vec<(String, PathBuf)>,
+    pub benches: Vec<(String, PathBuf)>,
     pub path_deps: Vec<PathDep>,
 }
 
@@ -137,6 +140,8 @@ pub fn load_workspace(args: &CargoArgs) -> anyhow::Result<Workspace> {
                 lib_root,
                 bins: root(TargetKind::Bin),
                 examples: root(TargetKind::Example),
+                tests: root(TargetKind::Test),
+                benches: root(TargetKind::Bench),
                 path_deps: package
                     .dependencies
                     .iter()
@@ -405,60 +410,16 @@ impl Build<'_> {
             .stdout(Stdio::piped());
         add_frame_pointers(&mut command);
 
-        let spinner = self.progress.then(spinner);
-        command.stderr(if spinner.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::inherit()
-        });
-        let mut child = command.spawn().context("failed to run `cargo build`")?;
-        let stderr_relay = child.stderr.take().map(|stderr| {
-            let spinner = spinner.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    print_above(spinner.as_ref(), &line);
-                }
-            })
-        });
-
+        let kind = match self.program.kind {
+            ProgramKind::Bin => TargetKind::Bin,
+            ProgramKind::Example => TargetKind::Example,
+        };
         let mut executable = None;
-        let mut foreign_allocator = None;
-        let stdout = child.stdout.take().expect("stdout is piped");
-        for message in Message::parse_stream(BufReader::new(stdout)) {
-            match message.context("failed to read cargo's build messages")? {
-                Message::CompilerArtifact(artifact) => {
-                    if let (Some(spinner), false) = (&spinner, artifact.fresh) {
-                        spinner.set_message(artifact.target.name.clone());
-                    }
-                    let kind = match self.program.kind {
-                        ProgramKind::Bin => TargetKind::Bin,
-                        ProgramKind::Example => TargetKind::Example,
-                    };
-                    if artifact.target.name == self.program.name && artifact.target.is_kind(kind) {
-                        executable = artifact.executable.map(PathBuf::from).or(executable);
-                    }
-                }
-                Message::CompilerMessage(message) => {
-                    let text = &message.message.message;
-                    if let Some(crates) = text.split("conflicts with global allocator in: ").nth(1)
-                    {
-                        foreign_allocator = Some(crates.trim().to_owned());
-                    }
-                    if let Some(rendered) = &message.message.rendered {
-                        print_above(spinner.as_ref(), rendered.trim_end());
-                    }
-                }
-                Message::TextLine(line) => print_above(spinner.as_ref(), &line),
-                _ => {}
+        let (status, foreign_allocator) = stream_build(command, self.progress, |artifact| {
+            if artifact.target.name == self.program.name && artifact.target.is_kind(kind.clone()) {
+                executable = artifact.executable.clone().map(PathBuf::from).or(executable.take());
             }
-        }
-        let status = child.wait().context("failed to wait for `cargo build`")?;
-        if let Some(relay) = stderr_relay {
-            let _ = relay.join();
-        }
-        if let Some(spinner) = spinner {
-            spinner.finish_and_clear();
-        }
+        })?;
 
         if let Some(crates) = foreign_allocator {
             bail!(
@@ -483,29 +444,210 @@ impl Build<'_> {
     /// Where cargo runs: the copy of the user's current directory, so that the same
     /// `.cargo/config.toml` files apply.
     fn working_dir(&self) -> PathBuf {
-        std::env::current_dir()
-            .ok()
-            .and_then(|cwd| self.ws.in_scratch(self.scratch, &cwd))
-            .filter(|dir| dir.is_dir())
-            .unwrap_or_else(|| self.scratch.to_path_buf())
+        working_dir(self.ws, self.scratch)
     }
 
     /// Line tables and symbols for the chosen profile, so stacks resolve to source.
     fn profile_config(&self) -> Vec<String> {
-        let profile = self.args.profile_name();
-        let manifest = std::fs::read_to_string(self.ws.root.join("Cargo.toml")).unwrap_or_default();
-        let mut config = vec![
-            "--config".to_owned(),
-            format!("profile.{profile}.strip=false"),
-        ];
-        if debug_level(&manifest, profile) < LINE_TABLES_ONLY {
-            config.extend([
-                "--config".to_owned(),
-                format!("profile.{profile}.debug=\"line-tables-only\""),
-            ]);
-        }
-        config
+        profile_config(self.ws, self.args)
     }
+}
+
+/// Where cargo runs: the copy of the user's current directory, so that the same
+/// `.cargo/config.toml` files apply.
+fn working_dir(ws: &Workspace, scratch: &Path) -> PathBuf {
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| ws.in_scratch(scratch, &cwd))
+        .filter(|dir| dir.is_dir())
+        .unwrap_or_else(|| scratch.to_path_buf())
+}
+
+/// Line tables and symbols for the chosen profile, so stacks resolve to source.
+fn profile_config(ws: &Workspace, args: &CargoArgs) -> Vec<String> {
+    let profile = args.profile_name();
+    let manifest = std::fs::read_to_string(ws.root.join("Cargo.toml")).unwrap_or_default();
+    let mut config = vec![
+        "--config".to_owned(),
+        format!("profile.{profile}.strip=false"),
+    ];
+    if debug_level(&manifest, profile) < LINE_TABLES_ONLY {
+        config.extend([
+            "--config".to_owned(),
+            format!("profile.{profile}.debug=\"line-tables-only\""),
+        ]);
+    }
+    config
+}
+
+/// A test executable that `cargo test --no-run` built.
+#[derive(Debug, Clone)]
+pub struct TestExecutable {
+    pub package: String,
+    pub target: String,
+    /// `lib`, `bin`, `test`, `bench` or `example`.
+    pub kind: String,
+    /// The target's root file, in the scratch copy.
+    pub src_path: PathBuf,
+    pub executable: PathBuf,
+}
+
+/// How to build and run the tests in the scratch copy (`cargo test`).
+pub struct TestBuild<'a> {
+    pub ws: &'a Workspace,
+    pub args: &'a CargoArgs,
+    /// `cargo test`'s own flags: package and target selection, `--no-fail-fast`.
+    pub test_flags: &'a [OsString],
+    pub scratch: &'a Path,
+    pub build_dir: &'a Path,
+    pub color: bool,
+    pub progress: bool,
+}
+
+impl TestBuild<'_> {
+    /// `cargo test` in the scratch copy, with the flags of the build; the caller adds
+    /// the mode (`--no-run`, or a runner and harness arguments).
+    pub fn command(&self) -> anyhow::Result<Command> {
+        let manifest = self
+            .ws
+            .in_scratch(self.scratch, &self.ws.manifest)
+            .context("the manifest is outside its workspace")?;
+        let mut command = Command::new(cargo());
+        command
+            .arg("test")
+            .arg("--manifest-path")
+            .arg(&manifest)
+            .args(self.test_flags)
+            .args(["--color", if self.color { "always" } else { "never" }])
+            .args(self.args.build_flags())
+            .args(profile_config(self.ws, self.args))
+            .current_dir(working_dir(self.ws, self.scratch))
+            .env("CARGO_TARGET_DIR", self.build_dir);
+        add_frame_pointers(&mut command);
+        Ok(command)
+    }
+
+    /// Builds the test executables (`cargo test --no-run`) and returns them in the
+    /// order cargo reported them.
+    pub fn build(&self) -> anyhow::Result<Vec<TestExecutable>> {
+        if self.args.is_locked() {
+            let mut command = Command::new(cargo());
+            command
+                .args(["metadata", "--format-version", "1", "--manifest-path"])
+                .arg(self.ws.in_scratch(self.scratch, &self.ws.manifest).unwrap_or_default())
+                .env("CARGO_TARGET_DIR", self.build_dir);
+            if self.args.is_offline() {
+                command.arg("--offline");
+            }
+            quiet_cargo(command)
+                .context("failed to add memscope's runtime to the scratch copy's Cargo.lock")?;
+        }
+        let mut command = self.command()?;
+        command
+            .arg("--no-run")
+            .arg("--message-format")
+            .arg(if self.color {
+                "json-diagnostic-rendered-ansi"
+            } else {
+                "json"
+            })
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        let mut executables = Vec::new();
+        let (status, foreign_allocator) = stream_build(command, self.progress, |artifact| {
+            if let (true, Some(executable)) = (artifact.profile.test, &artifact.executable) {
+                let manifest = artifact.manifest_path.as_std_path();
+                let package = self
+                    .ws
+                    .members
+                    .iter()
+                    .find(|m| {
+                        m.manifest.strip_prefix(&self.ws.root).ok()
+                            == manifest.strip_prefix(self.scratch).ok()
+                    })
+                    .map_or_else(|| artifact.target.name.clone(), |m| m.name.clone());
+                executables.push(TestExecutable {
+                    package,
+                    target: artifact.target.name.clone(),
+                    kind: artifact
+                        .target
+                        .kind
+                        .first()
+                        .map(|k| k.to_string())
+                        .unwrap_or_default(),
+                    src_path: artifact.target.src_path.clone().into(),
+                    executable: executable.clone().into(),
+                });
+            }
+        })?;
+        if let Some(crates) = foreign_allocator {
+            bail!(
+                "`{crates}` (a dependency outside the workspace) declares its own #[global_allocator], \
+                 which memscope cannot wrap; build without it (e.g. behind a cargo feature) to track these tests"
+            );
+        }
+        if !status.success() {
+            bail!("the build of the tests failed; cargo's messages above say why");
+        }
+        Ok(executables)
+    }
+}
+
+/// Runs a cargo build command whose stdout is JSON messages: prints the compiler's
+/// messages (above a spinner when `progress`), passes each artifact to `on_artifact`,
+/// and returns cargo's status and the crates named by a global-allocator conflict.
+fn stream_build(
+    mut command: Command,
+    progress: bool,
+    mut on_artifact: impl FnMut(&cargo_metadata::Artifact),
+) -> anyhow::Result<(std::process::ExitStatus, Option<String>)> {
+    let spinner = progress.then(spinner);
+    command.stderr(if spinner.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::inherit()
+    });
+    let mut child = command.spawn().context("failed to run cargo")?;
+    let stderr_relay = child.stderr.take().map(|stderr| {
+        let spinner = spinner.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                print_above(spinner.as_ref(), &line);
+            }
+        })
+    });
+
+    let mut foreign_allocator = None;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    for message in Message::parse_stream(BufReader::new(stdout)) {
+        match message.context("failed to read cargo's build messages")? {
+            Message::CompilerArtifact(artifact) => {
+                if let (Some(spinner), false) = (&spinner, artifact.fresh) {
+                    spinner.set_message(artifact.target.name.clone());
+                }
+                on_artifact(&artifact);
+            }
+            Message::CompilerMessage(message) => {
+                let text = &message.message.message;
+                if let Some(crates) = text.split("conflicts with global allocator in: ").nth(1) {
+                    foreign_allocator = Some(crates.trim().to_owned());
+                }
+                if let Some(rendered) = &message.message.rendered {
+                    print_above(spinner.as_ref(), rendered.trim_end());
+                }
+            }
+            Message::TextLine(line) => print_above(spinner.as_ref(), &line),
+            _ => {}
+        }
+    }
+    let status = child.wait().context("failed to wait for cargo")?;
+    if let Some(relay) = stderr_relay {
+        let _ = relay.join();
+    }
+    if let Some(spinner) = spinner {
+        spinner.finish_and_clear();
+    }
+    Ok((status, foreign_allocator))
 }
 
 /// Frame pointers make call stacks cheap to record. `RUSTFLAGS` (or its encoded form)

@@ -1,4 +1,5 @@
-//! The command line: `cargo memscope run` and `cargo memscope report`.
+//! The command line: `cargo memscope run`, `cargo memscope test` and
+//! `cargo memscope report`.
 //!
 //! Cargo runs a subcommand as `cargo-memscope memscope <args>`; [`parse`] drops that
 //! extra word so `cargo-memscope <args>` works the same.
@@ -13,11 +14,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 const EXIT_STATUS_HELP: &str = "\
 Exit status:
   `run` exits with the program's own exit code (128+N when the program is killed
-  by signal N). Otherwise:
+  by signal N); `test` with cargo test's (101 when a test failed). Otherwise:
+    0  success, and no gate failed
     2  memscope itself failed: bad arguments, no Cargo.toml, no binary to run, a
        build failure, a missing or unreadable trace, a program that wrote no trace
        (when the program failed too, its own exit code is kept instead)
-    3  reserved for threshold gates (leaks or peak above a limit)";
+    3  a gate failed: --fail-on-leaks, --max-leaked-bytes or --max-peak (checked
+       only when the program or every test succeeded)";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,6 +41,15 @@ pub enum Command {
     /// Build a binary with the tracking allocator, run it, and report its memory use
     #[command(after_help = EXIT_STATUS_HELP)]
     Run(RunArgs),
+    /// Build the tests with the tracking allocator, run them, and report memory per test
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Test(TestArgs),
+    /// Run one test executable for `cargo memscope test` (cargo calls it as a runner)
+    #[command(name = "__runner", hide = true)]
+    Runner {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<OsString>,
+    },
     /// Render reports from existing trace files (`*.mstrace`) or directories of them
     #[command(after_help = EXIT_STATUS_HELP)]
     Report(ReportArgs),
@@ -55,10 +67,112 @@ pub struct RunArgs {
     pub program_args: Vec<OsString>,
 
     #[command(flatten)]
+    pub gate: GateArgs,
+
+    #[command(flatten)]
     pub cargo: CargoArgs,
 
     #[command(flatten)]
     pub output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    /// Record allocations without call stacks (faster; reports lose allocation sites)
+    #[arg(long)]
+    pub no_stacks: bool,
+
+    /// Run only the tests whose names contain this string (passed to the harness)
+    #[arg(value_name = "TESTNAME")]
+    pub filter: Option<String>,
+
+    /// Arguments for the test harness (after `--`), e.g. `--test-threads=1`
+    #[arg(last = true, value_name = "ARGS")]
+    pub harness_args: Vec<OsString>,
+
+    #[command(flatten)]
+    pub gate: GateArgs,
+
+    #[command(flatten)]
+    pub selection: TestSelection,
+
+    #[command(flatten)]
+    pub cargo: CargoArgs,
+
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// `cargo test`'s target selection, passed through. Doc tests are not tracked.
+#[derive(Debug, Args, Default)]
+#[command(next_help_heading = "Test selection (as for `cargo test`; doc tests are not tracked)")]
+pub struct TestSelection {
+    /// Test only this package's library
+    #[arg(long)]
+    pub lib: bool,
+    /// Test all binaries
+    #[arg(long)]
+    pub bins: bool,
+    /// Test only the named integration test
+    #[arg(long = "test", value_name = "NAME")]
+    pub test: Vec<String>,
+    /// Test all targets that have `test = true` (the default)
+    #[arg(long)]
+    pub tests: bool,
+    /// Test only the named bench target
+    #[arg(long = "bench", value_name = "NAME")]
+    pub bench: Vec<String>,
+    /// Test all benches
+    #[arg(long)]
+    pub benches: bool,
+    /// Test all examples
+    #[arg(long)]
+    pub examples: bool,
+    /// Test all targets (doc tests excepted)
+    #[arg(long)]
+    pub all_targets: bool,
+    /// Refused: doc tests are compiled by rustdoc without memscope's allocator
+    #[arg(long)]
+    pub doc: bool,
+    /// Test all packages in the workspace
+    #[arg(long, alias = "all")]
+    pub workspace: bool,
+    /// Exclude packages from the test (with --workspace)
+    #[arg(long, value_name = "SPEC")]
+    pub exclude: Vec<String>,
+    /// Run all test binaries regardless of failure
+    #[arg(long)]
+    pub no_fail_fast: bool,
+}
+
+/// Thresholds that turn findings into exit code 3 (for `run` and `test`).
+#[derive(Debug, Args, Default, Clone)]
+#[command(next_help_heading = "Gates (exit code 3 when one fails)")]
+pub struct GateArgs {
+    /// Fail if any block the program allocated is live at exit (std's own bookkeeping
+    /// and suppressed leaks excepted)
+    #[arg(long)]
+    pub fail_on_leaks: bool,
+
+    /// Fail if more than N bytes leak (sizes like 4096, 64KiB, 1MB)
+    #[arg(long, value_name = "N", value_parser = crate::gate::parse_size)]
+    pub max_leaked_bytes: Option<u64>,
+
+    /// Fail if live heap bytes ever exceed SIZE (sizes like 64MiB, 512KB, 1000)
+    #[arg(long, value_name = "SIZE", value_parser = crate::gate::parse_size)]
+    pub max_peak: Option<u64>,
+
+    /// `test`: apply the limits to each test on its own instead of the whole run
+    #[arg(long)]
+    pub per_test: bool,
+
+    /// Leaks to ignore, one rule per line: `function|crate|file PATTERN` (`*` globs)
+    #[arg(long, value_name = "FILE")]
+    pub suppressions: Option<PathBuf>,
+
+    /// Also write the leaks found as SARIF 2.1.0 (for GitHub code scanning) to PATH
+    #[arg(long, value_name = "PATH")]
+    pub sarif: Option<PathBuf>,
 }
 
 /// Cargo's own selection, feature and profile flags, passed through to `cargo build`.
@@ -172,6 +286,8 @@ impl Cli {
     pub fn color_enabled(&self) -> bool {
         match &self.command {
             Command::Run(args) => args.output.color.enabled(),
+            Command::Test(args) => args.output.color.enabled(),
+            Command::Runner { .. } => false,
             Command::Report(args) => args.output.color.enabled(),
         }
     }

@@ -15,7 +15,7 @@ use anyhow::{bail, Context};
 use crate::cargo::{self, Workspace};
 use crate::cli::{OutputArgs, ReportArgs, RunArgs};
 use crate::report::{self, ReportOptions};
-use crate::{embedded, rewrite, scratch};
+use crate::{embedded, gate, rewrite, scratch};
 
 /// How the embedded runtime's source files are named in reports.
 const RUNTIME_DISPLAY_PATH: &str = "<memscope-runtime>";
@@ -24,16 +24,16 @@ const RUNTIME_DISPLAY_PATH: &str = "<memscope-runtime>";
 const KEPT_TRACE_DIRS: usize = 10;
 
 /// Where memscope keeps its files for one workspace.
-struct Layout {
+pub(crate) struct Layout {
     /// `<target-dir>/memscope`
-    root: PathBuf,
+    pub(crate) root: PathBuf,
     /// The scratch copy: one per workspace, so a target directory shared by several
     /// workspaces (`CARGO_TARGET_DIR`) keeps each one's copy incremental.
-    scratch: PathBuf,
+    pub(crate) scratch: PathBuf,
 }
 
 impl Layout {
-    fn new(ws: &Workspace) -> Layout {
+    pub(crate) fn new(ws: &Workspace) -> Layout {
         let root = ws.target_dir.join("memscope");
         let name = ws.root.file_name().unwrap_or_default().to_string_lossy();
         let scratch = root.join("scratch").join(format!(
@@ -43,11 +43,11 @@ impl Layout {
         Layout { root, scratch }
     }
 
-    fn runtime(&self) -> PathBuf {
+    pub(crate) fn runtime(&self) -> PathBuf {
         self.root.join("runtime").join("memscope-runtime")
     }
 
-    fn build(&self) -> PathBuf {
+    pub(crate) fn build(&self) -> PathBuf {
         self.root.join("build")
     }
 
@@ -56,7 +56,7 @@ impl Layout {
     }
 
     /// A fresh directory for this run's traces; the oldest runs' are removed.
-    fn new_trace_dir(&self) -> anyhow::Result<PathBuf> {
+    pub(crate) fn new_trace_dir(&self) -> anyhow::Result<PathBuf> {
         let traces = self.root.join("traces");
         if let Ok(entries) = fs::read_dir(&traces) {
             let mut old: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
@@ -76,7 +76,7 @@ impl Layout {
         Ok(dir)
     }
 
-    fn report_options(&self, ws: &Workspace, output: &OutputArgs) -> ReportOptions {
+    pub(crate) fn report_options(&self, ws: &Workspace, output: &OutputArgs) -> ReportOptions {
         ReportOptions {
             output_dir: output
                 .output_dir
@@ -106,6 +106,7 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
     let ws = cargo::load_workspace(&args.cargo)?;
     let program = ws.select_program(&args.cargo)?;
+    let gates = gate::Gates::load(&args.gate)?;
     if args.cargo.is_locked() {
         cargo::verify_lock(&ws, &args.cargo)?;
     }
@@ -146,7 +147,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
     // The program's own failure is what the caller needs to see first: when it failed,
     // its exit code is kept even if reporting fails too.
     match report_run(&trace_dir, &options, args.output.open) {
-        Ok(()) => Ok(code),
+        Ok(report) => gates.verdict(code, &report, &ws.root, options.color),
         Err(err) if code != 0 => {
             crate::print_error(&err, options.color);
             Ok(code)
@@ -155,7 +156,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
     }
 }
 
-fn report_run(trace_dir: &Path, options: &ReportOptions, open: bool) -> anyhow::Result<()> {
+fn report_run(
+    trace_dir: &Path,
+    options: &ReportOptions,
+    open: bool,
+) -> anyhow::Result<report::Report> {
     let traces = trace_files(trace_dir)?;
     if traces.is_empty() {
         bail!(
@@ -168,12 +173,17 @@ fn report_run(trace_dir: &Path, options: &ReportOptions, open: bool) -> anyhow::
 
 /// Writes the reports; `report::generate` prints the summary and where they are. With
 /// `open`, opens the HTML report in a browser.
-fn generate(traces: &[PathBuf], options: &ReportOptions, open: bool) -> anyhow::Result<()> {
-    let outcome = report::generate(traces, options).context("failed to build the report")?;
+pub(crate) fn generate(
+    traces: &[PathBuf],
+    options: &ReportOptions,
+    open: bool,
+) -> anyhow::Result<report::Report> {
+    let report = report::build(traces, options).context("failed to build the report")?;
+    let outcome = report::write(&report, options).context("failed to write the report")?;
     if open {
         crate::html::open(&outcome.html_path);
     }
-    Ok(())
+    Ok(report)
 }
 
 /// `cargo memscope report`.
@@ -215,11 +225,11 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<()> {
             progress: std::io::stderr().is_terminal(),
         },
     };
-    generate(&traces, &options, args.output.open)
+    generate(&traces, &options, args.output.open).map(drop)
 }
 
 /// The `*.mstrace` files directly in `dir`, sorted.
-fn trace_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+pub(crate) fn trace_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let entries = fs::read_dir(dir)
         .with_context(|| format!("failed to read trace directory {}", dir.display()))?;
     let mut traces: Vec<PathBuf> = entries
@@ -265,7 +275,7 @@ fn run_program(
 }
 
 /// The program's exit code; 128+N when signal N killed it, as a shell reports it.
-fn exit_code(status: ExitStatus) -> u8 {
+pub(crate) fn exit_code(status: ExitStatus) -> u8 {
     if let Some(code) = status.code() {
         return code as u8;
     }
@@ -277,7 +287,7 @@ fn exit_code(status: ExitStatus) -> u8 {
 }
 
 #[cfg(unix)]
-mod signals {
+pub(crate) mod signals {
     //! While the program runs, memscope must outlive it to write the report. Ctrl-C
     //! and Ctrl-\ reach the whole foreground process group, so the program gets them
     //! itself and memscope only ignores them; SIGTERM and SIGHUP are sent to memscope
@@ -350,7 +360,7 @@ mod signals {
 }
 
 #[cfg(not(unix))]
-mod signals {
+pub(crate) mod signals {
     pub struct Relay;
 
     impl Relay {

@@ -379,6 +379,7 @@ pub fn site_frame(frames: &[Frame], user_roots: &[PathBuf]) -> (Option<usize>, S
 /// - the current thread's handle and name: `std::thread::current`;
 /// - the stack-overflow handler's per-thread information:
 ///   `std::sys::pal::unix::stack_overflow`;
+/// - thread spawn hooks (`std::thread::spawnhook`), which libtest's harness adds;
 /// - anything std allocates while starting or shutting down the process: under
 ///   `std::rt::lang_start_internal` but not under the user's `main` (which runs inside
 ///   `__rust_begin_short_backtrace`).
@@ -411,6 +412,12 @@ pub fn std_bookkeeping(frames: &[Frame], user_roots: &[PathBuf]) -> Option<Strin
         (
             "std::sys::pal::unix::stack_overflow::",
             "std's stack-overflow handler information",
+        ),
+        (
+            // libtest's `test_main` registers one (to capture spawned threads' output)
+            // in the main thread's thread-local list, which is never dropped.
+            "std::thread::spawnhook::",
+            "a thread spawn hook, kept in the main thread's list until exit",
         ),
     ];
     for frame in frames {

@@ -1,0 +1,335 @@
+//! `cargo memscope test` end to end: install the tracking allocator in every test
+//! crate of the scratch copy, build the tests (`cargo test --no-run`), run them with
+//! `cargo test` through [`crate::runner`] (one trace directory per test binary), then
+//! one report with a section per binary and per test, the gates, and CI output.
+//!
+//! Doc tests are not tracked: rustdoc compiles them without memscope's allocator, so
+//! they are not run (`--doc` is refused with that reason).
+
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+
+use crate::cargo::{self, TestExecutable, Workspace};
+use crate::cli::TestArgs;
+use crate::libtest::{self, BinaryInfo};
+use crate::report::{self, Report};
+use crate::rewrite::{self, CrateRoot};
+use crate::run::{self, Layout};
+use crate::summary::{bytes_short as bytes, plural};
+use crate::{embedded, gate, runner, scratch};
+
+/// `cargo memscope test`: returns the exit code to end with.
+pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
+    if args.selection.doc {
+        bail!(
+            "doc tests are not tracked: rustdoc builds them without memscope's allocator; run them with `cargo test --doc`"
+        );
+    }
+    let ws = cargo::load_workspace(&args.cargo)?;
+    let gates = gate::Gates::load(&args.gate)?;
+    if args.cargo.is_locked() {
+        cargo::verify_lock(&ws, &args.cargo)?;
+    }
+    let layout = Layout::new(&ws);
+    let runtime =
+        embedded::write_runtime(&layout.runtime()).context("failed to write memscope's runtime")?;
+    scratch::sync(
+        &ws.root,
+        &layout.scratch,
+        std::slice::from_ref(&ws.target_dir),
+    )
+    .context("failed to update the scratch copy of the workspace")?;
+    let rewrite = rewrite::apply_crates(&ws, &crate_roots(&ws), &layout.scratch, &runtime)
+        .context("failed to install the tracking allocator in the scratch copy")?;
+    if args.cargo.verbose > 0 {
+        for file in &rewrite.wrapped {
+            eprintln!(
+                "memscope: wrapping the #[global_allocator] declared in {}",
+                file.display()
+            );
+        }
+    }
+    let options = layout.report_options(&ws, &args.output);
+    let flags = test_flags(args);
+    let build = cargo::TestBuild {
+        ws: &ws,
+        args: &args.cargo,
+        test_flags: &flags,
+        scratch: &layout.scratch,
+        build_dir: &layout.build(),
+        color: options.color,
+        progress: options.progress && !args.cargo.quiet,
+    };
+    let executables = build.build()?;
+
+    let trace_dir = layout.new_trace_dir()?;
+    let mut command = build.command()?;
+    let me = std::env::current_exe().context("failed to locate cargo-memscope itself")?;
+    let runner = format!(
+        "target.'cfg(all())'.runner=[{}, \"__runner\"]",
+        serde_json::to_string(&me.to_string_lossy()).expect("strings serialize")
+    );
+    command
+        .args(["--config", &runner])
+        .env(runner::DIR_ENV, &trace_dir);
+    if args.no_stacks {
+        command.env("MEMSCOPE_STACKS", "0");
+    }
+    command.arg("--");
+    if let Some(filter) = &args.filter {
+        command.arg(filter);
+    }
+    command.args(&args.harness_args);
+    let status = command.status().context("failed to run `cargo test`")?;
+    let code = run::exit_code(status);
+
+    let outcome = report_tests(&trace_dir, &layout, &executables, &options, args);
+    match outcome {
+        Ok(report) => gates.verdict(code, &report, &ws.root, options.color),
+        Err(err) if code != 0 => {
+            crate::print_error(&err, options.color);
+            Ok(code)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// Every crate `cargo test` may build for a test, in every member: libraries and
+/// binaries get the allocator under `#[cfg(test)]` (other crates link or run them
+/// untested), integration tests, benches and examples always.
+fn crate_roots(ws: &Workspace) -> Vec<CrateRoot> {
+    let mut crates = Vec::new();
+    for member in &ws.members {
+        let krate = |root: &PathBuf, cfg_test: bool| CrateRoot {
+            manifest: member.manifest.clone(),
+            root: root.clone(),
+            with_dev: true,
+            cfg_test,
+        };
+        crates.extend(member.lib_root.iter().map(|root| krate(root, true)));
+        crates.extend(member.bins.iter().map(|(_, root)| krate(root, true)));
+        for (_, root) in member.tests.iter().chain(&member.benches).chain(&member.examples) {
+            if !crates.iter().any(|c: &CrateRoot| &c.root == root) {
+                crates.push(krate(root, false));
+            }
+        }
+    }
+    crates
+}
+
+/// `cargo test`'s own flags: selection passes through; without any target selection,
+/// `--tests` (what `cargo test` runs, doc tests excepted).
+fn test_flags(args: &TestArgs) -> Vec<OsString> {
+    let s = &args.selection;
+    let mut flags: Vec<OsString> = Vec::new();
+    let mut push = |flag: &str, value: Option<&str>| {
+        flags.push(flag.into());
+        if let Some(value) = value {
+            flags.push(value.into());
+        }
+    };
+    if let Some(package) = &args.cargo.package {
+        push("--package", Some(package));
+    }
+    if s.workspace {
+        push("--workspace", None);
+    }
+    for spec in &s.exclude {
+        push("--exclude", Some(spec));
+    }
+    let mut selected = false;
+    for (on, flag) in [
+        (s.lib, "--lib"),
+        (s.bins, "--bins"),
+        (s.tests, "--tests"),
+        (s.benches, "--benches"),
+        (s.examples, "--examples"),
+        (s.all_targets, "--all-targets"),
+    ] {
+        if on {
+            push(flag, None);
+            selected = true;
+        }
+    }
+    for (names, flag) in [(&s.test, "--test"), (&s.bench, "--bench")] {
+        for name in names {
+            push(flag, Some(name));
+            selected = true;
+        }
+    }
+    if let Some(bin) = &args.cargo.bin {
+        push("--bin", Some(bin));
+        selected = true;
+    }
+    if let Some(example) = &args.cargo.example {
+        push("--example", Some(example));
+        selected = true;
+    }
+    if !selected {
+        push("--tests", None);
+    }
+    if s.no_fail_fast {
+        push("--no-fail-fast", None);
+    }
+    flags
+}
+
+fn report_tests(
+    trace_dir: &Path,
+    layout: &Layout,
+    executables: &[TestExecutable],
+    options: &report::ReportOptions,
+    args: &TestArgs,
+) -> anyhow::Result<Report> {
+    let runs = runner::collect(trace_dir)?;
+    let mut traces = Vec::new();
+    let mut infos = Vec::new();
+    for (dir, run) in &runs {
+        traces.extend(run::trace_files(dir)?);
+        let Some(run) = run else { continue };
+        let built = executables.iter().find(|e| e.executable == run.executable);
+        let binary = built
+            .map(|e| {
+                e.src_path
+                    .strip_prefix(&layout.scratch)
+                    .unwrap_or(&e.src_path)
+                    .display()
+                    .to_string()
+            })
+            .unwrap_or_else(|| run.executable.display().to_string());
+        let pid = run::trace_files(dir)?
+            .iter()
+            .filter_map(|p| trace_pid(p))
+            .find(|&pid| pid == run.pid)
+            .or(Some(run.pid));
+        infos.push(BinaryInfo {
+            binary,
+            package: built.map(|e| e.package.clone()).unwrap_or_default(),
+            kind: built.map(|e| e.kind.clone()).unwrap_or_default(),
+            target: built.map(|e| e.target.clone()).unwrap_or_default(),
+            executable: run.executable.display().to_string(),
+            pid,
+            exit_code: run.exit_code,
+            outcomes: libtest::parse_harness(&run.stdout),
+        });
+    }
+    if traces.is_empty() {
+        bail!(
+            "no test binary wrote a trace to {} (did any test binary run?)",
+            trace_dir.display()
+        );
+    }
+    let mut report = report::build(&traces, options).context("failed to build the report")?;
+    let (binaries, tests) = libtest::attribute(&report, &infos);
+    report.test_binaries = binaries;
+    report.tests = tests;
+    let outcome = report::write(&report, options).context("failed to write the report")?;
+    eprint!("{}", render(&report, options.color));
+    if args.output.open {
+        crate::html::open(&outcome.html_path);
+    }
+    Ok(report)
+}
+
+/// The pid in a trace file's name (`memscope-<pid>-<ns>.mstrace`).
+fn trace_pid(path: &Path) -> Option<u32> {
+    let name = path.file_name()?.to_str()?;
+    name.strip_prefix("memscope-")?.split('-').next()?.parse().ok()
+}
+
+/// The per-test part of the terminal summary: every test that leaked, the largest
+/// peaks, and what could not be attributed.
+pub fn render(report: &Report, color: bool) -> String {
+    let bold = |s: &str| {
+        if color {
+            format!("\x1b[1m{s}\x1b[0m")
+        } else {
+            s.to_owned()
+        }
+    };
+    let mut out = String::new();
+    let (passed, failed, ignored) = report.test_binaries.iter().fold((0, 0, 0), |acc, b| {
+        (acc.0 + b.passed, acc.1 + b.failed, acc.2 + b.ignored)
+    });
+    let _ = writeln!(
+        out,
+        "\n{} {} in {}: {passed} passed, {failed} failed, {ignored} ignored (doc tests are not tracked)",
+        bold("Tests:"),
+        plural(report.tests.len() as u64, "test"),
+        match report.test_binaries.len() {
+            1 => "1 binary".to_owned(),
+            n => format!("{n} binaries"),
+        },
+    );
+    let mut leaky: Vec<_> = report
+        .tests
+        .iter()
+        .filter(|t| t.leaked_blocks.unwrap_or(0) > 0)
+        .collect();
+    leaky.sort_by_key(|t| std::cmp::Reverse(t.leaked_bytes));
+    if leaky.is_empty() {
+        let _ = writeln!(out, "  no test leaked");
+    } else {
+        let _ = writeln!(out, "  {}", bold("Leaking tests:"));
+        for t in leaky {
+            let _ = writeln!(
+                out,
+                "    {} ({}): {} ({}){}",
+                t.name,
+                t.binary,
+                plural(t.leaked_blocks.unwrap_or(0), "block"),
+                bytes(t.leaked_bytes.unwrap_or(0)),
+                if t.basis == report::Basis::Inferred {
+                    " [inferred]"
+                } else {
+                    ""
+                }
+            );
+            for leak in t.leaks.iter().take(3) {
+                let at = leak
+                    .location
+                    .as_ref()
+                    .map(report::location_text)
+                    .unwrap_or_else(|| format!("site #{}", leak.site));
+                let _ = writeln!(
+                    out,
+                    "      {} ({}) at {at}",
+                    plural(leak.blocks, "block"),
+                    bytes(leak.bytes)
+                );
+            }
+        }
+    }
+    let mut peaks: Vec<_> = report.tests.iter().filter(|t| t.peak_bytes.is_some()).collect();
+    peaks.sort_by_key(|t| std::cmp::Reverse(t.peak_bytes));
+    if !peaks.is_empty() {
+        let _ = writeln!(out, "  {}", bold("Largest peaks:"));
+        for t in peaks.iter().take(5) {
+            let _ = writeln!(
+                out,
+                "    {:>10}  {} ({})",
+                bytes(t.peak_bytes.unwrap_or(0)),
+                t.name,
+                t.binary
+            );
+        }
+    }
+    for b in &report.test_binaries {
+        if b.unattributed.leaked_blocks > 0 {
+            let _ = writeln!(
+                out,
+                "  {}: {} ({}) leaked on threads no test could be attributed to",
+                b.binary,
+                plural(b.unattributed.leaked_blocks, "block"),
+                bytes(b.unattributed.leaked_bytes)
+            );
+        }
+        for note in &b.notes {
+            let _ = writeln!(out, "  {}: {note}", b.binary);
+        }
+    }
+    out
+}
