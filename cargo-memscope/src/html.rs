@@ -680,6 +680,7 @@ mod tests {
             thread: 2,
             name: Some(name.into()),
             blocks: 1,
+            bytes: 4096,
         };
         let leaks = sites
             .iter()
@@ -745,6 +746,8 @@ mod tests {
                 peak_bytes: 4096,
                 live_blocks_at_exit: 1,
                 live_bytes_at_exit: 4096,
+                first_event_ns: Some(10),
+                last_event_ns: Some(2_000_000),
             }],
             timeline: vec![Timeline {
                 pid: 7,
@@ -772,6 +775,8 @@ mod tests {
                 evidence: format!("freed by thread {name} twice"),
             }],
             sites,
+            test_binaries: Vec::new(),
+            tests: Vec::new(),
             scopes: Vec::new(),
             variables: Vec::new(),
             tasks: Vec::new(),

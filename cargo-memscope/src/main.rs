@@ -2,15 +2,20 @@
 //! report what it did with memory. See DESIGN.md for what each module owns.
 
 mod cargo;
+mod ci;
 mod cli;
 mod embedded;
+mod gate;
 mod html;
+mod libtest;
 mod instrument;
 mod replay;
 mod report;
 mod rewrite;
 mod run;
+mod runner;
 mod scratch;
+mod suite;
 mod summary;
 mod symbols;
 mod trace;
@@ -24,8 +29,8 @@ pub const EXIT_SUCCESS: u8 = 0;
 /// memscope itself failed: bad arguments (clap uses 2 too), no Cargo.toml, no binary,
 /// a build failure, a missing or unreadable trace, a program that wrote no trace.
 pub const EXIT_MEMSCOPE_ERROR: u8 = 2;
-/// Reserved for threshold gates (`--fail-on-leaks`, `--max-peak`, …).
-#[allow(dead_code)]
+/// A threshold gate failed (`--fail-on-leaks`, `--max-leaked-bytes`, `--max-peak`)
+/// while the program or every test succeeded.
 pub const EXIT_GATE_FAILED: u8 = 3;
 
 fn main() -> ExitCode {
@@ -43,6 +48,8 @@ fn main() -> ExitCode {
 fn try_main(cli: cli::Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Run(args) => run::run(&args),
+        Command::Test(args) => suite::test(&args),
+        Command::Runner { command } => runner::run(&command),
         Command::Report(args) => run::report(&args).map(|()| EXIT_SUCCESS),
     }
 }

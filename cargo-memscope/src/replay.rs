@@ -119,6 +119,9 @@ pub struct ThreadStats {
     pub live_bytes: u64,
     /// Largest `live_bytes` ever.
     pub peak_bytes: u64,
+    /// Ticks of the thread's first and last events.
+    pub first_ts: Option<u64>,
+    pub last_ts: u64,
 }
 
 /// A block in the live map.
@@ -220,6 +223,9 @@ impl State {
         self.snap.events += 1;
         self.snap.first_ts.get_or_insert(e.ts);
         self.snap.last_ts = Some(e.ts);
+        let actor = self.thread(e.thread);
+        actor.first_ts.get_or_insert(e.ts);
+        actor.last_ts = e.ts;
         match e.kind {
             EventKind::Alloc {
                 addr,
@@ -543,8 +549,8 @@ pub struct LeakGroup {
     pub blocks: u64,
     pub bytes: u64,
     pub largest: u64,
-    /// Threads that allocated them, with their block counts, most blocks first.
-    pub threads: Vec<(u32, u64)>,
+    /// Threads that allocated them, with their block and byte counts, most blocks first.
+    pub threads: Vec<(u32, u64, u64)>,
     /// Tick of the earliest (re)allocation among them.
     pub first_ts: u64,
 }
@@ -552,7 +558,8 @@ pub struct LeakGroup {
 /// Groups the blocks live at exit by site, largest groups first. INTERNAL blocks are
 /// grouped too (their sites are marked `internal`); the caller decides what they are.
 pub fn leaks(snapshot: &Snapshot) -> Vec<LeakGroup> {
-    let mut groups: FxHashMap<SiteId, (LeakGroup, FxHashMap<u32, u64>)> = FxHashMap::default();
+    let mut groups: FxHashMap<SiteId, (LeakGroup, FxHashMap<u32, (u64, u64)>)> =
+        FxHashMap::default();
     for block in snapshot.live.values() {
         let (g, threads) = groups.entry(block.site).or_insert_with(|| {
             let group = LeakGroup {
@@ -569,12 +576,14 @@ pub fn leaks(snapshot: &Snapshot) -> Vec<LeakGroup> {
         g.bytes += block.size;
         g.largest = g.largest.max(block.size);
         g.first_ts = g.first_ts.min(block.ts);
-        *threads.entry(block.thread).or_default() += 1;
+        let (n, bytes) = threads.entry(block.thread).or_default();
+        *n += 1;
+        *bytes += block.size;
     }
     let mut out: Vec<LeakGroup> = groups
         .into_values()
         .map(|(mut g, threads)| {
-            g.threads = threads.into_iter().collect();
+            g.threads = threads.into_iter().map(|(t, (n, b))| (t, n, b)).collect();
             g.threads
                 .sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
             g
@@ -835,7 +844,7 @@ mod tests {
             .map(|g| (snap.sites[g.site as usize].stack, g.blocks, g.bytes))
             .collect();
         assert_eq!(got, vec![(2, 1, 4096), (1, 2, 16)]);
-        assert_eq!(groups[1].threads, vec![(1, 2)]);
+        assert_eq!(groups[1].threads, vec![(1, 2, 16)]);
     }
 
     #[test]

@@ -52,7 +52,14 @@ pub struct Outcome {
 }
 
 /// Reads the traces, analyses them, writes the reports and prints the terminal summary.
+#[cfg(test)]
 pub fn generate(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<Outcome> {
+    let report = build(traces, options)?;
+    write(&report, options)
+}
+
+/// Reads the traces and analyses them into the report model.
+pub fn build(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<Report> {
     anyhow::ensure!(!traces.is_empty(), "no trace to analyse");
     let mut opened = Vec::with_capacity(traces.len());
     for path in traces {
@@ -67,8 +74,11 @@ pub fn generate(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<O
         processes.push(analyse(trace, options, &progress));
     }
     progress.finish();
-    let report = merge(processes);
+    Ok(merge(processes))
+}
 
+/// Writes the reports of `report` and prints the terminal summary.
+pub fn write(report: &Report, options: &ReportOptions) -> anyhow::Result<Outcome> {
     fs::create_dir_all(&options.output_dir).with_context(|| {
         format!(
             "failed to create the report directory {}",
@@ -76,13 +86,13 @@ pub fn generate(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<O
         )
     })?;
     let json_path = options.output_dir.join("report.json");
-    write_json(&report, &json_path)
+    write_json(report, &json_path)
         .with_context(|| format!("failed to write {}", json_path.display()))?;
 
     let html_path = options.output_dir.join("report.html");
-    crate::html::write(&report, &options.user_roots, &html_path)?;
+    crate::html::write(report, &options.user_roots, &html_path)?;
 
-    let text = crate::summary::render(&report, &[&json_path, &html_path], options);
+    let text = crate::summary::render(report, &[&json_path, &html_path], options);
     eprint!("{text}");
 
     Ok(Outcome {
@@ -119,6 +129,11 @@ pub struct Report {
     pub threads: Vec<Thread>,
     pub timeline: Vec<Timeline>,
     pub problems: Vec<Problem>,
+    /// `cargo memscope test` only: one entry per test binary run, and per test.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub test_binaries: Vec<crate::libtest::TestBinary>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tests: Vec<crate::libtest::TestResult>,
     /// Instrumentation (`#[memscope::instrument]`): the scope tree, variables, tasks.
     #[serde(default)]
     pub scopes: Vec<crate::instrument::Scope>,
@@ -232,6 +247,9 @@ pub struct ThreadRef {
     pub thread: u32,
     pub name: Option<String>,
     pub blocks: u64,
+    /// Bytes of those blocks (0 where `blocks` is 0).
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 /// Blocks live at exit that are not the program's doing.
@@ -261,6 +279,11 @@ pub struct Thread {
     pub peak_bytes: u64,
     pub live_blocks_at_exit: u64,
     pub live_bytes_at_exit: u64,
+    /// When the thread's first and last heap events happened (ns since process start).
+    #[serde(default)]
+    pub first_event_ns: Option<u64>,
+    #[serde(default)]
+    pub last_event_ns: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -368,6 +391,7 @@ fn analyse(trace: &Trace, options: &ReportOptions, progress: &Progress) -> Analy
         thread,
         name: tables.threads.get(&thread).and_then(|t| t.name.clone()),
         blocks,
+        bytes: 0,
     };
 
     let mut symbolizer = Symbolizer::new(&trace.meta.modules, &options.path_map);
@@ -378,13 +402,16 @@ fn analyse(trace: &Trace, options: &ReportOptions, progress: &Progress) -> Analy
         draft.leak_threads = group
             .threads
             .iter()
-            .map(|&(t, n)| thread_ref(t, n))
+            .map(|&(t, n, bytes)| ThreadRef {
+                bytes,
+                ..thread_ref(t, n)
+            })
             .collect();
     }
 
     let peak_time = ns(snap.totals.peak_ts);
     let summary = process_summary(&snap, &sites, &damage, trace, peak_time, problems_found);
-    let threads = threads(&snap, &tables, pid);
+    let threads = threads(&snap, &tables, pid, ns);
     let timeline = Timeline {
         pid,
         unit: if clock.is_some() { "ns" } else { "ticks" }.into(),
@@ -548,7 +575,12 @@ fn process_summary(
     }
 }
 
-fn threads(snap: &Snapshot, tables: &Tables, pid: u32) -> Vec<Thread> {
+fn threads(
+    snap: &Snapshot,
+    tables: &Tables,
+    pid: u32,
+    ns: impl Fn(u64) -> Option<u64>,
+) -> Vec<Thread> {
     let mut ids: Vec<u32> = snap
         .threads
         .keys()
@@ -573,6 +605,8 @@ fn threads(snap: &Snapshot, tables: &Tables, pid: u32) -> Vec<Thread> {
                 peak_bytes: s.peak_bytes,
                 live_blocks_at_exit: s.live_blocks,
                 live_bytes_at_exit: s.live_bytes,
+                first_event_ns: s.first_ts.and_then(&ns),
+                last_event_ns: s.first_ts.and_then(|_| ns(s.last_ts)),
             }
         })
         .collect()
@@ -777,6 +811,8 @@ fn merge(analysed: Vec<Analysed>) -> Report {
         threads,
         timeline,
         problems,
+        test_binaries: Vec::new(),
+        tests: Vec::new(),
         scopes,
         variables,
         tasks,
