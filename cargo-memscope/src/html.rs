@@ -285,25 +285,30 @@ impl<'a> Page<'a> {
             frames_shown: FRAMES_SHOWN,
             sites: Vec::with_capacity(self.sites.items.len()),
             stacks: BTreeMap::new(),
+            site_frames: BTreeMap::new(),
             frames: Vec::new(),
         };
         let mut index: FxHashMap<&Frame, usize> = FxHashMap::default();
-        let mut add_stack = |data: &mut ScriptData<'a>, id: usize, stack: &'a [Frame]| {
-            data.stacks.entry(id).or_insert_with(|| {
-                let shown = &stack[..stack.len().min(FRAMES_SHOWN)];
-                shown
-                    .iter()
-                    .map(|f| {
-                        *index.entry(f).or_insert_with(|| {
-                            data.frames.push(FrameData::new(f, user_roots));
-                            data.frames.len() - 1
+        let mut add_stack =
+            |data: &mut ScriptData<'a>, id: usize, stack: &'a [Frame], at: Option<&Location>| {
+                if let Some(i) = at.and_then(|at| stack.iter().position(|f| names(f, at))) {
+                    data.site_frames.entry(id).or_insert(i);
+                }
+                data.stacks.entry(id).or_insert_with(|| {
+                    let shown = &stack[..stack.len().min(FRAMES_SHOWN)];
+                    shown
+                        .iter()
+                        .map(|f| {
+                            *index.entry(f).or_insert_with(|| {
+                                data.frames.push(FrameData::new(f, user_roots));
+                                data.frames.len() - 1
+                            })
                         })
-                    })
-                    .collect()
-            });
-        };
+                        .collect()
+                });
+            };
         for site in &self.sites.items {
-            add_stack(&mut data, site.id, &site.stack);
+            add_stack(&mut data, site.id, &site.stack, site.location.as_ref());
             data.sites.push(SiteData {
                 id: site.id,
                 location: site.location.as_ref(),
@@ -326,10 +331,15 @@ impl<'a> Page<'a> {
             });
         }
         for leak in &self.leaks.items {
-            add_stack(&mut data, leak.site, &leak.stack);
+            add_stack(&mut data, leak.site, &leak.stack, leak.location.as_ref());
         }
         data
     }
+}
+
+/// Whether `frame` is the one a site's location was taken from.
+fn names(frame: &Frame, at: &Location) -> bool {
+    frame.function == at.function && frame.file == at.file && frame.line == at.line
 }
 
 /// The sites shown: the union of the top [`SITES_PER_RANKING`] of each ranking, in the
@@ -368,6 +378,8 @@ struct ScriptData<'a> {
     sites: Vec<SiteData<'a>>,
     /// Site id → its stack's first [`FRAMES_SHOWN`] frames, innermost first.
     stacks: BTreeMap<usize, Vec<usize>>,
+    /// Site id → the position in its stack of the frame that names the site.
+    site_frames: BTreeMap<usize, usize>,
     frames: Vec<FrameData<'a>>,
 }
 
@@ -867,21 +879,21 @@ mod tests {
         let html = render(&report, &[]).unwrap();
         for absent in ["sites", "leaks", "problems", "internal"] {
             assert!(
-                !html.contains(&format!("<section id=\"{absent}\"")),
+                !html.contains(&format!("<section id=\"view-{absent}\"")),
                 "{absent}"
             );
             assert!(!html.contains(&format!("href=\"#{absent}\"")), "{absent}");
         }
         for present in ["overview", "threads", "processes"] {
             assert!(
-                html.contains(&format!("<section id=\"{present}\"")),
+                html.contains(&format!("<section id=\"view-{present}\"")),
                 "{present}"
             );
         }
         let full = render(&hostile_report(), &[]).unwrap();
         for present in ["sites", "leaks", "problems", "internal"] {
             assert!(
-                full.contains(&format!("<section id=\"{present}\"")),
+                full.contains(&format!("<section id=\"view-{present}\"")),
                 "{present}"
             );
         }

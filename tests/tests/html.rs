@@ -176,7 +176,7 @@ fn report_html_shows_the_figures_of_report_json_and_logs_nothing() {
         .expect("an open stack")..];
     let stack = &stack[..stack.find("</tr>").unwrap()];
     assert!(
-        stack.contains("<li><span class=\"fn\">hello_leak::main</span><span class=\"file\">src/main.rs:5</span></li>"),
+        stack.contains("<li class=\"site-frame\"><span class=\"fn\">hello_leak::main</span><span class=\"file\">src/main.rs:5</span></li>"),
         "{stack}"
     );
 }

@@ -48,7 +48,7 @@
   }
 
   const dataNode = document.getElementById("memscope-data");
-  const data = dataNode ? JSON.parse(dataNode.textContent) : { sites: [], stacks: {}, frames: [] };
+  const data = dataNode ? JSON.parse(dataNode.textContent) : { sites: [], stacks: {}, site_frames: {}, frames: [] };
 
   // ---- stacks: frames are [function, file, line, inlined, address] ----
   function frameList(siteId, depth) {
@@ -59,14 +59,15 @@
       return box;
     }
     const list = el("ol", "frames");
-    for (const i of ids) {
+    ids.forEach((i, n) => {
       const [fn, file, line, inlined, address] = data.frames[i];
       const li = el("li");
+      if (data.site_frames[siteId] === n) li.className = "site-frame";
       li.appendChild(el("span", "fn", fn || address || "?"));
       if (file) li.appendChild(el("span", "file", file + (line === null ? "" : ":" + line)));
       if (inlined) li.appendChild(el("span", "tag", "inlined"));
       list.appendChild(li);
-    }
+    });
     box.appendChild(list);
     if (depth > ids.length) {
       box.appendChild(el("p", "note", "… " + count(depth - ids.length) + " more frames in report.json"));
@@ -215,11 +216,12 @@
       const td = el("td");
       td.colSpan = 7;
       td.appendChild(frameList(site.id, site.depth));
+      const pids = site.pids.length === 1 ? "process " : "processes ";
       td.appendChild(
         el(
           "p",
           "muted small",
-          "Processes: " + site.pids.join(", ") + " · allocated " + count(site.allocations) + " times, reallocated " + count(site.reallocations) + " times"
+          plural(site.allocations, "allocation") + " and " + plural(site.reallocations, "reallocation") + " in " + pids + site.pids.join(", ")
         )
       );
       tr.appendChild(td);
