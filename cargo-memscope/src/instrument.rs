@@ -555,9 +555,10 @@ impl Collector {
                 let zombie_candidate = (t.state.is_none()).then(|| Zombie {
                     basis: Basis::Inferred,
                     evidence: format!(
-                        "the task was polled {} times and had not completed nor been dropped \
-                         when the trace ended; it may wait for something that never comes",
-                        t.polls
+                        "the task was polled {} time{} and had neither completed nor been \
+                         dropped when the trace ended; it may wait for something that never comes",
+                        t.polls,
+                        if t.polls == 1 { "" } else { "s" }
                     ),
                 });
                 Task {
