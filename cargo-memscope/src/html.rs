@@ -27,6 +27,8 @@ use minijinja::{AutoEscape, Environment, UndefinedBehavior, Value};
 use rustc_hash::FxHashMap;
 use serde::Serialize;
 
+use crate::instrument::{Scope, Task, VarRef, Variable};
+use crate::libtest::{TestBinary, TestResult};
 use crate::report::{
     Basis, InternalGroup, Leak, Location, Problem, Process, Report, Site, Summary, Thread, Timeline,
 };
@@ -48,6 +50,8 @@ pub const INTERNAL_SHOWN: usize = 200;
 pub const THREADS_SHOWN: usize = 1000;
 /// Problems listed (in the report's order).
 pub const PROBLEMS_SHOWN: usize = 1000;
+/// Tests, scopes, variables and tasks listed (each).
+pub const ROWS_SHOWN: usize = 2000;
 /// Processes with a timeline chart (highest peak first).
 pub const CHARTS_SHOWN: usize = 8;
 /// Frames of one stack shown, innermost first.
@@ -204,12 +208,25 @@ struct Page<'a> {
     runtime_internal: Part<&'a InternalGroup>,
     threads: Part<&'a Thread>,
     problems: Part<&'a Problem>,
+    tests: Part<&'a TestResult>,
+    test_binaries: &'a [TestBinary],
+    /// The scope tree, depth first, largest first among siblings.
+    scopes: Part<Indented<'a, Scope>>,
+    variables: Part<&'a Variable>,
+    tasks: Part<&'a Task>,
     /// The views the report has, in order: `(id, title, count)`.
     views: Vec<(&'static str, &'static str, Option<usize>)>,
     frames_shown: usize,
     sites_per_ranking: usize,
     /// A random token that lets the page's own script run (Content-Security-Policy).
     nonce: String,
+}
+
+/// An item of a tree, with its depth.
+#[derive(Serialize)]
+struct Indented<'a, T> {
+    depth: usize,
+    item: &'a T,
 }
 
 /// The first items of a list, and the list's length.
@@ -248,6 +265,11 @@ impl<'a> Page<'a> {
             runtime_internal: Part::of(&report.runtime_internal, INTERNAL_SHOWN),
             threads: Part::of(threads, THREADS_SHOWN),
             problems: Part::of(&report.problems, PROBLEMS_SHOWN),
+            tests: Part::of(&report.tests, ROWS_SHOWN),
+            test_binaries: &report.test_binaries,
+            scopes: Part::of(scope_tree(&report.scopes), ROWS_SHOWN),
+            variables: Part::of(&report.variables, ROWS_SHOWN),
+            tasks: Part::of(&report.tasks, ROWS_SHOWN),
             views: Vec::new(),
             frames_shown: FRAMES_SHOWN,
             sites_per_ranking: SITES_PER_RANKING,
@@ -264,6 +286,7 @@ impl<'a> Page<'a> {
                 views.push((id, title, Some(total)));
             }
         };
+        add("tests", "Tests", self.tests.total);
         add("sites", "Allocation sites", self.sites.total);
         add("leaks", "Leaks", self.leaks.total);
         add(
@@ -271,6 +294,9 @@ impl<'a> Page<'a> {
             "Kept by the runtime",
             self.runtime_internal.total,
         );
+        add("scopes", "Scopes", self.scopes.total);
+        add("variables", "Variables", self.variables.total);
+        add("tasks", "Tasks", self.tasks.total);
         add("threads", "Threads", self.threads.total);
         add("problems", "Problems", self.problems.total);
         add("processes", "Processes", self.processes.len());
@@ -328,6 +354,7 @@ impl<'a> Page<'a> {
                 pids: &site.pids,
                 basis: site.basis,
                 depth: site.stack.len(),
+                variables: &site.variables,
             });
         }
         for leak in &self.leaks.items {
@@ -335,6 +362,35 @@ impl<'a> Page<'a> {
         }
         data
     }
+}
+
+/// The scopes in tree order: each after its parent, siblings by total bytes allocated.
+fn scope_tree(scopes: &[Scope]) -> Vec<Indented<'_, Scope>> {
+    let mut children: FxHashMap<Option<usize>, Vec<&Scope>> = FxHashMap::default();
+    for scope in scopes {
+        // A parent that is not in the list makes its children roots.
+        let parent = scope.parent.filter(|&p| p < scopes.len() && p != scope.id);
+        children.entry(parent).or_default().push(scope);
+    }
+    for list in children.values_mut() {
+        list.sort_by_key(|s| (std::cmp::Reverse(s.total.bytes_allocated), s.id));
+    }
+    let mut out = Vec::with_capacity(scopes.len());
+    let mut todo: Vec<(usize, &Scope)> = children
+        .get(&None)
+        .map(|roots| roots.iter().rev().map(|s| (0, *s)).collect())
+        .unwrap_or_default();
+    let mut seen = FxHashMap::default();
+    while let Some((depth, scope)) = todo.pop() {
+        if seen.insert(scope.id, ()).is_some() {
+            continue;
+        }
+        out.push(Indented { depth, item: scope });
+        if let Some(kids) = children.get(&Some(scope.id)) {
+            todo.extend(kids.iter().rev().map(|s| (depth + 1, *s)));
+        }
+    }
+    out
 }
 
 /// Whether `frame` is the one a site's location was taken from.
@@ -403,6 +459,8 @@ struct SiteData<'a> {
     basis: Basis,
     /// Frames in the whole stack.
     depth: usize,
+    /// Variables that named the site's blocks (when instrumented).
+    variables: &'a [VarRef],
 }
 
 /// A frame, as an array to keep the page small: `[function, file as shown, line,
@@ -795,12 +853,109 @@ mod tests {
         }
     }
 
+    /// Every string the program supplies is `EVIL` or `BREAKOUT`, in every view,
+    /// instrumented and test ones included.
     fn hostile_report() -> Report {
+        use crate::instrument::{Figures, RcCounts, Zombie};
+        use crate::libtest::{TestLeak, TestThread};
         let stack = vec![
             frame(BREAKOUT, EVIL, 3),
             frame("app::main", "/ws/src/main.rs", 9),
         ];
-        report(EVIL, vec![site(0, stack, 4096, 4096)])
+        let var = VarRef {
+            name: EVIL.into(),
+            r#type: BREAKOUT.into(),
+            file: EVIL.into(),
+            line: 4,
+            column: 9,
+            blocks: 1,
+            bytes: 4096,
+            basis: Basis::Declared,
+        };
+        let mut site = site(0, stack, 4096, 4096);
+        site.variables = vec![var.clone()];
+        let mut report = report(EVIL, vec![site]);
+        report.leaks[0].variables = vec![var];
+        let location = report.sites[0].location.clone();
+        let figures = Figures {
+            allocations: 3,
+            reallocations: 0,
+            bytes_allocated: 4096,
+            live_blocks_at_exit: 1,
+            live_bytes_at_exit: 4096,
+        };
+        let scope = |id, parent| Scope {
+            id,
+            pid: 7,
+            parent,
+            name: EVIL.into(),
+            kind: "function".into(),
+            location: location.clone(),
+            entries: 2,
+            own: figures,
+            total: figures,
+            basis: Basis::Declared,
+        };
+        report.scopes = vec![scope(0, None), scope(1, Some(0))];
+        report.variables = vec![Variable {
+            pid: 7,
+            name: EVIL.into(),
+            r#type: BREAKOUT.into(),
+            location: location.clone().unwrap(),
+            column: 9,
+            blocks: 1,
+            bytes: 4096,
+            live_blocks_at_exit: 1,
+            live_bytes_at_exit: 4096,
+            rc: Some(RcCounts { strong: 2, weak: 1 }),
+            basis: Basis::Declared,
+        }];
+        report.tasks = vec![Task {
+            pid: 7,
+            id: 3,
+            name: EVIL.into(),
+            location: location.clone(),
+            polls: 5,
+            figures,
+            state: "pending_at_exit".into(),
+            zombie_candidate: Some(Zombie {
+                basis: Basis::Inferred,
+                evidence: format!("{EVIL} was never polled again"),
+            }),
+            basis: Basis::Declared,
+        }];
+        report.tests = vec![TestResult {
+            binary: EVIL.into(),
+            name: EVIL.into(),
+            outcome: "failed".into(),
+            allocations: Some(3),
+            reallocations: Some(0),
+            bytes_allocated: Some(4096),
+            peak_bytes: Some(4096),
+            leaked_blocks: Some(1),
+            leaked_bytes: Some(4096),
+            leaks: vec![TestLeak {
+                site: 0,
+                location,
+                blocks: 1,
+                bytes: 4096,
+                basis: Basis::Observed,
+            }],
+            threads: vec![TestThread {
+                pid: 7,
+                thread: 2,
+                name: Some(EVIL.into()),
+                role: "test".into(),
+                allocations: 3,
+                bytes_allocated: 4096,
+                peak_bytes: 4096,
+                basis: Basis::Observed,
+                evidence: EVIL.into(),
+            }],
+            basis: Basis::Inferred,
+            evidence: format!("the thread is named {EVIL}"),
+        }];
+        report
     }
 
     /// The page's elements whose text or attributes could hold a program's strings.
@@ -833,8 +988,9 @@ mod tests {
         assert_no_injected_markup(&html);
         assert!(!html.contains("onerror=\""), "an attribute was injected");
         let escaped = "&lt;img src=x onerror=&quot;document.title=&#x27;pwned&#x27;&quot;&gt;";
-        // Threads, leaks' threads and stacks, problems, evidence, processes' modules.
-        assert!(html.matches(escaped).count() >= 6, "{html}");
+        // Threads, leaks' threads and variables, problems, evidence, processes' modules,
+        // tests, scopes, variables, tasks.
+        assert!(html.matches(escaped).count() >= 15, "{html}");
         assert!(html.contains("&lt;&#x2f;script&gt;&lt;script&gt;"));
         // The sites table's data, as JSON for the script.
         assert!(
@@ -877,7 +1033,16 @@ mod tests {
         report.problems.clear();
         report.runtime_internal.clear();
         let html = render(&report, &[]).unwrap();
-        for absent in ["sites", "leaks", "problems", "internal"] {
+        for absent in [
+            "sites",
+            "leaks",
+            "problems",
+            "internal",
+            "tests",
+            "scopes",
+            "variables",
+            "tasks",
+        ] {
             assert!(
                 !html.contains(&format!("<section id=\"view-{absent}\"")),
                 "{absent}"
@@ -891,7 +1056,16 @@ mod tests {
             );
         }
         let full = render(&hostile_report(), &[]).unwrap();
-        for present in ["sites", "leaks", "problems", "internal"] {
+        for present in [
+            "sites",
+            "leaks",
+            "problems",
+            "internal",
+            "tests",
+            "scopes",
+            "variables",
+            "tasks",
+        ] {
             assert!(
                 full.contains(&format!("<section id=\"view-{present}\"")),
                 "{present}"

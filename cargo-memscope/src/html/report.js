@@ -105,6 +105,7 @@
     const haystack = sites.map((s) => {
       const parts = [];
       if (s.location) parts.push(s.location.function || "", s.file || "");
+      for (const v of s.variables) parts.push(v.name, v.type);
       for (const i of data.stacks[s.id] || []) parts.push(data.frames[i][0] || "", data.frames[i][1] || "");
       return parts.join("\n").toLowerCase();
     });
@@ -183,6 +184,16 @@
         const line = site.location.line;
         where.appendChild(el("span", "file", site.file + (line === null ? "" : ":" + line)));
       }
+      for (const v of site.variables.slice(0, 3)) {
+        const div = el("div", "var small", "variable ");
+        div.appendChild(el("code", "", v.name));
+        if (v.type) {
+          div.appendChild(document.createTextNode(": "));
+          div.appendChild(el("code", "", v.type));
+        }
+        where.appendChild(div);
+      }
+      if (site.variables.length > 3) where.appendChild(el("div", "muted small", "and " + count(site.variables.length - 3) + " more variables"));
       tr.appendChild(where);
       tr.appendChild(figure(count(site.bytes_allocated), bytesShort(site.bytes_allocated)));
       tr.appendChild(
