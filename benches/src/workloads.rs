@@ -7,7 +7,14 @@ use std::hint::black_box;
 use std::time::Instant;
 
 /// Names of the workloads, in the order the driver runs them.
-pub const WORKLOADS: &[&str] = &["churn", "churn-4-threads", "million-live", "vec-growth"];
+pub const WORKLOADS: &[&str] = &[
+    "churn",
+    "churn-4-threads",
+    "million-live",
+    "vec-growth",
+    "calls",
+    "calls-instrumented",
+];
 
 /// Operations per thread in the churn workloads.
 const CHURN_OPS: usize = 2_000_000;
@@ -21,6 +28,8 @@ pub fn run_from_args() {
         "churn-4-threads" => churn(CHURN_OPS, 4),
         "million-live" => million_live(),
         "vec-growth" => vec_growth(),
+        "calls" => calls(false),
+        "calls-instrumented" => calls(true),
         other => {
             eprintln!("unknown workload {other:?}; expected one of {WORKLOADS:?}");
             std::process::exit(2);
@@ -36,7 +45,9 @@ fn churn(ops: usize, threads: usize) {
         let mut slots: Vec<Box<[u8]>> = (0..64).map(|_| vec![1u8; 8].into_boxed_slice()).collect();
         let mut x = seed;
         for i in 0..ops {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let size = 8 + (x >> 33) as usize % 249;
             slots[i % 64] = vec![i as u8; size].into_boxed_slice();
         }
@@ -45,7 +56,9 @@ fn churn(ops: usize, threads: usize) {
     if threads == 1 {
         work(1);
     } else {
-        let handles: Vec<_> = (0..threads as u64).map(|t| std::thread::spawn(move || work(t + 1))).collect();
+        let handles: Vec<_> = (0..threads as u64)
+            .map(|t| std::thread::spawn(move || work(t + 1)))
+            .collect();
         for h in handles {
             h.join().expect("churn thread panicked");
         }
@@ -68,4 +81,36 @@ fn vec_growth() {
         }
         black_box(&v);
     }
+}
+
+/// Calls of a small function in the call-heavy workloads.
+const CALLS: u64 = 10_000_000;
+
+/// Ten million calls of a small function that does not allocate, plain or under
+/// `#[memscope::instrument]` (a scope per call and one `let` binding registered): the
+/// cost of instrumentation itself. Untracked, `calls-instrumented` is an ordinary
+/// build of annotated code.
+fn calls(instrumented: bool) {
+    let mut acc = 0u64;
+    for i in 0..CALLS {
+        acc = if instrumented {
+            instrumented_step(black_box(acc ^ i))
+        } else {
+            plain_step(black_box(acc ^ i))
+        };
+    }
+    black_box(acc);
+}
+
+#[inline(never)]
+fn plain_step(x: u64) -> u64 {
+    let y = x.wrapping_mul(0x9e37_79b9) ^ 7;
+    y.rotate_left(3)
+}
+
+#[memscope::instrument]
+#[inline(never)]
+fn instrumented_step(x: u64) -> u64 {
+    let y = x.wrapping_mul(0x9e37_79b9) ^ 7;
+    y.rotate_left(3)
 }

@@ -73,10 +73,7 @@ pub fn write_runtime(dir: &Path) -> anyhow::Result<PathBuf> {
 /// Where the macros crate goes for a runtime written to `runtime`: its sibling, as in
 /// this repository.
 fn macros_dir(runtime: &Path) -> PathBuf {
-    runtime
-        .parent()
-        .unwrap_or(runtime)
-        .join("memscope-macros")
+    runtime.parent().unwrap_or(runtime).join("memscope-macros")
 }
 
 /// Writes `contents` to `path` unless it already holds them; the write goes through a
@@ -98,11 +95,7 @@ pub fn write_if_changed(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("failed to write {}", path.display()))
 }
 
-fn remove_stale_sources(
-    src: &Path,
-    root: &Path,
-    files: &[(&str, &str)],
-) -> anyhow::Result<()> {
+fn remove_stale_sources(src: &Path, root: &Path, files: &[(&str, &str)]) -> anyhow::Result<()> {
     let Ok(entries) = fs::read_dir(src) else {
         return Ok(());
     };
@@ -113,9 +106,7 @@ fn remove_stale_sources(
             continue;
         }
         let relative = path.strip_prefix(root).unwrap_or(&path);
-        let known = files
-            .iter()
-            .any(|(file, _)| Path::new(file) == relative);
+        let known = files.iter().any(|(file, _)| Path::new(file) == relative);
         if !known && path.extension().is_some_and(|ext| ext == "rs") {
             fs::remove_file(&path)
                 .with_context(|| format!("failed to remove {}", path.display()))?;

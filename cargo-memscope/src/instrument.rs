@@ -451,7 +451,14 @@ impl Collector {
                 v.rc = Some(RcCounts { strong, weak });
             }
             if let Some(site) = link.stack.and_then(|s| site_of.get(&s)) {
-                add_ref(&mut site_names, *site, link.var, d, link.claim.size, Basis::Declared);
+                add_ref(
+                    &mut site_names,
+                    *site,
+                    link.var,
+                    d,
+                    link.claim.size,
+                    Basis::Declared,
+                );
             }
         }
         for (var, (blocks, bytes)) in &var_live {
@@ -483,8 +490,12 @@ impl Collector {
         }
         sections.variables = vars.into_values().collect();
         sections.variables.sort_by(|a, b| {
-            (&a.location.file, a.location.line, a.column, &a.name)
-                .cmp(&(&b.location.file, b.location.line, b.column, &b.name))
+            (&a.location.file, a.location.line, a.column, &a.name).cmp(&(
+                &b.location.file,
+                b.location.line,
+                b.column,
+                &b.name,
+            ))
         });
         for ((site, _), r) in site_names {
             sections.site_variables.entry(site).or_default().push(r);
@@ -692,9 +703,10 @@ pub struct VarRef {
 /// Merges `from` into `into` (same site of several processes).
 pub fn merge_refs(into: &mut Vec<VarRef>, from: Vec<VarRef>) {
     for r in from {
-        match into.iter_mut().find(|e| {
-            (&e.name, &e.file, e.line, e.column) == (&r.name, &r.file, r.line, r.column)
-        }) {
+        match into
+            .iter_mut()
+            .find(|e| (&e.name, &e.file, e.line, e.column) == (&r.name, &r.file, r.line, r.column))
+        {
             Some(e) => {
                 e.blocks += r.blocks;
                 e.bytes += r.bytes;

@@ -77,15 +77,25 @@ pub enum EventKind {
 /// Instrumentation events; the names they refer to are in [`Tables::names`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mark {
-    Enter { id: u64 },
-    Exit { id: u64 },
+    Enter {
+        id: u64,
+    },
+    Exit {
+        id: u64,
+    },
     /// One block of an `OWNS` record.
     Owns {
         var: u64,
         block: memscope::format::OwnedBlock,
     },
-    TaskStart { id: u64, site: u64 },
-    TaskEnd { id: u64, state: u8 },
+    TaskStart {
+        id: u64,
+        site: u64,
+    },
+    TaskEnd {
+        id: u64,
+        state: u8,
+    },
 }
 
 impl EventKind {
@@ -574,7 +584,11 @@ impl<'t> Events<'t> {
                     ));
                 }
                 Record::TaskEnd { ts, id, state } => {
-                    return Some(event(ts, false, EventKind::Mark(Mark::TaskEnd { id, state })));
+                    return Some(event(
+                        ts,
+                        false,
+                        EventKind::Mark(Mark::TaskEnd { id, state }),
+                    ));
                 }
             }
         }

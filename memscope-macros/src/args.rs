@@ -31,12 +31,10 @@ pub fn parse(tokens: TokenStream) -> syn::Result<Args> {
                     ))
                 }
             },
-            other => {
-                return Err(syn::Error::new_spanned(
-                    other,
-                    "unknown argument; `#[memscope::instrument]` takes `name = \"…\"` and `skip_vars`",
-                ))
-            }
+            other => return Err(syn::Error::new_spanned(
+                other,
+                "unknown argument; `#[memscope::instrument]` takes `name = \"…\"` and `skip_vars`",
+            )),
         }
     }
     Ok(args)

@@ -65,7 +65,12 @@ fn eligible(sig: &Signature, attrs: &[syn::Attribute]) -> bool {
 
 fn has_instrument(attrs: &[syn::Attribute]) -> bool {
     attrs.iter().any(|a| {
-        let segments: Vec<String> = a.path().segments.iter().map(|s| s.ident.to_string()).collect();
+        let segments: Vec<String> = a
+            .path()
+            .segments
+            .iter()
+            .map(|s| s.ident.to_string())
+            .collect();
         segments.last().is_some_and(|s| s == "instrument")
             && segments.iter().any(|s| s == "memscope")
     })
@@ -150,10 +155,7 @@ impl VisitMut for Lets {
                 Stmt::Local(local) if local.init.is_some() && type_is_known(local) => {
                     let mut names = Vec::new();
                     bound_names(&local.pat, &mut names);
-                    names
-                        .into_iter()
-                        .map(registration)
-                        .collect::<Vec<_>>()
+                    names.into_iter().map(registration).collect::<Vec<_>>()
                 }
                 _ => Vec::new(),
             };
@@ -171,9 +173,25 @@ impl VisitMut for Lets {
 /// the type is not known yet and the autoref probe would commit to `Trackable` too
 /// early, so bindings of these without a type annotation are not registered.
 const INFERRED_LATER: &[&str] = &[
-    "parse", "collect", "into", "try_into", "sum", "product", "default", "from_str",
-    "from_slice", "from_reader", "from_value", "from_bytes", "deserialize", "decode",
-    "from_iter", "read", "get", "extract", "unwrap_or_default",
+    "parse",
+    "collect",
+    "into",
+    "try_into",
+    "sum",
+    "product",
+    "default",
+    "from_str",
+    "from_slice",
+    "from_reader",
+    "from_value",
+    "from_bytes",
+    "deserialize",
+    "decode",
+    "from_iter",
+    "read",
+    "get",
+    "extract",
+    "unwrap_or_default",
 ];
 
 /// Whether the bound value's type is known where the `let` ends (see
@@ -259,13 +277,7 @@ fn registration(name: syn::Ident) -> Stmt {
             if ::memscope::__private::enabled() {
                 #[allow(unused_imports)]
                 use ::memscope::__private::{ViaNothing as _, ViaTrackable as _};
-                let mut __memscope_blocks = ::memscope::__private::Blocks::new();
-                (&::memscope::__private::Probe(&#name)).__memscope_blocks(&mut __memscope_blocks);
-                ::memscope::__private::bind(
-                    &__MEMSCOPE_VAR,
-                    ::memscope::__private::type_name_of(&#name),
-                    &mut __memscope_blocks,
-                );
+                (&::memscope::__private::Probe(&#name)).__memscope_bind(&__MEMSCOPE_VAR);
             }
         }
     }

@@ -27,13 +27,11 @@ pub fn derive(input: &DeriveInput) -> TokenStream {
                 match self { #(#arms)* _ => {} }
             }
         }
-        Data::Union(u) => {
-            return syn::Error::new(
-                u.union_token.span,
-                "`Trackable` cannot be derived for a union: memscope cannot know which field is live",
-            )
-            .to_compile_error()
-        }
+        Data::Union(u) => return syn::Error::new(
+            u.union_token.span,
+            "`Trackable` cannot be derived for a union: memscope cannot know which field is live",
+        )
+        .to_compile_error(),
     };
     quote! {
         impl #impl_generics ::memscope::Trackable for #name #ty_generics #where_clause {
@@ -51,11 +49,15 @@ fn destructure(path: TokenStream, fields: &Fields) -> (TokenStream, Vec<syn::Ide
     match fields {
         Fields::Named(named) => {
             let idents: Vec<_> = named.named.iter().filter_map(|f| f.ident.clone()).collect();
-            let bindings: Vec<_> = (0..idents.len()).map(|i| format_ident!("__f{}", i)).collect();
+            let bindings: Vec<_> = (0..idents.len())
+                .map(|i| format_ident!("__f{}", i))
+                .collect();
             (quote!(#path { #(#idents: #bindings),* }), bindings)
         }
         Fields::Unnamed(unnamed) => {
-            let bindings: Vec<_> = (0..unnamed.unnamed.len()).map(|i| format_ident!("__f{}", i)).collect();
+            let bindings: Vec<_> = (0..unnamed.unnamed.len())
+                .map(|i| format_ident!("__f{}", i))
+                .collect();
             (quote!(#path ( #(#bindings),* )), bindings)
         }
         Fields::Unit => (quote!(#path), Vec::new()),

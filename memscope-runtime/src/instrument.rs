@@ -371,6 +371,12 @@ pub fn bind(site: &'static Site, type_name: &'static str, blocks: &mut Blocks) {
     }
 }
 
+/// Interns the variable declared at `site`, of type `type_name`, owning nothing.
+#[inline(always)]
+pub fn declare(site: &'static Site, type_name: &'static str) {
+    site.id_with(type_name);
+}
+
 /// `std::any::type_name` of a value's type.
 #[inline(always)]
 pub fn type_name_of<T: ?Sized>(_: &T) -> &'static str {

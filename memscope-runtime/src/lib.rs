@@ -60,13 +60,7 @@ macro_rules! track {
         if $crate::__private::enabled() {
             #[allow(unused_imports)]
             use $crate::__private::{ViaNothing as _, ViaTrackable as _};
-            let mut __memscope_blocks = $crate::__private::Blocks::new();
-            (&$crate::__private::Probe(&$var)).__memscope_blocks(&mut __memscope_blocks);
-            $crate::__private::bind(
-                &__MEMSCOPE_VAR,
-                $crate::__private::type_name_of(&$var),
-                &mut __memscope_blocks,
-            );
+            (&$crate::__private::Probe(&$var)).__memscope_bind(&__MEMSCOPE_VAR);
         }
     }};
 }

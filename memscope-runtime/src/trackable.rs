@@ -21,6 +21,7 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use crate::format::OwnedBlock;
+use crate::instrument::Site;
 
 /// At most this many blocks are registered per binding.
 pub const MAX_BLOCKS: usize = 32;
@@ -148,6 +149,8 @@ pub struct Probe<'a, T: ?Sized>(pub &'a T);
 /// Chosen when the value's type is [`Trackable`].
 pub trait ViaTrackable {
     fn __memscope_blocks(&self, out: &mut Blocks);
+    /// Registers the value as the variable declared at `site`.
+    fn __memscope_bind(&self, site: &'static Site);
 }
 
 impl<T: Trackable + ?Sized> ViaTrackable for Probe<'_, T> {
@@ -155,15 +158,31 @@ impl<T: Trackable + ?Sized> ViaTrackable for Probe<'_, T> {
     fn __memscope_blocks(&self, out: &mut Blocks) {
         self.0.memscope_blocks(out);
     }
+
+    #[inline(never)]
+    fn __memscope_bind(&self, site: &'static Site) {
+        let mut blocks = Blocks::new();
+        self.0.memscope_blocks(&mut blocks);
+        crate::instrument::bind(site, std::any::type_name::<T>(), &mut blocks);
+    }
 }
 
 /// Chosen otherwise: no blocks.
 pub trait ViaNothing {
-    #[inline(always)]
-    fn __memscope_blocks(&self, _out: &mut Blocks) {}
+    fn __memscope_blocks(&self, out: &mut Blocks);
+    fn __memscope_bind(&self, site: &'static Site);
 }
 
-impl<T: ?Sized> ViaNothing for &Probe<'_, T> {}
+impl<T: ?Sized> ViaNothing for &Probe<'_, T> {
+    #[inline(always)]
+    fn __memscope_blocks(&self, _out: &mut Blocks) {}
+
+    /// Declares the variable (name, type, location) once; nothing per binding.
+    #[inline(always)]
+    fn __memscope_bind(&self, site: &'static Site) {
+        crate::instrument::declare(site, std::any::type_name::<T>());
+    }
+}
 
 // ---------------------------------------------------------------------------------
 // The standard library's owning types.

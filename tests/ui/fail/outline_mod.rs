@@ -1,0 +1,4 @@
+#[memscope::instrument]
+mod elsewhere;
+
+fn main() {}

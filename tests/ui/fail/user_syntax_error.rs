@@ -1,0 +1,9 @@
+#[memscope::instrument]
+fn broken() -> u32 {
+    let x = ;
+    x
+}
+
+fn main() {
+    let _ = broken();
+}
