@@ -161,7 +161,7 @@
       }
       status.textContent =
         rows.length === sites.length
-          ? count(sites.length) + " sites"
+          ? plural(sites.length, "site")
           : count(rows.length) + " of " + count(sites.length) + " sites match";
       pageLabel.textContent = rows.length ? count(from + 1) + "–" + count(to) + " of " + count(rows.length) : "";
       prev.disabled = page === 0;
