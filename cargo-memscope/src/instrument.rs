@@ -135,7 +135,6 @@ struct Tag {
     task: u32,
     /// Stack hash; `None` for a block allocated before instrumentation began.
     stack: Option<u64>,
-    size: u64,
     /// The latest link naming this block, or NONE.
     link: u32,
 }
@@ -190,7 +189,6 @@ impl Collector {
                         node,
                         task,
                         stack: Some(stack),
-                        size,
                         link: NONE,
                     },
                 );
@@ -211,13 +209,12 @@ impl Collector {
                 let tag = match self.in_flight.remove(&e.thread).flatten() {
                     Some(old) => {
                         self.each_link(old.link, |l| l.reallocated = true);
-                        Tag { size, ..old }
+                        old
                     }
                     None => Tag {
                         node,
                         task,
                         stack: Some(stack),
-                        size,
                         link: NONE,
                     },
                 };
@@ -327,7 +324,6 @@ impl Collector {
             node: NONE,
             task: NONE,
             stack: None,
-            size: claim.size,
             link: NONE,
         });
         // The same variable naming the same block again adds nothing.
