@@ -187,11 +187,18 @@ pub fn emit(kind: u64, payload: &[u64]) -> bool {
     }
     let mut done = false;
     with_record(|rec| {
-        let mut words = [0u64; MAX + 2];
-        words[0] = head(TAG_EXTENDED, kind, 1 + payload.len() as u64);
-        words[1] = clock::stamp_thread(&rec.last_stamp);
-        words[2..2 + payload.len()].copy_from_slice(payload);
-        rec.push(&words[..2 + payload.len()], rec.stream_clock.get());
+        // Not zero-filled: only the words written below are read.
+        let mut words = [std::mem::MaybeUninit::<u64>::uninit(); MAX + 2];
+        words[0].write(head(TAG_EXTENDED, kind, 1 + payload.len() as u64));
+        words[1].write(clock::stamp_thread(&rec.last_stamp));
+        for (slot, &word) in words[2..].iter_mut().zip(payload) {
+            slot.write(word);
+        }
+        // SAFETY: the first `2 + payload.len()` words were written just above.
+        let record = unsafe {
+            &*(&words[..2 + payload.len()] as *const [std::mem::MaybeUninit<u64>] as *const [u64])
+        };
+        rec.push(record, rec.stream_clock.get());
         done = true;
     });
     done
