@@ -233,10 +233,6 @@ fn start_thread() -> *const ThreadRecord {
     // SAFETY: `rec` was just created and is never freed.
     let r = unsafe { &*rec };
     r.busy.set(true);
-    if r.tid >= 2 {
-        // The program runs a second thread: past std's start-up, the writer can run.
-        writer::start_writer();
-    }
     // Registering the guard's destructor may allocate; `busy` lets that through.
     // `try_with` fails only when the thread-locals are already being destroyed, and
     // then there is no later point to hand the buffer over: the process-exit flush
