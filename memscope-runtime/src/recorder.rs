@@ -74,6 +74,9 @@ pub struct ThreadRecord {
     stream_clock: Cell<u64>,
     stack_top: Cell<usize>,
     stack_cache: Cell<*mut u64>,
+    /// The thread's previous stack walk (see `stack.rs`); null if it could not be
+    /// allocated.
+    last_walk: Cell<*mut stack::LastWalk>,
     name: Cell<[u8; 16]>,
 }
 
@@ -282,6 +285,10 @@ impl ThreadRecord {
             stream_clock: Cell::new(0),
             stack_top: Cell::new(sys::stack_top()),
             stack_cache: Cell::new(cache),
+            // SAFETY: non-zero-size layout; all zeroes is an empty `LastWalk` (plain
+            // integers and a bool); null is handled where it is used.
+            last_walk: Cell::new(unsafe { System.alloc_zeroed(Layout::new::<stack::LastWalk>()) }
+                as *mut stack::LastWalk),
             name: Cell::new([0; 16]),
         };
         // SAFETY: non-zero-size layout.
@@ -453,6 +460,11 @@ impl ThreadRecord {
             // SAFETY: allocated in `create` with this layout; no longer referenced.
             unsafe { System.dealloc(cache as *mut u8, Layout::new::<[u64; STACK_CACHE]>()) };
         }
+        let last = self.last_walk.replace(ptr::null_mut());
+        if !last.is_null() {
+            // SAFETY: allocated in `create` with this layout; no longer referenced.
+            unsafe { System.dealloc(last as *mut u8, Layout::new::<stack::LastWalk>()) };
+        }
     }
 
     /// Writes a Thread record if the OS name changed since the last one.
@@ -483,11 +495,24 @@ impl ThreadRecord {
         if !writer::stacks_enabled() {
             return 0;
         }
-        let mut words = [std::mem::MaybeUninit::<u64>::uninit(); MAX_FRAMES + 1];
-        // SAFETY: `words[1..]` has room for MAX_FRAMES; `capture` writes the first
-        // `len` of them, and nothing else is read.
-        let (len, hash) =
-            unsafe { stack::capture(self.stack_top.get(), words[1..].as_mut_ptr() as *mut u64) };
+        self.walk_stack()
+    }
+
+    /// [`stack_slot`](Self::stack_slot) with stacks on: out of line, so that the
+    /// events' own path keeps a small frame when stacks are off.
+    #[inline(never)]
+    fn walk_stack(&self) -> u64 {
+        let mut spare;
+        let last = match NonNull::new(self.last_walk.get()) {
+            // SAFETY: allocated in `create` for this thread, used only by it.
+            Some(last) => unsafe { &mut *last.as_ptr() },
+            None => {
+                spare = stack::LastWalk::EMPTY;
+                &mut spare
+            }
+        };
+        // SAFETY: `last` holds only this thread's walks.
+        let (len, hash) = unsafe { stack::capture(self.stack_top.get(), last) };
         if len == 0 {
             return 0;
         }
@@ -501,11 +526,12 @@ impl ThreadRecord {
             }
             *cached = hash;
         }
-        words[0].write(head(TAG_STACK, len as u64, slot));
-        // SAFETY: word 0 was just written and `capture` wrote the next `len`.
-        let record =
-            unsafe { &*(&words[..1 + len] as *const [std::mem::MaybeUninit<u64>] as *const [u64]) };
-        self.push(record, self.stream_clock.get());
+        let mut words = [0u64; MAX_FRAMES + 1];
+        words[0] = head(TAG_STACK, len as u64, slot);
+        for (i, word) in words[1..=len].iter_mut().enumerate() {
+            *word = last.frame(i);
+        }
+        self.push(&words[..=len], self.stream_clock.get());
         slot
     }
 
