@@ -88,6 +88,9 @@ pub const CHUNK_HEADER_LEN: usize = 32;
 pub const CHUNK_MAGIC: u32 = u32::from_le_bytes(*b"CHNK");
 /// File header flag: call stacks were recorded.
 pub const FLAG_STACKS: u32 = 1;
+/// File header flag: the process is a `fork` child, traced from the fork on; blocks it
+/// inherited from its parent are not in its trace.
+pub const FLAG_FORKED: u32 = 2;
 /// The stream of process-wide records (clock, modules, end).
 pub const META_THREAD: u32 = 0;
 /// The deepest stack recorded.

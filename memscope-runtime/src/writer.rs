@@ -20,7 +20,7 @@ use std::time::Duration;
 use crossbeam_queue::ArrayQueue;
 
 use crate::buffer::{Buffer, Full, Pool};
-use crate::format::{Encoder, EndReason, FileHeader, Record, FLAG_STACKS, META_THREAD, VERSION};
+use crate::format::{Encoder, EndReason, FileHeader, Record, FLAG_FORKED, FLAG_STACKS, META_THREAD, VERSION};
 use crate::{clock, recorder, sys};
 
 /// Buffers that may wait for the writer at once (64 MiB).
@@ -73,7 +73,7 @@ pub fn start() -> bool {
             pool: Pool::new(),
             full: ArrayQueue::new(QUEUE_CAPACITY),
         });
-        if open_trace_file() {
+        if open_trace_file(false) {
             // SAFETY: registering plain `extern "C"` functions with no captured state.
             unsafe {
                 libc::atexit(exit_flush);
@@ -87,8 +87,8 @@ pub fn start() -> bool {
 }
 
 /// Opens `$MEMSCOPE_OUT/memscope-<pid>-<ns>.mstrace` and writes the file header and
-/// the first meta records.
-fn open_trace_file() -> bool {
+/// the first meta records; `forked` in a fork child.
+fn open_trace_file(forked: bool) -> bool {
     let dir = sys::getenv(c"MEMSCOPE_OUT").unwrap_or(b".");
     let dir = String::from_utf8_lossy(dir);
     let start = clock::unix_ns();
@@ -114,7 +114,8 @@ fn open_trace_file() -> bool {
     FD.store(fd, Ordering::Release);
     let header = FileHeader {
         version: VERSION,
-        flags: if stacks_enabled() { FLAG_STACKS } else { 0 },
+        flags: if stacks_enabled() { FLAG_STACKS } else { 0 }
+            | if forked { FLAG_FORKED } else { 0 },
         pid: std::process::id(),
         // SAFETY: getppid cannot fail.
         ppid: unsafe { libc::getppid() } as u32,
@@ -372,7 +373,7 @@ extern "C" fn after_fork_in_child() {
             shared.pool.give_back(full.buf);
         }
     }
-    if !FINISHED.load(Ordering::Relaxed) && open_trace_file() {
+    if !FINISHED.load(Ordering::Relaxed) && open_trace_file(true) {
         recorder::reset_after_fork();
     }
 }
