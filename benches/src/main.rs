@@ -20,10 +20,26 @@ struct Variant {
 }
 
 const VARIANTS: &[Variant] = &[
-    Variant { name: "untracked", binary: "bench-untracked", stacks: true },
-    Variant { name: "memscope", binary: "bench-tracked", stacks: true },
-    Variant { name: "memscope, no stacks", binary: "bench-tracked", stacks: false },
-    Variant { name: "dhat-rs", binary: "bench-dhat", stacks: true },
+    Variant {
+        name: "untracked",
+        binary: "bench-untracked",
+        stacks: true,
+    },
+    Variant {
+        name: "memscope",
+        binary: "bench-tracked",
+        stacks: true,
+    },
+    Variant {
+        name: "memscope, no stacks",
+        binary: "bench-tracked",
+        stacks: false,
+    },
+    Variant {
+        name: "dhat-rs",
+        binary: "bench-dhat",
+        stacks: true,
+    },
 ];
 
 fn main() {
@@ -35,15 +51,29 @@ fn main() {
         .map(|n| n.parse().expect("--runs takes a number"))
         .unwrap_or(5usize);
     let with_dhat = !args.iter().any(|a| a == "--no-dhat");
-    let chosen: Vec<&str> = WORKLOADS.iter().copied().filter(|w| args.iter().any(|a| a == w)).collect();
-    let workloads = if chosen.is_empty() { WORKLOADS.to_vec() } else { chosen };
+    let chosen: Vec<&str> = WORKLOADS
+        .iter()
+        .copied()
+        .filter(|w| args.iter().any(|a| a == w))
+        .collect();
+    let workloads = if chosen.is_empty() {
+        WORKLOADS.to_vec()
+    } else {
+        chosen
+    };
 
     let bin_dir = build_variants();
     let trace_dir = std::env::temp_dir().join(format!("memscope-bench-{}", std::process::id()));
     println!("runs per variant: {runs} (median shown); ratios are to the untracked run\n");
-    println!("{:<18} {:<22} {:>12} {:>8}", "workload", "variant", "median ms", "ratio");
+    println!(
+        "{:<18} {:<22} {:>12} {:>8}",
+        "workload", "variant", "median ms", "ratio"
+    );
     for workload in workloads {
-        let variants: Vec<&Variant> = VARIANTS.iter().filter(|v| with_dhat || v.binary != "bench-dhat").collect();
+        let variants: Vec<&Variant> = VARIANTS
+            .iter()
+            .filter(|v| with_dhat || v.binary != "bench-dhat")
+            .collect();
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
         for _ in 0..runs {
             for (i, v) in variants.iter().enumerate() {
@@ -52,7 +82,13 @@ fn main() {
         }
         let medians: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
         for (v, m) in variants.iter().zip(&medians) {
-            println!("{:<18} {:<22} {:>12.1} {:>7.2}x", workload, v.name, m / 1e6, m / medians[0]);
+            println!(
+                "{:<18} {:<22} {:>12.1} {:>7.2}x",
+                workload,
+                v.name,
+                m / 1e6,
+                m / medians[0]
+            );
         }
         println!();
     }
@@ -60,11 +96,22 @@ fn main() {
 }
 
 fn build_variants() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf();
     let target = root.join("target").join("bench");
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(&root)
-        .args(["build", "--release", "-q", "-p", "memscope-bench", "--bins", "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "-q",
+            "-p",
+            "memscope-bench",
+            "--bins",
+            "--target-dir",
+        ])
         .arg(&target)
         .env("RUSTFLAGS", "-C force-frame-pointers=yes")
         .status()
@@ -86,8 +133,16 @@ fn run_once(bin_dir: &Path, variant: &Variant, workload: &str, trace_dir: &Path)
             .env("MEMSCOPE_STACKS", if variant.stacks { "1" } else { "0" });
     }
     let out = command.output().expect("failed to run a benchmark variant");
-    assert!(out.status.success(), "{} {workload} failed: {}", variant.name, String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().parse().expect("a variant printed no time")
+    assert!(
+        out.status.success(),
+        "{} {workload} failed: {}",
+        variant.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("a variant printed no time")
 }
 
 fn median(times: &mut [f64]) -> f64 {

@@ -417,7 +417,11 @@ impl Build<'_> {
         let mut executable = None;
         let (status, foreign_allocator) = stream_build(command, self.progress, |artifact| {
             if artifact.target.name == self.program.name && artifact.target.is_kind(kind.clone()) {
-                executable = artifact.executable.clone().map(PathBuf::from).or(executable.take());
+                executable = artifact
+                    .executable
+                    .clone()
+                    .map(PathBuf::from)
+                    .or(executable.take());
             }
         })?;
 
@@ -534,7 +538,11 @@ impl TestBuild<'_> {
             let mut command = Command::new(cargo());
             command
                 .args(["metadata", "--format-version", "1", "--manifest-path"])
-                .arg(self.ws.in_scratch(self.scratch, &self.ws.manifest).unwrap_or_default())
+                .arg(
+                    self.ws
+                        .in_scratch(self.scratch, &self.ws.manifest)
+                        .unwrap_or_default(),
+                )
                 .env("CARGO_TARGET_DIR", self.build_dir);
             if self.args.is_offline() {
                 command.arg("--offline");

@@ -241,7 +241,9 @@ fn attribute_binary(report: &Report, info: &BinaryInfo) -> (TestBinary, Vec<Test
     for name in names {
         let mut group = by_name[name].clone();
         group.sort_by_key(|t| t.thread);
-        let exact: Vec<usize> = (0..tests.len()).filter(|&i| tests[i].name == name).collect();
+        let exact: Vec<usize> = (0..tests.len())
+            .filter(|&i| tests[i].name == name)
+            .collect();
         let candidates: Vec<usize> = if exact.is_empty() {
             (0..tests.len())
                 .filter(|&i| tests[i].outcome != "ignored" && name_matches(&tests[i].name, name))
@@ -311,7 +313,8 @@ fn attribute_binary(report: &Report, info: &BinaryInfo) -> (TestBinary, Vec<Test
                 ));
             }
             k => {
-                let listed: Vec<&str> = candidates.iter().map(|&i| tests[i].name.as_str()).collect();
+                let listed: Vec<&str> =
+                    candidates.iter().map(|&i| tests[i].name.as_str()).collect();
                 notes.push(format!(
                     "{} threads named `{name}` could belong to any of {k} tests ({}): left unattributed",
                     group.len(),
@@ -356,7 +359,9 @@ fn attribute_binary(report: &Report, info: &BinaryInfo) -> (TestBinary, Vec<Test
     }
 
     let any_test_thread = claims.values().any(|c| c.role == "test");
-    let ran = tests.iter().any(|t| t.outcome == "passed" || t.outcome == "failed");
+    let ran = tests
+        .iter()
+        .any(|t| t.outcome == "passed" || t.outcome == "failed");
     if ran && !any_test_thread && !threads.is_empty() {
         notes.push(
             "no thread is named after a test (tests ran on the main thread?): per-test figures are unavailable"
@@ -365,14 +370,17 @@ fn attribute_binary(report: &Report, info: &BinaryInfo) -> (TestBinary, Vec<Test
     }
 
     // Leaked blocks and bytes per (thread, site).
-    let mut leaked: FxHashMap<u32, Vec<(usize, Option<&Location>, u64, u64)>> = FxHashMap::default();
+    let mut leaked: FxHashMap<u32, Vec<(usize, Option<&Location>, u64, u64)>> =
+        FxHashMap::default();
     for leak in &report.leaks {
         for t in &leak.threads {
             if Some(t.pid) == info.pid {
-                leaked
-                    .entry(t.thread)
-                    .or_default()
-                    .push((leak.site, leak.location.as_ref(), t.blocks, t.bytes));
+                leaked.entry(t.thread).or_default().push((
+                    leak.site,
+                    leak.location.as_ref(),
+                    t.blocks,
+                    t.bytes,
+                ));
             }
         }
     }
@@ -394,7 +402,12 @@ fn attribute_binary(report: &Report, info: &BinaryInfo) -> (TestBinary, Vec<Test
     for (i, test) in tests.iter().enumerate() {
         let mine: Vec<(&Thread, &Claim)> = threads
             .iter()
-            .filter_map(|t| claims.get(&t.thread).filter(|c| c.test == i).map(|c| (*t, c)))
+            .filter_map(|t| {
+                claims
+                    .get(&t.thread)
+                    .filter(|c| c.test == i)
+                    .map(|c| (*t, c))
+            })
             .collect();
         let own = mine.iter().find(|(_, c)| c.role == "test");
         let mut result = TestResult {
@@ -423,7 +436,9 @@ fn attribute_binary(report: &Report, info: &BinaryInfo) -> (TestBinary, Vec<Test
                     figures.allocations += t.allocations;
                     figures.reallocations += t.reallocations;
                     figures.bytes_allocated += t.bytes_allocated;
-                    for &(site, location, blocks, bytes) in leaked.get(&t.thread).into_iter().flatten() {
+                    for &(site, location, blocks, bytes) in
+                        leaked.get(&t.thread).into_iter().flatten()
+                    {
                         figures.leaked_blocks += blocks;
                         figures.leaked_bytes += bytes;
                         let basis = if c.basis == Basis::Observed && c.role == "test" {
@@ -472,13 +487,17 @@ fn attribute_binary(report: &Report, info: &BinaryInfo) -> (TestBinary, Vec<Test
                 result.evidence = "ignored: not run".to_owned();
             }
             None if any_test_thread
-                && !threads
-                    .iter()
-                    .any(|t| t.name.as_deref().is_some_and(|n| name_matches(&test.name, n))) =>
+                && !threads.iter().any(|t| {
+                    t.name
+                        .as_deref()
+                        .is_some_and(|n| name_matches(&test.name, n))
+                }) =>
             {
                 // Other tests' threads are there, and none could be this one's: its
                 // thread never allocated, so it left no trace.
-                result.evidence = "no heap event on a thread named after this test: its thread allocated nothing".to_owned();
+                result.evidence =
+                    "no heap event on a thread named after this test: its thread allocated nothing"
+                        .to_owned();
                 result.allocations = Some(0);
                 result.reallocations = Some(0);
                 result.bytes_allocated = Some(0);
@@ -488,7 +507,8 @@ fn attribute_binary(report: &Report, info: &BinaryInfo) -> (TestBinary, Vec<Test
             }
             None => {
                 result.evidence =
-                    "no thread could be attributed to this test (see the binary's notes)".to_owned();
+                    "no thread could be attributed to this test (see the binary's notes)"
+                        .to_owned();
             }
         }
         results.push(result);
@@ -547,7 +567,10 @@ mod tests {
 
     #[test]
     fn truncated_names_match_only_as_15_byte_prefixes() {
-        assert!(name_matches("tests::a_test_with_a_long_name", "tests::a_test_w"));
+        assert!(name_matches(
+            "tests::a_test_with_a_long_name",
+            "tests::a_test_w"
+        ));
         assert!(!name_matches("tests::a_test_with_a_long_name", "tests::a"));
         assert!(!name_matches("tests::a_test_w", "tests::a_test_w"));
     }

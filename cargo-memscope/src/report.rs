@@ -377,9 +377,8 @@ fn analyse(trace: &Trace, options: &ReportOptions, progress: &Progress) -> Analy
     let forked = trace.header.flags & memscope::format::FLAG_FORKED != 0;
     let mut inherited_frees = 0;
     if forked {
-        let inherited = |k: &ProblemKind| {
-            matches!(k, ProblemKind::UnknownFree | ProblemKind::UnknownRealloc)
-        };
+        let inherited =
+            |k: &ProblemKind| matches!(k, ProblemKind::UnknownFree | ProblemKind::UnknownRealloc);
         snap.problems.retain(|p| !inherited(&p.kind));
         snap.problem_counts.retain(|k, n| {
             if inherited(k) {

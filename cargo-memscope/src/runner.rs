@@ -61,10 +61,15 @@ pub fn run(command: &[OsString]) -> anyhow::Result<u8> {
             Err(_) => break,
         }
     }
-    let status = child.wait().context("failed to wait for the test executable")?;
+    let status = child
+        .wait()
+        .context("failed to wait for the test executable")?;
     let record = BinaryRun {
         executable: PathBuf::from(executable),
-        args: args.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
+        args: args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect(),
         pid,
         exit_code: status.code(),
         stdout: String::from_utf8_lossy(&kept).into_owned(),
@@ -84,9 +89,7 @@ fn fresh_dir(root: &Path) -> anyhow::Result<PathBuf> {
         match fs::create_dir(&dir) {
             Ok(()) => return Ok(dir),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
-            Err(e) => {
-                return Err(e).with_context(|| format!("failed to create {}", dir.display()))
-            }
+            Err(e) => return Err(e).with_context(|| format!("failed to create {}", dir.display())),
         }
     }
 }

@@ -111,7 +111,12 @@ fn crate_roots(ws: &Workspace) -> Vec<CrateRoot> {
         };
         crates.extend(member.lib_root.iter().map(|root| krate(root, true)));
         crates.extend(member.bins.iter().map(|(_, root)| krate(root, true)));
-        for (_, root) in member.tests.iter().chain(&member.benches).chain(&member.examples) {
+        for (_, root) in member
+            .tests
+            .iter()
+            .chain(&member.benches)
+            .chain(&member.examples)
+        {
             if !crates.iter().any(|c: &CrateRoot| &c.root == root) {
                 crates.push(krate(root, false));
             }
@@ -237,7 +242,11 @@ fn report_tests(
 /// The pid in a trace file's name (`memscope-<pid>-<ns>.mstrace`).
 fn trace_pid(path: &Path) -> Option<u32> {
     let name = path.file_name()?.to_str()?;
-    name.strip_prefix("memscope-")?.split('-').next()?.parse().ok()
+    name.strip_prefix("memscope-")?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The per-test part of the terminal summary: every test that leaked, the largest
@@ -303,7 +312,11 @@ pub fn render(report: &Report, color: bool) -> String {
             }
         }
     }
-    let mut peaks: Vec<_> = report.tests.iter().filter(|t| t.peak_bytes.is_some()).collect();
+    let mut peaks: Vec<_> = report
+        .tests
+        .iter()
+        .filter(|t| t.peak_bytes.is_some())
+        .collect();
     peaks.sort_by_key(|t| std::cmp::Reverse(t.peak_bytes));
     if !peaks.is_empty() {
         let _ = writeln!(out, "  {}", bold("Largest peaks:"));

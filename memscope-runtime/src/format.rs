@@ -242,7 +242,10 @@ pub enum EndReason {
 /// outermost frame in) with MurmurHash3's 64-bit finaliser ([`stack_finish`]); the
 /// runtime keeps the state after each frame, so that it can reuse the outer part.
 pub fn stack_hash(frames: &[u64]) -> u64 {
-    stack_finish(frames.iter().rev().fold(0, |h, &f| stack_mix(h, f)), frames.len())
+    stack_finish(
+        frames.iter().rev().fold(0, |h, &f| stack_mix(h, f)),
+        frames.len(),
+    )
 }
 
 /// Mixes one frame into a stack hash.

@@ -287,8 +287,10 @@ impl ThreadRecord {
             stack_cache: Cell::new(cache),
             // SAFETY: non-zero-size layout; all zeroes is an empty `LastWalk` (plain
             // integers and a bool); null is handled where it is used.
-            last_walk: Cell::new(unsafe { System.alloc_zeroed(Layout::new::<stack::LastWalk>()) }
-                as *mut stack::LastWalk),
+            last_walk: Cell::new(
+                unsafe { System.alloc_zeroed(Layout::new::<stack::LastWalk>()) }
+                    as *mut stack::LastWalk,
+            ),
             name: Cell::new([0; 16]),
         };
         // SAFETY: non-zero-size layout.

@@ -202,7 +202,12 @@ mod tests {
     }
 
     #[inline(never)]
-    fn nested(depth: u32, top: usize, last: &mut LastWalk, out: &mut [u64; MAX_FRAMES]) -> (usize, u64) {
+    fn nested(
+        depth: u32,
+        top: usize,
+        last: &mut LastWalk,
+        out: &mut [u64; MAX_FRAMES],
+    ) -> (usize, u64) {
         if depth == 0 {
             // SAFETY: `last` holds only this thread's walks.
             let (len, hash) = unsafe { capture(top, last) };
@@ -235,7 +240,16 @@ mod tests {
         let mut last = fresh();
         // Every walk goes through the same call below, so that the stacks differ only
         // by their depth: (depth, whether the walk may reuse the previous one).
-        let steps = [(7, true), (7, true), (7, false), (4, true), (4, false), (9, true), (9, false), (9, true)];
+        let steps = [
+            (7, true),
+            (7, true),
+            (7, false),
+            (4, true),
+            (4, false),
+            (9, true),
+            (9, false),
+            (9, true),
+        ];
         let mut walks = Vec::new();
         for (depth, reuse) in steps {
             let mut out = [0; MAX_FRAMES];
@@ -267,7 +281,11 @@ mod tests {
                     last.hash.iter_mut().for_each(|h| *h ^= 1);
                 }
                 1 => {
-                    assert_ne!(hash, crate::format::stack_hash(&out[..len]), "nothing was reused");
+                    assert_ne!(
+                        hash,
+                        crate::format::stack_hash(&out[..len]),
+                        "nothing was reused"
+                    );
                     // A frame that no longer matches the stack is never reused.
                     last.words[0] ^= 1 << 64;
                 }

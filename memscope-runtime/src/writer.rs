@@ -20,7 +20,9 @@ use std::time::Duration;
 use crossbeam_queue::ArrayQueue;
 
 use crate::buffer::{Buffer, Full, Pool};
-use crate::format::{Encoder, EndReason, FileHeader, Record, FLAG_FORKED, FLAG_STACKS, META_THREAD, VERSION};
+use crate::format::{
+    Encoder, EndReason, FileHeader, Record, FLAG_FORKED, FLAG_STACKS, META_THREAD, VERSION,
+};
 use crate::{clock, recorder, sys};
 
 /// Buffers that may wait for the writer at once (64 MiB).

@@ -264,7 +264,10 @@ impl MemscopeCommand {
     /// Starts the command with stdout and stderr piped, for a test that acts while
     /// it runs.
     pub fn spawn(mut self) -> std::process::Child {
-        self.0.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+        self.0
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
         self.0.spawn().expect("cargo-memscope starts")
     }
 

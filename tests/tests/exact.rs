@@ -266,14 +266,27 @@ fn a_panic_in_main_keeps_exit_code_101_and_a_complete_trace_even_with_backtraces
     // With RUST_BACKTRACE=1 std reads the program's debug information to print the
     // backtrace and caches it until exit: tens of thousands of blocks that are std's,
     // not the program's.
-    let run = memscope_run_with(&fixture, "panic-in-main", out.path(), &[("RUST_BACKTRACE", "1")], 101);
+    let run = memscope_run_with(
+        &fixture,
+        "panic-in-main",
+        out.path(),
+        &[("RUST_BACKTRACE", "1")],
+        101,
+    );
     assert_eq!(run.report["summary"]["complete"], true);
     assert_eq!(run.summary("problems"), 0);
-    assert_eq!((run.summary("leaked_blocks"), run.summary("leaked_bytes")), (1, 300));
+    assert_eq!(
+        (run.summary("leaked_blocks"), run.summary("leaked_bytes")),
+        (1, 300)
+    );
     assert!(
-        run.report["runtime_internal"].as_array().unwrap().iter().any(|k| k["evidence"]
-            .as_str()
-            .is_some_and(|e| e.contains("backtrace"))),
+        run.report["runtime_internal"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["evidence"]
+                .as_str()
+                .is_some_and(|e| e.contains("backtrace"))),
         "{}",
         run.report["runtime_internal"]
     );

@@ -196,7 +196,11 @@ fn program_killed_with_sigkill_still_reports_what_it_allocated_as_incomplete() {
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap())
             .unwrap();
-    assert_eq!(report["summary"]["complete"], false, "{}", report["summary"]);
+    assert_eq!(
+        report["summary"]["complete"], false,
+        "{}",
+        report["summary"]
+    );
     let leak = report["leaks"]
         .as_array()
         .unwrap()
@@ -204,7 +208,13 @@ fn program_killed_with_sigkill_still_reports_what_it_allocated_as_incomplete() {
         .find(|l| l["bytes"] == 12_345)
         .unwrap_or_else(|| panic!("no 12,345-byte block live at the end: {}", report["leaks"]));
     assert_eq!(leak["blocks"], 1);
-    assert!(leak["location"]["file"].as_str().unwrap().ends_with("src/main.rs"), "{leak}");
+    assert!(
+        leak["location"]["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("src/main.rs"),
+        "{leak}"
+    );
 }
 
 #[test]
