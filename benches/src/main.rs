@@ -64,30 +64,37 @@ fn main() {
 
     let bin_dir = build_variants();
     let trace_dir = std::env::temp_dir().join(format!("memscope-bench-{}", std::process::id()));
-    println!("runs per variant: {runs} (median shown); ratios are to the untracked run\n");
+    println!("runs per variant: {runs} (median shown); ratios are to the untracked run");
+    println!("wall: elapsed time; cpu: CPU time of all the process's threads (memscope's writer included)\n");
     println!(
-        "{:<18} {:<22} {:>12} {:>8}",
-        "workload", "variant", "median ms", "ratio"
+        "{:<18} {:<22} {:>12} {:>8} {:>12} {:>8}",
+        "workload", "variant", "wall ms", "ratio", "cpu ms", "ratio"
     );
     for workload in workloads {
         let variants: Vec<&Variant> = VARIANTS
             .iter()
             .filter(|v| with_dhat || v.binary != "bench-dhat")
             .collect();
-        let mut times: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+        let mut walls: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+        let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
         for _ in 0..runs {
             for (i, v) in variants.iter().enumerate() {
-                times[i].push(run_once(&bin_dir, v, workload, &trace_dir));
+                let (wall, cpu) = run_once(&bin_dir, v, workload, &trace_dir);
+                walls[i].push(wall);
+                cpus[i].push(cpu);
             }
         }
-        let medians: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
-        for (v, m) in variants.iter().zip(&medians) {
+        let wall: Vec<f64> = walls.iter_mut().map(|t| median(t)).collect();
+        let cpu: Vec<f64> = cpus.iter_mut().map(|t| median(t)).collect();
+        for (i, v) in variants.iter().enumerate() {
             println!(
-                "{:<18} {:<22} {:>12.1} {:>7.2}x",
+                "{:<18} {:<22} {:>12.1} {:>7.2}x {:>12.1} {:>7.2}x",
                 workload,
                 v.name,
-                m / 1e6,
-                m / medians[0]
+                wall[i] / 1e6,
+                wall[i] / wall[0],
+                cpu[i] / 1e6,
+                cpu[i] / cpu[0]
             );
         }
         println!();
@@ -120,7 +127,8 @@ fn build_variants() -> PathBuf {
     target.join("release")
 }
 
-fn run_once(bin_dir: &Path, variant: &Variant, workload: &str, trace_dir: &Path) -> f64 {
+/// One run of a variant: its wall and CPU nanoseconds.
+fn run_once(bin_dir: &Path, variant: &Variant, workload: &str, trace_dir: &Path) -> (f64, f64) {
     let _ = std::fs::remove_dir_all(trace_dir);
     std::fs::create_dir_all(trace_dir).expect("failed to create the trace directory");
     let mut command = Command::new(bin_dir.join(variant.binary));
@@ -139,10 +147,13 @@ fn run_once(bin_dir: &Path, variant: &Variant, workload: &str, trace_dir: &Path)
         variant.name,
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("a variant printed no time")
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut times = stdout
+        .split_whitespace()
+        .map(|t| t.parse::<f64>().expect("a variant printed no times"));
+    let wall = times.next().expect("a variant printed no wall time");
+    let cpu = times.next().expect("a variant printed no CPU time");
+    (wall, cpu)
 }
 
 fn median(times: &mut [f64]) -> f64 {
