@@ -10,6 +10,15 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::annotate::Pattern;
+
+/// `--instrument`'s help (the grammar is in `annotate.rs`).
+const INSTRUMENT_HELP: &str = "\
+Apply #[memscope::instrument] to the functions PATTERN names, in memscope's copy of \
+the workspace only (repeatable): a module, type or function path (`book`, \
+`crate::book::OrderBook`, `mylib::cache`) or a file or directory (`src/book.rs`, \
+`src/engine/`); `*` matches any text";
+
 /// The exit status section of `--help`; the codes are the constants in `main.rs`.
 const EXIT_STATUS_HELP: &str = "\
 Exit status:
@@ -62,6 +71,9 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_stacks: bool,
 
+    #[arg(long, value_name = "PATTERN", value_parser = Pattern::parse, help = INSTRUMENT_HELP)]
+    pub instrument: Vec<Pattern>,
+
     /// Arguments for the program (after `--`)
     #[arg(last = true, value_name = "ARGS")]
     pub program_args: Vec<OsString>,
@@ -81,6 +93,9 @@ pub struct TestArgs {
     /// Record allocations without call stacks (faster; reports lose allocation sites)
     #[arg(long)]
     pub no_stacks: bool,
+
+    #[arg(long, value_name = "PATTERN", value_parser = Pattern::parse, help = INSTRUMENT_HELP)]
+    pub instrument: Vec<Pattern>,
 
     /// Run only the tests whose names contain this string (passed to the harness)
     #[arg(value_name = "TESTNAME")]
