@@ -324,6 +324,16 @@ impl ScopeGuard {
             ScopeGuard::NONE
         }
     }
+
+    /// Enters task `id` on this thread, stamped after its creation and its earlier
+    /// polls on other threads (see `recorder::emit_after`).
+    pub(crate) fn enter_task(id: u64) -> ScopeGuard {
+        if id != 0 && recorder::emit_after(EXT_ENTER, &[id], id) {
+            ScopeGuard { id }
+        } else {
+            ScopeGuard::NONE
+        }
+    }
 }
 
 impl Drop for ScopeGuard {

@@ -182,15 +182,30 @@ pub fn on_realloc(old: *mut u8, new: *mut u8, layout: Layout, new_size: usize, t
 const MAX_EXTENDED: usize = 256;
 
 /// Appends an extended record `[head(EXTENDED, kind, 1 + n), stamp, payload…]`;
-/// false if the thread is not recorded. Payloads are limited to 256 words.
+/// false if the thread is not recorded. Payloads are limited to 256 words. The stamp
+/// orders the record among this thread's events only.
 pub fn emit(kind: u64, payload: &[u64]) -> bool {
+    emit_with(kind, payload, |rec| clock::stamp_thread(&rec.last_stamp))
+}
+
+/// As [`emit`], stamped after every earlier record emitted with the same `key` on any
+/// thread (through the address stripes of `clock.rs`): a task's creation, its polls
+/// and its end, which executors move between threads.
+pub fn emit_after(kind: u64, payload: &[u64], key: u64) -> bool {
+    emit_with(kind, payload, |rec| {
+        clock::stamp(&rec.last_stamp, (key as usize) << 4)
+    })
+}
+
+#[inline(always)]
+fn emit_with(kind: u64, payload: &[u64], stamp: impl FnOnce(&ThreadRecord) -> u64) -> bool {
     if payload.len() > MAX_EXTENDED || kind == 0 || kind > 0xfff {
         return false;
     }
     let mut done = false;
     with_record(|rec| {
         let head = head(TAG_EXTENDED, kind, 1 + payload.len() as u64);
-        rec.push_extended(head, clock::stamp_thread(&rec.last_stamp), payload);
+        rec.push_extended(head, stamp(rec), payload);
         done = true;
     });
     done
