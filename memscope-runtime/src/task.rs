@@ -78,7 +78,11 @@ impl<F: Future> Future for Task<F> {
         };
         if polled.is_ready() {
             this.done = true;
-            emit_after(EXT_TASK_END, &[this.id, TaskState::Completed as u64], this.id);
+            emit_after(
+                EXT_TASK_END,
+                &[this.id, TaskState::Completed as u64],
+                this.id,
+            );
         }
         polled
     }

@@ -11,6 +11,15 @@ fn report(fixture: &'static str, args: &[&str]) -> Value {
 
 /// `cargo memscope <memscope_args> --output-dir … -- <args>`, which must succeed.
 fn run_report(fixture: &Fixture, memscope_args: &[&str], args: &[&str]) -> Value {
+    run_report_and_summary(fixture, memscope_args, args).0
+}
+
+/// The report and the terminal summary (stderr) of a run that must succeed.
+fn run_report_and_summary(
+    fixture: &Fixture,
+    memscope_args: &[&str],
+    args: &[&str],
+) -> (Value, String) {
     let out = tempfile::tempdir().unwrap();
     let mut command = memscope_args.to_vec();
     command.extend(["--output-dir", out.path().to_str().unwrap(), "--"]);
@@ -18,7 +27,10 @@ fn run_report(fixture: &Fixture, memscope_args: &[&str], args: &[&str]) -> Value
     let output = fixture.memscope(&command).run();
     assert_eq!(output.code, Some(0), "{output:#?}");
     let json = std::fs::read_to_string(out.path().join("report.json")).expect("report.json");
-    serde_json::from_str(&json).expect("valid JSON")
+    (
+        serde_json::from_str(&json).expect("valid JSON"),
+        output.stderr,
+    )
 }
 
 fn by_name<'a>(list: &'a Value, name: &str) -> &'a Value {
@@ -184,6 +196,65 @@ fn assert_tasks(r: &Value) {
 }
 
 #[test]
+fn the_terminal_summary_shows_named_leaks_scopes_and_tasks_with_the_reports_figures() {
+    let (r, summary) =
+        run_report_and_summary(&Fixture::shared("instrument-basic"), &["run", "-q"], &[]);
+    let lines: Vec<&str> = summary.lines().collect();
+    let has = |line: &str| assert!(lines.contains(&line), "no {line:?} in\n{summary}");
+    // Named leaks, under their site's line, with the figures of `leaks[].variables`.
+    let cache = &leak_named(&r, "cache")["variables"][0];
+    assert_eq!((&cache["bytes"], &cache["line"]), (&json!(4096), &json!(9)));
+    has("       4.0 KiB in    1 block  named `cache`: alloc::vec::Vec<u8> at src/main.rs:9:9");
+    let log = &leak_named(&r, "log")["variables"][0];
+    assert_eq!(
+        (&log["bytes"], &log["basis"]),
+        (&json!(1024), &json!("inferred"))
+    );
+    has("       1.0 KiB in    1 block  named `log`: alloc::vec::Vec<u64> at src/main.rs:15:13 [inferred]");
+    // Scopes by total bytes: "main work" first (7,484 bytes, 5,192 live at exit).
+    let root = by_name(&r["scopes"], "main work");
+    assert_eq!(
+        (
+            &root["total"]["bytes_allocated"],
+            &root["total"]["live_bytes_at_exit"]
+        ),
+        (&json!(7484), &json!(4096 + 1024 + 48 + 24))
+    );
+    let heading = lines
+        .iter()
+        .position(|l| l.starts_with("scopes (6 instrumented), top by total bytes"))
+        .unwrap_or_else(|| panic!("no scopes heading in\n{summary}"));
+    assert_eq!(
+        lines[heading + 1],
+        "       7.3 KiB total,          0 B self,      5.1 KiB live at exit  main work [scope]  src/main.rs:48"
+    );
+    assert_eq!(
+        lines[heading + 5],
+        "         300 B total,        300 B self,          0 B live at exit  instrument_basic::inner (in instrument_basic::outer)  src/main.rs:30"
+    );
+
+    let (r, summary) = run_report_and_summary(
+        &Fixture::shared("instrument-tasks"),
+        &["run", "-q"],
+        &["current"],
+    );
+    let waiter = by_name(&r["tasks"], "waiter");
+    assert_eq!(
+        (&waiter["polls"], &waiter["live_bytes_at_exit"]),
+        (&json!(1), &json!(2000))
+    );
+    let lines: Vec<&str> = summary.lines().collect();
+    let heading = lines
+        .iter()
+        .position(|l| l.starts_with("tasks: 2, 1 pending at exit (zombie candidates"))
+        .unwrap_or_else(|| panic!("no tasks heading in\n{summary}"));
+    assert_eq!(
+        lines[heading + 1],
+        "       2.0 KiB live in    1 block, 1 poll  waiter  src/main.rs:37"
+    );
+}
+
+#[test]
 fn tokio_current_thread_tasks_have_their_allocations_and_the_pending_one_is_a_zombie_candidate() {
     assert_tasks(&report("instrument-tasks", &["current"]));
 }
@@ -302,8 +373,15 @@ fn the_scratch_copy_follows_the_patterns_and_is_plain_again_without_the_flag() {
         (&json!([]), &json!([]), &json!([]))
     );
     let leak = &r["leaks"].as_array().unwrap()[0];
-    assert_eq!((&leak["bytes"], &leak["variables"]), (&json!(32), &json!([])));
-    assert_eq!(fixture.files(), before, "the user's files are never touched");
+    assert_eq!(
+        (&leak["bytes"], &leak["variables"]),
+        (&json!(32), &json!([]))
+    );
+    assert_eq!(
+        fixture.files(),
+        before,
+        "the user's files are never touched"
+    );
 }
 
 #[test]
@@ -331,11 +409,9 @@ fn a_pattern_that_selects_nothing_is_a_one_line_error_that_says_what_is_there() 
         "error: --instrument book::capacity: selects only const fns, which cannot be instrumented \
          (they may run at compile time)\n"
     );
-    assert!(
-        error("a b").starts_with(
-            "error: invalid value 'a b' for '--instrument <PATTERN>': `a b` is neither a path"
-        )
-    );
+    assert!(error("a b").starts_with(
+        "error: invalid value 'a b' for '--instrument <PATTERN>': `a b` is neither a path"
+    ));
 }
 
 #[test]
@@ -352,11 +428,17 @@ fn cargo_memscope_test_with_instrument_names_what_a_test_leaked() {
     );
     let test = by_name(&r["tests"], "tests::matching_leaks_the_pending_ids");
     assert_eq!(
-        (test["leaked_blocks"].as_u64(), test["leaked_bytes"].as_u64()),
+        (
+            test["leaked_blocks"].as_u64(),
+            test["leaked_bytes"].as_u64()
+        ),
         (Some(1), Some(8))
     );
     let leak = leak_named(&r, "pending");
-    assert_eq!((&leak["bytes"], &leak["variables"][0]["line"]), (&json!(8), &json!(26)));
+    assert_eq!(
+        (&leak["bytes"], &leak["variables"][0]["line"]),
+        (&json!(8), &json!(26))
+    );
 }
 
 #[test]
