@@ -489,6 +489,28 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_documents_every_flag_of_memscope_s_own() {
+        use clap::CommandFactory;
+        let readme = include_str!("../../README.md");
+        let mut missing = Vec::new();
+        for sub in Cli::command().get_subcommands() {
+            for arg in sub.get_arguments().filter(|a| !a.is_hide_set()) {
+                let heading = arg.get_help_heading().unwrap_or("");
+                // cargo's own flags, passed through, are cargo's to document.
+                if heading.starts_with("Cargo options") || heading.starts_with("Test selection") {
+                    continue;
+                }
+                if let Some(long) = arg.get_long() {
+                    if !readme.contains(&format!("--{long}")) {
+                        missing.push(format!("{} --{long}", sub.get_name()));
+                    }
+                }
+            }
+        }
+        assert!(missing.is_empty(), "not in README.md: {missing:?}");
+    }
+
+    #[test]
     fn command_line_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
