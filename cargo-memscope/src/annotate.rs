@@ -465,20 +465,20 @@ mod done {
 
     #[test]
     fn types_functions_files_and_globs_select_what_they_name() {
-        let main = ("/ws/src/main.rs".to_string(), 2);
-        let new = ("/ws/src/book.rs".to_string(), 3);
-        assert_eq!(lines(&["book::Book"], &files()).unwrap(), [new.clone()]);
+        let main = || ("/ws/src/main.rs".to_string(), 2);
+        let new = || ("/ws/src/book.rs".to_string(), 3);
+        assert_eq!(lines(&["book::Book"], &files()).unwrap(), [new()]);
         assert_eq!(
             lines(&["crate::book::Book::new"], &files()).unwrap(),
-            [new.clone()]
+            [new()]
         );
-        assert_eq!(lines(&["app::*::new"], &files()).unwrap(), [new.clone()]);
-        assert_eq!(lines(&["src/main.rs"], &files()).unwrap(), [main.clone()]);
+        assert_eq!(lines(&["app::*::new"], &files()).unwrap(), [new()]);
+        assert_eq!(lines(&["src/main.rs"], &files()).unwrap(), [main()]);
         assert_eq!(
             lines(&["./src/../src/main.rs"], &files()).unwrap(),
-            [main.clone()]
+            [main()]
         );
-        assert_eq!(lines(&["main"], &files()).unwrap(), [main.clone()]);
+        assert_eq!(lines(&["main"], &files()).unwrap(), [main()]);
         assert_eq!(lines(&["src/"], &files()).unwrap().len(), 5);
         assert_eq!(lines(&["crate"], &files()).unwrap().len(), 5);
         assert_eq!(lines(&["book", "book::Book"], &files()).unwrap().len(), 4);
