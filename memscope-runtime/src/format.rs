@@ -238,11 +238,12 @@ pub enum EndReason {
     Exit = 0,
 }
 
-/// The hash that names a stack in decoded records; never 0 (0 means "no stack").
-/// FxHash-style mixing ([`stack_mix`] per frame) with MurmurHash3's 64-bit finaliser
-/// ([`stack_finish`]); the runtime computes it incrementally while walking.
+/// The hash that names a stack (`frames` innermost first) in decoded records; never 0
+/// (0 means "no stack"). FxHash-style mixing ([`stack_mix`] per frame, from the
+/// outermost frame in) with MurmurHash3's 64-bit finaliser ([`stack_finish`]); the
+/// runtime keeps the state after each frame, so that it can reuse the outer part.
 pub fn stack_hash(frames: &[u64]) -> u64 {
-    stack_finish(frames.iter().fold(0, |h, &f| stack_mix(h, f)), frames.len())
+    stack_finish(frames.iter().rev().fold(0, |h, &f| stack_mix(h, f)), frames.len())
 }
 
 /// Mixes one frame into a stack hash.

@@ -1,8 +1,8 @@
 //! The trace file: process-wide set-up, the writer thread, and the exit and fork paths.
 //!
 //! Threads hand full buffers to a lock-free queue (crossbeam `ArrayQueue`); a writer
-//! thread, started at the first hand-over, writes each as one chunk with one `write`
-//! and returns the buffer to the pool. If the queue is full or no writer thread could
+//! thread, started with the trace at the process's first event, writes each as one
+//! chunk with one `write` and returns the buffer to the pool. If the queue is full or no writer thread could
 //! be started, the handing thread writes the chunk itself. File writes are serialised
 //! by a spin lock (not a mutex: after `fork` the child resets it, whoever held it).
 //!
@@ -80,6 +80,7 @@ pub fn start() -> bool {
                 libc::pthread_atfork(None, None, Some(after_fork_in_child));
             }
             ENABLED.store(true, Ordering::Release);
+            start_writer();
         }
     });
     ENABLED.load(Ordering::Acquire)
@@ -204,10 +205,12 @@ fn write_full(shared: &Shared, mut full: Full) {
     shared.pool.give_back(full.buf);
 }
 
-/// Starts the writer thread if it is not running. Called at the first hand-over and
-/// when the program starts its second thread, never earlier: a thread started while
-/// std sets up `main` would change which thread allocates std's shared bookkeeping.
-pub fn start_writer() {
+/// Starts the writer thread if it is not running: when the trace opens (the process's
+/// first event, during std's start-up), so that its snapshots keep the events of a
+/// program killed before it filled a buffer; again at a hand-over if that failed.
+/// It is a raw pthread, which std does not know about: its start changes nothing std
+/// allocates (the exactness test compares every scenario with dhat-rs).
+fn start_writer() {
     if EXITING.load(Ordering::Relaxed) || WRITER_STARTED.swap(true, Ordering::AcqRel) {
         return;
     }

@@ -22,6 +22,7 @@ const SCENARIOS: &[&str] = &[
     "process-exit",
     "panic-caught",
     "million-leaks",
+    "cross-thread-reuse",
 ];
 
 /// The figures both tools report, in dhat-rs's terms.
@@ -147,13 +148,24 @@ fn every_scenario_matches_dhat_and_what_it_does_by_construction() {
     // set up before `main`: one offset for all, and only std's few hundred bytes.
     // (`process-exit` is the exception: dhat-rs reads its figures before calling
     // `process::exit`, memscope's trace goes on through it, so its peak can only be
-    // higher.)
+    // higher.) Where threads start and end while others allocate, the peak depends on
+    // how std's per-thread blocks interleave, which changes from run to run (1,600 to
+    // 1,678 bytes for `named-thread-leak` in five runs): there, within 256 bytes.
+    const THREADED: &[&str] = &["named-thread-leak", "cross-thread-reuse"];
     let offset = |s: &str| runs[s].heap().max_bytes - dhat[s].max_bytes;
     let offsets: Vec<i64> = SCENARIOS
         .iter()
-        .filter(|s| **s != "process-exit")
+        .filter(|s| **s != "process-exit" && !THREADED.contains(s))
         .map(|s| offset(s))
         .collect();
+    for s in THREADED {
+        assert!(
+            (offset(s) - offsets[0]).abs() <= 256,
+            "{s}: peak offset {} against {}",
+            offset(s),
+            offsets[0]
+        );
+    }
     assert!(
         offsets.iter().all(|&o| o == offsets[0]),
         "peak offsets differ: {offsets:?}"
@@ -182,6 +194,18 @@ fn every_scenario_matches_dhat_and_what_it_does_by_construction() {
     assert_eq!(leaked("process-exit"), (4, 72));
     assert_eq!(leaked("panic-caught"), (0, 0));
     assert_eq!(leaked("million-leaks"), (1_000_000, 8_000_000));
+    assert_eq!(leaked("cross-thread-reuse"), (4, 406));
+    // 512,000 blocks freed on another thread than the one that allocated them, their
+    // addresses reused at once on any thread: never taken for a double free, a free
+    // of an unknown address or a block still live where a new one is placed.
+    for scenario in SCENARIOS {
+        assert_eq!(
+            runs[scenario].summary("problems"),
+            0,
+            "{scenario}: {}",
+            runs[scenario].report["problems"]
+        );
+    }
     assert_eq!(runs["realloc-growth"].summary("reallocations"), 15);
     // Ten 1 MiB boxes, five dropped, three 2 MiB: 11 MiB, plus the two small Vecs
     // holding the boxes and the scenario's name.
