@@ -56,6 +56,10 @@
 //! | `TASK` 21 | task id, site id (`DEF`, 0 = none), name length, name bytes padded to 8 |
 //! | `TASK_END` 22 | task id, [`TaskState`] |
 //!
+//! A task's `TASK`, the `ENTER`s of its polls and its `TASK_END` are stamped in the
+//! order they happened, whichever threads wrote them; other instrumentation records
+//! are ordered within their thread.
+//!
 //! Ids come from one per-process counter: a `DEF` is written once per call site or
 //! declaration, before or after (on another thread) the events that name it, so
 //! readers resolve ids at the end. `DEF` classes are [`DefClass`].

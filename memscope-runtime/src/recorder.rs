@@ -181,27 +181,34 @@ pub fn on_realloc(old: *mut u8, new: *mut u8, layout: Layout, new_size: usize, t
     });
 }
 
+/// Largest payload of an extended record that [`emit`] takes, in words.
+const MAX_EXTENDED: usize = 256;
+
 /// Appends an extended record `[head(EXTENDED, kind, 1 + n), stamp, payload…]`;
-/// false if the thread is not recorded. Payloads are limited to 256 words.
+/// false if the thread is not recorded. Payloads are limited to 256 words. The stamp
+/// orders the record among this thread's events only.
 pub fn emit(kind: u64, payload: &[u64]) -> bool {
-    const MAX: usize = 256;
-    if payload.len() > MAX || kind == 0 || kind > 0xfff {
+    emit_with(kind, payload, |rec| clock::stamp_thread(&rec.last_stamp))
+}
+
+/// As [`emit`], stamped after every earlier record emitted with the same `key` on any
+/// thread (through the address stripes of `clock.rs`): a task's creation, its polls
+/// and its end, which executors move between threads.
+pub fn emit_after(kind: u64, payload: &[u64], key: u64) -> bool {
+    emit_with(kind, payload, |rec| {
+        clock::stamp(&rec.last_stamp, (key as usize) << 4)
+    })
+}
+
+#[inline(always)]
+fn emit_with(kind: u64, payload: &[u64], stamp: impl FnOnce(&ThreadRecord) -> u64) -> bool {
+    if payload.len() > MAX_EXTENDED || kind == 0 || kind > 0xfff {
         return false;
     }
     let mut done = false;
     with_record(|rec| {
-        // Not zero-filled: only the words written below are read.
-        let mut words = [std::mem::MaybeUninit::<u64>::uninit(); MAX + 2];
-        words[0].write(head(TAG_EXTENDED, kind, 1 + payload.len() as u64));
-        words[1].write(clock::stamp_thread(&rec.last_stamp));
-        for (slot, &word) in words[2..].iter_mut().zip(payload) {
-            slot.write(word);
-        }
-        // SAFETY: the first `2 + payload.len()` words were written just above.
-        let record = unsafe {
-            &*(&words[..2 + payload.len()] as *const [std::mem::MaybeUninit<u64>] as *const [u64])
-        };
-        rec.push(record, rec.stream_clock.get());
+        let head = head(TAG_EXTENDED, kind, 1 + payload.len() as u64);
+        rec.push_extended(head, stamp(rec), payload);
         done = true;
     });
     done
@@ -375,6 +382,53 @@ impl ThreadRecord {
         };
         // Release: a snapshot that reads the new length also sees the words.
         self.len.store(len + words.len() * 8, Ordering::Release);
+    }
+
+    /// Appends the extended record `[head, stamp, payload…]` (see [`emit`]) straight
+    /// into the buffer, as [`push`](Self::push) would after staging it: one store per
+    /// word for the one-word payloads of scope entries and exits (a call to `memcpy`
+    /// and a staging copy cost more than the rest of the event).
+    #[inline(always)]
+    fn push_extended(&self, head: u64, stamp: u64, payload: &[u64]) {
+        let words = 2 + payload.len();
+        let len = self.len.load(Ordering::Relaxed);
+        let buf = self.buf.load(Ordering::Relaxed);
+        if len + words * 8 > PAYLOAD_BYTES || buf.is_null() {
+            return self.push_extended_slow(head, stamp, payload);
+        }
+        // SAFETY: as in `push`: `buf` is this thread's current buffer, and the record's
+        // `words` words fit behind the `len` committed bytes (checked above).
+        unsafe {
+            let dst = (*buf).words.as_mut_ptr().add(len / 8);
+            dst.write(head);
+            dst.add(1).write(stamp);
+            match payload {
+                [word] => dst.add(2).write(*word),
+                _ => ptr::copy_nonoverlapping(payload.as_ptr(), dst.add(2), payload.len()),
+            }
+        }
+        // Release: a snapshot that reads the new length also sees the words.
+        self.len.store(len + words * 8, Ordering::Release);
+    }
+
+    /// [`push_extended`](Self::push_extended) when the record does not fit: staged, then
+    /// pushed after the hand-over.
+    #[cold]
+    #[inline(never)]
+    fn push_extended_slow(&self, head: u64, stamp: u64, payload: &[u64]) {
+        // Not zero-filled: only the words written below are read.
+        let mut words = [std::mem::MaybeUninit::<u64>::uninit(); MAX_EXTENDED + 2];
+        words[0].write(head);
+        words[1].write(stamp);
+        for (slot, &word) in words[2..].iter_mut().zip(payload) {
+            slot.write(word);
+        }
+        // SAFETY: the first `2 + payload.len()` words were written just above
+        // (`emit` checked that the payload fits).
+        let record = unsafe {
+            &*(&words[..2 + payload.len()] as *const [std::mem::MaybeUninit<u64>] as *const [u64])
+        };
+        self.push(record, self.stream_clock.get());
     }
 
     /// The buffer is full (or gone): hand it over and start the next chunk with the
