@@ -78,7 +78,7 @@ fn has_instrument(attrs: &[syn::Attribute]) -> bool {
 
 fn instrument_fn(sig: &Signature, block: &mut Block, args: &Args) {
     if !args.skip_vars {
-        Lets.visit_block_mut(block);
+        Lets { nested: 0 }.visit_block_mut(block);
     }
     let span = sig.ident.span();
     let name = args.name.as_ref().map(|(n, _)| n.as_str()).unwrap_or("");
@@ -107,6 +107,8 @@ fn instrument_fn(sig: &Signature, block: &mut Block, args: &Args) {
             #site
             ::memscope::__private::Task::new(&__MEMSCOPE_SITE, async move {
                 #fake
+                #[allow(unused_variables)]
+                let __memscope_on = ::memscope::__private::enabled();
                 #(#stmts)*
             })
             .await
@@ -115,6 +117,9 @@ fn instrument_fn(sig: &Signature, block: &mut Block, args: &Args) {
         quote! {
             #site
             let __memscope_scope = ::memscope::__private::enter(&__MEMSCOPE_SITE);
+            // The one check of memscope's state per call: registrations below test this.
+            #[allow(unused_variables)]
+            let __memscope_on = __memscope_scope.entered();
             #(#stmts)*
         }
     };
@@ -142,9 +147,26 @@ fn fake_return(output: &ReturnType) -> TokenStream {
 }
 
 /// Adds a registration after each `let` that binds names.
-struct Lets;
+struct Lets {
+    /// Depth of closures and async blocks around the statement: there, the function's
+    /// `__memscope_on` is not used (capturing it could change what the closure borrows),
+    /// and the registration asks memscope's state itself.
+    nested: usize,
+}
 
 impl VisitMut for Lets {
+    fn visit_expr_closure_mut(&mut self, closure: &mut syn::ExprClosure) {
+        self.nested += 1;
+        syn::visit_mut::visit_expr_closure_mut(self, closure);
+        self.nested -= 1;
+    }
+
+    fn visit_expr_async_mut(&mut self, block: &mut syn::ExprAsync) {
+        self.nested += 1;
+        syn::visit_mut::visit_expr_async_mut(self, block);
+        self.nested -= 1;
+    }
+
     fn visit_block_mut(&mut self, block: &mut Block) {
         for stmt in &mut block.stmts {
             self.visit_stmt_mut(stmt);
@@ -155,7 +177,11 @@ impl VisitMut for Lets {
                 Stmt::Local(local) if local.init.is_some() && type_is_known(local) => {
                     let mut names = Vec::new();
                     bound_names(&local.pat, &mut names);
-                    names.into_iter().map(registration).collect::<Vec<_>>()
+                    let local = self.nested == 0;
+                    names
+                        .into_iter()
+                        .map(|name| registration(name, local))
+                        .collect::<Vec<_>>()
                 }
                 _ => Vec::new(),
             };
@@ -265,16 +291,22 @@ fn bound_names(pat: &Pat, out: &mut Vec<syn::Ident>) {
 }
 
 /// Registers `name` (a binding just made) with its type and the blocks it owns; spans
-/// point at the binding, so `line!()` and `column!()` are its location.
-fn registration(name: syn::Ident) -> Stmt {
+/// point at the binding, so `line!()` and `column!()` are its location. With `local`,
+/// it tests the function's `__memscope_on` instead of asking memscope's state again.
+fn registration(name: syn::Ident, local: bool) -> Stmt {
     let span: Span = name.span();
     let text = name.to_string();
+    let on = if local {
+        quote!(__memscope_on)
+    } else {
+        quote!(::memscope::__private::enabled())
+    };
     syn::parse_quote_spanned! {span=>
         #[allow(unreachable_code)]
         {
             static __MEMSCOPE_VAR: ::memscope::__private::Site =
                 ::memscope::__private::Site::variable(#text, ::core::file!(), ::core::line!(), ::core::column!());
-            if ::memscope::__private::enabled() {
+            if #on {
                 #[allow(unused_imports)]
                 use ::memscope::__private::{ViaNothing as _, ViaTrackable as _};
                 (&::memscope::__private::Probe(&#name)).__memscope_bind(&__MEMSCOPE_VAR);

@@ -316,6 +316,13 @@ pub struct ScopeGuard {
 impl ScopeGuard {
     pub(crate) const NONE: ScopeGuard = ScopeGuard { id: 0 };
 
+    /// Whether the scope was entered: memscope is tracking this thread.
+    #[doc(hidden)]
+    #[inline(always)]
+    pub fn entered(&self) -> bool {
+        self.id != 0
+    }
+
     /// Enters `id` on this thread.
     pub(crate) fn enter_id(id: u64) -> ScopeGuard {
         if id != 0 && emit(EXT_ENTER, &[id]) {
