@@ -39,23 +39,12 @@ pub struct ReportOptions {
     pub progress: bool,
 }
 
-/// What the caller needs back: where the reports are and the figures gates look at.
-#[derive(Debug, Clone)]
-pub struct Outcome {
-    pub json_path: PathBuf,
-    pub html_path: PathBuf,
-    pub leaked_blocks: u64,
-    pub leaked_bytes: u64,
-    pub peak_bytes: u64,
-    /// False when a trace ended early (killed process, truncated file).
-    pub complete: bool,
-}
-
 /// Reads the traces, analyses them, writes the reports and prints the terminal summary.
 #[cfg(test)]
-pub fn generate(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<Outcome> {
+pub fn generate(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<Report> {
     let report = build(traces, options)?;
-    write(&report, options)
+    write(&report, options)?;
+    Ok(report)
 }
 
 /// Reads the traces and analyses them into the report model.
@@ -77,8 +66,9 @@ pub fn build(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<Repo
     Ok(merge(processes))
 }
 
-/// Writes the reports of `report` and prints the terminal summary.
-pub fn write(report: &Report, options: &ReportOptions) -> anyhow::Result<Outcome> {
+/// Writes the reports of `report` and prints the terminal summary; returns the path of
+/// `report.html` (for `--open`).
+pub fn write(report: &Report, options: &ReportOptions) -> anyhow::Result<PathBuf> {
     fs::create_dir_all(&options.output_dir).with_context(|| {
         format!(
             "failed to create the report directory {}",
@@ -95,14 +85,7 @@ pub fn write(report: &Report, options: &ReportOptions) -> anyhow::Result<Outcome
     let text = crate::summary::render(report, &[&json_path, &html_path], options);
     eprint!("{text}");
 
-    Ok(Outcome {
-        json_path,
-        html_path,
-        leaked_blocks: report.summary.leaked_blocks,
-        leaked_bytes: report.summary.leaked_bytes,
-        peak_bytes: report.summary.peak_bytes,
-        complete: report.summary.complete,
-    })
+    Ok(html_path)
 }
 
 fn write_json(report: &Report, path: &Path) -> anyhow::Result<()> {
@@ -947,8 +930,9 @@ mod tests {
         }
     }
 
-    fn read_json(outcome: &Outcome) -> serde_json::Value {
-        serde_json::from_str(&fs::read_to_string(&outcome.json_path).unwrap()).unwrap()
+    fn read_json(dir: &Path) -> serde_json::Value {
+        let json = fs::read_to_string(options(dir).output_dir.join("report.json")).unwrap();
+        serde_json::from_str(&json).unwrap()
     }
 
     fn program(end: Option<u64>) -> TraceBytes {
@@ -986,8 +970,8 @@ mod tests {
     fn report_json_has_the_schema_version_and_exact_figures() {
         let dir = tempfile::tempdir().unwrap();
         let trace = program(Some(60)).write(dir.path(), "p.mstrace");
-        let outcome = generate(&[trace], &options(dir.path())).unwrap();
-        let json = read_json(&outcome);
+        let report = generate(&[trace], &options(dir.path())).unwrap();
+        let json = read_json(dir.path());
         assert_eq!(json["schema_version"], 1);
         let s = &json["summary"];
         let field = |name: &str| s[name].as_u64().unwrap();
@@ -1004,12 +988,9 @@ mod tests {
         assert_eq!((field("leaked_blocks"), field("leaked_bytes")), (1, 4096));
         assert_eq!(field("problems"), 1);
         assert_eq!(s["complete"], true);
+        let totals = &report.summary;
         assert_eq!(
-            (
-                outcome.leaked_blocks,
-                outcome.leaked_bytes,
-                outcome.peak_bytes
-            ),
+            (totals.leaked_blocks, totals.leaked_bytes, totals.peak_bytes),
             (1, 4096, 4396)
         );
 
@@ -1032,8 +1013,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = program(Some(60)).write(dir.path(), "a.mstrace");
         let b = program(Some(60)).write(dir.path(), "b.mstrace");
-        let outcome = generate(&[a, b], &options(dir.path())).unwrap();
-        let json = read_json(&outcome);
+        generate(&[a, b], &options(dir.path())).unwrap();
+        let json = read_json(dir.path());
         assert_eq!(json["summary"]["allocations"], 4);
         assert_eq!(json["summary"]["peak_bytes"], 2 * 4396);
         assert_eq!(json["summary"]["peak_time_ns"], serde_json::Value::Null);
@@ -1048,9 +1029,9 @@ mod tests {
     fn a_trace_without_its_end_gives_an_incomplete_report_of_what_was_recorded() {
         let dir = tempfile::tempdir().unwrap();
         let trace = program(None).write(dir.path(), "p.mstrace");
-        let outcome = generate(&[trace], &options(dir.path())).unwrap();
-        assert!(!outcome.complete);
-        let json = read_json(&outcome);
+        let report = generate(&[trace], &options(dir.path())).unwrap();
+        assert!(!report.summary.complete);
+        let json = read_json(dir.path());
         assert_eq!(json["summary"]["complete"], false);
         assert_eq!(json["summary"]["allocations"], 2);
         assert_eq!(json["summary"]["problems"], 0);

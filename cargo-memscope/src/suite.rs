@@ -226,10 +226,10 @@ fn report_tests(
     let (binaries, tests) = libtest::attribute(&report, &infos);
     report.test_binaries = binaries;
     report.tests = tests;
-    let outcome = report::write(&report, options).context("failed to write the report")?;
+    let html = report::write(&report, options).context("failed to write the report")?;
     eprint!("{}", render(&report, options.color));
     if args.output.open {
-        crate::html::open(&outcome.html_path);
+        crate::html::open(&html);
     }
     Ok(report)
 }
