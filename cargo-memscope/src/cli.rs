@@ -44,6 +44,9 @@ pub enum Command {
     /// Build the tests with the tracking allocator, run them, and report memory per test
     #[command(after_help = EXIT_STATUS_HELP)]
     Test(TestArgs),
+    /// `test --nextest`: run the tests with cargo-nextest, each in its own process
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Nextest(TestArgs),
     /// Run one test executable for `cargo memscope test` (cargo calls it as a runner)
     #[command(name = "__runner", hide = true)]
     Runner {
@@ -82,11 +85,18 @@ pub struct TestArgs {
     #[arg(long)]
     pub no_stacks: bool,
 
-    /// Run only the tests whose names contain this string (passed to the harness)
+    /// Run the tests with cargo-nextest (`cargo nextest run`), each in its own process:
+    /// per-test figures come from each test's own process
+    #[arg(long)]
+    pub nextest: bool,
+
+    /// Run only the tests whose names contain this string (passed to the harness, or
+    /// to nextest as a filter)
     #[arg(value_name = "TESTNAME")]
     pub filter: Option<String>,
 
-    /// Arguments for the test harness (after `--`), e.g. `--test-threads=1`
+    /// Arguments for the test harness (after `--`), e.g. `--test-threads=1`; with
+    /// `--nextest`, nextest's emulated harness arguments (`--ignored`, `--exact`, …)
     #[arg(last = true, value_name = "ARGS")]
     pub harness_args: Vec<OsString>,
 
@@ -286,7 +296,7 @@ impl Cli {
     pub fn color_enabled(&self) -> bool {
         match &self.command {
             Command::Run(args) => args.output.color.enabled(),
-            Command::Test(args) => args.output.color.enabled(),
+            Command::Test(args) | Command::Nextest(args) => args.output.color.enabled(),
             Command::Runner { .. } => false,
             Command::Report(args) => args.output.color.enabled(),
         }
@@ -354,6 +364,31 @@ impl CargoArgs {
         for config in &self.config {
             flags.push("--config".into());
             flags.push(config.into());
+        }
+        flags
+    }
+
+    /// The build flags in `cargo nextest run`'s spelling, where `--profile`, `-j`, `-v`
+    /// and `-q` mean nextest's own settings.
+    pub fn nextest_flags(&self) -> Vec<OsString> {
+        let mut flags = self.resolution_flags();
+        if self.release {
+            flags.push("--release".into());
+        }
+        if let Some(profile) = &self.profile {
+            flags.extend(["--cargo-profile".into(), profile.into()]);
+        }
+        if let Some(target) = &self.target {
+            flags.extend(["--target".into(), target.into()]);
+        }
+        if let Some(jobs) = &self.jobs {
+            flags.extend(["--build-jobs".into(), jobs.into()]);
+        }
+        for _ in 0..self.verbose {
+            flags.push("--cargo-verbose".into());
+        }
+        if self.quiet {
+            flags.push("--cargo-quiet".into());
         }
         flags
     }
@@ -471,6 +506,33 @@ mod tests {
             ]
         );
         assert_eq!(run.cargo.profile_name(), "bench");
+    }
+
+    #[test]
+    fn nextest_gets_cargo_flags_in_its_own_spelling() {
+        let cli = parse(&[
+            "cargo-memscope",
+            "nextest",
+            "--profile",
+            "ci",
+            "-j",
+            "2",
+            "-v",
+            "-q",
+        ]);
+        let Command::Nextest(test) = cli.command else {
+            panic!("expected nextest")
+        };
+        let flags: Vec<String> = test
+            .cargo
+            .nextest_flags()
+            .into_iter()
+            .map(|f| f.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            flags,
+            ["--cargo-profile", "ci", "--build-jobs", "2", "--cargo-verbose", "--cargo-quiet"]
+        );
     }
 
     #[test]

@@ -928,6 +928,7 @@ mod tests {
             binary: EVIL.into(),
             name: EVIL.into(),
             outcome: "failed".into(),
+            pid: Some(7),
             allocations: Some(3),
             reallocations: Some(0),
             bytes_allocated: Some(4096),

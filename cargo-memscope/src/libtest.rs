@@ -38,8 +38,12 @@ pub struct TestBinary {
     pub kind: String,
     pub target: String,
     pub executable: String,
+    /// Its process, when it ran in one (`None` under nextest: see `tests[].pid`).
     pub pid: Option<u32>,
-    /// The harness's exit code (`None` when a signal ended it).
+    /// How many processes ran it (one per test under nextest).
+    pub processes: u64,
+    /// The harness's exit code (`None` when a signal ended it); with several
+    /// processes, the first that was not 0.
     pub exit_code: Option<i32>,
     pub passed: u64,
     pub failed: u64,
@@ -69,6 +73,8 @@ pub struct TestResult {
     pub name: String,
     /// `passed`, `failed`, `ignored` or `bench`.
     pub outcome: String,
+    /// The process it ran in (`None` when it did not run).
+    pub pid: Option<u32>,
     /// The figures are `null` when no thread could be attributed to the test.
     pub allocations: Option<u64>,
     pub reallocations: Option<u64>,
@@ -149,6 +155,104 @@ pub fn parse_harness(stdout: &str) -> Vec<Outcome> {
     out
 }
 
+/// Whether libtest printed its terse output (`-q`, `--format terse`): a `running N
+/// tests` header, then dots, with no `test NAME ... ok` line to name them.
+pub fn is_terse(stdout: &str) -> bool {
+    let clean = strip_ansi(stdout);
+    let ran = clean.lines().any(|line| {
+        line.strip_prefix("running ")
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n > 0)
+    });
+    ran && parse_harness(&clean).is_empty()
+}
+
+/// The names `--list` printed (`NAME: test`, `NAME: bench`), in its order.
+pub fn parse_list(stdout: &str) -> Vec<String> {
+    strip_ansi(stdout)
+        .lines()
+        .filter_map(|line| {
+            let line = line.trim_end();
+            line.strip_suffix(": test")
+                .or_else(|| line.strip_suffix(": bench"))
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// What a harness's `--list` runs said: the tests the arguments select, and which of
+/// them are `#[ignore]`d.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Listing {
+    pub tests: Vec<String>,
+    pub ignored: Vec<String>,
+}
+
+/// Outcomes from libtest's terse output, which names only failed tests: those are
+/// `failed`, the listed ignored ones `ignored`, and the rest `passed` when the
+/// `test result:` counts agree (a harness that died part-way says nothing of the
+/// others, so they are left out). In list order: terse output gives no completion order.
+pub fn parse_terse(stdout: &str, listing: &Listing) -> Vec<Outcome> {
+    let clean = strip_ansi(stdout);
+    let mut failed: Vec<&str> = Vec::new();
+    let mut in_failures = false;
+    let mut counts = None;
+    for line in clean.lines() {
+        let line = line.trim_end();
+        if let Some(name) = line.strip_suffix(" --- FAILED") {
+            failed.push(name.trim());
+        } else if line == "failures:" {
+            in_failures = true;
+        } else if in_failures {
+            match line.strip_prefix("    ") {
+                Some(name) if !name.starts_with(' ') => failed.push(name),
+                _ => in_failures = false,
+            }
+        }
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            counts = Some(result_counts(rest));
+        }
+    }
+    let is_failed = |name: &str| failed.iter().any(|f| *f == name);
+    let is_ignored = |name: &str| listing.ignored.iter().any(|i| i == name);
+    let passed = listing
+        .tests
+        .iter()
+        .filter(|t| !is_failed(t) && !is_ignored(t))
+        .count() as u64;
+    let complete = counts.is_some_and(|(p, _, _)| p == passed);
+    listing
+        .tests
+        .iter()
+        .filter_map(|name| {
+            let outcome = if is_failed(name) {
+                "failed"
+            } else if is_ignored(name) {
+                "ignored"
+            } else if complete {
+                "passed"
+            } else {
+                return None;
+            };
+            Some(Outcome {
+                name: name.clone(),
+                outcome: outcome.to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// `N passed; M failed; K ignored` from a `test result:` line.
+fn result_counts(text: &str) -> (u64, u64, u64) {
+    let count = |word: &str| {
+        text.split(';')
+            .find_map(|part| part.trim().strip_suffix(word)?.trim().rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (count("passed"), count("failed"), count("ignored"))
+}
+
 fn outcome_word(result: &str) -> Option<String> {
     let result = result.trim();
     let word = result.split([' ', ',']).next().unwrap_or("");
@@ -186,12 +290,28 @@ pub struct BinaryInfo {
     pub kind: String,
     pub target: String,
     pub executable: String,
-    pub pid: Option<u32>,
-    pub exit_code: Option<i32>,
-    pub outcomes: Vec<Outcome>,
+    /// One process for `cargo test`; one per test under nextest.
+    pub processes: Vec<ProcessInfo>,
+    /// Tests the harness listed as `#[ignore]`d; those no process reported are added
+    /// as `ignored` (nextest lists them and does not run them).
+    pub ignored: Vec<String>,
 }
 
-/// Attributes the threads of each binary's process to its tests.
+/// One process of a test binary and the tests its harness reported in it.
+#[derive(Clone, Debug)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub exit_code: Option<i32>,
+    pub outcomes: Vec<Outcome>,
+    /// The process ran one test alone (nextest's `--exact NAME`): every thread but the
+    /// harness's `main` is that test's.
+    pub alone: bool,
+    /// `outcomes` are in the order the tests ended (pretty output), not list order
+    /// (terse output).
+    pub completion_order: bool,
+}
+
+/// Attributes the threads of each binary's processes to its tests.
 pub fn attribute(report: &Report, binaries: &[BinaryInfo]) -> (Vec<TestBinary>, Vec<TestResult>) {
     let mut out_binaries = Vec::new();
     let mut out_tests = Vec::new();
@@ -220,18 +340,174 @@ fn name_matches(test: &str, thread: &str) -> bool {
     thread.len() + 3 >= OS_NAME_BYTES && test.len() > thread.len() && test.starts_with(thread)
 }
 
-fn attribute_binary(report: &Report, info: &BinaryInfo) -> (TestBinary, Vec<TestResult>) {
-    let threads: Vec<&Thread> = match info.pid {
-        Some(pid) => report.threads.iter().filter(|t| t.pid == pid).collect(),
-        None => Vec::new(),
-    };
-    let tests = &info.outcomes;
-    let mut notes = Vec::new();
-    let mut claims: FxHashMap<u32, Claim> = FxHashMap::default();
+/// Whether a thread carries `test`'s name, whole or as its truncated prefix.
+fn named_after(test: &str, thread: &Thread) -> bool {
+    thread
+        .name
+        .as_deref()
+        .is_some_and(|n| n == test || name_matches(test, n))
+}
 
+fn attribute_binary(report: &Report, info: &BinaryInfo) -> (TestBinary, Vec<TestResult>) {
+    let mut notes = Vec::new();
+    let mut unattributed = Figures::default();
+    let mut results: Vec<TestResult> = Vec::new();
+    let mut runs: FxHashMap<String, u64> = FxHashMap::default();
+    for process in &info.processes {
+        let threads: Vec<&Thread> = report
+            .threads
+            .iter()
+            .filter(|t| t.pid == process.pid)
+            .collect();
+        let claims = if process.alone {
+            claims_alone(&threads, process)
+        } else {
+            claims_by_name(&threads, process, &mut notes)
+        };
+        let leaked = leaked_by_thread(report, process.pid);
+        for t in &threads {
+            if !claims.contains_key(&t.thread) {
+                unattributed.add_thread(t, &leaked);
+            }
+        }
+        for result in results_of(&info.binary, process, &threads, &claims, &leaked, &mut notes) {
+            *runs.entry(result.name.clone()).or_default() += 1;
+            match results.iter_mut().find(|r| r.name == result.name) {
+                Some(earlier) => *earlier = result,
+                None => results.push(result),
+            }
+        }
+    }
+    for name in &info.ignored {
+        if !results.iter().any(|r| &r.name == name) {
+            results.push(TestResult::without_figures(
+                &info.binary,
+                Outcome {
+                    name: name.clone(),
+                    outcome: "ignored".into(),
+                },
+                None,
+                "ignored: not run",
+            ));
+        }
+    }
+    let mut retried: Vec<(&String, &u64)> = runs.iter().filter(|(_, &n)| n > 1).collect();
+    retried.sort();
+    for (name, n) in retried {
+        notes.push(format!(
+            "`{name}` ran {n} times (retries): its figures are the last run's"
+        ));
+    }
+
+    let count = |o: &str| results.iter().filter(|t| t.outcome == o).count() as u64;
+    let exit_code = match &info.processes[..] {
+        [one] => one.exit_code,
+        all => all
+            .iter()
+            .map(|p| p.exit_code)
+            .find(|c| *c != Some(0))
+            .unwrap_or(Some(0)),
+    };
+    let binary = TestBinary {
+        binary: info.binary.clone(),
+        package: info.package.clone(),
+        kind: info.kind.clone(),
+        target: info.target.clone(),
+        executable: info.executable.clone(),
+        pid: match &info.processes[..] {
+            [one] => Some(one.pid),
+            _ => None,
+        },
+        processes: info.processes.len() as u64,
+        exit_code,
+        passed: count("passed"),
+        failed: count("failed"),
+        ignored: count("ignored"),
+        unattributed,
+        notes,
+    };
+    (binary, results)
+}
+
+/// Leaked blocks and bytes per thread of process `pid`, by site.
+type Leaked<'r> = FxHashMap<u32, Vec<(usize, Option<&'r Location>, u64, u64)>>;
+
+fn leaked_by_thread(report: &Report, pid: u32) -> Leaked<'_> {
+    let mut leaked: Leaked = FxHashMap::default();
+    for leak in &report.leaks {
+        for t in leak.threads.iter().filter(|t| t.pid == pid) {
+            leaked
+                .entry(t.thread)
+                .or_default()
+                .push((leak.site, leak.location.as_ref(), t.blocks, t.bytes));
+        }
+    }
+    leaked
+}
+
+impl Figures {
+    fn add_thread(&mut self, t: &Thread, leaked: &Leaked) {
+        self.allocations += t.allocations;
+        self.reallocations += t.reallocations;
+        self.bytes_allocated += t.bytes_allocated;
+        for &(_, _, blocks, bytes) in leaked.get(&t.thread).into_iter().flatten() {
+            self.leaked_blocks += blocks;
+            self.leaked_bytes += bytes;
+        }
+    }
+}
+
+/// A process that ran one test: its thread (the first named after it) and every other
+/// thread but `main` are the test's, as observed facts.
+fn claims_alone(threads: &[&Thread], process: &ProcessInfo) -> FxHashMap<u32, Claim> {
+    let mut claims = FxHashMap::default();
+    let Some(test) = process.outcomes.first() else {
+        return claims;
+    };
+    let own = threads
+        .iter()
+        .filter(|t| named_after(&test.name, t))
+        .map(|t| t.thread)
+        .min();
+    for t in threads {
+        if t.name.as_deref() == Some("main") {
+            continue;
+        }
+        let (role, evidence) = if Some(t.thread) == own {
+            (
+                "test",
+                format!("ran alone in process {} (one process per test), on a thread named after it", process.pid),
+            )
+        } else {
+            (
+                "spawned",
+                format!("a thread of process {}, in which only this test ran", process.pid),
+            )
+        };
+        claims.insert(
+            t.thread,
+            Claim {
+                test: 0,
+                role,
+                basis: Basis::Observed,
+                evidence,
+            },
+        );
+    }
+    claims
+}
+
+/// Threads of a process that ran several tests, by name and start time (module docs).
+fn claims_by_name(
+    threads: &[&Thread],
+    process: &ProcessInfo,
+    notes: &mut Vec<String>,
+) -> FxHashMap<u32, Claim> {
+    let tests = &process.outcomes;
+    let mut claims: FxHashMap<u32, Claim> = FxHashMap::default();
     // 1 and 2: threads named after tests.
     let mut by_name: FxHashMap<&str, Vec<&Thread>> = FxHashMap::default();
-    for t in &threads {
+    for t in threads {
         if let Some(name) = t.name.as_deref().filter(|n| *n != "main") {
             by_name.entry(name).or_default().push(t);
         }
@@ -285,7 +561,7 @@ fn attribute_binary(report: &Report, info: &BinaryInfo) -> (TestBinary, Vec<Test
                     claims.insert(t.thread, claim);
                 }
             }
-            k if group.len() == k => {
+            k if group.len() == k && process.completion_order => {
                 // Pair completion order (harness output) with the threads' last events.
                 let mut by_end = group.clone();
                 by_end.sort_by_key(|t| (t.last_event_ns, t.thread));
@@ -312,8 +588,13 @@ fn attribute_binary(report: &Report, info: &BinaryInfo) -> (TestBinary, Vec<Test
             }
             k => {
                 let listed: Vec<&str> = candidates.iter().map(|&i| tests[i].name.as_str()).collect();
+                let why = if process.completion_order {
+                    ""
+                } else {
+                    " (terse output gives no completion order to pair them by)"
+                };
                 notes.push(format!(
-                    "{} threads named `{name}` could belong to any of {k} tests ({}): left unattributed",
+                    "{} threads named `{name}` could belong to any of {k} tests ({}): left unattributed{why}",
                     group.len(),
                     listed.join(", ")
                 ));
@@ -329,7 +610,7 @@ fn attribute_binary(report: &Report, info: &BinaryInfo) -> (TestBinary, Vec<Test
             (c.role == "test").then_some((c.test, t.first_event_ns?, t.last_event_ns?))
         })
         .collect();
-    for t in &threads {
+    for t in threads {
         if claims.contains_key(&t.thread) || t.name.as_deref() == Some("main") {
             continue;
         }
@@ -355,41 +636,27 @@ fn attribute_binary(report: &Report, info: &BinaryInfo) -> (TestBinary, Vec<Test
         }
     }
 
+    claims
+}
+
+/// The results of the tests a process reported, from the threads claimed for them.
+fn results_of(
+    binary: &str,
+    process: &ProcessInfo,
+    threads: &[&Thread],
+    claims: &FxHashMap<u32, Claim>,
+    leaked: &Leaked,
+    notes: &mut Vec<String>,
+) -> Vec<TestResult> {
+    let tests = &process.outcomes;
     let any_test_thread = claims.values().any(|c| c.role == "test");
     let ran = tests.iter().any(|t| t.outcome == "passed" || t.outcome == "failed");
-    if ran && !any_test_thread && !threads.is_empty() {
+    if ran && !any_test_thread && !process.alone && !threads.is_empty() {
         notes.push(
             "no thread is named after a test (tests ran on the main thread?): per-test figures are unavailable"
                 .to_owned(),
         );
     }
-
-    // Leaked blocks and bytes per (thread, site).
-    let mut leaked: FxHashMap<u32, Vec<(usize, Option<&Location>, u64, u64)>> = FxHashMap::default();
-    for leak in &report.leaks {
-        for t in &leak.threads {
-            if Some(t.pid) == info.pid {
-                leaked
-                    .entry(t.thread)
-                    .or_default()
-                    .push((leak.site, leak.location.as_ref(), t.blocks, t.bytes));
-            }
-        }
-    }
-
-    let mut unattributed = Figures::default();
-    for t in &threads {
-        if !claims.contains_key(&t.thread) {
-            unattributed.allocations += t.allocations;
-            unattributed.reallocations += t.reallocations;
-            unattributed.bytes_allocated += t.bytes_allocated;
-            for &(_, _, blocks, bytes) in leaked.get(&t.thread).into_iter().flatten() {
-                unattributed.leaked_blocks += blocks;
-                unattributed.leaked_bytes += bytes;
-            }
-        }
-    }
-
     let mut results = Vec::new();
     for (i, test) in tests.iter().enumerate() {
         let mine: Vec<(&Thread, &Claim)> = threads
@@ -397,10 +664,58 @@ fn attribute_binary(report: &Report, info: &BinaryInfo) -> (TestBinary, Vec<Test
             .filter_map(|t| claims.get(&t.thread).filter(|c| c.test == i).map(|c| (*t, c)))
             .collect();
         let own = mine.iter().find(|(_, c)| c.role == "test");
-        let mut result = TestResult {
-            binary: info.binary.clone(),
-            name: test.name.clone(),
-            outcome: test.outcome.clone(),
+        let pid = Some(process.pid);
+        let result = match own {
+            Some((own_thread, own_claim)) => {
+                with_figures(binary, test.clone(), pid, &mine, leaked, own_claim, own_thread.peak_bytes)
+            }
+            None if process.alone => {
+                // Its own thread never allocated; threads it spawned may have.
+                let claim = Claim {
+                    test: i,
+                    role: "test",
+                    basis: Basis::Observed,
+                    evidence: format!(
+                        "ran alone in process {}; no heap event on a thread named after it",
+                        process.pid
+                    ),
+                };
+                with_figures(binary, test.clone(), pid, &mine, leaked, &claim, 0)
+            }
+            None if test.outcome == "ignored" => {
+                TestResult::without_figures(binary, test.clone(), None, "ignored: not run")
+            }
+            None if any_test_thread && !threads.iter().any(|t| named_after(&test.name, t)) => {
+                // Other tests' threads are there, and none could be this one's: its
+                // thread never allocated, so it left no trace.
+                let claim = Claim {
+                    test: i,
+                    role: "test",
+                    basis: Basis::Inferred,
+                    evidence: "no heap event on a thread named after this test: its thread allocated nothing"
+                        .to_owned(),
+                };
+                with_figures(binary, test.clone(), pid, &[], leaked, &claim, 0)
+            }
+            None => TestResult::without_figures(
+                binary,
+                test.clone(),
+                pid,
+                "no thread could be attributed to this test (see the binary's notes)",
+            ),
+        };
+        results.push(result);
+    }
+    results
+}
+
+impl TestResult {
+    fn without_figures(binary: &str, test: Outcome, pid: Option<u32>, evidence: &str) -> TestResult {
+        TestResult {
+            binary: binary.to_owned(),
+            name: test.name,
+            outcome: test.outcome,
+            pid,
             allocations: None,
             reallocations: None,
             bytes_allocated: None,
@@ -410,106 +725,78 @@ fn attribute_binary(report: &Report, info: &BinaryInfo) -> (TestBinary, Vec<Test
             leaks: Vec::new(),
             threads: Vec::new(),
             basis: Basis::Inferred,
-            evidence: String::new(),
-        };
-        match own {
-            Some((own_thread, own_claim)) => {
-                result.basis = own_claim.basis;
-                result.evidence = own_claim.evidence.clone();
-                result.peak_bytes = Some(own_thread.peak_bytes);
-                let mut figures = Figures::default();
-                let mut sites: Vec<TestLeak> = Vec::new();
-                for (t, c) in &mine {
-                    figures.allocations += t.allocations;
-                    figures.reallocations += t.reallocations;
-                    figures.bytes_allocated += t.bytes_allocated;
-                    for &(site, location, blocks, bytes) in leaked.get(&t.thread).into_iter().flatten() {
-                        figures.leaked_blocks += blocks;
-                        figures.leaked_bytes += bytes;
-                        let basis = if c.basis == Basis::Observed && c.role == "test" {
-                            Basis::Observed
-                        } else {
-                            Basis::Inferred
-                        };
-                        match sites.iter_mut().find(|s| s.site == site) {
-                            Some(s) => {
-                                s.blocks += blocks;
-                                s.bytes += bytes;
-                                if basis == Basis::Inferred {
-                                    s.basis = Basis::Inferred;
-                                }
-                            }
-                            None => sites.push(TestLeak {
-                                site,
-                                location: location.cloned(),
-                                blocks,
-                                bytes,
-                                basis,
-                            }),
-                        }
+            evidence: evidence.to_owned(),
+        }
+    }
+}
+
+/// A test's figures: the sums over its threads, its own thread's peak.
+fn with_figures(
+    binary: &str,
+    test: Outcome,
+    pid: Option<u32>,
+    mine: &[(&Thread, &Claim)],
+    leaked: &Leaked,
+    claim: &Claim,
+    peak_bytes: u64,
+) -> TestResult {
+    let mut figures = Figures::default();
+    let mut sites: Vec<TestLeak> = Vec::new();
+    let mut threads = Vec::new();
+    for (t, c) in mine {
+        figures.add_thread(t, leaked);
+        for &(site, location, blocks, bytes) in leaked.get(&t.thread).into_iter().flatten() {
+            let basis = if c.basis == Basis::Observed {
+                Basis::Observed
+            } else {
+                Basis::Inferred
+            };
+            match sites.iter_mut().find(|s| s.site == site) {
+                Some(s) => {
+                    s.blocks += blocks;
+                    s.bytes += bytes;
+                    if basis == Basis::Inferred {
+                        s.basis = Basis::Inferred;
                     }
-                    result.threads.push(TestThread {
-                        pid: t.pid,
-                        thread: t.thread,
-                        name: t.name.clone(),
-                        role: c.role.to_owned(),
-                        allocations: t.allocations + t.reallocations,
-                        bytes_allocated: t.bytes_allocated,
-                        peak_bytes: t.peak_bytes,
-                        basis: c.basis,
-                        evidence: c.evidence.clone(),
-                    });
                 }
-                sites.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.site.cmp(&b.site)));
-                result.allocations = Some(figures.allocations);
-                result.reallocations = Some(figures.reallocations);
-                result.bytes_allocated = Some(figures.bytes_allocated);
-                result.leaked_blocks = Some(figures.leaked_blocks);
-                result.leaked_bytes = Some(figures.leaked_bytes);
-                result.leaks = sites;
-            }
-            None if test.outcome == "ignored" => {
-                result.evidence = "ignored: not run".to_owned();
-            }
-            None if any_test_thread
-                && !threads
-                    .iter()
-                    .any(|t| t.name.as_deref().is_some_and(|n| name_matches(&test.name, n))) =>
-            {
-                // Other tests' threads are there, and none could be this one's: its
-                // thread never allocated, so it left no trace.
-                result.evidence = "no heap event on a thread named after this test: its thread allocated nothing".to_owned();
-                result.allocations = Some(0);
-                result.reallocations = Some(0);
-                result.bytes_allocated = Some(0);
-                result.peak_bytes = Some(0);
-                result.leaked_blocks = Some(0);
-                result.leaked_bytes = Some(0);
-            }
-            None => {
-                result.evidence =
-                    "no thread could be attributed to this test (see the binary's notes)".to_owned();
+                None => sites.push(TestLeak {
+                    site,
+                    location: location.cloned(),
+                    blocks,
+                    bytes,
+                    basis,
+                }),
             }
         }
-        results.push(result);
+        threads.push(TestThread {
+            pid: t.pid,
+            thread: t.thread,
+            name: t.name.clone(),
+            role: c.role.to_owned(),
+            allocations: t.allocations + t.reallocations,
+            bytes_allocated: t.bytes_allocated,
+            peak_bytes: t.peak_bytes,
+            basis: c.basis,
+            evidence: c.evidence.clone(),
+        });
     }
-
-    let count = |o: &str| tests.iter().filter(|t| t.outcome == o).count() as u64;
-    let binary = TestBinary {
-        binary: info.binary.clone(),
-        package: info.package.clone(),
-        kind: info.kind.clone(),
-        target: info.target.clone(),
-        executable: info.executable.clone(),
-        pid: info.pid,
-        exit_code: info.exit_code,
-        passed: count("passed"),
-        failed: count("failed"),
-        ignored: count("ignored"),
-        unattributed,
-        notes,
-    };
-    (binary, results)
+    sites.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.site.cmp(&b.site)));
+    TestResult {
+        binary: binary.to_owned(),
+        name: test.name,
+        outcome: test.outcome,
+        pid,
+        allocations: Some(figures.allocations),
+        reallocations: Some(figures.reallocations),
+        bytes_allocated: Some(figures.bytes_allocated),
+        peak_bytes: Some(peak_bytes),
+        leaked_blocks: Some(figures.leaked_blocks),
+        leaked_bytes: Some(figures.leaked_bytes),
+        leaks: sites,
+        threads,
+        basis: claim.basis,
+        evidence: claim.evidence.clone(),
+    }
 }
 
 #[cfg(test)]
@@ -543,6 +830,38 @@ mod tests {
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].name, "slow");
         assert_eq!(got[0].outcome, "passed");
+    }
+
+    #[test]
+    fn terse_output_with_a_listing_gives_every_test_its_outcome() {
+        let listing = Listing {
+            tests: parse_list("a::one: test\na::two: test\na::slow: test\nb::bench: bench\n\n4 tests, 0 benchmarks\n"),
+            ignored: parse_list("a::slow: test\n"),
+        };
+        assert_eq!(listing.tests.len(), 4);
+        let out = "\nrunning 4 tests\n.i. 2/4\na::two --- FAILED\n.\nfailures:\n\n---- a::two stdout ----\n    not a name\n\nfailures:\n    a::two\n\ntest result: FAILED. 2 passed; 1 failed; 1 ignored; 0 measured; 0 filtered out\n";
+        assert!(is_terse(out));
+        let got: Vec<(String, String)> = parse_terse(out, &listing)
+            .into_iter()
+            .map(|o| (o.name, o.outcome))
+            .collect();
+        let want = [("a::one", "passed"), ("a::two", "failed"), ("a::slow", "ignored"), ("b::bench", "passed")];
+        assert_eq!(
+            got,
+            want.map(|(n, o)| (n.to_owned(), o.to_owned()))
+        );
+    }
+
+    #[test]
+    fn terse_output_of_a_harness_that_died_claims_no_passes() {
+        let listing = Listing {
+            tests: vec!["a".into(), "b".into()],
+            ignored: Vec::new(),
+        };
+        let out = "\nrunning 2 tests\n.";
+        let got = parse_terse(out, &listing);
+        assert!(got.is_empty(), "{got:?}");
+        assert!(!is_terse("\nrunning 1 test\ntest a ... ok\n"));
     }
 
     #[test]
