@@ -214,7 +214,7 @@ pub fn parse_terse(stdout: &str, listing: &Listing) -> Vec<Outcome> {
             counts = Some(result_counts(rest));
         }
     }
-    let is_failed = |name: &str| failed.iter().any(|f| *f == name);
+    let is_failed = |name: &str| failed.contains(&name);
     let is_ignored = |name: &str| listing.ignored.iter().any(|i| i == name);
     let passed = listing
         .tests
