@@ -818,6 +818,7 @@ mod tests {
                 live_bytes_at_exit: 4096,
                 first_event_ns: Some(10),
                 last_event_ns: Some(2_000_000),
+                without_harness: None,
             }],
             timeline: vec![Timeline {
                 pid: 7,
@@ -935,6 +936,7 @@ mod tests {
             peak_bytes: Some(4096),
             leaked_blocks: Some(1),
             leaked_bytes: Some(4096),
+            harness: None,
             leaks: vec![TestLeak {
                 site: 0,
                 location,

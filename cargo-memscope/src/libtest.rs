@@ -21,12 +21,16 @@
 //!    ran"); else it stays unattributed, with the harness's main thread.
 //!
 //! A test's figures sum its threads, except `peak_bytes`: the most bytes live at once
-//! among blocks its own thread allocated (spawned threads list their own peaks).
+//! among blocks its own thread allocated (spawned threads list their own peaks). They
+//! leave out what libtest's harness and std's bookkeeping allocated on those threads
+//! (the test's output capture, the channel block that reports its result, the thread's
+//! name for the stack-overflow handler): see `report::Thread::without_harness`. That
+//! share is listed apart, as `harness`.
 
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
-use crate::report::{Basis, Location, Report, Thread};
+use crate::report::{Basis, Location, Report, Thread, ThreadFigures};
 
 /// One test binary that ran, with what its harness said and what no test accounts for.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -64,6 +68,14 @@ pub struct Figures {
     pub leaked_bytes: u64,
 }
 
+/// Allocations on a test's threads that were not the test's own.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HarnessShare {
+    pub allocations: u64,
+    pub reallocations: u64,
+    pub bytes_allocated: u64,
+}
+
 /// One test.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TestResult {
@@ -82,6 +94,9 @@ pub struct TestResult {
     pub peak_bytes: Option<u64>,
     pub leaked_blocks: Option<u64>,
     pub leaked_bytes: Option<u64>,
+    /// What libtest's harness and std's bookkeeping allocated on the test's threads,
+    /// left out of the figures above (`null` without call stacks to tell them apart).
+    pub harness: Option<HarnessShare>,
     /// Blocks live at exit that the test's threads allocated, by site (std's own
     /// bookkeeping excepted, as in `leaks`).
     pub leaks: Vec<TestLeak>,
@@ -446,15 +461,33 @@ fn leaked_by_thread(report: &Report, pid: u32) -> Leaked<'_> {
 }
 
 impl Figures {
+    /// Adds a thread's figures as a whole (the harness's own figures included).
     fn add_thread(&mut self, t: &Thread, leaked: &Leaked) {
         self.allocations += t.allocations;
         self.reallocations += t.reallocations;
         self.bytes_allocated += t.bytes_allocated;
+        self.add_leaks(t, leaked);
+    }
+
+    fn add_leaks(&mut self, t: &Thread, leaked: &Leaked) {
         for &(_, _, blocks, bytes) in leaked.get(&t.thread).into_iter().flatten() {
             self.leaked_blocks += blocks;
             self.leaked_bytes += bytes;
         }
     }
+}
+
+/// A thread's figures as a test's: without the harness's blocks when the report could
+/// tell them apart.
+fn test_figures(t: &Thread) -> ThreadFigures {
+    t.without_harness.clone().unwrap_or(ThreadFigures {
+        allocations: t.allocations,
+        reallocations: t.reallocations,
+        bytes_allocated: t.bytes_allocated,
+        peak_bytes: t.peak_bytes,
+        live_blocks_at_exit: t.live_blocks_at_exit,
+        live_bytes_at_exit: t.live_bytes_at_exit,
+    })
 }
 
 /// A process that ran one test: its thread (the first named after it) and every other
@@ -667,7 +700,8 @@ fn results_of(
         let pid = Some(process.pid);
         let result = match own {
             Some((own_thread, own_claim)) => {
-                with_figures(binary, test.clone(), pid, &mine, leaked, own_claim, own_thread.peak_bytes)
+                let peak = test_figures(own_thread).peak_bytes;
+                with_figures(binary, test.clone(), pid, &mine, leaked, own_claim, peak)
             }
             None if process.alone => {
                 // Its own thread never allocated; threads it spawned may have.
@@ -722,12 +756,25 @@ impl TestResult {
             peak_bytes: None,
             leaked_blocks: None,
             leaked_bytes: None,
+            harness: None,
             leaks: Vec::new(),
             threads: Vec::new(),
             basis: Basis::Inferred,
             evidence: evidence.to_owned(),
         }
     }
+}
+
+/// What the harness allocated on these threads, when the report tells it apart.
+fn harness_share(mine: &[(&Thread, &Claim)]) -> Option<HarnessShare> {
+    let mut share = HarnessShare::default();
+    for (t, _) in mine {
+        let own = t.without_harness.as_ref()?;
+        share.allocations += t.allocations.saturating_sub(own.allocations);
+        share.reallocations += t.reallocations.saturating_sub(own.reallocations);
+        share.bytes_allocated += t.bytes_allocated.saturating_sub(own.bytes_allocated);
+    }
+    Some(share)
 }
 
 /// A test's figures: the sums over its threads, its own thread's peak.
@@ -741,10 +788,15 @@ fn with_figures(
     peak_bytes: u64,
 ) -> TestResult {
     let mut figures = Figures::default();
+    let harness = harness_share(mine);
     let mut sites: Vec<TestLeak> = Vec::new();
     let mut threads = Vec::new();
     for (t, c) in mine {
-        figures.add_thread(t, leaked);
+        let own = test_figures(t);
+        figures.allocations += own.allocations;
+        figures.reallocations += own.reallocations;
+        figures.bytes_allocated += own.bytes_allocated;
+        figures.add_leaks(t, leaked);
         for &(site, location, blocks, bytes) in leaked.get(&t.thread).into_iter().flatten() {
             let basis = if c.basis == Basis::Observed {
                 Basis::Observed
@@ -773,9 +825,9 @@ fn with_figures(
             thread: t.thread,
             name: t.name.clone(),
             role: c.role.to_owned(),
-            allocations: t.allocations + t.reallocations,
-            bytes_allocated: t.bytes_allocated,
-            peak_bytes: t.peak_bytes,
+            allocations: own.allocations + own.reallocations,
+            bytes_allocated: own.bytes_allocated,
+            peak_bytes: own.peak_bytes,
             basis: c.basis,
             evidence: c.evidence.clone(),
         });
@@ -792,6 +844,7 @@ fn with_figures(
         peak_bytes: Some(peak_bytes),
         leaked_blocks: Some(figures.leaked_blocks),
         leaked_bytes: Some(figures.leaked_bytes),
+        harness,
         leaks: sites,
         threads,
         basis: claim.basis,

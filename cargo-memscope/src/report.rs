@@ -267,6 +267,22 @@ pub struct Thread {
     pub first_event_ns: Option<u64>,
     #[serde(default)]
     pub last_event_ns: Option<u64>,
+    /// In a test binary: the figures without the blocks that libtest's harness and
+    /// std's bookkeeping allocated on this thread (`tests[]` are made of these);
+    /// `null` in other programs.
+    #[serde(default)]
+    pub without_harness: Option<ThreadFigures>,
+}
+
+/// A thread's figures for part of its blocks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadFigures {
+    pub allocations: u64,
+    pub reallocations: u64,
+    pub bytes_allocated: u64,
+    pub peak_bytes: u64,
+    pub live_blocks_at_exit: u64,
+    pub live_bytes_at_exit: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -394,7 +410,8 @@ fn analyse(trace: &Trace, options: &ReportOptions, progress: &Progress) -> Analy
 
     let peak_time = ns(snap.totals.peak_ts);
     let summary = process_summary(&snap, &sites, &damage, trace, peak_time, problems_found);
-    let threads = threads(&snap, &tables, pid, ns);
+    let without_harness = without_harness(trace, &snap, &sites, options);
+    let threads = threads(&snap, without_harness.as_ref(), &tables, pid, ns);
     let timeline = Timeline {
         pid,
         unit: if clock.is_some() { "ns" } else { "ticks" }.into(),
@@ -558,8 +575,38 @@ fn process_summary(
     }
 }
 
+/// In a test binary (a process in which libtest's harness allocated), each thread's
+/// figures without the blocks of libtest's harness and of std's bookkeeping: a second
+/// pass over the events that leaves those blocks out (`tests[]` are made of these).
+fn without_harness(
+    trace: &Trace,
+    snap: &Snapshot,
+    sites: &[SiteDraft],
+    options: &ReportOptions,
+) -> Option<FxHashMap<u32, replay::ThreadStats>> {
+    let mut libtest = false;
+    let mut harness = rustc_hash::FxHashSet::default();
+    for (stats, draft) in snap.sites.iter().zip(sites) {
+        if stats.internal || stats.stack == 0 {
+            continue;
+        }
+        let stack = &draft.site.stack;
+        let ours = symbols::libtest_harness(stack);
+        libtest |= ours;
+        if ours || symbols::std_bookkeeping(stack, &options.user_roots).is_some() {
+            harness.insert(stats.stack);
+        }
+    }
+    if !libtest {
+        return None;
+    }
+    let events = replay::without_blocks(trace.events(), |stack| harness.contains(&stack));
+    Some(replay::replay(events).threads)
+}
+
 fn threads(
     snap: &Snapshot,
+    without_harness: Option<&FxHashMap<u32, replay::ThreadStats>>,
     tables: &Tables,
     pid: u32,
     ns: impl Fn(u64) -> Option<u64>,
@@ -590,6 +637,17 @@ fn threads(
                 live_bytes_at_exit: s.live_bytes,
                 first_event_ns: s.first_ts.and_then(&ns),
                 last_event_ns: s.first_ts.and_then(|_| ns(s.last_ts)),
+                without_harness: without_harness.map(|w| {
+                    let own = w.get(&id).cloned().unwrap_or_default();
+                    ThreadFigures {
+                        allocations: own.allocations,
+                        reallocations: own.reallocations,
+                        bytes_allocated: own.bytes_allocated,
+                        peak_bytes: own.peak_bytes,
+                        live_blocks_at_exit: own.live_blocks,
+                        live_bytes_at_exit: own.live_bytes,
+                    }
+                }),
             }
         })
         .collect()

@@ -452,6 +452,20 @@ pub fn std_bookkeeping(frames: &[Frame], user_roots: &[PathBuf]) -> Option<Strin
     }
 }
 
+/// Whether a stack is libtest's harness at work rather than a test: the innermost
+/// frame of libtest (the crate `test`) is one of its own functions, not
+/// `test::__rust_begin_short_backtrace`, which calls the test function. So the block
+/// that captures a test's output and the blocks of the channel that reports its result
+/// are the harness's, even on the test's own thread.
+pub fn libtest_harness(frames: &[Frame]) -> bool {
+    frames
+        .iter()
+        .filter_map(|f| f.function.as_deref())
+        .map(function_path)
+        .find(|path| path.starts_with("test::"))
+        .is_some_and(|path| !path.starts_with("test::__rust_begin_short_backtrace"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -634,6 +648,21 @@ mod tests {
         assert!(std_bookkeeping(&stds, &roots)
             .unwrap()
             .contains("stdin buffer"));
+    }
+
+    #[test]
+    fn libtests_own_work_is_told_from_the_test_it_runs() {
+        let f = |name: &str| frame(name, "/rustc/x/library/test/src/lib.rs");
+        let send = f("<std::sync::mpsc::Sender<test::event::CompletedTest>>::send");
+        let harness = f("test::run_test_in_process");
+        let begin = f("test::__rust_begin_short_backtrace::<core::result::Result<(), alloc::string::String>, fn() -> core::result::Result<(), alloc::string::String>>");
+        let user = frame("my_crate::tests::leaks", "/ws/src/lib.rs");
+        let body = [user.clone(), begin.clone(), harness.clone()];
+        assert!(!libtest_harness(&body));
+        assert!(libtest_harness(&[send, harness.clone(), begin.clone()]));
+        // A test that runs libtest's code itself is still the test.
+        assert!(!libtest_harness(&[frame("alloc::vec::Vec<T>::push", "/rustc/x.rs"), user, begin]));
+        assert!(!libtest_harness(&[frame("my_crate::main", "/ws/src/main.rs")]));
     }
 
     #[test]
