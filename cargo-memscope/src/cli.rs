@@ -531,7 +531,14 @@ mod tests {
             .collect();
         assert_eq!(
             flags,
-            ["--cargo-profile", "ci", "--build-jobs", "2", "--cargo-verbose", "--cargo-quiet"]
+            [
+                "--cargo-profile",
+                "ci",
+                "--build-jobs",
+                "2",
+                "--cargo-verbose",
+                "--cargo-quiet"
+            ]
         );
     }
 

@@ -262,7 +262,15 @@ pub fn parse_terse(stdout: &str, listing: &Listing) -> Vec<Outcome> {
 fn result_counts(text: &str) -> (u64, u64, u64) {
     let count = |word: &str| {
         text.split(';')
-            .find_map(|part| part.trim().strip_suffix(word)?.trim().rsplit(' ').next()?.parse().ok())
+            .find_map(|part| {
+                part.trim()
+                    .strip_suffix(word)?
+                    .trim()
+                    .rsplit(' ')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
             .unwrap_or(0)
     };
     (count("passed"), count("failed"), count("ignored"))
@@ -385,7 +393,14 @@ fn attribute_binary(report: &Report, info: &BinaryInfo) -> (TestBinary, Vec<Test
                 unattributed.add_thread(t, &leaked);
             }
         }
-        for result in results_of(&info.binary, process, &threads, &claims, &leaked, &mut notes) {
+        for result in results_of(
+            &info.binary,
+            process,
+            &threads,
+            &claims,
+            &leaked,
+            &mut notes,
+        ) {
             *runs.entry(result.name.clone()).or_default() += 1;
             match results.iter_mut().find(|r| r.name == result.name) {
                 Some(earlier) => *earlier = result,
@@ -451,10 +466,12 @@ fn leaked_by_thread(report: &Report, pid: u32) -> Leaked<'_> {
     let mut leaked: Leaked = FxHashMap::default();
     for leak in &report.leaks {
         for t in leak.threads.iter().filter(|t| t.pid == pid) {
-            leaked
-                .entry(t.thread)
-                .or_default()
-                .push((leak.site, leak.location.as_ref(), t.blocks, t.bytes));
+            leaked.entry(t.thread).or_default().push((
+                leak.site,
+                leak.location.as_ref(),
+                t.blocks,
+                t.bytes,
+            ));
         }
     }
     leaked
@@ -509,12 +526,18 @@ fn claims_alone(threads: &[&Thread], process: &ProcessInfo) -> FxHashMap<u32, Cl
         let (role, evidence) = if Some(t.thread) == own {
             (
                 "test",
-                format!("ran alone in process {} (one process per test), on a thread named after it", process.pid),
+                format!(
+                    "ran alone in process {} (one process per test), on a thread named after it",
+                    process.pid
+                ),
             )
         } else {
             (
                 "spawned",
-                format!("a thread of process {}, in which only this test ran", process.pid),
+                format!(
+                    "a thread of process {}, in which only this test ran",
+                    process.pid
+                ),
             )
         };
         claims.insert(
@@ -550,7 +573,9 @@ fn claims_by_name(
     for name in names {
         let mut group = by_name[name].clone();
         group.sort_by_key(|t| t.thread);
-        let exact: Vec<usize> = (0..tests.len()).filter(|&i| tests[i].name == name).collect();
+        let exact: Vec<usize> = (0..tests.len())
+            .filter(|&i| tests[i].name == name)
+            .collect();
         let candidates: Vec<usize> = if exact.is_empty() {
             (0..tests.len())
                 .filter(|&i| tests[i].outcome != "ignored" && name_matches(&tests[i].name, name))
@@ -620,7 +645,8 @@ fn claims_by_name(
                 ));
             }
             k => {
-                let listed: Vec<&str> = candidates.iter().map(|&i| tests[i].name.as_str()).collect();
+                let listed: Vec<&str> =
+                    candidates.iter().map(|&i| tests[i].name.as_str()).collect();
                 let why = if process.completion_order {
                     ""
                 } else {
@@ -683,7 +709,9 @@ fn results_of(
 ) -> Vec<TestResult> {
     let tests = &process.outcomes;
     let any_test_thread = claims.values().any(|c| c.role == "test");
-    let ran = tests.iter().any(|t| t.outcome == "passed" || t.outcome == "failed");
+    let ran = tests
+        .iter()
+        .any(|t| t.outcome == "passed" || t.outcome == "failed");
     if ran && !any_test_thread && !process.alone && !threads.is_empty() {
         notes.push(
             "no thread is named after a test (tests ran on the main thread?): per-test figures are unavailable"
@@ -694,7 +722,12 @@ fn results_of(
     for (i, test) in tests.iter().enumerate() {
         let mine: Vec<(&Thread, &Claim)> = threads
             .iter()
-            .filter_map(|t| claims.get(&t.thread).filter(|c| c.test == i).map(|c| (*t, c)))
+            .filter_map(|t| {
+                claims
+                    .get(&t.thread)
+                    .filter(|c| c.test == i)
+                    .map(|c| (*t, c))
+            })
             .collect();
         let own = mine.iter().find(|(_, c)| c.role == "test");
         let pid = Some(process.pid);
@@ -744,7 +777,12 @@ fn results_of(
 }
 
 impl TestResult {
-    fn without_figures(binary: &str, test: Outcome, pid: Option<u32>, evidence: &str) -> TestResult {
+    fn without_figures(
+        binary: &str,
+        test: Outcome,
+        pid: Option<u32>,
+        evidence: &str,
+    ) -> TestResult {
         TestResult {
             binary: binary.to_owned(),
             name: test.name,
@@ -898,11 +936,13 @@ mod tests {
             .into_iter()
             .map(|o| (o.name, o.outcome))
             .collect();
-        let want = [("a::one", "passed"), ("a::two", "failed"), ("a::slow", "ignored"), ("b::bench", "passed")];
-        assert_eq!(
-            got,
-            want.map(|(n, o)| (n.to_owned(), o.to_owned()))
-        );
+        let want = [
+            ("a::one", "passed"),
+            ("a::two", "failed"),
+            ("a::slow", "ignored"),
+            ("b::bench", "passed"),
+        ];
+        assert_eq!(got, want.map(|(n, o)| (n.to_owned(), o.to_owned())));
     }
 
     #[test]
@@ -919,7 +959,10 @@ mod tests {
 
     #[test]
     fn truncated_names_match_only_as_15_byte_prefixes() {
-        assert!(name_matches("tests::a_test_with_a_long_name", "tests::a_test_w"));
+        assert!(name_matches(
+            "tests::a_test_with_a_long_name",
+            "tests::a_test_w"
+        ));
         assert!(!name_matches("tests::a_test_with_a_long_name", "tests::a"));
         assert!(!name_matches("tests::a_test_w", "tests::a_test_w"));
     }

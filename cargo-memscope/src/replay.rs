@@ -220,9 +220,7 @@ pub fn without_blocks(
             !skip
         }
         EventKind::ReallocAlloc { addr, stack, .. } => {
-            let skip = in_flight
-                .remove(&e.thread)
-                .unwrap_or_else(|| drop(stack));
+            let skip = in_flight.remove(&e.thread).unwrap_or_else(|| drop(stack));
             if skip {
                 dropped.insert(addr);
             } else {

@@ -43,7 +43,10 @@ pub fn run(command: &[OsString]) -> anyhow::Result<u8> {
         bail!("`__runner` needs an executable to run");
     };
     let root = Path::new(&root);
-    let args: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     let (run, status) = run_child(root, Path::new(executable), &args, true)?;
     if !run.listing && crate::libtest::is_terse(&run.stdout) {
         list_tests(root, &run)?;
@@ -62,7 +65,11 @@ fn run_child(
 ) -> anyhow::Result<(BinaryRun, ExitStatus)> {
     let dir = fresh_dir(root)?;
     let listing = args.iter().any(|a| a == "--list");
-    let traces = if listing { dir.join("dropped") } else { dir.clone() };
+    let traces = if listing {
+        dir.join("dropped")
+    } else {
+        dir.clone()
+    };
     fs::create_dir_all(&traces)
         .with_context(|| format!("failed to create {}", traces.display()))?;
     let mut child = Command::new(executable)
@@ -97,7 +104,9 @@ fn run_child(
             Err(_) => break,
         }
     }
-    let status = child.wait().context("failed to wait for the test executable")?;
+    let status = child
+        .wait()
+        .context("failed to wait for the test executable")?;
     if listing {
         let _ = fs::remove_dir_all(&traces);
     }
@@ -139,9 +148,7 @@ fn fresh_dir(root: &Path) -> anyhow::Result<PathBuf> {
         match fs::create_dir(&dir) {
             Ok(()) => return Ok(dir),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
-            Err(e) => {
-                return Err(e).with_context(|| format!("failed to create {}", dir.display()))
-            }
+            Err(e) => return Err(e).with_context(|| format!("failed to create {}", dir.display())),
         }
     }
 }

@@ -19,8 +19,8 @@ use crate::libtest::{self, BinaryInfo, ProcessInfo};
 use crate::report::{self, Report};
 use crate::rewrite::{self, CrateRoot};
 use crate::run::{self, Layout};
-use crate::summary::{bytes_short as bytes, plural};
 use crate::runner::{self, BinaryRun};
+use crate::summary::{bytes_short as bytes, plural};
 use crate::{embedded, gate, scratch};
 
 /// `cargo memscope test`: returns the exit code to end with.
@@ -124,7 +124,12 @@ fn crate_roots(ws: &Workspace) -> Vec<CrateRoot> {
         };
         crates.extend(member.lib_root.iter().map(|root| krate(root, true)));
         crates.extend(member.bins.iter().map(|(_, root)| krate(root, true)));
-        for (_, root) in member.tests.iter().chain(&member.benches).chain(&member.examples) {
+        for (_, root) in member
+            .tests
+            .iter()
+            .chain(&member.benches)
+            .chain(&member.examples)
+        {
             if !crates.iter().any(|c: &CrateRoot| &c.root == root) {
                 crates.push(krate(root, false));
             }
@@ -247,7 +252,12 @@ fn binaries(
             if let Some(name) = exact_name(&run.args) {
                 outcomes.push(libtest::Outcome {
                     name,
-                    outcome: if run.exit_code == Some(0) { "passed" } else { "failed" }.into(),
+                    outcome: if run.exit_code == Some(0) {
+                        "passed"
+                    } else {
+                        "failed"
+                    }
+                    .into(),
                 });
             }
         }
@@ -295,7 +305,10 @@ fn binaries(
 /// What the `--list` runs of an executable said.
 fn listing_of(runs: &[&BinaryRun], executable: &Path) -> libtest::Listing {
     let mut listing = libtest::Listing::default();
-    for run in runs.iter().filter(|r| r.listing && r.executable == executable) {
+    for run in runs
+        .iter()
+        .filter(|r| r.listing && r.executable == executable)
+    {
         let names = libtest::parse_list(&run.stdout);
         if run.args.iter().any(|a| a == "--ignored") {
             listing.ignored = names;
@@ -379,7 +392,11 @@ pub fn render(report: &Report, color: bool) -> String {
             }
         }
     }
-    let mut peaks: Vec<_> = report.tests.iter().filter(|t| t.peak_bytes.is_some()).collect();
+    let mut peaks: Vec<_> = report
+        .tests
+        .iter()
+        .filter(|t| t.peak_bytes.is_some())
+        .collect();
     peaks.sort_by_key(|t| std::cmp::Reverse(t.peak_bytes));
     if !peaks.is_empty() {
         let _ = writeln!(out, "  {}", bold("Largest peaks:"));

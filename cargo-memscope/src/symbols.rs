@@ -661,8 +661,15 @@ mod tests {
         assert!(!libtest_harness(&body));
         assert!(libtest_harness(&[send, harness.clone(), begin.clone()]));
         // A test that runs libtest's code itself is still the test.
-        assert!(!libtest_harness(&[frame("alloc::vec::Vec<T>::push", "/rustc/x.rs"), user, begin]));
-        assert!(!libtest_harness(&[frame("my_crate::main", "/ws/src/main.rs")]));
+        assert!(!libtest_harness(&[
+            frame("alloc::vec::Vec<T>::push", "/rustc/x.rs"),
+            user,
+            begin
+        ]));
+        assert!(!libtest_harness(&[frame(
+            "my_crate::main",
+            "/ws/src/main.rs"
+        )]));
     }
 
     #[test]
