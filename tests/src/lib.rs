@@ -225,11 +225,15 @@ fn copy_dir(from: &Path, to: &Path) {
 /// `cargo memscope <args>` run in `dir` with only the environment a build needs.
 pub fn memscope_command(dir: &Path, args: &[&str]) -> MemscopeCommand {
     let mut command = Command::new(cargo_memscope());
-    command
-        .arg("memscope")
-        .args(args)
-        .current_dir(dir)
-        .env_clear();
+    command.arg("memscope").args(args).current_dir(dir);
+    clean_env(&mut command);
+    MemscopeCommand(command, None)
+}
+
+/// Clears `command`'s environment but for what a build needs (PATH, HOME, cargo's and
+/// rustup's homes, the toolchain, TMPDIR, USER).
+pub fn clean_env(command: &mut Command) {
+    command.env_clear();
     for key in [
         "PATH",
         "HOME",
@@ -243,7 +247,6 @@ pub fn memscope_command(dir: &Path, args: &[&str]) -> MemscopeCommand {
             command.env(key, value);
         }
     }
-    MemscopeCommand(command, None)
 }
 
 /// A `cargo memscope` command about to run.
