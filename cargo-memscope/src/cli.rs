@@ -14,7 +14,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 const EXIT_STATUS_HELP: &str = "\
 Exit status:
   `run` exits with the program's own exit code (128+N when the program is killed
-  by signal N); `test` with cargo test's (101 when a test failed). Otherwise:
+  by signal N); `test` with cargo test's (101 when a test failed), `nextest` with
+  cargo-nextest's (100). Otherwise:
     0  success, and no gate failed
     2  memscope itself failed: bad arguments, no Cargo.toml, no binary to run, a
        build failure, a missing or unreadable trace, a program that wrote no trace

@@ -499,3 +499,44 @@ fn line_of(file: &str, text: &str) -> u64 {
     assert_eq!(found.len(), 1, "{text:?} in {}", path.display());
     found[0] as u64
 }
+
+#[test]
+fn the_readme_documents_every_test_flag_and_exit_code_that_help_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let help = memscope_e2e::memscope_command(dir.path(), &["test", "--help"]).run();
+    assert_eq!(help.code, Some(0), "{help:#?}");
+    let readme = std::fs::read_to_string(memscope_e2e::repo_root().join("README.md")).unwrap();
+    // The flags of memscope's own sections (cargo's pass through as documented by cargo).
+    let own = help
+        .stdout
+        .split("Test selection")
+        .next()
+        .unwrap()
+        .to_owned();
+    let flags: Vec<&str> = own
+        .split_whitespace()
+        .filter(|w| w.starts_with("--") && w.len() > 2 && *w != "--help")
+        .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()))
+        .collect();
+    assert!(flags.len() >= 8, "{flags:?}");
+    for flag in flags {
+        assert!(readme.contains(flag), "README.md does not mention {flag}");
+    }
+    for (code, meaning) in [("2", "memscope itself failed"), ("3", "a gate failed")] {
+        assert!(
+            help.stdout.contains(&format!("{code}  {meaning}")),
+            "{}",
+            help.stdout
+        );
+        assert!(
+            readme.contains(&format!("| `{code}` | {meaning}")),
+            "README: {code}"
+        );
+    }
+    for code in ["101", "100"] {
+        assert!(
+            help.stdout.contains(code) && readme.contains(code),
+            "{code}"
+        );
+    }
+}
