@@ -349,8 +349,15 @@ struct FrameKey(
 );
 
 impl FrameKey {
-    fn of(f: &Frame) -> FrameKey {
-        let address = f.function.is_none().then(|| f.address.clone());
+    /// A frame without a function name is known by its place in its object file, not
+    /// by its address, which ASLR changes from one process to the next.
+    fn of(f: &Frame, symbolizer: &Symbolizer) -> FrameKey {
+        let address = f.function.is_none().then(|| {
+            u64::from_str_radix(f.address.trim_start_matches("0x"), 16)
+                .ok()
+                .and_then(|addr| symbolizer.file_offset(addr))
+                .unwrap_or_else(|| f.address.clone())
+        });
         FrameKey(
             f.function.clone(),
             f.file.clone(),
@@ -511,7 +518,7 @@ fn site_drafts(
                 None
             };
             SiteDraft {
-                key: stack.iter().map(FrameKey::of).collect(),
+                key: stack.iter().map(|f| FrameKey::of(f, symbolizer)).collect(),
                 site: Site {
                     id: 0,
                     location,

@@ -168,6 +168,22 @@ impl Symbolizer {
         out
     }
 
+    /// Where a return address is in its object file (`path+0xoffset`): the same in
+    /// every process that loaded the file, wherever ASLR put it; `None` outside every
+    /// module.
+    pub fn file_offset(&self, addr: u64) -> Option<String> {
+        let pc = addr.saturating_sub(1);
+        let object = self
+            .modules
+            .iter()
+            .find(|o| o.module.start <= pc && pc < o.module.end)?;
+        Some(format!(
+            "{}+{:#x}",
+            object.module.path,
+            addr.wrapping_sub(object.module.bias)
+        ))
+    }
+
     /// What could be symbolized, per object file that was needed.
     pub fn status(&self) -> Vec<ModuleStatus> {
         self.modules

@@ -188,3 +188,38 @@ fn path_without_nextest() -> (tempfile::TempDir, std::ffi::OsString) {
     let path = std::env::join_paths(std::iter::once(bin.path().to_path_buf()).chain(kept)).unwrap();
     (bin, path)
 }
+
+#[test]
+fn the_same_stack_in_many_processes_is_one_site() {
+    // Each test's process loads the binary and libc at other addresses (ASLR); a site
+    // is its stack as symbolized, unnamed frames known by their place in their file.
+    let run = nextest();
+    let mut stacks = BTreeSet::new();
+    for site in run.report["sites"].as_array().unwrap() {
+        let stack: Vec<String> = site["stack"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| format!("{} {} {}", f["function"], f["file"], f["line"]))
+            .collect();
+        let named = site["stack"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["function"].is_string());
+        assert!(
+            !named || stacks.insert(stack),
+            "two sites with one stack: {site:#}"
+        );
+    }
+    let harness_main = run.report["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["pids"].as_array().unwrap().len() == 8)
+        .count();
+    assert!(
+        harness_main > 0,
+        "sites shared by the 8 processes of src/lib.rs"
+    );
+}
