@@ -369,52 +369,47 @@ impl CargoArgs {
         flags
     }
 
-    /// The build flags in `cargo nextest run`'s spelling, where `--profile`, `-j`, `-v`
-    /// and `-q` mean nextest's own settings.
-    pub fn nextest_flags(&self) -> Vec<OsString> {
-        let mut flags = self.resolution_flags();
-        if self.release {
-            flags.push("--release".into());
-        }
-        if let Some(profile) = &self.profile {
-            flags.extend(["--cargo-profile".into(), profile.into()]);
-        }
-        if let Some(target) = &self.target {
-            flags.extend(["--target".into(), target.into()]);
-        }
-        if let Some(jobs) = &self.jobs {
-            flags.extend(["--build-jobs".into(), jobs.into()]);
-        }
-        for _ in 0..self.verbose {
-            flags.push("--cargo-verbose".into());
-        }
-        if self.quiet {
-            flags.push("--cargo-quiet".into());
-        }
-        flags
-    }
-
     /// The flags that pass through unchanged to `cargo build` only; the selection
     /// (`--manifest-path`, `-p`, `--bin`, `--example`) is resolved by memscope.
     pub fn build_flags(&self) -> Vec<OsString> {
+        self.spelled(["--profile", "--jobs", "--verbose", "--quiet"])
+    }
+
+    /// The build flags in `cargo nextest run`'s spelling, where `--profile`, `-j`, `-v`
+    /// and `-q` mean nextest's own settings.
+    pub fn nextest_flags(&self) -> Vec<OsString> {
+        self.spelled([
+            "--cargo-profile",
+            "--build-jobs",
+            "--cargo-verbose",
+            "--cargo-quiet",
+        ])
+    }
+
+    /// The build flags, `--profile`, `--jobs`, `--verbose` and `--quiet` spelled as
+    /// given.
+    fn spelled(
+        &self,
+        [profile_flag, jobs_flag, verbose_flag, quiet_flag]: [&str; 4],
+    ) -> Vec<OsString> {
         let mut flags = self.resolution_flags();
         if self.release {
             flags.push("--release".into());
         }
         if let Some(profile) = &self.profile {
-            flags.extend(["--profile".into(), profile.into()]);
+            flags.extend([profile_flag.into(), profile.into()]);
         }
         if let Some(target) = &self.target {
             flags.extend(["--target".into(), target.into()]);
         }
         if let Some(jobs) = &self.jobs {
-            flags.extend(["--jobs".into(), jobs.into()]);
+            flags.extend([jobs_flag.into(), jobs.into()]);
         }
         for _ in 0..self.verbose {
-            flags.push("--verbose".into());
+            flags.push(verbose_flag.into());
         }
         if self.quiet {
-            flags.push("--quiet".into());
+            flags.push(quiet_flag.into());
         }
         flags
     }

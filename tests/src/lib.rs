@@ -344,6 +344,15 @@ impl TestRun {
         self.entry("test_binaries", "binary", binary)
     }
 
+    /// The gate failures memscope printed, one line each.
+    pub fn gate_failures(&self) -> Vec<&str> {
+        self.output
+            .stderr
+            .lines()
+            .filter(|l| l.contains("gate failed"))
+            .collect()
+    }
+
     fn entry(&self, list: &str, key: &str, value: &str) -> &serde_json::Value {
         let found: Vec<&serde_json::Value> = self.report[list]
             .as_array()
@@ -360,4 +369,22 @@ impl TestRun {
             ),
         }
     }
+}
+
+/// A `tests[]` entry's `[allocations, reallocations, bytes_allocated, peak_bytes,
+/// leaked_blocks, leaked_bytes]`.
+pub fn figures(test: &serde_json::Value) -> [u64; 6] {
+    [
+        "allocations",
+        "reallocations",
+        "bytes_allocated",
+        "peak_bytes",
+        "leaked_blocks",
+        "leaked_bytes",
+    ]
+    .map(|f| {
+        test[f]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {f} in {test:#}"))
+    })
 }

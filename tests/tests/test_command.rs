@@ -7,7 +7,7 @@
 
 use std::sync::OnceLock;
 
-use memscope_e2e::{test_run, Fixture, TestRun};
+use memscope_e2e::{figures, test_run, Fixture, TestRun};
 use serde_json::Value;
 
 const FIXTURE: &str = "test-basic";
@@ -34,19 +34,6 @@ fn plain() -> &'static TestRun {
 
 fn test<'a>(run: &'a TestRun, name: &str) -> &'a Value {
     run.test(name)
-}
-
-/// `(allocations, reallocations, bytes_allocated, peak_bytes, leaked_blocks, leaked_bytes)`.
-fn figures(t: &Value) -> [u64; 6] {
-    [
-        "allocations",
-        "reallocations",
-        "bytes_allocated",
-        "peak_bytes",
-        "leaked_blocks",
-        "leaked_bytes",
-    ]
-    .map(|f| t[f].as_u64().unwrap_or_else(|| panic!("no {f} in {t:#}")))
 }
 
 #[test]
@@ -384,14 +371,8 @@ fn per_test_max_peak_names_only_the_tests_above_it() {
     // clean peaks at exactly 2048.
     let run = test_run(FIXTURE, &["test", "--per-test", "--max-peak", "2KiB"], &[]);
     assert_eq!(run.output.code, Some(EXIT_GATE_FAILED), "{:#?}", run.output);
-    let failures: Vec<&str> = run
-        .output
-        .stderr
-        .lines()
-        .filter(|l| l.contains("gate failed"))
-        .collect();
     assert_eq!(
-        failures,
+        run.gate_failures(),
         ["memscope: gate failed: test `tests::forgets_4096_bytes` (src/lib.rs) peaked at 4096 live bytes, more than --max-peak 2048"]
     );
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use memscope_e2e::{test_run, Fixture, TestRun};
+use memscope_e2e::{figures, test_run, Fixture, TestRun};
 
 const FIXTURE: &str = "test-basic";
 /// cargo-nextest's exit code when a test failed.
@@ -20,18 +20,6 @@ fn nextest() -> &'static TestRun {
         assert_eq!(run.output.code, Some(0), "{:#?}", run.output);
         run
     })
-}
-
-fn figures(t: &serde_json::Value) -> [u64; 6] {
-    [
-        "allocations",
-        "reallocations",
-        "bytes_allocated",
-        "peak_bytes",
-        "leaked_blocks",
-        "leaked_bytes",
-    ]
-    .map(|f| t[f].as_u64().unwrap_or_else(|| panic!("no {f} in {t:#}")))
 }
 
 #[test]
@@ -132,14 +120,8 @@ fn per_test_gates_judge_each_tests_own_process() {
         &[],
     );
     assert_eq!(run.output.code, Some(3), "{:#?}", run.output);
-    let failures: Vec<&str> = run
-        .output
-        .stderr
-        .lines()
-        .filter(|l| l.contains("gate failed"))
-        .collect();
     assert_eq!(
-        failures,
+        run.gate_failures(),
         ["memscope: gate failed: test `tests::forgets_4096_bytes` (src/lib.rs) peaked at 4096 live bytes, more than --max-peak 2048"]
     );
 }
