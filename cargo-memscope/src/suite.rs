@@ -96,7 +96,10 @@ pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
         command.args(&args.filter);
     }
     command.args(&args.harness_args);
-    let status = command.status().context("failed to run `cargo test`")?;
+    let status = command.status().with_context(|| {
+        let tool = if args.nextest { "cargo nextest run" } else { "cargo test" };
+        format!("failed to run `{tool}`")
+    })?;
     let code = run::exit_code(status);
 
     let outcome = report_tests(&trace_dir, &layout, &executables, &options, args);
