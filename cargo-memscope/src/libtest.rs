@@ -673,6 +673,11 @@ fn claims_by_name(
         if claims.contains_key(&t.thread) || t.name.as_deref() == Some("main") {
             continue;
         }
+        // A thread named after tests is one of theirs (or their spawn), whatever ran
+        // when it started: left as step 2 left it.
+        if tests.iter().any(|test| named_after(&test.name, t)) {
+            continue;
+        }
         let Some(start) = t.first_event_ns else {
             continue;
         };
@@ -955,6 +960,62 @@ mod tests {
         let got = parse_terse(out, &listing);
         assert!(got.is_empty(), "{got:?}");
         assert!(!is_terse("\nrunning 1 test\ntest a ... ok\n"));
+    }
+
+    fn thread(thread: u32, name: &str, first: u64, last: u64) -> Thread {
+        Thread {
+            pid: 1,
+            thread,
+            os_tid: None,
+            name: Some(name.into()),
+            allocations: 1,
+            reallocations: 0,
+            frees: 0,
+            bytes_allocated: 8,
+            peak_bytes: 8,
+            live_blocks_at_exit: 0,
+            live_bytes_at_exit: 0,
+            first_event_ns: Some(first),
+            last_event_ns: Some(last),
+            without_harness: None,
+        }
+    }
+
+    #[test]
+    fn threads_named_after_tests_that_cannot_be_paired_are_not_taken_for_spawned_ones() {
+        let outcome = |name: &str| Outcome {
+            name: name.into(),
+            outcome: "passed".into(),
+        };
+        let process = ProcessInfo {
+            pid: 1,
+            exit_code: Some(0),
+            outcomes: vec![
+                outcome("tests::slow_one"),
+                outcome("tests::shared_prefix_alpha"),
+                outcome("tests::shared_prefix_beta"),
+            ],
+            alone: false,
+            completion_order: false,
+        };
+        // The shared-prefix threads start while only `slow_one`'s thread is alive; an
+        // unnamed thread started then is `slow_one`'s.
+        let all = [
+            thread(1, "tests::slow_one", 0, 100),
+            thread(2, "tests::shared_p", 10, 20),
+            thread(3, "tests::shared_p", 30, 40),
+            thread(4, "worker", 50, 60),
+        ];
+        let threads: Vec<&Thread> = all.iter().collect();
+        let mut notes = Vec::new();
+        let claims = claims_by_name(&threads, &process, &mut notes);
+        let claimed: Vec<(u32, usize, &str)> = {
+            let mut c: Vec<_> = claims.iter().map(|(t, c)| (*t, c.test, c.role)).collect();
+            c.sort();
+            c
+        };
+        assert_eq!(claimed, [(1, 0, "test"), (4, 0, "spawned")]);
+        assert!(notes[0].contains("left unattributed"), "{notes:?}");
     }
 
     #[test]
