@@ -28,7 +28,7 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::instrument::{Scope, Task, VarRef, Variable};
-use crate::libtest::{TestBinary, TestResult};
+use crate::pertest::{TestBinary, TestResult};
 use crate::report::{
     Basis, InternalGroup, Leak, Location, Problem, Process, Report, Site, Summary, Thread, Timeline,
 };
@@ -858,7 +858,7 @@ mod tests {
     /// instrumented and test ones included.
     fn hostile_report() -> Report {
         use crate::instrument::{Figures, RcCounts, Zombie};
-        use crate::libtest::{TestLeak, TestThread};
+        use crate::pertest::{TestLeak, TestThread};
         let stack = vec![
             frame(BREAKOUT, EVIL, 3),
             frame("app::main", "/ws/src/main.rs", 9),

@@ -9,6 +9,7 @@ mod gate;
 mod html;
 mod instrument;
 mod libtest;
+mod pertest;
 mod replay;
 mod report;
 mod rewrite;

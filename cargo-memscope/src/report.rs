@@ -114,9 +114,9 @@ pub struct Report {
     pub problems: Vec<Problem>,
     /// `cargo memscope test` only: one entry per test binary run, and per test.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub test_binaries: Vec<crate::libtest::TestBinary>,
+    pub test_binaries: Vec<crate::pertest::TestBinary>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tests: Vec<crate::libtest::TestResult>,
+    pub tests: Vec<crate::pertest::TestResult>,
     /// Instrumentation (`#[memscope::instrument]`): the scope tree, variables, tasks.
     #[serde(default)]
     pub scopes: Vec<crate::instrument::Scope>,

@@ -15,7 +15,8 @@ use anyhow::{bail, Context};
 
 use crate::cargo::{self, TestExecutable, Workspace};
 use crate::cli::TestArgs;
-use crate::libtest::{self, BinaryInfo, ProcessInfo};
+use crate::libtest;
+use crate::pertest::{self, BinaryInfo, ProcessInfo};
 use crate::report::{self, Report};
 use crate::rewrite::{self, CrateRoot};
 use crate::run::{self, Layout};
@@ -97,7 +98,11 @@ pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
     }
     command.args(&args.harness_args);
     let status = command.status().with_context(|| {
-        let tool = if args.nextest { "cargo nextest run" } else { "cargo test" };
+        let tool = if args.nextest {
+            "cargo nextest run"
+        } else {
+            "cargo test"
+        };
         format!("failed to run `{tool}`")
     })?;
     let code = run::exit_code(status);
@@ -222,7 +227,7 @@ fn report_tests(
     let filtered = args.filter.is_some() || !args.harness_args.is_empty();
     let infos = binaries(&runs, layout, executables, args.nextest, filtered);
     let mut report = report::build(&traces, options).context("failed to build the report")?;
-    let (binaries, tests) = libtest::attribute(&report, &infos);
+    let (binaries, tests) = pertest::attribute(&report, &infos);
     report.test_binaries = binaries;
     report.tests = tests;
     let html = report::write(&report, options).context("failed to write the report")?;
