@@ -20,10 +20,26 @@ struct Variant {
 }
 
 const VARIANTS: &[Variant] = &[
-    Variant { name: "untracked", binary: "bench-untracked", stacks: true },
-    Variant { name: "memscope", binary: "bench-tracked", stacks: true },
-    Variant { name: "memscope, no stacks", binary: "bench-tracked", stacks: false },
-    Variant { name: "dhat-rs", binary: "bench-dhat", stacks: true },
+    Variant {
+        name: "untracked",
+        binary: "bench-untracked",
+        stacks: true,
+    },
+    Variant {
+        name: "memscope",
+        binary: "bench-tracked",
+        stacks: true,
+    },
+    Variant {
+        name: "memscope, no stacks",
+        binary: "bench-tracked",
+        stacks: false,
+    },
+    Variant {
+        name: "dhat-rs",
+        binary: "bench-dhat",
+        stacks: true,
+    },
 ];
 
 fn main() {
@@ -35,24 +51,51 @@ fn main() {
         .map(|n| n.parse().expect("--runs takes a number"))
         .unwrap_or(5usize);
     let with_dhat = !args.iter().any(|a| a == "--no-dhat");
-    let chosen: Vec<&str> = WORKLOADS.iter().copied().filter(|w| args.iter().any(|a| a == w)).collect();
-    let workloads = if chosen.is_empty() { WORKLOADS.to_vec() } else { chosen };
+    let chosen: Vec<&str> = WORKLOADS
+        .iter()
+        .copied()
+        .filter(|w| args.iter().any(|a| a == w))
+        .collect();
+    let workloads = if chosen.is_empty() {
+        WORKLOADS.to_vec()
+    } else {
+        chosen
+    };
 
     let bin_dir = build_variants();
     let trace_dir = std::env::temp_dir().join(format!("memscope-bench-{}", std::process::id()));
-    println!("runs per variant: {runs} (median shown); ratios are to the untracked run\n");
-    println!("{:<18} {:<22} {:>12} {:>8}", "workload", "variant", "median ms", "ratio");
+    println!("runs per variant: {runs} (median shown); ratios are to the untracked run");
+    println!("wall: elapsed time; cpu: CPU time of all the process's threads (memscope's writer included)\n");
+    println!(
+        "{:<18} {:<22} {:>12} {:>8} {:>12} {:>8}",
+        "workload", "variant", "wall ms", "ratio", "cpu ms", "ratio"
+    );
     for workload in workloads {
-        let variants: Vec<&Variant> = VARIANTS.iter().filter(|v| with_dhat || v.binary != "bench-dhat").collect();
-        let mut times: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+        let variants: Vec<&Variant> = VARIANTS
+            .iter()
+            .filter(|v| with_dhat || v.binary != "bench-dhat")
+            .collect();
+        let mut walls: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+        let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
         for _ in 0..runs {
             for (i, v) in variants.iter().enumerate() {
-                times[i].push(run_once(&bin_dir, v, workload, &trace_dir));
+                let (wall, cpu) = run_once(&bin_dir, v, workload, &trace_dir);
+                walls[i].push(wall);
+                cpus[i].push(cpu);
             }
         }
-        let medians: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
-        for (v, m) in variants.iter().zip(&medians) {
-            println!("{:<18} {:<22} {:>12.1} {:>7.2}x", workload, v.name, m / 1e6, m / medians[0]);
+        let wall: Vec<f64> = walls.iter_mut().map(|t| median(t)).collect();
+        let cpu: Vec<f64> = cpus.iter_mut().map(|t| median(t)).collect();
+        for (i, v) in variants.iter().enumerate() {
+            println!(
+                "{:<18} {:<22} {:>12.1} {:>7.2}x {:>12.1} {:>7.2}x",
+                workload,
+                v.name,
+                wall[i] / 1e6,
+                wall[i] / wall[0],
+                cpu[i] / 1e6,
+                cpu[i] / cpu[0]
+            );
         }
         println!();
     }
@@ -60,11 +103,22 @@ fn main() {
 }
 
 fn build_variants() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf();
     let target = root.join("target").join("bench");
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(&root)
-        .args(["build", "--release", "-q", "-p", "memscope-bench", "--bins", "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "-q",
+            "-p",
+            "memscope-bench",
+            "--bins",
+            "--target-dir",
+        ])
         .arg(&target)
         .env("RUSTFLAGS", "-C force-frame-pointers=yes")
         .status()
@@ -73,7 +127,8 @@ fn build_variants() -> PathBuf {
     target.join("release")
 }
 
-fn run_once(bin_dir: &Path, variant: &Variant, workload: &str, trace_dir: &Path) -> f64 {
+/// One run of a variant: its wall and CPU nanoseconds.
+fn run_once(bin_dir: &Path, variant: &Variant, workload: &str, trace_dir: &Path) -> (f64, f64) {
     let _ = std::fs::remove_dir_all(trace_dir);
     std::fs::create_dir_all(trace_dir).expect("failed to create the trace directory");
     let mut command = Command::new(bin_dir.join(variant.binary));
@@ -86,8 +141,19 @@ fn run_once(bin_dir: &Path, variant: &Variant, workload: &str, trace_dir: &Path)
             .env("MEMSCOPE_STACKS", if variant.stacks { "1" } else { "0" });
     }
     let out = command.output().expect("failed to run a benchmark variant");
-    assert!(out.status.success(), "{} {workload} failed: {}", variant.name, String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().parse().expect("a variant printed no time")
+    assert!(
+        out.status.success(),
+        "{} {workload} failed: {}",
+        variant.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut times = stdout
+        .split_whitespace()
+        .map(|t| t.parse::<f64>().expect("a variant printed no times"));
+    let wall = times.next().expect("a variant printed no wall time");
+    let cpu = times.next().expect("a variant printed no CPU time");
+    (wall, cpu)
 }
 
 fn median(times: &mut [f64]) -> f64 {

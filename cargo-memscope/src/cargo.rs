@@ -32,6 +32,8 @@ pub struct Member {
     pub default_run: Option<String>,
     /// The root file of the package's library, unless it is a proc-macro.
     pub lib_root: Option<PathBuf>,
+    /// The crate name of the package's library (`-` replaced by `_`).
+    pub lib_name: Option<String>,
     pub bins: Vec<(String, PathBuf)>,
     pub examples: Vec<(String, PathBuf)>,
     /// Integration tests and benches (`cargo memscope test` tracks them).
@@ -43,6 +45,19 @@ pub struct Member {
 impl Member {
     pub fn dir(&self) -> &Path {
         self.manifest.parent().expect("a manifest has a directory")
+    }
+
+    /// The crate name of the target whose root file is `root` (`-` replaced by `_`).
+    pub fn crate_name(&self, root: &Path) -> Option<String> {
+        if self.lib_root.as_deref() == Some(root) {
+            return self.lib_name.clone();
+        }
+        let targets = [&self.bins, &self.examples, &self.tests, &self.benches];
+        targets
+            .into_iter()
+            .flatten()
+            .find(|(_, path)| path == root)
+            .map(|(name, _)| name.replace('-', "_"))
     }
 }
 
@@ -128,16 +143,16 @@ pub fn load_workspace(args: &CargoArgs) -> anyhow::Result<Workspace> {
                     .map(|t| (t.name.clone(), t.src_path.clone().into()))
                     .collect()
             };
-            let lib_root = package
+            let lib = package
                 .targets
                 .iter()
-                .find(|t| t.is_lib() || t.is_rlib() || t.is_dylib())
-                .map(|t| t.src_path.clone().into());
+                .find(|t| t.is_lib() || t.is_rlib() || t.is_dylib());
             Member {
                 name: package.name.to_string(),
                 manifest: package.manifest_path.clone().into(),
                 default_run: package.default_run.clone(),
-                lib_root,
+                lib_root: lib.map(|t| t.src_path.clone().into()),
+                lib_name: lib.map(|t| t.name.replace('-', "_")),
                 bins: root(TargetKind::Bin),
                 examples: root(TargetKind::Example),
                 tests: root(TargetKind::Test),
@@ -417,7 +432,11 @@ impl Build<'_> {
         let mut executable = None;
         let (status, foreign_allocator) = stream_build(command, self.progress, |artifact| {
             if artifact.target.name == self.program.name && artifact.target.is_kind(kind.clone()) {
-                executable = artifact.executable.clone().map(PathBuf::from).or(executable.take());
+                executable = artifact
+                    .executable
+                    .clone()
+                    .map(PathBuf::from)
+                    .or(executable.take());
             }
         })?;
 
@@ -561,7 +580,11 @@ impl TestBuild<'_> {
             let mut command = Command::new(cargo());
             command
                 .args(["metadata", "--format-version", "1", "--manifest-path"])
-                .arg(self.ws.in_scratch(self.scratch, &self.ws.manifest).unwrap_or_default())
+                .arg(
+                    self.ws
+                        .in_scratch(self.scratch, &self.ws.manifest)
+                        .unwrap_or_default(),
+                )
                 .env("CARGO_TARGET_DIR", self.build_dir);
             if self.args.is_offline() {
                 command.arg("--offline");

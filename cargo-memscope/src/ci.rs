@@ -64,7 +64,9 @@ fn message(report: &Report, leak: &Leak) -> String {
 
 /// Workflow-command data escaping: `%`, CR and LF.
 fn escape_data(s: &str) -> String {
-    s.replace('%', "%25").replace('\r', "%0D").replace('\n', "%0A")
+    s.replace('%', "%25")
+        .replace('\r', "%0D")
+        .replace('\n', "%0A")
 }
 
 /// Workflow-command property escaping: also `:` and `,`.

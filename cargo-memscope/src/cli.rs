@@ -10,6 +10,15 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::annotate::Pattern;
+
+/// `--instrument`'s help (the grammar is in `annotate.rs`).
+const INSTRUMENT_HELP: &str = "\
+Apply #[memscope::instrument] to the functions PATTERN names, in memscope's copy of \
+the workspace only (repeatable): a module, type or function path (`book`, \
+`crate::book::OrderBook`, `mylib::cache`) or a file or directory (`src/book.rs`, \
+`src/engine/`); `*` matches any text";
+
 /// The exit status section of `--help`; the codes are the constants in `main.rs`.
 const EXIT_STATUS_HELP: &str = "\
 Exit status:
@@ -66,6 +75,9 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_stacks: bool,
 
+    #[arg(long, value_name = "PATTERN", value_parser = Pattern::parse, help = INSTRUMENT_HELP)]
+    pub instrument: Vec<Pattern>,
+
     /// Arguments for the program (after `--`)
     #[arg(last = true, value_name = "ARGS")]
     pub program_args: Vec<OsString>,
@@ -85,6 +97,9 @@ pub struct TestArgs {
     /// Record allocations without call stacks (faster; reports lose allocation sites)
     #[arg(long)]
     pub no_stacks: bool,
+
+    #[arg(long, value_name = "PATTERN", value_parser = Pattern::parse, help = INSTRUMENT_HELP)]
+    pub instrument: Vec<Pattern>,
 
     /// Run the tests with cargo-nextest (`cargo nextest run`), each in its own process:
     /// per-test figures come from each test's own process
@@ -536,6 +551,28 @@ mod tests {
                 "--cargo-quiet"
             ]
         );
+    }
+
+    #[test]
+    fn the_readme_documents_every_flag_of_memscope_s_own() {
+        use clap::CommandFactory;
+        let readme = include_str!("../../README.md");
+        let mut missing = Vec::new();
+        for sub in Cli::command().get_subcommands() {
+            for arg in sub.get_arguments().filter(|a| !a.is_hide_set()) {
+                let heading = arg.get_help_heading().unwrap_or("");
+                // cargo's own flags, passed through, are cargo's to document.
+                if heading.starts_with("Cargo options") || heading.starts_with("Test selection") {
+                    continue;
+                }
+                if let Some(long) = arg.get_long() {
+                    if !readme.contains(&format!("--{long}")) {
+                        missing.push(format!("{} --{long}", sub.get_name()));
+                    }
+                }
+            }
+        }
+        assert!(missing.is_empty(), "not in README.md: {missing:?}");
     }
 
     #[test]

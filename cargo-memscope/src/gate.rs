@@ -150,9 +150,10 @@ impl Rule {
                 .function
                 .as_deref()
                 .is_some_and(|f| glob(&self.pattern, f)),
-            RuleKind::Crate => frame.function.as_deref().is_some_and(|f| {
-                crate_of(f).is_some_and(|c| c == self.pattern.replace('-', "_"))
-            }),
+            RuleKind::Crate => frame
+                .function
+                .as_deref()
+                .is_some_and(|f| crate_of(f).is_some_and(|c| c == self.pattern.replace('-', "_"))),
             RuleKind::File => frame.file.as_deref().is_some_and(|file| {
                 let relative = Path::new(file)
                     .strip_prefix(workspace)
@@ -182,8 +183,7 @@ pub fn glob(pattern: &str, text: &str) -> bool {
         return pattern == text;
     }
     let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last)
-    {
+    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
         return false;
     }
     let mut rest = &text[first.len()..text.len() - last.len()];
@@ -226,11 +226,7 @@ impl Gates {
         report
             .leaks
             .iter()
-            .filter(|leak| {
-                self.suppressions
-                    .matching(&leak.stack, workspace)
-                    .is_none()
-            })
+            .filter(|leak| self.suppressions.matching(&leak.stack, workspace).is_none())
             .collect()
     }
 
@@ -340,7 +336,10 @@ impl Gates {
         if let (Some(max), Some(peak)) = (a.max_peak, peak) {
             if peak > max {
                 let mut s = String::new();
-                let _ = write!(s, "{who} peaked at {peak} live bytes, more than --max-peak {max}");
+                let _ = write!(
+                    s,
+                    "{who} peaked at {peak} live bytes, more than --max-peak {max}"
+                );
                 out.push(s);
             }
         }
@@ -396,12 +395,14 @@ mod tests {
         .unwrap();
         assert_eq!(rules.len(), 3);
         assert_eq!(rules[1].pattern, "once-cell");
-        let s = Suppressions {
-            path: None,
-            rules,
-        };
+        let s = Suppressions { path: None, rules };
         let ws = Path::new("/ws");
-        let stack = |f: &str, file: &str| vec![frame("alloc::vec::Vec<T>::push", "/rustc/x.rs"), frame(f, file)];
+        let stack = |f: &str, file: &str| {
+            vec![
+                frame("alloc::vec::Vec<T>::push", "/rustc/x.rs"),
+                frame(f, file),
+            ]
+        };
         assert_eq!(
             s.matching(&stack("leaky::tests::forgets", "/ws/src/lib.rs"), ws)
                 .map(|r| r.line),
@@ -409,7 +410,10 @@ mod tests {
         );
         assert_eq!(
             s.matching(
-                &stack("<once_cell::sync::Lazy<T> as core::ops::Deref>::deref", "/c/x.rs"),
+                &stack(
+                    "<once_cell::sync::Lazy<T> as core::ops::Deref>::deref",
+                    "/c/x.rs"
+                ),
                 ws
             )
             .map(|r| r.line),
@@ -427,10 +431,7 @@ mod tests {
 
     #[test]
     fn a_bad_rule_is_an_error_naming_its_line() {
-        assert_eq!(
-            parse_rules("function a\nleak b\n").unwrap_err().0,
-            2
-        );
+        assert_eq!(parse_rules("function a\nleak b\n").unwrap_err().0, 2);
         let (line, why) = parse_rules("\n\ncrate\n").unwrap_err();
         assert_eq!(line, 3);
         assert!(why.contains("pattern"));

@@ -780,6 +780,8 @@ mod tests {
             processes: vec![Process {
                 pid: 7,
                 ppid: 1,
+                forked: false,
+                frees_of_inherited_blocks: 0,
                 trace: format!("/tmp/{name}.mstrace"),
                 complete: true,
                 damage: vec![],

@@ -1,6 +1,7 @@
 //! `cargo memscope`: build a package with memscope's tracking allocator, run it, and
 //! report what it did with memory. See DESIGN.md for what each module owns.
 
+mod annotate;
 mod cargo;
 mod ci;
 mod cli;
@@ -9,6 +10,7 @@ mod gate;
 mod html;
 mod instrument;
 mod libtest;
+mod modules;
 mod pertest;
 mod replay;
 mod report;

@@ -160,6 +160,10 @@ pub struct Summary {
 pub struct Process {
     pub pid: u32,
     pub ppid: u32,
+    /// A `fork` child, traced from the fork on.
+    pub forked: bool,
+    /// Frees (and reallocations) in a fork child of blocks allocated before the fork.
+    pub frees_of_inherited_blocks: u64,
     pub trace: String,
     pub complete: bool,
     pub damage: Vec<String>,
@@ -372,8 +376,23 @@ fn analyse(trace: &Trace, options: &ReportOptions, progress: &Progress) -> Analy
     let base = progress.position();
     let mut events = trace.events().on_progress(|read| progress.set(base + read));
     let mut collector = crate::instrument::Collector::default();
-    let snap = replay::replay(events.by_ref().inspect(|e| collector.observe(e)));
+    let mut snap = replay::replay(events.by_ref().inspect(|e| collector.observe(e)));
     let (tables, mut damage) = events.finish();
+    // A fork child's trace starts at the fork: its frees of blocks it inherited from
+    // its parent pair with no recorded allocation, and are not problems.
+    let forked = trace.header.flags & memscope::format::FLAG_FORKED != 0;
+    let mut inherited_frees = 0;
+    if forked {
+        let inherited =
+            |k: &ProblemKind| matches!(k, ProblemKind::UnknownFree | ProblemKind::UnknownRealloc);
+        snap.problems.retain(|p| !inherited(&p.kind));
+        snap.problem_counts.retain(|k, n| {
+            if inherited(k) {
+                inherited_frees += *n;
+            }
+            !inherited(k)
+        });
+    }
     damage.splice(0..0, trace.damage.iter().cloned());
     // With part of a trace missing, a free whose allocation is in that part looks like
     // a free of an unknown pointer: such problems are not facts, so they are only
@@ -458,6 +477,8 @@ fn analyse(trace: &Trace, options: &ReportOptions, progress: &Progress) -> Analy
     let process = Process {
         pid,
         ppid: trace.header.ppid,
+        forked,
+        frees_of_inherited_blocks: inherited_frees,
         trace: trace.path().display().to_string(),
         complete: damage.is_empty(),
         damage,

@@ -17,6 +17,8 @@
 //!   Without one, the crate root gets a module (a file beside the runtime, so that no
 //!   code of memscope's appears at a line of the user's file) holding an
 //!   `Alloc::system()` allocator.
+//! - with `--instrument`, `#[::memscope::instrument]` in front of the functions that
+//!   [`crate::annotate`] selects, on their own lines.
 //!
 //! Files rewritten by an earlier run but not by this one are restored, which a state
 //! file next to the scratch copy records.
@@ -24,14 +26,16 @@
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use quote::ToTokens;
 use toml_edit::{DocumentMut, InlineTable, Item, Table, TableLike, Value};
 
+use crate::annotate::{self, Pattern};
 use crate::cargo::{DepKind, Program, ProgramKind, Workspace};
 use crate::embedded::write_if_changed;
+use crate::modules::{self, normalize, LineColumn, SourceFile};
 
 const RUNTIME_PACKAGE: &str = "memscope-runtime";
 /// The runtime's library name, which is the crate name of an unrenamed dependency.
@@ -43,6 +47,27 @@ const ALLOCATOR_STATIC: &str = "__MEMSCOPE_ALLOC";
 pub struct Rewrite {
     /// Files of the user's own that declare a `#[global_allocator]`, now wrapped.
     pub wrapped: Vec<PathBuf>,
+    /// Files with functions instrumented by `--instrument`, and how many.
+    pub instrumented: BTreeMap<PathBuf, usize>,
+}
+
+impl Rewrite {
+    /// Says what the rewrite did (`-v`).
+    pub fn describe(&self) {
+        for file in &self.wrapped {
+            eprintln!(
+                "memscope: wrapping the #[global_allocator] declared in {}",
+                file.display()
+            );
+        }
+        for (file, functions) in &self.instrumented {
+            eprintln!(
+                "memscope: instrumenting {} in {}",
+                crate::summary::plural(*functions as u64, "function"),
+                file.display()
+            );
+        }
+    }
 }
 
 /// A crate that gets memscope's allocator.
@@ -60,10 +85,12 @@ pub struct CrateRoot {
 }
 
 /// Rewrites the scratch copy of `ws` (at `scratch`) so that `program` is built with
-/// the runtime at `runtime` as its global allocator.
+/// the runtime at `runtime` as its global allocator, and the functions `instrument`
+/// selects are instrumented.
 pub fn apply(
     ws: &Workspace,
     program: &Program,
+    instrument: &[Pattern],
     scratch: &Path,
     runtime: &Path,
 ) -> anyhow::Result<Rewrite> {
@@ -73,24 +100,36 @@ pub fn apply(
         with_dev: program.kind == ProgramKind::Example,
         cfg_test: false,
     };
-    apply_crates(ws, &[krate], scratch, runtime)
+    apply_crates(ws, &[krate], instrument, scratch, runtime)
 }
 
 /// Rewrites the scratch copy so that every crate of `crates` is built with the
 /// runtime as its global allocator: a `#[global_allocator]` it links from the
-/// workspace is wrapped, otherwise one is installed in its root.
+/// workspace is wrapped, otherwise one is installed in its root. The functions that
+/// `instrument` selects in those crates and the workspace libraries they link get
+/// `#[memscope::instrument]`.
 pub fn apply_crates(
     ws: &Workspace,
     crates: &[CrateRoot],
+    instrument: &[Pattern],
     scratch: &Path,
     runtime: &Path,
 ) -> anyhow::Result<Rewrite> {
+    // The files of every workspace crate linked into one of `crates`, parsed once.
+    let mut sources: BTreeMap<PathBuf, Vec<SourceFile>> = BTreeMap::new();
+    let linked: Vec<Vec<PathBuf>> = crates.iter().map(|k| linked_roots(ws, k)).collect();
+    for root in linked.iter().flatten() {
+        if !sources.contains_key(root) {
+            sources.insert(root.clone(), modules::crate_files(root));
+        }
+    }
+
     let mut allocators: Vec<FoundAllocator> = Vec::new();
     // memscope's own allocator goes in where the program's can be absent: always
     // when it declares none, under the negation of their `cfg`s when all are gated.
     let mut install: Vec<(&CrateRoot, String)> = Vec::new();
-    for krate in crates {
-        let found = find_allocators(ws, krate)?;
+    for (krate, roots) in crates.iter().zip(&linked) {
+        let found = find_allocators(ws, roots.iter().flat_map(|root| &sources[root]))?;
         let test_only = if krate.cfg_test { "#[cfg(test)]\n" } else { "" };
         if found.is_empty() {
             install.push((krate, test_only.to_owned()));
@@ -116,6 +155,22 @@ pub fn apply_crates(
     }
     for found in &allocators {
         runtime_users.insert(owning_manifest(ws, &found.file)?);
+    }
+    let insertions = if instrument.is_empty() {
+        annotate::Insertions::new()
+    } else {
+        let cwd = std::env::current_dir().context("failed to read the current directory")?;
+        let named: Vec<annotate::Crate> = sources
+            .iter()
+            .map(|(root, files)| annotate::Crate {
+                name: crate_name(ws, root),
+                files,
+            })
+            .collect();
+        annotate::plan(instrument, &named, &ws.root, &cwd)?
+    };
+    for file in insertions.keys() {
+        runtime_users.insert(owning_manifest(ws, file)?);
     }
 
     let mut planned: BTreeMap<PathBuf, String> = BTreeMap::new();
@@ -149,16 +204,34 @@ pub fn apply_crates(
             .cloned()
             .unwrap_or_else(|| RUNTIME_LIB.to_owned()))
     };
-    let mut by_file: BTreeMap<&Path, Vec<&FoundAllocator>> = BTreeMap::new();
+    let mut edits: BTreeMap<&Path, Vec<Edit>> = BTreeMap::new();
     for found in &allocators {
-        by_file.entry(&found.file).or_default().push(found);
+        let krate = crate_of(&found.file)?;
+        edits
+            .entry(&found.file)
+            .or_default()
+            .extend(allocator_edits(&read_source(&found.file)?, found, &krate));
     }
-    for (file, found) in by_file {
+    for (file, positions) in &insertions {
+        let krate = crate_of(file)?;
+        if krate != RUNTIME_LIB {
+            bail!(
+                "--instrument: the package of {} reaches memscope's runtime as `{krate}`, but instrumented code names it `{RUNTIME_LIB}`; rename that dependency to `{RUNTIME_LIB}`",
+                file.display()
+            );
+        }
+        edits
+            .entry(file)
+            .or_default()
+            .extend(positions.iter().map(|&at| Edit {
+                from: at,
+                to: at,
+                text: annotate::ATTRIBUTE.to_owned(),
+            }));
+    }
+    for (file, edits) in edits {
         let text = read_source(file)?;
-        planned.insert(
-            file.to_path_buf(),
-            wrap_allocators(&text, &found, &crate_of(file)?),
-        );
+        planned.insert(file.to_path_buf(), apply_edits(&text, edits));
     }
     for (krate, cfg) in install {
         let root = &krate.root;
@@ -181,7 +254,22 @@ pub fn apply_crates(
     write_plan(ws, scratch, planned)?;
     Ok(Rewrite {
         wrapped: allocators.into_iter().map(|found| found.file).collect(),
+        instrumented: insertions
+            .into_iter()
+            .map(|(file, positions)| (file, positions.len()))
+            .collect(),
     })
+}
+
+/// The crate name of the workspace crate whose root file is `root`.
+fn crate_name(ws: &Workspace, root: &Path) -> String {
+    ws.members
+        .iter()
+        .find_map(|m| m.crate_name(root))
+        .unwrap_or_else(|| {
+            let stem = root.file_stem().unwrap_or_default().to_string_lossy();
+            stem.replace('-', "_")
+        })
 }
 
 /// Writes the module that declares memscope's allocator over `System`, for a crate
@@ -431,21 +519,6 @@ fn ensure_runtime_dependency(doc: &mut DocumentMut, runtime: &str) -> anyhow::Re
     Ok(key.to_owned())
 }
 
-/// Resolves `.` and `..` without touching the file system.
-fn normalize(path: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for component in path.components() {
-        match component {
-            Component::ParentDir => {
-                out.pop();
-            }
-            Component::CurDir => {}
-            other => out.push(other),
-        }
-    }
-    out
-}
-
 // ---------------------------------------------------------------------------------
 // Sources
 
@@ -465,12 +538,9 @@ struct FoundAllocator {
     cfg: Option<String>,
 }
 
-/// Line (1-based) and column (0-based, in characters), as proc-macro2 reports them.
-type LineColumn = (usize, usize);
-
-/// The global allocators declared in the crates that make up `krate`: its own crate,
-/// its package's library and the workspace libraries it depends on.
-fn find_allocators(ws: &Workspace, krate: &CrateRoot) -> anyhow::Result<Vec<FoundAllocator>> {
+/// The root files of the crates that make up `krate`: its own, its package's library
+/// and the workspace libraries it depends on.
+fn linked_roots(ws: &Workspace, krate: &CrateRoot) -> Vec<PathBuf> {
     let mut roots = vec![krate.root.clone()];
     let mut seen: BTreeSet<PathBuf> = BTreeSet::new();
     let mut queue = vec![(krate.manifest.clone(), krate.with_dev)];
@@ -481,47 +551,32 @@ fn find_allocators(ws: &Workspace, krate: &CrateRoot) -> anyhow::Result<Vec<Foun
         let Some(member) = ws.members.iter().find(|m| m.manifest == manifest) else {
             continue;
         };
-        roots.extend(member.lib_root.clone());
+        if let Some(lib) = &member.lib_root {
+            if !roots.contains(lib) {
+                roots.push(lib.clone());
+            }
+        }
         for dep in &member.path_deps {
             if dep.kind == DepKind::Normal || (with_dev && dep.kind == DepKind::Dev) {
-                queue.push((dep.dir.join("Cargo.toml"), false));
+                queue.push((normalize(&dep.dir.join("Cargo.toml")), false));
             }
         }
     }
+    roots
+}
 
+/// The global allocators declared in `files`.
+fn find_allocators<'a>(
+    ws: &Workspace,
+    files: impl Iterator<Item = &'a SourceFile>,
+) -> anyhow::Result<Vec<FoundAllocator>> {
     let mut found = Vec::new();
-    let mut files_seen = BTreeSet::new();
-    for root in roots {
-        let mut files = vec![(root, true)];
-        while let Some((file, mod_rs)) = files.pop() {
-            if !files_seen.insert(file.clone()) {
-                continue;
-            }
-            let Ok(text) = fs::read_to_string(&file) else {
-                continue; // rustc will report a missing module file
-            };
-            let Ok(syntax) = syn::parse_file(&text) else {
-                continue; // nor will we fix a syntax error: rustc reports it
-            };
-            let dir = file
-                .parent()
-                .expect("a source file has a directory")
-                .to_path_buf();
-            let module_dir = if mod_rs {
-                dir.clone()
-            } else {
-                dir.join(file.file_stem().unwrap_or_default())
-            };
-            let mut visitor = ModuleVisitor {
-                file: &file,
-                file_dir: dir,
-                module_dir,
-                children: Vec::new(),
-                found: &mut found,
-            };
-            syn::visit::Visit::visit_file(&mut visitor, &syntax);
-            files.extend(visitor.children);
-        }
+    for file in files {
+        let mut visitor = AllocatorVisitor {
+            file: &file.path,
+            found: &mut found,
+        };
+        syn::visit::Visit::visit_file(&mut visitor, &file.syntax);
     }
     let outside: Vec<_> = found
         .iter()
@@ -536,52 +591,13 @@ fn find_allocators(ws: &Workspace, krate: &CrateRoot) -> anyhow::Result<Vec<Foun
     Ok(found)
 }
 
-/// Finds allocator statics in one file and the files of its out-of-line modules.
-struct ModuleVisitor<'a> {
+/// Finds allocator statics in one file.
+struct AllocatorVisitor<'a> {
     file: &'a Path,
-    /// The directory of the file, against which `#[path]` resolves.
-    file_dir: PathBuf,
-    /// Where the current module's child module files live.
-    module_dir: PathBuf,
-    /// Module files to read next: (path, whether it is a `mod.rs`-like file).
-    children: Vec<(PathBuf, bool)>,
     found: &'a mut Vec<FoundAllocator>,
 }
 
-impl<'ast> syn::visit::Visit<'ast> for ModuleVisitor<'_> {
-    fn visit_item_mod(&mut self, item: &'ast syn::ItemMod) {
-        let explicit = item.attrs.iter().find_map(|attr| match &attr.meta {
-            syn::Meta::NameValue(nv) if nv.path.is_ident("path") => match &nv.value {
-                syn::Expr::Lit(syn::ExprLit {
-                    lit: syn::Lit::Str(s),
-                    ..
-                }) => Some(s.value()),
-                _ => None,
-            },
-            _ => None,
-        });
-        let name = item.ident.to_string();
-        match (&item.content, explicit) {
-            (None, Some(path)) => self.children.push((self.file_dir.join(path), true)),
-            (None, None) => {
-                let flat = self.module_dir.join(format!("{name}.rs"));
-                if flat.exists() {
-                    self.children.push((flat, false));
-                } else {
-                    self.children
-                        .push((self.module_dir.join(&name).join("mod.rs"), true));
-                }
-            }
-            (Some(_), explicit) => {
-                let nested = explicit
-                    .map_or_else(|| self.module_dir.join(&name), |p| self.module_dir.join(p));
-                let outer = std::mem::replace(&mut self.module_dir, nested);
-                syn::visit::visit_item_mod(self, item);
-                self.module_dir = outer;
-            }
-        }
-    }
-
+impl<'ast> syn::visit::Visit<'ast> for AllocatorVisitor<'_> {
     fn visit_item_static(&mut self, item: &'ast syn::ItemStatic) {
         let Some(attr) = item
             .attrs
@@ -613,45 +629,64 @@ impl<'ast> syn::visit::Visit<'ast> for ModuleVisitor<'_> {
     }
 }
 
-/// `text` with each allocator's attribute blanked and a forwarding `__MEMSCOPE_ALLOC`
-/// added after it on the same line.
-fn wrap_allocators(text: &str, found: &[&FoundAllocator], krate: &str) -> String {
-    let lines = line_starts(text);
-    let offset = |(line, column): LineColumn| -> usize {
-        let start = lines[line - 1];
-        start
-            + text[start..]
-                .char_indices()
-                .nth(column)
-                .map_or(text.len() - start, |(i, _)| i)
-    };
-    // (position, bytes to replace, replacement), applied from the end backwards.
-    let mut edits: Vec<(usize, usize, String)> = Vec::new();
-    for allocator in found {
-        let (start, end) = (offset(allocator.attribute.0), offset(allocator.attribute.1));
-        edits.push((
-            start,
-            end - start,
-            " ".repeat(text[start..end].chars().count()),
-        ));
-        let cfg = allocator
-            .cfg
-            .as_ref()
-            .map_or(String::new(), |cfg| format!(" #[cfg({cfg})]"));
-        let wrapper = format!(
-            "{cfg} #[global_allocator] static {ALLOCATOR_STATIC}: ::{krate}::Alloc<::{krate}::ByRef<{ty}>> = \
-             ::{krate}::Alloc::new(::{krate}::ByRef(&{name}));",
-            ty = allocator.ty,
-            name = allocator.name
-        );
-        edits.push((offset(allocator.item_end), 0, wrapper));
-    }
-    edits.sort_by_key(|(position, _, _)| std::cmp::Reverse(*position));
+/// Replaces the text between two positions of a source file.
+struct Edit {
+    from: LineColumn,
+    to: LineColumn,
+    text: String,
+}
+
+/// The edits that wrap one allocator in `text`: its attribute blanked (line breaks
+/// kept) and a forwarding `__MEMSCOPE_ALLOC` added after the item on the same line.
+fn allocator_edits(text: &str, allocator: &FoundAllocator, krate: &str) -> [Edit; 2] {
+    let (from, to) = allocator.attribute;
+    let blank: String = text[offset(text, from)..offset(text, to)]
+        .chars()
+        .map(|c| if c == '\n' { c } else { ' ' })
+        .collect();
+    let cfg = allocator
+        .cfg
+        .as_ref()
+        .map_or(String::new(), |cfg| format!(" #[cfg({cfg})]"));
+    let wrapper = format!(
+        "{cfg} #[global_allocator] static {ALLOCATOR_STATIC}: ::{krate}::Alloc<::{krate}::ByRef<{ty}>> = \
+         ::{krate}::Alloc::new(::{krate}::ByRef(&{name}));",
+        ty = allocator.ty,
+        name = allocator.name
+    );
+    [
+        Edit {
+            from,
+            to,
+            text: blank,
+        },
+        Edit {
+            from: allocator.item_end,
+            to: allocator.item_end,
+            text: wrapper,
+        },
+    ]
+}
+
+/// `text` with `edits` (which do not overlap) applied.
+fn apply_edits(text: &str, mut edits: Vec<Edit>) -> String {
+    // From the end backwards, so that earlier positions stay valid.
+    edits.sort_by_key(|e| std::cmp::Reverse(e.from));
     let mut out = text.to_owned();
-    for (position, length, replacement) in edits {
-        out.replace_range(position..position + length, &replacement);
+    for edit in edits {
+        out.replace_range(offset(text, edit.from)..offset(text, edit.to), &edit.text);
     }
     out
+}
+
+/// The byte offset of a line and column in `text`.
+fn offset(text: &str, (line, column): LineColumn) -> usize {
+    let start = line_starts(text)[line - 1];
+    start
+        + text[start..]
+            .char_indices()
+            .nth(column)
+            .map_or(text.len() - start, |(i, _)| i)
 }
 
 fn line_starts(text: &str) -> Vec<usize> {
@@ -733,22 +768,43 @@ mod tests {
         );
     }
 
+    pub(super) fn allocators_in(text: &str) -> Vec<FoundAllocator> {
+        let mut found = Vec::new();
+        let mut visitor = AllocatorVisitor {
+            file: Path::new("/ws/src/main.rs"),
+            found: &mut found,
+        };
+        syn::visit::Visit::visit_file(&mut visitor, &syn::parse_file(text).unwrap());
+        found
+    }
+
+    #[test]
+    fn allocator_wrapping_and_instrumentation_share_a_file_and_keep_its_lines() {
+        let text =
+            "#[global_allocator] static A: System = System; fn main() {\n    let v = vec![1];\n}\n";
+        let found = allocators_in(text);
+        let mut edits: Vec<Edit> = allocator_edits(text, &found[0], "memscope").into();
+        edits.push(Edit {
+            from: (1, 47),
+            to: (1, 47),
+            text: annotate::ATTRIBUTE.to_owned(),
+        });
+
+        let out = apply_edits(text, edits);
+
+        assert_eq!(out.lines().count(), 3);
+        assert!(out.starts_with("                    static A: System = System; #[global_allocator] static __MEMSCOPE_ALLOC"), "{out}");
+        assert!(out.ends_with("::memscope::Alloc::new(::memscope::ByRef(&A)); #[::memscope::instrument] fn main() {\n    let v = vec![1];\n}\n"), "{out}");
+        syn::parse_file(&out).unwrap();
+    }
+
     #[test]
     fn allocator_is_wrapped_on_the_same_lines() {
         let text = "use std::alloc::System;\n\n#[global_allocator]\nstatic GLOBAL: Counting<System> = Counting::new(System);\n\nfn main() {}\n";
-        let syntax = syn::parse_file(text).unwrap();
-        let mut found = Vec::new();
-        let mut visitor = ModuleVisitor {
-            file: Path::new("/ws/src/main.rs"),
-            file_dir: PathBuf::from("/ws/src"),
-            module_dir: PathBuf::from("/ws/src"),
-            children: Vec::new(),
-            found: &mut found,
-        };
-        syn::visit::Visit::visit_file(&mut visitor, &syntax);
+        let found = allocators_in(text);
         assert_eq!(found.len(), 1);
 
-        let wrapped = wrap_allocators(text, &[&found[0]], "memscope");
+        let wrapped = apply_edits(text, allocator_edits(text, &found[0], "memscope").into());
 
         assert_eq!(
             wrapped,
@@ -762,23 +818,15 @@ mod tests {
 
 #[cfg(test)]
 mod cfg_tests {
+    use super::tests::allocators_in;
     use super::*;
 
     #[test]
     fn a_cfg_gated_allocator_is_wrapped_under_the_same_cfg() {
         let text = "#[cfg(feature = \"dhat\")]\n#[global_allocator]\nstatic ALLOC: dhat::Alloc = dhat::Alloc;\nfn main() {}\n";
-        let syntax = syn::parse_file(text).unwrap();
-        let mut found = Vec::new();
-        let mut visitor = ModuleVisitor {
-            file: Path::new("/ws/src/main.rs"),
-            file_dir: PathBuf::from("/ws/src"),
-            module_dir: PathBuf::from("/ws/src"),
-            children: Vec::new(),
-            found: &mut found,
-        };
-        syn::visit::Visit::visit_file(&mut visitor, &syntax);
+        let found = allocators_in(text);
         assert_eq!(found[0].cfg.as_deref(), Some("all(feature = \"dhat\")"));
-        let wrapped = wrap_allocators(text, &[&found[0]], "memscope");
+        let wrapped = apply_edits(text, allocator_edits(text, &found[0], "memscope").into());
         assert!(
             wrapped.contains(
                 " #[cfg(all(feature = \"dhat\"))] #[global_allocator] static __MEMSCOPE_ALLOC"

@@ -119,15 +119,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         std::slice::from_ref(&ws.target_dir),
     )
     .context("failed to update the scratch copy of the workspace")?;
-    let rewrite = rewrite::apply(&ws, &program, &layout.scratch, &runtime)
-        .context("failed to install the tracking allocator in the scratch copy")?;
+    // Its errors say what failed (an `--instrument` pattern's are the user's to fix).
+    let rewrite = rewrite::apply(&ws, &program, &args.instrument, &layout.scratch, &runtime)?;
     if args.cargo.verbose > 0 {
-        for file in &rewrite.wrapped {
-            eprintln!(
-                "memscope: wrapping the #[global_allocator] declared in {}",
-                file.display()
-            );
-        }
+        rewrite.describe();
     }
     let options = layout.report_options(&ws, &args.output);
     let executable = cargo::Build {

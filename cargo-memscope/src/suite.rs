@@ -48,15 +48,10 @@ pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
         std::slice::from_ref(&ws.target_dir),
     )
     .context("failed to update the scratch copy of the workspace")?;
-    let rewrite = rewrite::apply_crates(&ws, &crate_roots(&ws), &layout.scratch, &runtime)
-        .context("failed to install the tracking allocator in the scratch copy")?;
+    let crates = crate_roots(&ws);
+    let rewrite = rewrite::apply_crates(&ws, &crates, &args.instrument, &layout.scratch, &runtime)?;
     if args.cargo.verbose > 0 {
-        for file in &rewrite.wrapped {
-            eprintln!(
-                "memscope: wrapping the #[global_allocator] declared in {}",
-                file.display()
-            );
-        }
+        rewrite.describe();
     }
     let options = layout.report_options(&ws, &args.output);
     let flags = test_flags(args);

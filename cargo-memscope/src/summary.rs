@@ -4,10 +4,13 @@
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
-use crate::report::{Location, Report, ReportOptions};
+use crate::instrument::{Scope, Task};
+use crate::report::{Basis, Location, Report, ReportOptions};
 
-/// Sites and leaks shown at most.
+/// Sites, leaks, scopes and tasks shown at most.
 const TOP: usize = 5;
+/// Variable names shown per leak at most.
+const NAMES: usize = 3;
 
 /// The summary text, ending with the report paths (`report: <path>`).
 pub fn render(report: &Report, paths: &[&Path], options: &ReportOptions) -> String {
@@ -107,11 +110,28 @@ pub fn render(report: &Report, paths: &[&Path], options: &ReportOptions) -> Stri
                 place(leak.location.as_ref(), roots),
                 names.join(", "),
             );
+            for v in leak.variables.iter().take(NAMES) {
+                let _ = writeln!(
+                    w,
+                    "  {:>12} in {:>10}  named `{}`: {} at {}:{}:{}{}",
+                    bytes_short(v.bytes),
+                    plural(v.blocks, "block"),
+                    v.name,
+                    v.r#type,
+                    v.file,
+                    v.line,
+                    v.column,
+                    tag(v.basis),
+                );
+            }
         }
         if report.leaks.len() > TOP {
             let _ = writeln!(w, "  … and {} more sites", report.leaks.len() - TOP);
         }
     }
+
+    scopes(w, report, at_exit, paint);
+    tasks(w, report, at_exit, paint);
 
     if s.problems > 0 {
         let _ = writeln!(
@@ -168,6 +188,121 @@ pub fn render(report: &Report, paths: &[&Path], options: &ReportOptions) -> Stri
         let _ = writeln!(w, "report: {}", path.display());
     }
     out
+}
+
+/// The instrumented scopes that allocated most (scope tree nodes by total bytes).
+fn scopes(w: &mut String, report: &Report, at_exit: &str, paint: Paint) {
+    if report.scopes.is_empty() {
+        return;
+    }
+    let mut top: Vec<&Scope> = report
+        .scopes
+        .iter()
+        .filter(|s| s.total.bytes_allocated > 0)
+        .collect();
+    top.sort_by_key(|s| std::cmp::Reverse(s.total.bytes_allocated));
+    let _ = writeln!(
+        w,
+        "{}",
+        paint.bold(&format!(
+            "scopes ({} instrumented), top by total bytes allocated (self: while innermost):",
+            count(report.scopes.len() as u64)
+        ))
+    );
+    if top.is_empty() {
+        let _ = writeln!(w, "  none allocated");
+    }
+    for scope in top.into_iter().take(TOP) {
+        let parent = scope
+            .parent
+            .and_then(|p| {
+                report
+                    .scopes
+                    .iter()
+                    .find(|s| s.pid == scope.pid && s.id == p)
+            })
+            .map_or(String::new(), |p| format!(" (in {})", p.name));
+        let kind = if scope.kind == "function" {
+            String::new()
+        } else {
+            format!(" [{}]", scope.kind)
+        };
+        // A task site without a name is named by its location already.
+        let at = declared_at(scope.location.as_ref());
+        let at = if at.trim_start() == scope.name {
+            ""
+        } else {
+            &at
+        };
+        let _ = writeln!(
+            w,
+            "  {:>12} total, {:>12} self, {:>12} live {at_exit}  {}{kind}{parent}{at}",
+            bytes_short(scope.total.bytes_allocated),
+            bytes_short(scope.own.bytes_allocated),
+            bytes_short(scope.total.live_bytes_at_exit),
+            scope.name,
+        );
+    }
+}
+
+/// How many tasks, how many were pending at exit, and the pending ones.
+fn tasks(w: &mut String, report: &Report, at_exit: &str, paint: Paint) {
+    if report.tasks.is_empty() {
+        return;
+    }
+    let pending: Vec<&Task> = report
+        .tasks
+        .iter()
+        .filter(|t| t.zombie_candidate.is_some())
+        .collect();
+    let heading = format!(
+        "tasks: {}, {} pending {at_exit}",
+        count(report.tasks.len() as u64),
+        count(pending.len() as u64)
+    );
+    if pending.is_empty() {
+        let _ = writeln!(w, "{}", paint.bold(&heading));
+        return;
+    }
+    let _ = writeln!(
+        w,
+        "{}",
+        paint.yellow(&paint.bold(&format!(
+            "{heading} (zombie candidates, inferred: neither completed nor dropped):"
+        )))
+    );
+    for t in pending.iter().take(TOP) {
+        let _ = writeln!(
+            w,
+            "  {:>12} live in {:>10}, {}  {}{}",
+            bytes_short(t.figures.live_bytes_at_exit),
+            plural(t.figures.live_blocks_at_exit, "block"),
+            plural(t.polls, "poll"),
+            t.name,
+            declared_at(t.location.as_ref()),
+        );
+    }
+    if pending.len() > TOP {
+        let _ = writeln!(w, "  … and {} more", pending.len() - TOP);
+    }
+}
+
+/// `  file:line` of a declaration, or nothing.
+fn declared_at(location: Option<&Location>) -> String {
+    match location.and_then(|l| Some((l.file.as_deref()?, l.line))) {
+        Some((file, Some(line))) => format!("  {file}:{line}"),
+        Some((file, None)) => format!("  {file}"),
+        None => String::new(),
+    }
+}
+
+/// ` [inferred]` for a name the analysis deduced.
+fn tag(basis: Basis) -> &'static str {
+    if basis == Basis::Inferred {
+        " [inferred]"
+    } else {
+        ""
+    }
 }
 
 /// `file:line function`, with the file relative to the user's root it is under.

@@ -396,6 +396,8 @@ pub fn site_frame(frames: &[Frame], user_roots: &[PathBuf]) -> (Option<usize>, S
 /// - the stack-overflow handler's per-thread information:
 ///   `std::sys::pal::unix::stack_overflow`;
 /// - thread spawn hooks (`std::thread::spawnhook`), which libtest's harness adds;
+/// - the debug information std reads to print a panic's backtrace (with
+///   `RUST_BACKTRACE` set) and caches until exit: `std::backtrace_rs::symbolize`;
 /// - anything std allocates while starting or shutting down the process: under
 ///   `std::rt::lang_start_internal` but not under the user's `main` (which runs inside
 ///   `__rust_begin_short_backtrace`).
@@ -434,6 +436,10 @@ pub fn std_bookkeeping(frames: &[Frame], user_roots: &[PathBuf]) -> Option<Strin
             // in the main thread's thread-local list, which is never dropped.
             "std::thread::spawnhook::",
             "a thread spawn hook, kept in the main thread's list until exit",
+        ),
+        (
+            "std::backtrace_rs::symbolize::",
+            "debug information std read to print a backtrace, cached until exit",
         ),
     ];
     for frame in frames {
@@ -636,6 +642,23 @@ mod tests {
         assert!(std_bookkeeping(&[stdout, user, begin, rt], &roots)
             .unwrap()
             .contains("stdout buffer"));
+    }
+
+    #[test]
+    fn the_debug_information_std_caches_for_backtraces_is_stds_bookkeeping() {
+        let roots = vec![PathBuf::from("/home/u/app")];
+        let parse = frame(
+            "<gimli::read::abbrev::Abbreviations>::insert",
+            "/rustc/abc/library/vendor/gimli/src/read/abbrev.rs",
+        );
+        let context = frame(
+            "<std::backtrace_rs::symbolize::gimli::Context>::new",
+            "/rustc/abc/library/std/src/../../backtrace/src/symbolize/gimli.rs",
+        );
+        let user = frame("app::main::{closure#0}", "/home/u/app/src/main.rs");
+        assert!(std_bookkeeping(&[parse, context, user], &roots)
+            .unwrap()
+            .contains("backtrace"));
     }
 
     #[test]

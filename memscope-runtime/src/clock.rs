@@ -28,8 +28,9 @@
 //! raise the *same* stripe (for different addresses that share it) within the few
 //! nanoseconds between load and store, the smaller value can win. An allocation that
 //! reuses one of those addresses on a third thread within the same millisecond could
-//! then be stamped before the free it follows. The reader detects that impossible
-//! order (an allocation of a live address) and applies the pending free first.
+//! then be stamped before the free it follows (or a free before the allocation it
+//! follows). The reader (`replay.rs` in cargo-memscope) holds such an impossible event
+//! back until the one it must follow arrives, and puts the two in order.
 //!
 //! A reader that merges the per-thread streams by `(stamp, thread)` therefore never
 //! pairs a free with the wrong allocation; `Clock` records in the trace map stamps to
@@ -39,9 +40,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Number of address stripes (a power of two): 512 KiB of counters, touched sparsely.
-/// Stripe `i` serves every address `a` with `(a / 16) % STRIPES == i`, so neighbouring
-/// blocks share cache lines of counters (few lines per thread's working set) and
-/// threads, whose heaps lie apart, rarely share one.
+/// See [`stripe_of`] for which addresses share one.
 const STRIPES: usize = 1 << 16;
 
 #[allow(clippy::declare_interior_mutable_const)] // used only to initialise the array
@@ -62,12 +61,28 @@ pub fn stamp(last: &Cell<u64>, addr: usize) -> u64 {
         now = counter();
     }
     let base = now.max(last.get() + 1);
-    let stripe = &STRIPE_CLOCKS[(addr >> 4) & (STRIPES - 1)];
+    let stripe = &STRIPE_CLOCKS[stripe_of(addr)];
     let seen = stripe.load(Ordering::Relaxed);
     let stamp = base.max(seen + 1);
     stripe.store(stamp, Ordering::Relaxed);
     last.set(stamp);
     stamp
+}
+
+/// The stripe of `addr`: its 64-byte granule modulo [`STRIPES`], XORed with a hash of
+/// its 64 MiB region.
+///
+/// Neighbouring blocks share cache lines of counters, so a thread's working set
+/// touches few lines. The region hash keeps threads apart: malloc gives each thread an
+/// arena of its own, aligned to 64 MiB, and the same workload on two threads places
+/// its blocks at the same offsets in each arena. Without the hash those blocks would
+/// share stripes, and every event would move a cache line between cores. (XOR with a
+/// per-region constant maps each aligned group of 8 stripes, one cache line, onto
+/// another, so neighbours stay together.)
+#[inline(always)]
+fn stripe_of(addr: usize) -> usize {
+    let region = ((addr >> 26) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 48;
+    ((addr >> 6) ^ region as usize) & (STRIPES - 1)
 }
 
 /// Stamps a thread-local event (no address): later than the thread's last stamp.
@@ -135,6 +150,15 @@ mod tests {
         let b = stamp(&last, 0x2000);
         let c = stamp(&last, 0x1000);
         assert!(a < b && b < c);
+    }
+
+    #[test]
+    fn the_same_offset_in_two_thread_arenas_falls_in_different_cache_lines_of_stripes() {
+        let a = 0x7f38_1400_0ca0usize;
+        let b = 0x7f38_0c00_0ca0usize;
+        assert_ne!(stripe_of(a) / 8, stripe_of(b) / 8);
+        // Neighbours within one arena still share a line.
+        assert_eq!(stripe_of(a) / 8, stripe_of(a + 16) / 8);
     }
 
     #[test]

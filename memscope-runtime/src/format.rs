@@ -56,6 +56,10 @@
 //! | `TASK` 21 | task id, site id (`DEF`, 0 = none), name length, name bytes padded to 8 |
 //! | `TASK_END` 22 | task id, [`TaskState`] |
 //!
+//! A task's `TASK`, the `ENTER`s of its polls and its `TASK_END` are stamped in the
+//! order they happened, whichever threads wrote them; other instrumentation records
+//! are ordered within their thread.
+//!
 //! Ids come from one per-process counter: a `DEF` is written once per call site or
 //! declaration, before or after (on another thread) the events that name it, so
 //! readers resolve ids at the end. `DEF` classes are [`DefClass`].
@@ -88,6 +92,9 @@ pub const CHUNK_HEADER_LEN: usize = 32;
 pub const CHUNK_MAGIC: u32 = u32::from_le_bytes(*b"CHNK");
 /// File header flag: call stacks were recorded.
 pub const FLAG_STACKS: u32 = 1;
+/// File header flag: the process is a `fork` child, traced from the fork on; blocks it
+/// inherited from its parent are not in its trace.
+pub const FLAG_FORKED: u32 = 2;
 /// The stream of process-wide records (clock, modules, end).
 pub const META_THREAD: u32 = 0;
 /// The deepest stack recorded.
@@ -234,11 +241,15 @@ pub enum EndReason {
     Exit = 0,
 }
 
-/// The hash that names a stack in decoded records; never 0 (0 means "no stack").
-/// FxHash-style mixing ([`stack_mix`] per frame) with MurmurHash3's 64-bit finaliser
-/// ([`stack_finish`]); the runtime computes it incrementally while walking.
+/// The hash that names a stack (`frames` innermost first) in decoded records; never 0
+/// (0 means "no stack"). FxHash-style mixing ([`stack_mix`] per frame, from the
+/// outermost frame in) with MurmurHash3's 64-bit finaliser ([`stack_finish`]); the
+/// runtime keeps the state after each frame, so that it can reuse the outer part.
 pub fn stack_hash(frames: &[u64]) -> u64 {
-    stack_finish(frames.iter().fold(0, |h, &f| stack_mix(h, f)), frames.len())
+    stack_finish(
+        frames.iter().rev().fold(0, |h, &f| stack_mix(h, f)),
+        frames.len(),
+    )
 }
 
 /// Mixes one frame into a stack hash.

@@ -324,15 +324,32 @@ impl ScopeGuard {
             ScopeGuard::NONE
         }
     }
+
+    /// Enters task `id` on this thread, stamped after its creation and its earlier
+    /// polls on other threads (see `recorder::emit_after`).
+    pub(crate) fn enter_task(id: u64) -> ScopeGuard {
+        if id != 0 && recorder::emit_after(EXT_ENTER, &[id], id) {
+            ScopeGuard { id }
+        } else {
+            ScopeGuard::NONE
+        }
+    }
 }
 
 impl Drop for ScopeGuard {
     #[inline]
     fn drop(&mut self) {
         if self.id != 0 {
-            emit(EXT_EXIT, &[self.id]);
+            exit_id(self.id);
         }
     }
+}
+
+/// Leaves `id` on this thread. Apart from the guard's (inlined) drop, so that the
+/// record is written with constant words, as in `enter_id`.
+#[inline(never)]
+fn exit_id(id: u64) {
+    emit(EXT_EXIT, &[id]);
 }
 
 /// Enters the scope of an instrumented function.

@@ -74,6 +74,9 @@ pub struct ThreadRecord {
     stream_clock: Cell<u64>,
     stack_top: Cell<usize>,
     stack_cache: Cell<*mut u64>,
+    /// The thread's previous stack walk (see `stack.rs`); null if it could not be
+    /// allocated.
+    last_walk: Cell<*mut stack::LastWalk>,
     name: Cell<[u8; 16]>,
 }
 
@@ -154,8 +157,8 @@ pub fn on_realloc(old: *mut u8, new: *mut u8, layout: Layout, new_size: usize, t
         let before = ts_before.wrapping_sub(base);
         let after = ts_after - ts_before;
         if ts_before >= base && before <= MAX_DELTA && after <= MAX_DELTA {
-            rec.push(
-                &[
+            rec.push_fixed(
+                [
                     head(TAG_REALLOC, before, old as u64),
                     head(0, after, new as u64),
                     sw,
@@ -163,8 +166,8 @@ pub fn on_realloc(old: *mut u8, new: *mut u8, layout: Layout, new_size: usize, t
                 base,
             );
         } else {
-            rec.push(
-                &[
+            rec.push_fixed(
+                [
                     head(TAG_REALLOC_WIDE, 0, old as u64),
                     new as u64,
                     sw,
@@ -178,27 +181,34 @@ pub fn on_realloc(old: *mut u8, new: *mut u8, layout: Layout, new_size: usize, t
     });
 }
 
+/// Largest payload of an extended record that [`emit`] takes, in words.
+const MAX_EXTENDED: usize = 256;
+
 /// Appends an extended record `[head(EXTENDED, kind, 1 + n), stamp, payload…]`;
-/// false if the thread is not recorded. Payloads are limited to 256 words.
+/// false if the thread is not recorded. Payloads are limited to 256 words. The stamp
+/// orders the record among this thread's events only.
 pub fn emit(kind: u64, payload: &[u64]) -> bool {
-    const MAX: usize = 256;
-    if payload.len() > MAX || kind == 0 || kind > 0xfff {
+    emit_with(kind, payload, |rec| clock::stamp_thread(&rec.last_stamp))
+}
+
+/// As [`emit`], stamped after every earlier record emitted with the same `key` on any
+/// thread (through the address stripes of `clock.rs`): a task's creation, its polls
+/// and its end, which executors move between threads.
+pub fn emit_after(kind: u64, payload: &[u64], key: u64) -> bool {
+    emit_with(kind, payload, |rec| {
+        clock::stamp(&rec.last_stamp, (key as usize) << 4)
+    })
+}
+
+#[inline(always)]
+fn emit_with(kind: u64, payload: &[u64], stamp: impl FnOnce(&ThreadRecord) -> u64) -> bool {
+    if payload.len() > MAX_EXTENDED || kind == 0 || kind > 0xfff {
         return false;
     }
     let mut done = false;
     with_record(|rec| {
-        // Not zero-filled: only the words written below are read.
-        let mut words = [std::mem::MaybeUninit::<u64>::uninit(); MAX + 2];
-        words[0].write(head(TAG_EXTENDED, kind, 1 + payload.len() as u64));
-        words[1].write(clock::stamp_thread(&rec.last_stamp));
-        for (slot, &word) in words[2..].iter_mut().zip(payload) {
-            slot.write(word);
-        }
-        // SAFETY: the first `2 + payload.len()` words were written just above.
-        let record = unsafe {
-            &*(&words[..2 + payload.len()] as *const [std::mem::MaybeUninit<u64>] as *const [u64])
-        };
-        rec.push(record, rec.stream_clock.get());
+        let head = head(TAG_EXTENDED, kind, 1 + payload.len() as u64);
+        rec.push_extended(head, stamp(rec), payload);
         done = true;
     });
     done
@@ -233,10 +243,6 @@ fn start_thread() -> *const ThreadRecord {
     // SAFETY: `rec` was just created and is never freed.
     let r = unsafe { &*rec };
     r.busy.set(true);
-    if r.tid >= 2 {
-        // The program runs a second thread: past std's start-up, the writer can run.
-        writer::start_writer();
-    }
     // Registering the guard's destructor may allocate; `busy` lets that through.
     // `try_with` fails only when the thread-locals are already being destroyed, and
     // then there is no later point to hand the buffer over: the process-exit flush
@@ -286,6 +292,12 @@ impl ThreadRecord {
             stream_clock: Cell::new(0),
             stack_top: Cell::new(sys::stack_top()),
             stack_cache: Cell::new(cache),
+            // SAFETY: non-zero-size layout; all zeroes is an empty `LastWalk` (plain
+            // integers and a bool); null is handled where it is used.
+            last_walk: Cell::new(
+                unsafe { System.alloc_zeroed(Layout::new::<stack::LastWalk>()) }
+                    as *mut stack::LastWalk,
+            ),
             name: Cell::new([0; 16]),
         };
         // SAFETY: non-zero-size layout.
@@ -319,12 +331,35 @@ impl ThreadRecord {
         let base = self.stream_clock.get();
         let delta = ts.wrapping_sub(base);
         if ts >= base && delta <= MAX_DELTA {
-            self.push(&event(delta), base);
+            self.push_fixed(event(delta), base);
         } else {
-            self.push(&[head(TAG_STAMP, 0, 0), ts], base);
-            self.push(&event(0), ts);
+            self.push_fixed([head(TAG_STAMP, 0, 0), ts], base);
+            self.push_fixed(event(0), ts);
         }
         self.stream_clock.set(ts);
+    }
+
+    /// [`push`](Self::push) for a record built in registers: its words are stored
+    /// into the buffer one by one. (Left to itself, the compiler spills the words to
+    /// the stack and copies them with one 16-byte load, which store forwarding cannot
+    /// serve from two 8-byte stores: a stall of a dozen cycles on every event. The
+    /// volatile stores keep them apart.)
+    #[inline(always)]
+    fn push_fixed<const N: usize>(&self, words: [u64; N], base: u64) {
+        let len = self.len.load(Ordering::Relaxed);
+        let buf = self.buf.load(Ordering::Relaxed);
+        if len + N * 8 > PAYLOAD_BYTES || buf.is_null() {
+            return self.push_slow(&words, base);
+        }
+        // SAFETY: as in `push`: this thread's own buffer, with room for N words behind
+        // the `len` committed bytes.
+        unsafe {
+            let dst = (*buf).words.as_mut_ptr().add(len / 8);
+            for (i, word) in words.into_iter().enumerate() {
+                dst.add(i).write_volatile(word);
+            }
+        }
+        self.len.store(len + N * 8, Ordering::Release);
     }
 
     /// Appends one record whose stamp deltas are relative to `base`. The words must
@@ -347,6 +382,53 @@ impl ThreadRecord {
         };
         // Release: a snapshot that reads the new length also sees the words.
         self.len.store(len + words.len() * 8, Ordering::Release);
+    }
+
+    /// Appends the extended record `[head, stamp, payload…]` (see [`emit`]) straight
+    /// into the buffer, as [`push`](Self::push) would after staging it: one store per
+    /// word for the one-word payloads of scope entries and exits (a call to `memcpy`
+    /// and a staging copy cost more than the rest of the event).
+    #[inline(always)]
+    fn push_extended(&self, head: u64, stamp: u64, payload: &[u64]) {
+        let words = 2 + payload.len();
+        let len = self.len.load(Ordering::Relaxed);
+        let buf = self.buf.load(Ordering::Relaxed);
+        if len + words * 8 > PAYLOAD_BYTES || buf.is_null() {
+            return self.push_extended_slow(head, stamp, payload);
+        }
+        // SAFETY: as in `push`: `buf` is this thread's current buffer, and the record's
+        // `words` words fit behind the `len` committed bytes (checked above).
+        unsafe {
+            let dst = (*buf).words.as_mut_ptr().add(len / 8);
+            dst.write(head);
+            dst.add(1).write(stamp);
+            match payload {
+                [word] => dst.add(2).write(*word),
+                _ => ptr::copy_nonoverlapping(payload.as_ptr(), dst.add(2), payload.len()),
+            }
+        }
+        // Release: a snapshot that reads the new length also sees the words.
+        self.len.store(len + words * 8, Ordering::Release);
+    }
+
+    /// [`push_extended`](Self::push_extended) when the record does not fit: staged, then
+    /// pushed after the hand-over.
+    #[cold]
+    #[inline(never)]
+    fn push_extended_slow(&self, head: u64, stamp: u64, payload: &[u64]) {
+        // Not zero-filled: only the words written below are read.
+        let mut words = [std::mem::MaybeUninit::<u64>::uninit(); MAX_EXTENDED + 2];
+        words[0].write(head);
+        words[1].write(stamp);
+        for (slot, &word) in words[2..].iter_mut().zip(payload) {
+            slot.write(word);
+        }
+        // SAFETY: the first `2 + payload.len()` words were written just above
+        // (`emit` checked that the payload fits).
+        let record = unsafe {
+            &*(&words[..2 + payload.len()] as *const [std::mem::MaybeUninit<u64>] as *const [u64])
+        };
+        self.push(record, self.stream_clock.get());
     }
 
     /// The buffer is full (or gone): hand it over and start the next chunk with the
@@ -434,6 +516,11 @@ impl ThreadRecord {
             // SAFETY: allocated in `create` with this layout; no longer referenced.
             unsafe { System.dealloc(cache as *mut u8, Layout::new::<[u64; STACK_CACHE]>()) };
         }
+        let last = self.last_walk.replace(ptr::null_mut());
+        if !last.is_null() {
+            // SAFETY: allocated in `create` with this layout; no longer referenced.
+            unsafe { System.dealloc(last as *mut u8, Layout::new::<stack::LastWalk>()) };
+        }
     }
 
     /// Writes a Thread record if the OS name changed since the last one.
@@ -464,11 +551,24 @@ impl ThreadRecord {
         if !writer::stacks_enabled() {
             return 0;
         }
-        let mut words = [std::mem::MaybeUninit::<u64>::uninit(); MAX_FRAMES + 1];
-        // SAFETY: `words[1..]` has room for MAX_FRAMES; `capture` writes the first
-        // `len` of them, and nothing else is read.
-        let (len, hash) =
-            unsafe { stack::capture(self.stack_top.get(), words[1..].as_mut_ptr() as *mut u64) };
+        self.walk_stack()
+    }
+
+    /// [`stack_slot`](Self::stack_slot) with stacks on: out of line, so that the
+    /// events' own path keeps a small frame when stacks are off.
+    #[inline(never)]
+    fn walk_stack(&self) -> u64 {
+        let mut spare;
+        let last = match NonNull::new(self.last_walk.get()) {
+            // SAFETY: allocated in `create` for this thread, used only by it.
+            Some(last) => unsafe { &mut *last.as_ptr() },
+            None => {
+                spare = stack::LastWalk::EMPTY;
+                &mut spare
+            }
+        };
+        // SAFETY: `last` holds only this thread's walks.
+        let (len, hash) = unsafe { stack::capture(self.stack_top.get(), last) };
         if len == 0 {
             return 0;
         }
@@ -482,11 +582,12 @@ impl ThreadRecord {
             }
             *cached = hash;
         }
-        words[0].write(head(TAG_STACK, len as u64, slot));
-        // SAFETY: word 0 was just written and `capture` wrote the next `len`.
-        let record =
-            unsafe { &*(&words[..1 + len] as *const [std::mem::MaybeUninit<u64>] as *const [u64]) };
-        self.push(record, self.stream_clock.get());
+        let mut words = [0u64; MAX_FRAMES + 1];
+        words[0] = head(TAG_STACK, len as u64, slot);
+        for (i, word) in words[1..=len].iter_mut().enumerate() {
+            *word = last.frame(i);
+        }
+        self.push(&words[..=len], self.stream_clock.get());
         slot
     }
 

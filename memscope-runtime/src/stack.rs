@@ -8,44 +8,164 @@
 //! that range is mapped, so a broken chain (a frame compiled without frame pointers)
 //! ends the walk early instead of faulting.
 //!
-//! The walk computes the stack's hash (`format::stack_hash`) as it goes, so that each
-//! thread can write each distinct stack once.
+//! Following the chain is a series of dependent loads, a few cycles each, and most of
+//! it is the same from one allocation to the next: the frames of `main`, of the
+//! thread's entry, of the loop that allocates. So each thread keeps its previous walk
+//! ([`LastWalk`]), outermost frame first. When the walk reaches a frame address the
+//! previous walk also passed through, it checks, with independent loads that run in
+//! parallel, that every word the previous walk read from there up is still the same.
+//! The walk is a function of exactly those words, so it would find the same frames:
+//! they are taken from the previous walk instead of being followed one by one.
+//!
+//! The stack's hash (`format::stack_hash`) folds the frames from the outermost in, so
+//! the hash of the reused part is kept with it and only the new frames are mixed in.
 
 use crate::format::{stack_finish, stack_mix, MAX_FRAMES};
 
+/// The thread's latest walk, indexed by level from the outermost frame (level 0).
+pub struct LastWalk {
+    /// Levels held.
+    len: usize,
+    /// False when the walk was cut at `MAX_FRAMES`: its outer frames are unknown.
+    reusable: bool,
+    /// Frame address at each level.
+    fp: [usize; MAX_FRAMES],
+    /// The two words the walk read at each level's frame address, `[fp]` (the saved
+    /// frame pointer: the next level out's `fp`) and `[fp + 8]` (the return address),
+    /// as one 128-bit value, so that checking a level is one load and one compare.
+    words: [u128; MAX_FRAMES],
+    /// Hash state after folding the return addresses of levels `0..=level`.
+    hash: [u64; MAX_FRAMES],
+    /// The walk stopped because the frame at level 0's saved frame pointer has return
+    /// address 0.
+    top_ret_zero: bool,
+}
+
+/// `[fp]` and `[fp + 8]` as one value.
+#[inline(always)]
+fn pair(next: usize, ret: u64) -> u128 {
+    next as u128 | (ret as u128) << 64
+}
+
+impl LastWalk {
+    /// A walk with nothing to reuse (all zeroes, as `alloc_zeroed` also makes it).
+    pub const EMPTY: LastWalk = LastWalk {
+        len: 0,
+        reusable: false,
+        fp: [0; MAX_FRAMES],
+        words: [0; MAX_FRAMES],
+        hash: [0; MAX_FRAMES],
+        top_ret_zero: false,
+    };
+
+    /// The return address of frame `i`, innermost first.
+    pub fn frame(&self, i: usize) -> u64 {
+        (self.words[self.len - 1 - i] >> 64) as u64
+    }
+
+    /// Checks that the words the walk read at levels `0..=level` still hold what it
+    /// read, so that a walk from `fp[level]` would find the same frames and stop the
+    /// same way. The loads are independent of each other, unlike the walk's.
+    ///
+    /// # Safety
+    /// `fp[level]` must be at or above the current frame, inside the thread's stack,
+    /// so that every `fp[k]`, `k <= level`, lies in its live part.
+    #[inline(always)]
+    unsafe fn still_holds(&self, level: usize) -> bool {
+        let mut diff = 0u128;
+        for k in 0..=level {
+            // SAFETY: `fp[k] >= fp[level]`, which the caller guarantees is in the live
+            // stack, and `fp[k] + 16 <= stack top` (checked when it was walked; the
+            // thread's stack top never changes). The read needs no alignment.
+            let now = unsafe { (self.fp[k] as *const u128).read_unaligned() };
+            diff |= now ^ self.words[k];
+        }
+        if diff != 0 {
+            return false;
+        }
+        if self.top_ret_zero {
+            // SAFETY: the walk read this word: level 0's saved frame pointer passed
+            // the bounds checks then, above `fp[0]`, inside the stack.
+            let top_next = self.words[0] as usize;
+            return unsafe { *((top_next + 8) as *const u64) } == 0;
+        }
+        true
+    }
+}
+
 /// Walks the frame-pointer chain of the calling thread, whose stack ends (grows down
-/// from) `stack_top`, writing return addresses (innermost first) to `out`, which must
-/// have room for `MAX_FRAMES` (it may be uninitialised). Returns how many were written
-/// and the stack's hash; 0 frames means no usable chain.
+/// from) `stack_top`, into `last` (which must hold only this thread's walks): reuses
+/// the outer part of the previous walk where it still holds, then stores this one.
+/// Returns the number of frames (read them with [`LastWalk::frame`]) and the stack's
+/// hash; 0 frames means no usable chain.
 ///
 /// # Safety
-/// `out` must be valid for writes of `MAX_FRAMES` `u64`s.
+/// `last` must have been filled only by walks of the calling thread.
 #[inline(always)]
-pub unsafe fn capture(stack_top: usize, out: *mut u64) -> (usize, u64) {
+pub unsafe fn capture(stack_top: usize, last: &mut LastWalk) -> (usize, u64) {
     let (mut fp, lo) = registers();
+    // What this walk reads itself, innermost first: frame addresses and their words.
+    let mut fps = [std::mem::MaybeUninit::<usize>::uninit(); MAX_FRAMES];
+    let mut words = [std::mem::MaybeUninit::<u128>::uninit(); MAX_FRAMES];
     let mut n = 0;
-    let mut h = 0u64;
+    // Levels of the previous walk not yet passed: `last.fp[cursor - 1]` is the lowest.
+    let mut cursor = if last.reusable { last.len } else { 0 };
+    let mut top_ret_zero = false;
+    let mut reused = None;
     // Locals only: the loop is a chain of dependent loads, keep it free of spills.
     while n < MAX_FRAMES {
         if fp < lo || fp % 8 != 0 || fp.saturating_add(16) > stack_top {
             break;
         }
+        while cursor > 0 && last.fp[cursor - 1] < fp {
+            cursor -= 1;
+        }
+        if cursor > 0 && last.fp[cursor - 1] == fp {
+            let level = cursor - 1;
+            // One attempt per walk: if the stack changed above here, walk on as usual.
+            cursor = 0;
+            // SAFETY: `fp` passed the bounds checks just above.
+            if n + level < MAX_FRAMES && unsafe { last.still_holds(level) } {
+                reused = Some(level);
+                break;
+            }
+        }
         // SAFETY: `fp` and `fp + 8` lie within `[sp, stack_top)`, the live part of this
         // thread's stack, which is mapped and readable; both reads are aligned.
-        let (next, ret) = unsafe { (*(fp as *const usize), *((fp + 8) as *const usize)) };
+        let (next, ret) = unsafe { (*(fp as *const usize), *((fp + 8) as *const u64)) };
         if ret == 0 {
+            top_ret_zero = true;
             break;
         }
-        // SAFETY: `n < MAX_FRAMES` and the caller gives room for MAX_FRAMES.
-        unsafe { out.add(n).write(ret as u64) };
-        h = stack_mix(h, ret as u64);
+        fps[n].write(fp);
+        words[n].write(pair(next, ret));
         n += 1;
         if next <= fp {
             break;
         }
         fp = next;
     }
-    (n, stack_finish(h, n))
+
+    // Levels above the frames walked here, and the hash state there.
+    let (above, mut h) = match reused {
+        Some(level) => (level + 1, last.hash[level]),
+        None => {
+            last.reusable = n < MAX_FRAMES;
+            last.top_ret_zero = top_ret_zero;
+            (0, 0)
+        }
+    };
+    for i in (0..n).rev() {
+        let level = above + (n - 1 - i);
+        // SAFETY: `fps[..n]` and `words[..n]` were written above.
+        let (fp, word) = unsafe { (fps[i].assume_init(), words[i].assume_init()) };
+        h = stack_mix(h, (word >> 64) as u64);
+        last.fp[level] = fp;
+        last.words[level] = word;
+        last.hash[level] = h;
+    }
+    last.len = above + n;
+    (last.len, stack_finish(h, last.len))
 }
 
 #[inline(always)]
@@ -77,13 +197,26 @@ fn registers() -> (usize, usize) {
 mod tests {
     use super::*;
 
+    fn fresh() -> Box<LastWalk> {
+        Box::new(LastWalk::EMPTY)
+    }
+
     #[inline(never)]
-    fn nested(depth: u32, top: usize, out: &mut [u64; MAX_FRAMES]) -> (usize, u64) {
+    fn nested(
+        depth: u32,
+        top: usize,
+        last: &mut LastWalk,
+        out: &mut [u64; MAX_FRAMES],
+    ) -> (usize, u64) {
         if depth == 0 {
-            // SAFETY: `out` has room for MAX_FRAMES.
-            unsafe { capture(top, out.as_mut_ptr()) }
+            // SAFETY: `last` holds only this thread's walks.
+            let (len, hash) = unsafe { capture(top, last) };
+            for (i, frame) in out[..len].iter_mut().enumerate() {
+                *frame = last.frame(i);
+            }
+            (len, hash)
         } else {
-            std::hint::black_box(nested(depth - 1, top, out))
+            std::hint::black_box(nested(depth - 1, top, last, out))
         }
     }
 
@@ -91,7 +224,7 @@ mod tests {
     fn a_walk_never_leaves_the_stack_and_sees_nested_calls() {
         let top = crate::sys::stack_top();
         let mut out = [0; MAX_FRAMES];
-        let (len, h) = nested(5, top, &mut out);
+        let (len, h) = nested(5, top, &mut fresh(), &mut out);
         // Tests are built with frame pointers only when RUSTFLAGS asks for them; the
         // walk must be safe either way and, when it works, see the nested calls.
         assert!(len <= MAX_FRAMES);
@@ -102,8 +235,68 @@ mod tests {
     }
 
     #[test]
+    fn a_walk_that_reuses_the_previous_one_finds_what_a_fresh_walk_finds() {
+        let top = crate::sys::stack_top();
+        let mut last = fresh();
+        // Every walk goes through the same call below, so that the stacks differ only
+        // by their depth: (depth, whether the walk may reuse the previous one).
+        let steps = [
+            (7, true),
+            (7, true),
+            (7, false),
+            (4, true),
+            (4, false),
+            (9, true),
+            (9, false),
+            (9, true),
+        ];
+        let mut walks = Vec::new();
+        for (depth, reuse) in steps {
+            let mut out = [0; MAX_FRAMES];
+            let mut empty = fresh();
+            let state = if reuse { &mut last } else { &mut empty };
+            let walk = nested(depth, top, state, &mut out);
+            assert_eq!(walk.1, crate::format::stack_hash(&out[..walk.0]));
+            walks.push((depth, walk, out[..walk.0].to_vec()));
+        }
+        for pair in walks.windows(2).filter(|w| w[0].0 == w[1].0) {
+            assert_eq!(pair[0].1, pair[1].1, "depth {}", pair[0].0);
+            assert_eq!(pair[0].2, pair[1].2, "depth {}", pair[0].0);
+        }
+    }
+
+    #[test]
+    fn a_second_walk_takes_the_unchanged_outer_frames_from_the_first_and_checks_them() {
+        let top = crate::sys::stack_top();
+        let mut last = fresh();
+        let mut out = [0; MAX_FRAMES];
+        for round in 0..3 {
+            let (len, hash) = nested(3, top, &mut last, &mut out);
+            if len < 2 {
+                return; // built without frame pointers: nothing to reuse
+            }
+            match round {
+                0 => {
+                    // Marks the kept hash states: a walk that reuses them shows it.
+                    last.hash.iter_mut().for_each(|h| *h ^= 1);
+                }
+                1 => {
+                    assert_ne!(
+                        hash,
+                        crate::format::stack_hash(&out[..len]),
+                        "nothing was reused"
+                    );
+                    // A frame that no longer matches the stack is never reused.
+                    last.words[0] ^= 1 << 64;
+                }
+                _ => assert_eq!(hash, crate::format::stack_hash(&out[..len])),
+            }
+        }
+    }
+
+    #[test]
     fn a_garbage_stack_top_stops_the_walk_at_once() {
-        // SAFETY: the array has room for MAX_FRAMES.
-        assert_eq!(unsafe { capture(0, [0; MAX_FRAMES].as_mut_ptr()) }.0, 0);
+        // SAFETY: a fresh walk state.
+        assert_eq!(unsafe { capture(0, &mut fresh()) }.0, 0);
     }
 }

@@ -5,6 +5,11 @@
 //! whichever executor thread polls it; completion or an early drop writes
 //! `TASK_END`. A task with no `TASK_END` was still pending when the process ended.
 //!
+//! Executors move tasks between threads, and a thread's records are stamped by its own
+//! clock: the task's records are stamped after each other through the clock's stripe
+//! for the task id (`recorder::emit_after`), so a reader never sees a poll before the
+//! task was created.
+//!
 //! Nothing here knows any executor: it is all `Future::poll` and `Drop`.
 
 use std::future::Future;
@@ -14,6 +19,7 @@ use std::task::{Context, Poll};
 
 use crate::format::{DefClass, TaskState, EXT_TASK, EXT_TASK_END};
 use crate::instrument::{self, dynamic_site, enabled, fresh_id, pack, ScopeGuard, Site};
+use crate::recorder::emit_after;
 
 /// A future whose polls memscope attributes allocations to.
 #[must_use = "futures do nothing unless polled"]
@@ -46,7 +52,7 @@ fn start(site: u64, name: &str) -> u64 {
     words[1] = site;
     words[2] = name.len() as u64;
     let n = 3 + pack(&mut words[3..], &[name]);
-    if instrument::emit(EXT_TASK, &words[..n]) {
+    if emit_after(EXT_TASK, &words[..n], id) {
         id
     } else {
         0
@@ -67,12 +73,16 @@ impl<F: Future> Future for Task<F> {
             return fut.poll(cx);
         }
         let polled = {
-            let _poll = ScopeGuard::enter_id(this.id);
+            let _poll = ScopeGuard::enter_task(this.id);
             fut.poll(cx)
         };
         if polled.is_ready() {
             this.done = true;
-            instrument::emit(EXT_TASK_END, &[this.id, TaskState::Completed as u64]);
+            emit_after(
+                EXT_TASK_END,
+                &[this.id, TaskState::Completed as u64],
+                this.id,
+            );
         }
         polled
     }
@@ -81,7 +91,7 @@ impl<F: Future> Future for Task<F> {
 impl<F> Drop for Task<F> {
     fn drop(&mut self) {
         if self.id != 0 && !self.done {
-            instrument::emit(EXT_TASK_END, &[self.id, TaskState::Dropped as u64]);
+            emit_after(EXT_TASK_END, &[self.id, TaskState::Dropped as u64], self.id);
         }
     }
 }

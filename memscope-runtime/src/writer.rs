@@ -1,8 +1,8 @@
 //! The trace file: process-wide set-up, the writer thread, and the exit and fork paths.
 //!
 //! Threads hand full buffers to a lock-free queue (crossbeam `ArrayQueue`); a writer
-//! thread, started at the first hand-over, writes each as one chunk with one `write`
-//! and returns the buffer to the pool. If the queue is full or no writer thread could
+//! thread, started with the trace at the process's first event, writes each as one
+//! chunk with one `write` and returns the buffer to the pool. If the queue is full or no writer thread could
 //! be started, the handing thread writes the chunk itself. File writes are serialised
 //! by a spin lock (not a mutex: after `fork` the child resets it, whoever held it).
 //!
@@ -20,7 +20,9 @@ use std::time::Duration;
 use crossbeam_queue::ArrayQueue;
 
 use crate::buffer::{Buffer, Full, Pool};
-use crate::format::{Encoder, EndReason, FileHeader, Record, FLAG_STACKS, META_THREAD, VERSION};
+use crate::format::{
+    Encoder, EndReason, FileHeader, Record, FLAG_FORKED, FLAG_STACKS, META_THREAD, VERSION,
+};
 use crate::{clock, recorder, sys};
 
 /// Buffers that may wait for the writer at once (64 MiB).
@@ -73,21 +75,22 @@ pub fn start() -> bool {
             pool: Pool::new(),
             full: ArrayQueue::new(QUEUE_CAPACITY),
         });
-        if open_trace_file() {
+        if open_trace_file(false) {
             // SAFETY: registering plain `extern "C"` functions with no captured state.
             unsafe {
                 libc::atexit(exit_flush);
                 libc::pthread_atfork(None, None, Some(after_fork_in_child));
             }
             ENABLED.store(true, Ordering::Release);
+            start_writer();
         }
     });
     ENABLED.load(Ordering::Acquire)
 }
 
 /// Opens `$MEMSCOPE_OUT/memscope-<pid>-<ns>.mstrace` and writes the file header and
-/// the first meta records.
-fn open_trace_file() -> bool {
+/// the first meta records; `forked` in a fork child.
+fn open_trace_file(forked: bool) -> bool {
     let dir = sys::getenv(c"MEMSCOPE_OUT").unwrap_or(b".");
     let dir = String::from_utf8_lossy(dir);
     let start = clock::unix_ns();
@@ -113,7 +116,8 @@ fn open_trace_file() -> bool {
     FD.store(fd, Ordering::Release);
     let header = FileHeader {
         version: VERSION,
-        flags: if stacks_enabled() { FLAG_STACKS } else { 0 },
+        flags: if stacks_enabled() { FLAG_STACKS } else { 0 }
+            | if forked { FLAG_FORKED } else { 0 },
         pid: std::process::id(),
         // SAFETY: getppid cannot fail.
         ppid: unsafe { libc::getppid() } as u32,
@@ -204,10 +208,12 @@ fn write_full(shared: &Shared, mut full: Full) {
     shared.pool.give_back(full.buf);
 }
 
-/// Starts the writer thread if it is not running. Called at the first hand-over and
-/// when the program starts its second thread, never earlier: a thread started while
-/// std sets up `main` would change which thread allocates std's shared bookkeeping.
-pub fn start_writer() {
+/// Starts the writer thread if it is not running: when the trace opens (the process's
+/// first event, during std's start-up), so that its snapshots keep the events of a
+/// program killed before it filled a buffer; again at a hand-over if that failed.
+/// It is a raw pthread, which std does not know about: its start changes nothing std
+/// allocates (the exactness test compares every scenario with dhat-rs).
+fn start_writer() {
     if EXITING.load(Ordering::Relaxed) || WRITER_STARTED.swap(true, Ordering::AcqRel) {
         return;
     }
@@ -369,7 +375,7 @@ extern "C" fn after_fork_in_child() {
             shared.pool.give_back(full.buf);
         }
     }
-    if !FINISHED.load(Ordering::Relaxed) && open_trace_file() {
+    if !FINISHED.load(Ordering::Relaxed) && open_trace_file(true) {
         recorder::reset_after_fork();
     }
 }

@@ -264,6 +264,16 @@ impl MemscopeCommand {
         self
     }
 
+    /// Starts the command with stdout and stderr piped, for a test that acts while
+    /// it runs.
+    pub fn spawn(mut self) -> std::process::Child {
+        self.0
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
+        self.0.spawn().expect("cargo-memscope starts")
+    }
+
     pub fn run(mut self) -> Output {
         self.0.stdout(Stdio::piped()).stderr(Stdio::piped());
         self.0.stdin(if self.1.is_some() {

@@ -6,6 +6,7 @@
 //! user files untouched), not the contents of reports.
 
 use memscope_e2e::{memscope_command, Fixture, Output};
+use serde_json::Value;
 
 const EXIT_MEMSCOPE_ERROR: i32 = 2;
 
@@ -158,6 +159,62 @@ fn program_killed_by_a_signal_exits_with_128_plus_the_signal() {
     let fixture = Fixture::shared("pipeline-exit-code");
     let output = fixture.memscope(&["run", "--", "--abort"]).run();
     assert_eq!(output.code, Some(128 + 6), "SIGABRT is 6: {output:#?}");
+}
+
+#[test]
+fn program_killed_with_sigkill_still_reports_what_it_allocated_as_incomplete() {
+    use std::io::{BufRead, BufReader};
+    let fixture = Fixture::shared("pipeline-exit-code");
+    let out = tempfile::tempdir().unwrap();
+    let mut child = fixture
+        .memscope(&[
+            "run",
+            "-q",
+            "--output-dir",
+            out.path().to_str().unwrap(),
+            "--",
+            "--leak-and-hang",
+        ])
+        .spawn();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let pid: u32 = line
+        .strip_prefix("ready ")
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("the program did not start: {line:?}"));
+    // The writer copies running threads' events every 100 ms.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let kill = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + 9), "SIGKILL is 9");
+
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        report["summary"]["complete"], false,
+        "{}",
+        report["summary"]
+    );
+    let leak = report["leaks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["bytes"] == 12_345)
+        .unwrap_or_else(|| panic!("no 12,345-byte block live at the end: {}", report["leaks"]));
+    assert_eq!(leak["blocks"], 1);
+    assert!(
+        leak["location"]["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("src/main.rs"),
+        "{leak}"
+    );
 }
 
 #[test]

@@ -1,0 +1,175 @@
+//! The files of a crate and the module each one holds, found from the crate root the
+//! way rustc finds them: `mod name;` is `name.rs` or `name/mod.rs` in the declaring
+//! module's directory (a non-`mod.rs` file's children live in a directory named after
+//! it), `#[path = "…"]` is relative to the declaring file's directory, and an inline
+//! `mod` nests the directory of the modules it declares. Files that are missing or do
+//! not parse are left out: rustc reports them.
+
+use std::fs;
+use std::path::{Component, Path, PathBuf};
+
+/// Line (1-based) and column (0-based, in characters), as proc-macro2 reports them.
+pub type LineColumn = (usize, usize);
+
+/// One source file of a crate.
+pub struct SourceFile {
+    pub path: PathBuf,
+    /// The module the file is, inside its crate (empty for the crate root).
+    pub module: Vec<String>,
+    pub syntax: syn::File,
+}
+
+/// Every file of the crate whose root file is `root`, the root first.
+pub fn crate_files(root: &Path) -> Vec<SourceFile> {
+    let mut files = Vec::new();
+    let mut queue = vec![(root.to_path_buf(), true, Vec::new())];
+    let mut seen: Vec<PathBuf> = Vec::new();
+    while let Some((path, mod_rs, module)) = queue.pop() {
+        if seen.contains(&path) {
+            continue;
+        }
+        seen.push(path.clone());
+        let Ok(text) = fs::read_to_string(&path) else {
+            continue;
+        };
+        let Ok(syntax) = syn::parse_file(&text) else {
+            continue;
+        };
+        let file_dir = path
+            .parent()
+            .expect("a source file has a directory")
+            .to_path_buf();
+        let module_dir = if mod_rs {
+            file_dir.clone()
+        } else {
+            file_dir.join(path.file_stem().unwrap_or_default())
+        };
+        let mut children = Vec::new();
+        declared_files(
+            &syntax.items,
+            &file_dir,
+            &module_dir,
+            &module,
+            &mut children,
+        );
+        // Popped from the end: reversed, the files come in declaration order.
+        queue.extend(children.into_iter().rev());
+        files.push(SourceFile {
+            path,
+            module,
+            syntax,
+        });
+    }
+    files
+}
+
+/// The module files that `items` declare with `mod name;`: (path, whether children
+/// live beside it like a `mod.rs`'s, module path).
+fn declared_files(
+    items: &[syn::Item],
+    file_dir: &Path,
+    module_dir: &Path,
+    module: &[String],
+    out: &mut Vec<(PathBuf, bool, Vec<String>)>,
+) {
+    for item in items {
+        let syn::Item::Mod(m) = item else { continue };
+        let name = m.ident.to_string();
+        let mut child = module.to_vec();
+        child.push(name.clone());
+        let explicit = path_attribute(&m.attrs);
+        match (&m.content, explicit) {
+            (None, Some(path)) => out.push((file_dir.join(path), true, child)),
+            (None, None) => {
+                let flat = module_dir.join(format!("{name}.rs"));
+                if flat.exists() {
+                    out.push((flat, false, child));
+                } else {
+                    out.push((module_dir.join(&name).join("mod.rs"), true, child));
+                }
+            }
+            (Some((_, inner)), explicit) => {
+                let nested = module_dir.join(explicit.unwrap_or(name));
+                declared_files(inner, file_dir, &nested, &child, out);
+            }
+        }
+    }
+}
+
+/// The value of a `#[path = "…"]` attribute.
+fn path_attribute(attrs: &[syn::Attribute]) -> Option<String> {
+    attrs.iter().find_map(|attr| match &attr.meta {
+        syn::Meta::NameValue(nv) if nv.path.is_ident("path") => match &nv.value {
+            syn::Expr::Lit(syn::ExprLit {
+                lit: syn::Lit::Str(s),
+                ..
+            }) => Some(s.value()),
+            _ => None,
+        },
+        _ => None,
+    })
+}
+
+/// Resolves `.` and `..` without touching the file system.
+pub fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, contents: &str) {
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, contents).unwrap();
+    }
+
+    #[test]
+    fn files_are_found_through_mod_declarations_with_their_module_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        write(
+            &src.join("main.rs"),
+            "mod book;\nmod net;\nmod inline { mod deep; }\n#[path = \"other/x.rs\"]\nmod renamed;\nmod missing;\nfn main() {}\n",
+        );
+        write(&src.join("book.rs"), "mod orders;\n");
+        write(&src.join("book/orders.rs"), "fn f() {}\n");
+        write(&src.join("net/mod.rs"), "mod tcp;\n");
+        write(&src.join("net/tcp.rs"), "");
+        write(&src.join("inline/deep.rs"), "");
+        write(&src.join("other/x.rs"), "");
+
+        let files: Vec<(String, String)> = crate_files(&src.join("main.rs"))
+            .into_iter()
+            .map(|f| {
+                let path = f.path.strip_prefix(&src).unwrap().display().to_string();
+                (path, f.module.join("::"))
+            })
+            .collect();
+
+        let expected = [
+            ("main.rs", ""),
+            ("book.rs", "book"),
+            ("book/orders.rs", "book::orders"),
+            ("net/mod.rs", "net"),
+            ("net/tcp.rs", "net::tcp"),
+            ("inline/deep.rs", "inline::deep"),
+            ("other/x.rs", "renamed"),
+        ];
+        let expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(p, m)| (p.to_string(), m.to_string()))
+            .collect();
+        assert_eq!(files, expected);
+    }
+}
