@@ -499,6 +499,23 @@ fn profile_config(ws: &Workspace, args: &CargoArgs) -> Vec<String> {
     config
 }
 
+/// Fails with a one-line error when `cargo nextest` is not installed.
+pub fn require_nextest() -> anyhow::Result<()> {
+    let found = Command::new(cargo())
+        .args(["nextest", "--version"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !found {
+        bail!(
+            "cargo-nextest is not installed (`cargo nextest --version` failed): install it with `cargo install cargo-nextest --locked`, or run `cargo memscope test` without --nextest"
+        );
+    }
+    Ok(())
+}
+
 /// A test executable that `cargo test --no-run` built.
 #[derive(Debug, Clone)]
 pub struct TestExecutable {
@@ -527,18 +544,28 @@ impl TestBuild<'_> {
     /// `cargo test` in the scratch copy, with the flags of the build; the caller adds
     /// the mode (`--no-run`, or a runner and harness arguments).
     pub fn command(&self) -> anyhow::Result<Command> {
+        self.cargo(&["test"], self.args.build_flags())
+    }
+
+    /// `cargo nextest run` with the same selection and build (cargo's flags in
+    /// nextest's spelling); the caller adds the runner and nextest's arguments.
+    pub fn nextest_command(&self) -> anyhow::Result<Command> {
+        self.cargo(&["nextest", "run"], self.args.nextest_flags())
+    }
+
+    fn cargo(&self, subcommand: &[&str], build_flags: Vec<OsString>) -> anyhow::Result<Command> {
         let manifest = self
             .ws
             .in_scratch(self.scratch, &self.ws.manifest)
             .context("the manifest is outside its workspace")?;
         let mut command = Command::new(cargo());
         command
-            .arg("test")
+            .args(subcommand)
             .arg("--manifest-path")
             .arg(&manifest)
             .args(self.test_flags)
             .args(["--color", if self.color { "always" } else { "never" }])
-            .args(self.args.build_flags())
+            .args(build_flags)
             .args(profile_config(self.ws, self.args))
             .current_dir(working_dir(self.ws, self.scratch))
             .env("CARGO_TARGET_DIR", self.build_dir);

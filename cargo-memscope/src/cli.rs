@@ -23,7 +23,8 @@ the workspace only (repeatable): a module, type or function path (`book`, \
 const EXIT_STATUS_HELP: &str = "\
 Exit status:
   `run` exits with the program's own exit code (128+N when the program is killed
-  by signal N); `test` with cargo test's (101 when a test failed). Otherwise:
+  by signal N); `test` with cargo test's (101 when a test failed), `nextest` with
+  cargo-nextest's (100). Otherwise:
     0  success, and no gate failed
     2  memscope itself failed: bad arguments, no Cargo.toml, no binary to run, a
        build failure, a missing or unreadable trace, a program that wrote no trace
@@ -53,6 +54,9 @@ pub enum Command {
     /// Build the tests with the tracking allocator, run them, and report memory per test
     #[command(after_help = EXIT_STATUS_HELP)]
     Test(TestArgs),
+    /// `test --nextest`: run the tests with cargo-nextest, each in its own process
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Nextest(TestArgs),
     /// Run one test executable for `cargo memscope test` (cargo calls it as a runner)
     #[command(name = "__runner", hide = true)]
     Runner {
@@ -97,11 +101,18 @@ pub struct TestArgs {
     #[arg(long, value_name = "PATTERN", value_parser = Pattern::parse, help = INSTRUMENT_HELP)]
     pub instrument: Vec<Pattern>,
 
-    /// Run only the tests whose names contain this string (passed to the harness)
+    /// Run the tests with cargo-nextest (`cargo nextest run`), each in its own process:
+    /// per-test figures come from each test's own process
+    #[arg(long)]
+    pub nextest: bool,
+
+    /// Run only the tests whose names contain this string (passed to the harness, or
+    /// to nextest as a filter)
     #[arg(value_name = "TESTNAME")]
     pub filter: Option<String>,
 
-    /// Arguments for the test harness (after `--`), e.g. `--test-threads=1`
+    /// Arguments for the test harness (after `--`), e.g. `--test-threads=1`; with
+    /// `--nextest`, nextest's emulated harness arguments (`--ignored`, `--exact`, …)
     #[arg(last = true, value_name = "ARGS")]
     pub harness_args: Vec<OsString>,
 
@@ -301,7 +312,7 @@ impl Cli {
     pub fn color_enabled(&self) -> bool {
         match &self.command {
             Command::Run(args) => args.output.color.enabled(),
-            Command::Test(args) => args.output.color.enabled(),
+            Command::Test(args) | Command::Nextest(args) => args.output.color.enabled(),
             Command::Runner { .. } => false,
             Command::Report(args) => args.output.color.enabled(),
         }
@@ -376,24 +387,44 @@ impl CargoArgs {
     /// The flags that pass through unchanged to `cargo build` only; the selection
     /// (`--manifest-path`, `-p`, `--bin`, `--example`) is resolved by memscope.
     pub fn build_flags(&self) -> Vec<OsString> {
+        self.spelled(["--profile", "--jobs", "--verbose", "--quiet"])
+    }
+
+    /// The build flags in `cargo nextest run`'s spelling, where `--profile`, `-j`, `-v`
+    /// and `-q` mean nextest's own settings.
+    pub fn nextest_flags(&self) -> Vec<OsString> {
+        self.spelled([
+            "--cargo-profile",
+            "--build-jobs",
+            "--cargo-verbose",
+            "--cargo-quiet",
+        ])
+    }
+
+    /// The build flags, `--profile`, `--jobs`, `--verbose` and `--quiet` spelled as
+    /// given.
+    fn spelled(
+        &self,
+        [profile_flag, jobs_flag, verbose_flag, quiet_flag]: [&str; 4],
+    ) -> Vec<OsString> {
         let mut flags = self.resolution_flags();
         if self.release {
             flags.push("--release".into());
         }
         if let Some(profile) = &self.profile {
-            flags.extend(["--profile".into(), profile.into()]);
+            flags.extend([profile_flag.into(), profile.into()]);
         }
         if let Some(target) = &self.target {
             flags.extend(["--target".into(), target.into()]);
         }
         if let Some(jobs) = &self.jobs {
-            flags.extend(["--jobs".into(), jobs.into()]);
+            flags.extend([jobs_flag.into(), jobs.into()]);
         }
         for _ in 0..self.verbose {
-            flags.push("--verbose".into());
+            flags.push(verbose_flag.into());
         }
         if self.quiet {
-            flags.push("--quiet".into());
+            flags.push(quiet_flag.into());
         }
         flags
     }
@@ -486,6 +517,40 @@ mod tests {
             ]
         );
         assert_eq!(run.cargo.profile_name(), "bench");
+    }
+
+    #[test]
+    fn nextest_gets_cargo_flags_in_its_own_spelling() {
+        let cli = parse(&[
+            "cargo-memscope",
+            "nextest",
+            "--profile",
+            "ci",
+            "-j",
+            "2",
+            "-v",
+            "-q",
+        ]);
+        let Command::Nextest(test) = cli.command else {
+            panic!("expected nextest")
+        };
+        let flags: Vec<String> = test
+            .cargo
+            .nextest_flags()
+            .into_iter()
+            .map(|f| f.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            flags,
+            [
+                "--cargo-profile",
+                "ci",
+                "--build-jobs",
+                "2",
+                "--cargo-verbose",
+                "--cargo-quiet"
+            ]
+        );
     }
 
     #[test]

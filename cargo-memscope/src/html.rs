@@ -28,7 +28,7 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::instrument::{Scope, Task, VarRef, Variable};
-use crate::libtest::{TestBinary, TestResult};
+use crate::pertest::{TestBinary, TestResult};
 use crate::report::{
     Basis, InternalGroup, Leak, Location, Problem, Process, Report, Site, Summary, Thread, Timeline,
 };
@@ -820,6 +820,7 @@ mod tests {
                 live_bytes_at_exit: 4096,
                 first_event_ns: Some(10),
                 last_event_ns: Some(2_000_000),
+                without_harness: None,
             }],
             timeline: vec![Timeline {
                 pid: 7,
@@ -859,7 +860,7 @@ mod tests {
     /// instrumented and test ones included.
     fn hostile_report() -> Report {
         use crate::instrument::{Figures, RcCounts, Zombie};
-        use crate::libtest::{TestLeak, TestThread};
+        use crate::pertest::{TestLeak, TestThread};
         let stack = vec![
             frame(BREAKOUT, EVIL, 3),
             frame("app::main", "/ws/src/main.rs", 9),
@@ -930,12 +931,14 @@ mod tests {
             binary: EVIL.into(),
             name: EVIL.into(),
             outcome: "failed".into(),
+            pid: Some(7),
             allocations: Some(3),
             reallocations: Some(0),
             bytes_allocated: Some(4096),
             peak_bytes: Some(4096),
             leaked_blocks: Some(1),
             leaked_bytes: Some(4096),
+            harness: None,
             leaks: vec![TestLeak {
                 site: 0,
                 location,

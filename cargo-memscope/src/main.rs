@@ -11,6 +11,7 @@ mod html;
 mod instrument;
 mod libtest;
 mod modules;
+mod pertest;
 mod replay;
 mod report;
 mod rewrite;
@@ -51,6 +52,10 @@ fn try_main(cli: cli::Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Run(args) => run::run(&args),
         Command::Test(args) => suite::test(&args),
+        Command::Nextest(args) => suite::test(&cli::TestArgs {
+            nextest: true,
+            ..args
+        }),
         Command::Runner { command } => runner::run(&command),
         Command::Report(args) => run::report(&args).map(|()| EXIT_SUCCESS),
     }

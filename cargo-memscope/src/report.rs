@@ -39,23 +39,12 @@ pub struct ReportOptions {
     pub progress: bool,
 }
 
-/// What the caller needs back: where the reports are and the figures gates look at.
-#[derive(Debug, Clone)]
-pub struct Outcome {
-    pub json_path: PathBuf,
-    pub html_path: PathBuf,
-    pub leaked_blocks: u64,
-    pub leaked_bytes: u64,
-    pub peak_bytes: u64,
-    /// False when a trace ended early (killed process, truncated file).
-    pub complete: bool,
-}
-
 /// Reads the traces, analyses them, writes the reports and prints the terminal summary.
 #[cfg(test)]
-pub fn generate(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<Outcome> {
+pub fn generate(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<Report> {
     let report = build(traces, options)?;
-    write(&report, options)
+    write(&report, options)?;
+    Ok(report)
 }
 
 /// Reads the traces and analyses them into the report model.
@@ -77,8 +66,9 @@ pub fn build(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<Repo
     Ok(merge(processes))
 }
 
-/// Writes the reports of `report` and prints the terminal summary.
-pub fn write(report: &Report, options: &ReportOptions) -> anyhow::Result<Outcome> {
+/// Writes the reports of `report` and prints the terminal summary; returns the path of
+/// `report.html` (for `--open`).
+pub fn write(report: &Report, options: &ReportOptions) -> anyhow::Result<PathBuf> {
     fs::create_dir_all(&options.output_dir).with_context(|| {
         format!(
             "failed to create the report directory {}",
@@ -95,14 +85,7 @@ pub fn write(report: &Report, options: &ReportOptions) -> anyhow::Result<Outcome
     let text = crate::summary::render(report, &[&json_path, &html_path], options);
     eprint!("{text}");
 
-    Ok(Outcome {
-        json_path,
-        html_path,
-        leaked_blocks: report.summary.leaked_blocks,
-        leaked_bytes: report.summary.leaked_bytes,
-        peak_bytes: report.summary.peak_bytes,
-        complete: report.summary.complete,
-    })
+    Ok(html_path)
 }
 
 fn write_json(report: &Report, path: &Path) -> anyhow::Result<()> {
@@ -131,9 +114,9 @@ pub struct Report {
     pub problems: Vec<Problem>,
     /// `cargo memscope test` only: one entry per test binary run, and per test.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub test_binaries: Vec<crate::libtest::TestBinary>,
+    pub test_binaries: Vec<crate::pertest::TestBinary>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tests: Vec<crate::libtest::TestResult>,
+    pub tests: Vec<crate::pertest::TestResult>,
     /// Instrumentation (`#[memscope::instrument]`): the scope tree, variables, tasks.
     #[serde(default)]
     pub scopes: Vec<crate::instrument::Scope>,
@@ -288,6 +271,22 @@ pub struct Thread {
     pub first_event_ns: Option<u64>,
     #[serde(default)]
     pub last_event_ns: Option<u64>,
+    /// In a test binary: the figures without the blocks that libtest's harness and
+    /// std's bookkeeping allocated on this thread (`tests[]` are made of these);
+    /// `null` in other programs.
+    #[serde(default)]
+    pub without_harness: Option<ThreadFigures>,
+}
+
+/// A thread's figures for part of its blocks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadFigures {
+    pub allocations: u64,
+    pub reallocations: u64,
+    pub bytes_allocated: u64,
+    pub peak_bytes: u64,
+    pub live_blocks_at_exit: u64,
+    pub live_bytes_at_exit: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -354,8 +353,15 @@ struct FrameKey(
 );
 
 impl FrameKey {
-    fn of(f: &Frame) -> FrameKey {
-        let address = f.function.is_none().then(|| f.address.clone());
+    /// A frame without a function name is known by its place in its object file, not
+    /// by its address, which ASLR changes from one process to the next.
+    fn of(f: &Frame, symbolizer: &Symbolizer) -> FrameKey {
+        let address = f.function.is_none().then(|| {
+            u64::from_str_radix(f.address.trim_start_matches("0x"), 16)
+                .ok()
+                .and_then(|addr| symbolizer.file_offset(addr))
+                .unwrap_or_else(|| f.address.clone())
+        });
         FrameKey(
             f.function.clone(),
             f.file.clone(),
@@ -430,7 +436,8 @@ fn analyse(trace: &Trace, options: &ReportOptions, progress: &Progress) -> Analy
 
     let peak_time = ns(snap.totals.peak_ts);
     let summary = process_summary(&snap, &sites, &damage, trace, peak_time, problems_found);
-    let threads = threads(&snap, &tables, pid, ns);
+    let without_harness = without_harness(trace, &snap, &sites, options);
+    let threads = threads(&snap, without_harness.as_ref(), &tables, pid, ns);
     let timeline = Timeline {
         pid,
         unit: if clock.is_some() { "ns" } else { "ticks" }.into(),
@@ -532,7 +539,7 @@ fn site_drafts(
                 None
             };
             SiteDraft {
-                key: stack.iter().map(FrameKey::of).collect(),
+                key: stack.iter().map(|f| FrameKey::of(f, symbolizer)).collect(),
                 site: Site {
                     id: 0,
                     location,
@@ -596,8 +603,38 @@ fn process_summary(
     }
 }
 
+/// In a test binary (a process in which libtest's harness allocated), each thread's
+/// figures without the blocks of libtest's harness and of std's bookkeeping: a second
+/// pass over the events that leaves those blocks out (`tests[]` are made of these).
+fn without_harness(
+    trace: &Trace,
+    snap: &Snapshot,
+    sites: &[SiteDraft],
+    options: &ReportOptions,
+) -> Option<FxHashMap<u32, replay::ThreadStats>> {
+    let mut libtest = false;
+    let mut harness = rustc_hash::FxHashSet::default();
+    for (stats, draft) in snap.sites.iter().zip(sites) {
+        if stats.internal || stats.stack == 0 {
+            continue;
+        }
+        let stack = &draft.site.stack;
+        let ours = symbols::libtest_harness(stack);
+        libtest |= ours;
+        if ours || symbols::std_bookkeeping(stack, &options.user_roots).is_some() {
+            harness.insert(stats.stack);
+        }
+    }
+    if !libtest {
+        return None;
+    }
+    let events = replay::without_blocks(trace.events(), |stack| harness.contains(&stack));
+    Some(replay::replay(events).threads)
+}
+
 fn threads(
     snap: &Snapshot,
+    without_harness: Option<&FxHashMap<u32, replay::ThreadStats>>,
     tables: &Tables,
     pid: u32,
     ns: impl Fn(u64) -> Option<u64>,
@@ -628,6 +665,17 @@ fn threads(
                 live_bytes_at_exit: s.live_bytes,
                 first_event_ns: s.first_ts.and_then(&ns),
                 last_event_ns: s.first_ts.and_then(|_| ns(s.last_ts)),
+                without_harness: without_harness.map(|w| {
+                    let own = w.get(&id).cloned().unwrap_or_default();
+                    ThreadFigures {
+                        allocations: own.allocations,
+                        reallocations: own.reallocations,
+                        bytes_allocated: own.bytes_allocated,
+                        peak_bytes: own.peak_bytes,
+                        live_blocks_at_exit: own.live_blocks,
+                        live_bytes_at_exit: own.live_bytes,
+                    }
+                }),
             }
         })
         .collect()
@@ -968,8 +1016,9 @@ mod tests {
         }
     }
 
-    fn read_json(outcome: &Outcome) -> serde_json::Value {
-        serde_json::from_str(&fs::read_to_string(&outcome.json_path).unwrap()).unwrap()
+    fn read_json(dir: &Path) -> serde_json::Value {
+        let json = fs::read_to_string(options(dir).output_dir.join("report.json")).unwrap();
+        serde_json::from_str(&json).unwrap()
     }
 
     fn program(end: Option<u64>) -> TraceBytes {
@@ -1007,8 +1056,8 @@ mod tests {
     fn report_json_has_the_schema_version_and_exact_figures() {
         let dir = tempfile::tempdir().unwrap();
         let trace = program(Some(60)).write(dir.path(), "p.mstrace");
-        let outcome = generate(&[trace], &options(dir.path())).unwrap();
-        let json = read_json(&outcome);
+        let report = generate(&[trace], &options(dir.path())).unwrap();
+        let json = read_json(dir.path());
         assert_eq!(json["schema_version"], 1);
         let s = &json["summary"];
         let field = |name: &str| s[name].as_u64().unwrap();
@@ -1025,12 +1074,9 @@ mod tests {
         assert_eq!((field("leaked_blocks"), field("leaked_bytes")), (1, 4096));
         assert_eq!(field("problems"), 1);
         assert_eq!(s["complete"], true);
+        let totals = &report.summary;
         assert_eq!(
-            (
-                outcome.leaked_blocks,
-                outcome.leaked_bytes,
-                outcome.peak_bytes
-            ),
+            (totals.leaked_blocks, totals.leaked_bytes, totals.peak_bytes),
             (1, 4096, 4396)
         );
 
@@ -1053,8 +1099,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = program(Some(60)).write(dir.path(), "a.mstrace");
         let b = program(Some(60)).write(dir.path(), "b.mstrace");
-        let outcome = generate(&[a, b], &options(dir.path())).unwrap();
-        let json = read_json(&outcome);
+        generate(&[a, b], &options(dir.path())).unwrap();
+        let json = read_json(dir.path());
         assert_eq!(json["summary"]["allocations"], 4);
         assert_eq!(json["summary"]["peak_bytes"], 2 * 4396);
         assert_eq!(json["summary"]["peak_time_ns"], serde_json::Value::Null);
@@ -1069,9 +1115,9 @@ mod tests {
     fn a_trace_without_its_end_gives_an_incomplete_report_of_what_was_recorded() {
         let dir = tempfile::tempdir().unwrap();
         let trace = program(None).write(dir.path(), "p.mstrace");
-        let outcome = generate(&[trace], &options(dir.path())).unwrap();
-        assert!(!outcome.complete);
-        let json = read_json(&outcome);
+        let report = generate(&[trace], &options(dir.path())).unwrap();
+        assert!(!report.summary.complete);
+        let json = read_json(dir.path());
         assert_eq!(json["summary"]["complete"], false);
         assert_eq!(json["summary"]["allocations"], 2);
         assert_eq!(json["summary"]["problems"], 0);

@@ -174,9 +174,9 @@ pub(crate) fn generate(
     open: bool,
 ) -> anyhow::Result<report::Report> {
     let report = report::build(traces, options).context("failed to build the report")?;
-    let outcome = report::write(&report, options).context("failed to write the report")?;
+    let html = report::write(&report, options).context("failed to write the report")?;
     if open {
-        crate::html::open(&outcome.html_path);
+        crate::html::open(&html);
     }
     Ok(report)
 }

@@ -1,14 +1,17 @@
-//! The runner cargo calls for each test executable under `cargo memscope test`
-//! (`target.'cfg(all())'.runner`): it gives the executable a trace directory of its
-//! own, passes its stdout through while keeping a copy (the harness's result lines
-//! say which tests ran and how they ended), and records how it ended in `run.json`.
-//! Everything else (environment, working directory, order, fail-fast) is cargo's.
+//! The runner cargo (or nextest) calls for each test executable under
+//! `cargo memscope test` (`target.'cfg(all())'.runner`): it gives the executable a
+//! trace directory of its own, passes its stdout through while keeping a copy (the
+//! harness's result lines say which tests ran and how they ended), and records how it
+//! ended in `run.json`. `--list` runs (nextest lists each binary's tests first) are
+//! recorded too, their traces dropped. After libtest's terse output (`-q`), which names
+//! only failures, it lists the selected tests itself. Everything else (environment,
+//! working directory, order, fail-fast, nextest's process per test) is the caller's.
 
 use std::ffi::OsString;
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
@@ -25,6 +28,10 @@ pub struct BinaryRun {
     /// `None` when a signal ended it.
     pub exit_code: Option<i32>,
     pub stdout: String,
+    /// A `--list` run (nextest's, or memscope's own after terse output): it ran no
+    /// test, and its trace was dropped.
+    #[serde(default)]
+    pub listing: bool,
 }
 
 /// `cargo-memscope __runner <executable> [args…]`.
@@ -35,14 +42,48 @@ pub fn run(command: &[OsString]) -> anyhow::Result<u8> {
     let Some((executable, args)) = command.split_first() else {
         bail!("`__runner` needs an executable to run");
     };
-    let dir = fresh_dir(Path::new(&root))?;
+    let root = Path::new(&root);
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let (run, status) = run_child(root, Path::new(executable), &args, true)?;
+    if !run.listing && crate::libtest::is_terse(&run.stdout) {
+        list_tests(root, &run)?;
+    }
+    Ok(crate::run::exit_code(status))
+}
+
+/// Runs the executable with its own trace directory (dropped for a `--list` run),
+/// passes its stdout through when `pass_through` while keeping a copy, and records the
+/// run in `run.json`.
+fn run_child(
+    root: &Path,
+    executable: &Path,
+    args: &[String],
+    pass_through: bool,
+) -> anyhow::Result<(BinaryRun, ExitStatus)> {
+    let dir = fresh_dir(root)?;
+    let listing = args.iter().any(|a| a == "--list");
+    let traces = if listing {
+        dir.join("dropped")
+    } else {
+        dir.clone()
+    };
+    fs::create_dir_all(&traces)
+        .with_context(|| format!("failed to create {}", traces.display()))?;
     let mut child = Command::new(executable)
         .args(args)
-        .env("MEMSCOPE_OUT", &dir)
+        .env("MEMSCOPE_OUT", &traces)
         .env_remove(DIR_ENV)
         .stdout(Stdio::piped())
+        .stderr(if pass_through {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .spawn()
-        .with_context(|| format!("failed to start {}", executable.to_string_lossy()))?;
+        .with_context(|| format!("failed to start {}", executable.display()))?;
     let pid = child.id();
     let _signals = crate::run::signals::Relay::install(pid);
     let mut stdout = child.stdout.take().expect("stdout is piped");
@@ -53,8 +94,10 @@ pub fn run(command: &[OsString]) -> anyhow::Result<u8> {
         match stdout.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
-                let _ = out.write_all(&buf[..n]);
-                let _ = out.flush();
+                if pass_through {
+                    let _ = out.write_all(&buf[..n]);
+                    let _ = out.flush();
+                }
                 kept.extend_from_slice(&buf[..n]);
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -64,20 +107,36 @@ pub fn run(command: &[OsString]) -> anyhow::Result<u8> {
     let status = child
         .wait()
         .context("failed to wait for the test executable")?;
+    if listing {
+        let _ = fs::remove_dir_all(&traces);
+    }
     let record = BinaryRun {
-        executable: PathBuf::from(executable),
-        args: args
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect(),
+        executable: executable.to_path_buf(),
+        args: args.to_vec(),
         pid,
         exit_code: status.code(),
         stdout: String::from_utf8_lossy(&kept).into_owned(),
+        listing,
     };
     let json = serde_json::to_vec(&record).expect("plain data serializes");
     fs::write(dir.join("run.json"), json)
         .with_context(|| format!("failed to write {}", dir.join("run.json").display()))?;
-    Ok(crate::run::exit_code(status))
+    Ok((record, status))
+}
+
+/// After terse output (`-q`), which names only failed tests: asks the harness, with the
+/// same arguments, which tests they select (`--list`) and which of those are ignored
+/// (`--list --ignored`), so that every test still gets its row.
+fn list_tests(root: &Path, run: &BinaryRun) -> anyhow::Result<()> {
+    let has = |flag: &str| run.args.iter().any(|a| a == flag);
+    let mut all = run.args.clone();
+    all.push("--list".into());
+    run_child(root, &run.executable, &all, false)?;
+    if !has("--ignored") && !has("--include-ignored") {
+        all.push("--ignored".into());
+        run_child(root, &run.executable, &all, false)?;
+    }
+    Ok(())
 }
 
 /// A new numbered directory under `root` (binaries run one at a time, but a

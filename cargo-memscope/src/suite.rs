@@ -1,7 +1,8 @@
 //! `cargo memscope test` end to end: install the tracking allocator in every test
 //! crate of the scratch copy, build the tests (`cargo test --no-run`), run them with
-//! `cargo test` through [`crate::runner`] (one trace directory per test binary), then
-//! one report with a section per binary and per test, the gates, and CI output.
+//! `cargo test` (or `cargo nextest run`, one process per test) through
+//! [`crate::runner`] (one trace directory per process), then one report with a section
+//! per binary and per test, the gates, and CI output.
 //!
 //! Doc tests are not tracked: rustdoc compiles them without memscope's allocator, so
 //! they are not run (`--doc` is refused with that reason).
@@ -14,12 +15,14 @@ use anyhow::{bail, Context};
 
 use crate::cargo::{self, TestExecutable, Workspace};
 use crate::cli::TestArgs;
-use crate::libtest::{self, BinaryInfo};
+use crate::libtest;
+use crate::pertest::{self, BinaryInfo, ProcessInfo};
 use crate::report::{self, Report};
 use crate::rewrite::{self, CrateRoot};
 use crate::run::{self, Layout};
+use crate::runner::{self, BinaryRun};
 use crate::summary::{bytes_short as bytes, plural};
-use crate::{embedded, gate, runner, scratch};
+use crate::{embedded, gate, scratch};
 
 /// `cargo memscope test`: returns the exit code to end with.
 pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
@@ -27,6 +30,9 @@ pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
         bail!(
             "doc tests are not tracked: rustdoc builds them without memscope's allocator; run them with `cargo test --doc`"
         );
+    }
+    if args.nextest {
+        cargo::require_nextest()?;
     }
     let ws = cargo::load_workspace(&args.cargo)?;
     let gates = gate::Gates::load(&args.gate)?;
@@ -43,8 +49,7 @@ pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
     )
     .context("failed to update the scratch copy of the workspace")?;
     let crates = crate_roots(&ws);
-    let rewrite =
-        rewrite::apply_crates(&ws, &crates, &args.instrument, &layout.scratch, &runtime)?;
+    let rewrite = rewrite::apply_crates(&ws, &crates, &args.instrument, &layout.scratch, &runtime)?;
     if args.cargo.verbose > 0 {
         rewrite.describe();
     }
@@ -62,7 +67,11 @@ pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
     let executables = build.build()?;
 
     let trace_dir = layout.new_trace_dir()?;
-    let mut command = build.command()?;
+    let mut command = if args.nextest {
+        build.nextest_command()?
+    } else {
+        build.command()?
+    };
     let me = std::env::current_exe().context("failed to locate cargo-memscope itself")?;
     let runner = format!(
         "target.'cfg(all())'.runner=[{}, \"__runner\"]",
@@ -74,12 +83,23 @@ pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
     if args.no_stacks {
         command.env("MEMSCOPE_STACKS", "0");
     }
-    command.arg("--");
-    if let Some(filter) = &args.filter {
-        command.arg(filter);
+    if args.nextest {
+        // nextest takes the name filter itself, and emulates harness arguments.
+        command.args(&args.filter);
+        command.arg("--");
+    } else {
+        command.arg("--");
+        command.args(&args.filter);
     }
     command.args(&args.harness_args);
-    let status = command.status().context("failed to run `cargo test`")?;
+    let status = command.status().with_context(|| {
+        let tool = if args.nextest {
+            "cargo nextest run"
+        } else {
+            "cargo test"
+        };
+        format!("failed to run `{tool}`")
+    })?;
     let code = run::exit_code(status);
 
     let outcome = report_tests(&trace_dir, &layout, &executables, &options, args);
@@ -187,10 +207,75 @@ fn report_tests(
 ) -> anyhow::Result<Report> {
     let runs = runner::collect(trace_dir)?;
     let mut traces = Vec::new();
-    let mut infos = Vec::new();
     for (dir, run) in &runs {
-        traces.extend(run::trace_files(dir)?);
-        let Some(run) = run else { continue };
+        if !run.as_ref().is_some_and(|r| r.listing) {
+            traces.extend(run::trace_files(dir)?);
+        }
+    }
+    if traces.is_empty() {
+        bail!(
+            "no test binary wrote a trace to {} (did any test binary run?)",
+            trace_dir.display()
+        );
+    }
+    let runs: Vec<&BinaryRun> = runs.iter().filter_map(|(_, run)| run.as_ref()).collect();
+    let filtered = args.filter.is_some() || !args.harness_args.is_empty();
+    let infos = binaries(&runs, layout, executables, args.nextest, filtered);
+    let mut report = report::build(&traces, options).context("failed to build the report")?;
+    let (binaries, tests) = pertest::attribute(&report, &infos);
+    report.test_binaries = binaries;
+    report.tests = tests;
+    let html = report::write(&report, options).context("failed to write the report")?;
+    eprint!("{}", render(&report, options.color));
+    if args.output.open {
+        crate::html::open(&html);
+    }
+    Ok(report)
+}
+
+/// The test binaries that ran, each with its processes (one, or one per test under
+/// nextest) and the tests each reported, in the order they started.
+fn binaries(
+    runs: &[&BinaryRun],
+    layout: &Layout,
+    executables: &[TestExecutable],
+    nextest: bool,
+    filtered: bool,
+) -> Vec<BinaryInfo> {
+    let mut infos: Vec<BinaryInfo> = Vec::new();
+    for run in runs.iter().filter(|r| !r.listing) {
+        let listing = listing_of(runs, &run.executable);
+        let mut outcomes = libtest::parse_harness(&run.stdout);
+        let terse = outcomes.is_empty() && libtest::is_terse(&run.stdout);
+        if terse {
+            outcomes = libtest::parse_terse(&run.stdout, &listing);
+        }
+        if nextest && outcomes.is_empty() {
+            // The harness died before reporting its one test (`--exact NAME`).
+            if let Some(name) = exact_name(&run.args) {
+                outcomes.push(libtest::Outcome {
+                    name,
+                    outcome: if run.exit_code == Some(0) {
+                        "passed"
+                    } else {
+                        "failed"
+                    }
+                    .into(),
+                });
+            }
+        }
+        let process = ProcessInfo {
+            pid: run.pid,
+            exit_code: run.exit_code,
+            outcomes,
+            alone: nextest,
+            completion_order: !terse,
+        };
+        let executable = run.executable.display().to_string();
+        if let Some(info) = infos.iter_mut().find(|i| i.executable == executable) {
+            info.processes.push(process);
+            continue;
+        }
         let built = executables.iter().find(|e| e.executable == run.executable);
         let binary = built
             .map(|e| {
@@ -200,49 +285,51 @@ fn report_tests(
                     .display()
                     .to_string()
             })
-            .unwrap_or_else(|| run.executable.display().to_string());
-        let pid = run::trace_files(dir)?
-            .iter()
-            .filter_map(|p| trace_pid(p))
-            .find(|&pid| pid == run.pid)
-            .or(Some(run.pid));
+            .unwrap_or_else(|| executable.clone());
         infos.push(BinaryInfo {
             binary,
             package: built.map(|e| e.package.clone()).unwrap_or_default(),
             kind: built.map(|e| e.kind.clone()).unwrap_or_default(),
             target: built.map(|e| e.target.clone()).unwrap_or_default(),
-            executable: run.executable.display().to_string(),
-            pid,
-            exit_code: run.exit_code,
-            outcomes: libtest::parse_harness(&run.stdout),
+            executable,
+            processes: vec![process],
+            // nextest skips ignored tests after listing them; with a filter, some of
+            // them were not selected at all, so none is claimed.
+            ignored: if nextest && !filtered {
+                listing.ignored
+            } else {
+                Vec::new()
+            },
         });
     }
-    if traces.is_empty() {
-        bail!(
-            "no test binary wrote a trace to {} (did any test binary run?)",
-            trace_dir.display()
-        );
-    }
-    let mut report = report::build(&traces, options).context("failed to build the report")?;
-    let (binaries, tests) = libtest::attribute(&report, &infos);
-    report.test_binaries = binaries;
-    report.tests = tests;
-    let outcome = report::write(&report, options).context("failed to write the report")?;
-    eprint!("{}", render(&report, options.color));
-    if args.output.open {
-        crate::html::open(&outcome.html_path);
-    }
-    Ok(report)
+    infos
 }
 
-/// The pid in a trace file's name (`memscope-<pid>-<ns>.mstrace`).
-fn trace_pid(path: &Path) -> Option<u32> {
-    let name = path.file_name()?.to_str()?;
-    name.strip_prefix("memscope-")?
-        .split('-')
-        .next()?
-        .parse()
-        .ok()
+/// What the `--list` runs of an executable said.
+fn listing_of(runs: &[&BinaryRun], executable: &Path) -> libtest::Listing {
+    let mut listing = libtest::Listing::default();
+    for run in runs
+        .iter()
+        .filter(|r| r.listing && r.executable == executable)
+    {
+        let names = libtest::parse_list(&run.stdout);
+        if run.args.iter().any(|a| a == "--ignored") {
+            listing.ignored = names;
+        } else {
+            listing.tests = names;
+        }
+    }
+    listing
+}
+
+/// The test name of `--exact NAME` (how nextest runs one test).
+fn exact_name(args: &[String]) -> Option<String> {
+    if !args.iter().any(|a| a == "--exact") {
+        return None;
+    }
+    let mut names = args.iter().filter(|a| !a.starts_with('-'));
+    let name = names.next()?;
+    names.next().is_none().then(|| name.clone())
 }
 
 /// The per-test part of the terminal summary: every test that leaked, the largest

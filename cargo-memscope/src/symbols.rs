@@ -168,6 +168,22 @@ impl Symbolizer {
         out
     }
 
+    /// Where a return address is in its object file (`path+0xoffset`): the same in
+    /// every process that loaded the file, wherever ASLR put it; `None` outside every
+    /// module.
+    pub fn file_offset(&self, addr: u64) -> Option<String> {
+        let pc = addr.saturating_sub(1);
+        let object = self
+            .modules
+            .iter()
+            .find(|o| o.module.start <= pc && pc < o.module.end)?;
+        Some(format!(
+            "{}+{:#x}",
+            object.module.path,
+            addr.wrapping_sub(object.module.bias)
+        ))
+    }
+
     /// What could be symbolized, per object file that was needed.
     pub fn status(&self) -> Vec<ModuleStatus> {
         self.modules
@@ -458,6 +474,20 @@ pub fn std_bookkeeping(frames: &[Frame], user_roots: &[PathBuf]) -> Option<Strin
     }
 }
 
+/// Whether a stack is libtest's harness at work rather than a test: the innermost
+/// frame of libtest (the crate `test`) is one of its own functions, not
+/// `test::__rust_begin_short_backtrace`, which calls the test function. So the block
+/// that captures a test's output and the blocks of the channel that reports its result
+/// are the harness's, even on the test's own thread.
+pub fn libtest_harness(frames: &[Frame]) -> bool {
+    frames
+        .iter()
+        .filter_map(|f| f.function.as_deref())
+        .map(function_path)
+        .find(|path| path.starts_with("test::"))
+        .is_some_and(|path| !path.starts_with("test::__rust_begin_short_backtrace"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -657,6 +687,28 @@ mod tests {
         assert!(std_bookkeeping(&stds, &roots)
             .unwrap()
             .contains("stdin buffer"));
+    }
+
+    #[test]
+    fn libtests_own_work_is_told_from_the_test_it_runs() {
+        let f = |name: &str| frame(name, "/rustc/x/library/test/src/lib.rs");
+        let send = f("<std::sync::mpsc::Sender<test::event::CompletedTest>>::send");
+        let harness = f("test::run_test_in_process");
+        let begin = f("test::__rust_begin_short_backtrace::<core::result::Result<(), alloc::string::String>, fn() -> core::result::Result<(), alloc::string::String>>");
+        let user = frame("my_crate::tests::leaks", "/ws/src/lib.rs");
+        let body = [user.clone(), begin.clone(), harness.clone()];
+        assert!(!libtest_harness(&body));
+        assert!(libtest_harness(&[send, harness.clone(), begin.clone()]));
+        // A test that runs libtest's code itself is still the test.
+        assert!(!libtest_harness(&[
+            frame("alloc::vec::Vec<T>::push", "/rustc/x.rs"),
+            user,
+            begin
+        ]));
+        assert!(!libtest_harness(&[frame(
+            "my_crate::main",
+            "/ws/src/main.rs"
+        )]));
     }
 
     #[test]

@@ -225,11 +225,15 @@ fn copy_dir(from: &Path, to: &Path) {
 /// `cargo memscope <args>` run in `dir` with only the environment a build needs.
 pub fn memscope_command(dir: &Path, args: &[&str]) -> MemscopeCommand {
     let mut command = Command::new(cargo_memscope());
-    command
-        .arg("memscope")
-        .args(args)
-        .current_dir(dir)
-        .env_clear();
+    command.arg("memscope").args(args).current_dir(dir);
+    clean_env(&mut command);
+    MemscopeCommand(command, None)
+}
+
+/// Clears `command`'s environment but for what a build needs (PATH, HOME, cargo's and
+/// rustup's homes, the toolchain, TMPDIR, USER).
+pub fn clean_env(command: &mut Command) {
+    command.env_clear();
     for key in [
         "PATH",
         "HOME",
@@ -243,7 +247,6 @@ pub fn memscope_command(dir: &Path, args: &[&str]) -> MemscopeCommand {
             command.env(key, value);
         }
     }
-    MemscopeCommand(command, None)
 }
 
 /// A `cargo memscope` command about to run.
@@ -304,4 +307,94 @@ impl Output {
     pub fn last_stderr_line(&self) -> &str {
         self.stderr.lines().last().unwrap_or("")
     }
+}
+
+/// A `cargo memscope test` (or `nextest`) run on a shared fixture, with its report.
+pub struct TestRun {
+    pub output: Output,
+    /// `report.json`, or `null` when the run wrote none.
+    pub report: serde_json::Value,
+    /// The report directory (`--output-dir`), kept as long as the run.
+    pub out: tempfile::TempDir,
+}
+
+/// Runs `cargo memscope <args> --output-dir OUT` on the shared copy of `fixture`, with
+/// `{out}` in `args` replaced by OUT, and `env` added to the clean environment.
+pub fn test_run(fixture: &'static str, args: &[&str], env: &[(&str, &str)]) -> TestRun {
+    let fixture = Fixture::shared(fixture);
+    let out = tempfile::tempdir().expect("a temporary directory");
+    let dir = out.path().to_str().expect("a UTF-8 temporary path");
+    let mut args: Vec<String> = args.iter().map(|a| a.replace("{out}", dir)).collect();
+    let at = args.iter().position(|a| a == "--").unwrap_or(args.len());
+    args.splice(at..at, ["--output-dir".to_owned(), dir.to_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut command = fixture.memscope(&args);
+    for (key, value) in env {
+        command = command.env(key, value);
+    }
+    let output = command.run();
+    let report = fs::read_to_string(out.path().join("report.json"))
+        .map(|json| serde_json::from_str(&json).expect("report.json is valid JSON"))
+        .unwrap_or(serde_json::Value::Null);
+    TestRun {
+        output,
+        report,
+        out,
+    }
+}
+
+impl TestRun {
+    /// The entry of `tests[]` named `name`.
+    pub fn test(&self, name: &str) -> &serde_json::Value {
+        self.entry("tests", "name", name)
+    }
+
+    /// The entry of `test_binaries[]` whose `binary` is `binary`.
+    pub fn binary(&self, binary: &str) -> &serde_json::Value {
+        self.entry("test_binaries", "binary", binary)
+    }
+
+    /// The gate failures memscope printed, one line each.
+    pub fn gate_failures(&self) -> Vec<&str> {
+        self.output
+            .stderr
+            .lines()
+            .filter(|l| l.contains("gate failed"))
+            .collect()
+    }
+
+    fn entry(&self, list: &str, key: &str, value: &str) -> &serde_json::Value {
+        let found: Vec<&serde_json::Value> = self.report[list]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {list}[] in the report: {:#?}", self.output))
+            .iter()
+            .filter(|e| e[key] == value)
+            .collect();
+        match found[..] {
+            [one] => one,
+            _ => panic!(
+                "{} entries of {list}[] with {key} {value:?}: {:#}",
+                found.len(),
+                self.report[list]
+            ),
+        }
+    }
+}
+
+/// A `tests[]` entry's `[allocations, reallocations, bytes_allocated, peak_bytes,
+/// leaked_blocks, leaked_bytes]`.
+pub fn figures(test: &serde_json::Value) -> [u64; 6] {
+    [
+        "allocations",
+        "reallocations",
+        "bytes_allocated",
+        "peak_bytes",
+        "leaked_blocks",
+        "leaked_bytes",
+    ]
+    .map(|f| {
+        test[f]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {f} in {test:#}"))
+    })
 }
