@@ -33,7 +33,8 @@ use toml_edit::{DocumentMut, InlineTable, Item, Table, TableLike, Value};
 use crate::cargo::{DepKind, Program, ProgramKind, Workspace};
 use crate::embedded::write_if_changed;
 
-const RUNTIME_PACKAGE: &str = "memscope-runtime";
+/// The runtime's package name (its profile is set apart in `cargo::profile_config`).
+pub const RUNTIME_PACKAGE: &str = "memscope-runtime";
 /// The runtime's library name, which is the crate name of an unrenamed dependency.
 const RUNTIME_LIB: &str = "memscope";
 const ALLOCATOR_STATIC: &str = "__MEMSCOPE_ALLOC";
