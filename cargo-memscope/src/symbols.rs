@@ -380,10 +380,16 @@ pub fn site_frame(frames: &[Frame], user_roots: &[PathBuf]) -> (Option<usize>, S
 /// - the stack-overflow handler's per-thread information:
 ///   `std::sys::pal::unix::stack_overflow`;
 /// - thread spawn hooks (`std::thread::spawnhook`), which libtest's harness adds;
+/// - the debug information std caches the first time it symbolizes a backtrace (a
+///   panic with `RUST_BACKTRACE` set, `Backtrace::force_capture`): see
+///   [`backtrace_cache`];
 /// - anything std allocates while starting or shutting down the process: under
 ///   `std::rt::lang_start_internal` but not under the user's `main` (which runs inside
 ///   `__rust_begin_short_backtrace`).
 pub fn std_bookkeeping(frames: &[Frame], user_roots: &[PathBuf]) -> Option<String> {
+    if let Some(evidence) = backtrace_cache(frames) {
+        return Some(evidence);
+    }
     const PREFIXES: &[(&str, &str)] = &[
         (
             "std::io::stdio::stdin::",
@@ -450,6 +456,61 @@ pub fn std_bookkeeping(frames: &[Frame], user_roots: &[PathBuf]) -> Option<Strin
         )),
         _ => None,
     }
+}
+
+/// Whether a block belongs to std's symbolization cache: the mappings and parsed
+/// DWARF that `std::backtrace_rs::symbolize::gimli` keeps in a static for the rest of
+/// the process once it has resolved one frame (tens of megabytes in a debug build).
+/// The allocation must come from the symbolizer itself: between it and the first
+/// `std::backtrace_rs::symbolize` frame only the symbolizer's code, the crates std
+/// vendors for it (gimli, addr2line, object, …), `core` and `alloc`, so that what a
+/// caller's callback allocates while symbols are resolved (the names kept in a
+/// `std::backtrace::Backtrace`, say) is not taken for the cache.
+fn backtrace_cache(frames: &[Frame]) -> Option<String> {
+    const SYMBOLIZER: &str = "std::backtrace_rs::symbolize::";
+    for frame in frames {
+        let Some(f) = frame.function.as_deref() else {
+            continue;
+        };
+        if function_path(f).starts_with(SYMBOLIZER) {
+            return Some(format!(
+                "allocated under `{f}`: std's cache of debug information for symbolizing backtraces, kept until exit"
+            ));
+        }
+        if !symbolizer_plumbing(frame) {
+            return None;
+        }
+    }
+    None
+}
+
+/// A frame of `core`, `alloc`, std's vendored backtrace code or the crates vendored
+/// with it: by file where the frame has one, else by function path.
+fn symbolizer_plumbing(frame: &Frame) -> bool {
+    if let Some(file) = frame.file.as_deref() {
+        let library = |part: &str| file.starts_with("/rustc/") && file.contains(part);
+        return library("/library/core/")
+            || library("/library/alloc/")
+            || library("/../../backtrace/src/")
+            || file.starts_with("/rust/deps/");
+    }
+    const CRATES: &[&str] = &[
+        "alloc::",
+        "core::",
+        "gimli::",
+        "addr2line::",
+        "object::",
+        "miniz_oxide::",
+        "rustc_demangle::",
+        "memchr::",
+        "hashbrown::",
+    ];
+    let path = frame
+        .function
+        .as_deref()
+        .map(function_path)
+        .unwrap_or_default();
+    CRATES.iter().any(|c| path.starts_with(c))
 }
 
 #[cfg(test)]
@@ -634,6 +695,61 @@ mod tests {
         assert!(std_bookkeeping(&stds, &roots)
             .unwrap()
             .contains("stdin buffer"));
+    }
+
+    #[test]
+    fn stds_backtrace_cache_is_bookkeeping_but_a_users_backtrace_is_not() {
+        let roots = vec![PathBuf::from("/home/u/app")];
+        let rs = |f: &str| {
+            frame(
+                f,
+                "/rustc/abc/library/std/src/../../backtrace/src/symbolize/gimli.rs",
+            )
+        };
+        let dep = |f: &str| frame(f, "/rust/deps/gimli-0.32.3/src/read/abbrev.rs");
+        let grow = frame(
+            "<alloc::raw_vec::RawVecInner>::finish_grow",
+            "/rustc/abc/library/alloc/src/raw_vec/mod.rs",
+        );
+        let mapping = rs("<std::backtrace_rs::symbolize::gimli::Cache>::mapping_for_lib");
+        let resolve = rs("std::backtrace_rs::symbolize::gimli::resolve::{closure#1}");
+        let test = frame("app::tests::panics", "/home/u/app/src/lib.rs");
+        let from_elem = frame(
+            "<u8 as alloc::vec::spec_from_elem::SpecFromElem>::from_elem::<alloc::alloc::Global>",
+            "/rustc/abc/library/alloc/src/vec/spec_from_elem.rs",
+        );
+        let no_file = Frame {
+            file: None,
+            ..frame("<gimli::read::abbrev::Attributes>::push", "")
+        };
+        let cache = [
+            grow.clone(),
+            from_elem,
+            no_file,
+            dep("<gimli::read::abbrev::Attributes>::push"),
+            dep("<addr2line::Context<gimli::read::endian_slice::EndianSlice<gimli::endianity::LittleEndian>>>::from_dwarf"),
+            rs("<&mut <std::backtrace_rs::symbolize::gimli::Context>::new::{closure#0} as core::ops::function::FnOnce<(gimli::common::SectionId,)>>::call_once"),
+            rs("<std::backtrace_rs::symbolize::gimli::Context>::new"),
+            mapping.clone(),
+            resolve.clone(),
+            test.clone(),
+        ];
+        assert!(std_bookkeeping(&cache, &roots)
+            .unwrap()
+            .contains("symbolizing backtraces"));
+        // The name a captured `Backtrace` keeps is allocated by its own callback, under
+        // the symbolizer's frames: the capture's, not the cache's.
+        let named = [
+            grow,
+            frame(
+                "<std::backtrace::Capture>::resolve::{closure#0}",
+                "/rustc/abc/library/std/src/backtrace.rs",
+            ),
+            resolve,
+            mapping,
+            test,
+        ];
+        assert_eq!(std_bookkeeping(&named, &roots), None);
     }
 
     #[test]

@@ -1,0 +1,41 @@
+//! Regressions found by running popular crates' own test suites under
+//! `cargo memscope test` (`benches/realworld/run.sh`), each reduced to a fixture.
+
+use memscope_e2e::Fixture;
+use serde_json::Value;
+
+fn report(fixture: &Fixture) -> Value {
+    let path = fixture.target_dir().join("memscope/report/report.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("report.json is JSON")
+}
+
+/// With `RUST_BACKTRACE=1` (as many CI setups have it), the first panic symbolizes a
+/// backtrace and std keeps the parsed debug information in a static: smallvec's and
+/// bytes's suites showed tens of megabytes "leaked" by their first `should_panic` test.
+#[test]
+fn stds_backtrace_cache_is_not_a_tests_leak() {
+    let fixture = Fixture::shared("test-backtrace");
+    let out = fixture.memscope(&["test"]).env("RUST_BACKTRACE", "1").run();
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let report = report(&fixture);
+    let binaries = report["test_binaries"].as_array().unwrap();
+    assert_eq!(binaries.len(), 1, "{binaries:?}");
+    assert_eq!(binaries[0]["passed"], 2);
+    assert_eq!(report["summary"]["leaked_blocks"], 0, "{}", report["leaks"]);
+    for test in report["tests"].as_array().unwrap() {
+        assert_eq!(test["leaked_blocks"], 0, "{test}");
+    }
+    let cache: Vec<&Value> = report["runtime_internal"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| {
+            g["evidence"]
+                .as_str()
+                .is_some_and(|e| e.contains("symbolizing backtraces"))
+        })
+        .collect();
+    assert!(!cache.is_empty(), "{}", report["runtime_internal"]);
+    assert!(cache.iter().all(|g| g["origin"] == "std"));
+}
