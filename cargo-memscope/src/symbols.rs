@@ -383,11 +383,13 @@ pub fn site_frame(frames: &[Frame], user_roots: &[PathBuf]) -> (Option<usize>, S
 /// - the debug information std caches the first time it symbolizes a backtrace (a
 ///   panic with `RUST_BACKTRACE` set, `Backtrace::force_capture`): see
 ///   [`backtrace_cache`];
+/// - a spawned thread's start-up state, while the thread runs: see
+///   [`spawned_thread_state`];
 /// - anything std allocates while starting or shutting down the process: under
 ///   `std::rt::lang_start_internal` but not under the user's `main` (which runs inside
 ///   `__rust_begin_short_backtrace`).
 pub fn std_bookkeeping(frames: &[Frame], user_roots: &[PathBuf]) -> Option<String> {
-    if let Some(evidence) = backtrace_cache(frames) {
+    if let Some(evidence) = backtrace_cache(frames).or_else(|| spawned_thread_state(frames)) {
         return Some(evidence);
     }
     const PREFIXES: &[(&str, &str)] = &[
@@ -482,6 +484,44 @@ fn backtrace_cache(frames: &[Frame]) -> Option<String> {
         }
     }
     None
+}
+
+/// A spawned thread's start-up state, which the spawning thread allocates and the
+/// thread keeps until it ends: std's result packet and boxed main closure (allocated
+/// directly by `spawn_unchecked`), and libtest's buffer for a test's captured output,
+/// shared with every thread the test spawns (allocated directly by
+/// `run_test_in_process`). Live at exit, the thread was still running (serde_json's
+/// suite leaves a server thread blocked in `accept`): what valgrind calls reachable
+/// from that thread. Decided by the innermost frame outside `core` and `alloc`, so
+/// that what the thread itself allocates (under `spawn_unchecked`'s closures) is not.
+fn spawned_thread_state(frames: &[Frame]) -> Option<String> {
+    let frame = frames.iter().find(|f| !core_or_alloc(f))?;
+    let f = frame.function.as_deref()?;
+    match function_path(f).trim_end_matches("::") {
+        "std::thread::lifecycle::spawn_unchecked" | "std::thread::Builder::spawn_unchecked_" => {
+            Some(format!(
+                "allocated by `{f}`: std's state for a spawned thread (result packet, closure), kept until the thread ends; live at exit while the thread still runs"
+            ))
+        }
+        "test::run_test_in_process" => Some(format!(
+            "allocated by `{f}`: libtest's buffer for a test's captured output, kept until the threads the test spawned end; live at exit while one still runs"
+        )),
+        _ => None,
+    }
+}
+
+fn core_or_alloc(frame: &Frame) -> bool {
+    match (frame.file.as_deref(), frame.function.as_deref()) {
+        (Some(file), _) => {
+            file.starts_with("/rustc/")
+                && (file.contains("/library/core/") || file.contains("/library/alloc/"))
+        }
+        (None, Some(f)) => {
+            let path = function_path(f);
+            path.starts_with("core::") || path.starts_with("alloc::")
+        }
+        (None, None) => false,
+    }
 }
 
 /// A frame of `core`, `alloc`, std's vendored backtrace code or the crates vendored
@@ -750,6 +790,46 @@ mod tests {
             test,
         ];
         assert_eq!(std_bookkeeping(&named, &roots), None);
+    }
+
+    #[test]
+    fn a_running_threads_start_up_state_is_bookkeeping_but_what_it_allocates_is_not() {
+        let roots = vec![PathBuf::from("/home/u/app")];
+        let lib = |f: &str, file: &str| frame(f, &format!("/rustc/abc/library/{file}"));
+        let arc = lib("<alloc::sync::Arc<T>>::new", "alloc/src/sync.rs");
+        let spawn = lib(
+            "std::thread::lifecycle::spawn_unchecked::<app::serve::{closure#0}, ()>",
+            "std/src/thread/lifecycle.rs",
+        );
+        let spawn_fn = lib(
+            "std::thread::functions::spawn",
+            "std/src/thread/functions.rs",
+        );
+        let user = frame("app::serve", "/home/u/app/src/lib.rs");
+        let packet = [arc.clone(), spawn.clone(), spawn_fn, user.clone()];
+        assert!(std_bookkeeping(&packet, &roots)
+            .unwrap()
+            .contains("spawned thread"));
+        let capture = [
+            arc.clone(),
+            lib("test::run_test_in_process", "test/src/lib.rs"),
+            lib("test::run_test::{closure#0}", "test/src/lib.rs"),
+        ];
+        assert!(std_bookkeeping(&capture, &roots)
+            .unwrap()
+            .contains("captured output"));
+        // The thread's own allocations run under `spawn_unchecked`'s closures.
+        let inside = lib(
+            "std::thread::lifecycle::spawn_unchecked::<app::serve::{closure#0}, ()>::{closure#1}::{closure#0}",
+            "std/src/thread/lifecycle.rs",
+        );
+        let in_thread = [arc.clone(), user.clone(), inside.clone()];
+        assert_eq!(std_bookkeeping(&in_thread, &roots), None);
+        let vec = lib(
+            "<alloc::vec::Vec<u8>>::with_capacity",
+            "alloc/src/vec/mod.rs",
+        );
+        assert_eq!(std_bookkeeping(&[vec, inside], &roots), None);
     }
 
     #[test]
