@@ -1,5 +1,5 @@
 //! Regressions found by running popular crates' own test suites under
-//! `cargo memscope test` (`benches/realworld/run.sh`), each reduced to a fixture.
+//! `cargo memscope test` (`benches/realworld/run.py`), each reduced to a fixture.
 
 use memscope_e2e::Fixture;
 use serde_json::Value;
