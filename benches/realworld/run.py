@@ -29,6 +29,9 @@ Columns:
   executables, run as `cargo test` runs them (cwd = package root), plainly and
   through `cargo-memscope __runner` (what `cargo memscope test` runs each executable
   with: trace written, stdout kept); traces are written to the work directory.
+- `cargo test s` / `cargo memscope test s`: median wall time of the whole commands
+  with everything already built: cargo's own start-up on both sides, and on
+  memscope's the scratch copy's sync and the analysis and reports as well.
 """
 
 import argparse
@@ -199,9 +202,11 @@ def timed(cmd, cwd, env):
 
 
 def timing(src, plain_exes, tracked_exes, scratch_pkg, memscope, work, reps):
-    """Median over `reps` of the summed wall time of all executables, plain and through
-    memscope's runner, alternating so that both see the same machine."""
-    plain, tracked = [], []
+    """Medians over `reps`, alternating so that both sides see the same machine:
+    the summed wall time of all test executables, plainly and through memscope's
+    runner; and the whole commands, `cargo test --tests` and `cargo memscope test`,
+    with everything already built (the latter includes the analysis and reports)."""
+    plain, tracked, cargo_plain, cargo_tracked = [], [], [], []
     runs_dir = work / "timing-runs"
     env = {**os.environ, "CARGO_MANIFEST_DIR": str(src)}
     for _ in range(reps):
@@ -210,8 +215,16 @@ def timing(src, plain_exes, tracked_exes, scratch_pkg, memscope, work, reps):
         runs_dir.mkdir(parents=True)
         tenv = {**os.environ, "CARGO_MANIFEST_DIR": str(scratch_pkg), "MEMSCOPE_TEST_RUN": str(runs_dir)}
         tracked.append(sum(timed([memscope, "__runner", exe], scratch_pkg, tenv) for exe in tracked_exes))
-    shutil.rmtree(runs_dir, ignore_errors=True)
-    return statistics.median(plain), statistics.median(tracked)
+        shutil.rmtree(runs_dir, ignore_errors=True)
+        cargo_plain.append(timed(["cargo", "test", "--tests", *locked(src)], src, os.environ))
+        out = work / "timing-report"
+        cargo_tracked.append(
+            timed([memscope, "memscope", "test", *locked(src), "--output-dir", str(out)], src, os.environ)
+        )
+        # Each `cargo memscope test` keeps its traces: only the latest run is needed.
+        for old in sorted(glob.glob(str(src / "target" / "memscope" / "traces" / "*")))[:-1]:
+            shutil.rmtree(old, ignore_errors=True)
+    return tuple(statistics.median(t) for t in (plain, tracked, cargo_plain, cargo_tracked))
 
 
 def main():
@@ -267,8 +280,8 @@ def main():
                         )
         log(f"{name} {version}: timing ({args.reps} repetitions)")
         tracked_exes = [exe for (_, _, exe) in tracked["per_binary"].values()]
-        t_plain, t_tracked = timing(src, plain_exes, tracked_exes, scratch_pkg, memscope, work, args.reps)
-        rows.append((name, version, plain_counts, plain_code, tracked, vg_lost, vg_reach, t_plain, t_tracked))
+        times = timing(src, plain_exes, tracked_exes, scratch_pkg, memscope, work, args.reps)
+        rows.append((name, version, plain_counts, plain_code, tracked, vg_lost, vg_reach, times))
         for leak in tracked["leaks"][:5]:
             loc = leak.get("location") or {}
             notes.append(
@@ -280,10 +293,14 @@ def main():
     def pf(c):
         return f"{c[0]}/{c[1]}/{c[2]}"
 
+    def ratio(a, b):
+        return f"{b / a:.2f}x" if a > 0 else "-"
+
     header = ("crate", "tests plain p/f/i", "tests tracked p/f/i", "memscope leaked", "valgrind lost",
-              "valgrind reachable", "plain s", "tracked s", "ratio")
+              "valgrind reachable", "plain s", "tracked s", "ratio", "cargo test s", "cargo memscope test s",
+              "ratio")
     table = [header]
-    for name, version, pc, pcode, tr, lost, reach, tp, tt in rows:
+    for name, version, pc, pcode, tr, lost, reach, (tp, tt, cp, ct) in rows:
         table.append((
             f"{name} {version}",
             pf(pc) + ("" if pcode == 0 else f" (exit {pcode})"),
@@ -293,7 +310,10 @@ def main():
             "-" if reach is None else f"{reach[0]} / {reach[1]} B",
             f"{tp:.2f}",
             f"{tt:.2f}",
-            f"{tt / tp:.2f}x" if tp > 0 else "-",
+            ratio(tp, tt),
+            f"{cp:.2f}",
+            f"{ct:.2f}",
+            ratio(cp, ct),
         ))
     widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
     print()
