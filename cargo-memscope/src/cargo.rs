@@ -482,15 +482,35 @@ fn working_dir(ws: &Workspace, scratch: &Path) -> PathBuf {
         .unwrap_or_else(|| scratch.to_path_buf())
 }
 
-/// Line tables and symbols for the chosen profile, so stacks resolve to source.
+/// Line tables and symbols for the chosen profile, so stacks resolve to source; and
+/// memscope's runtime optimized, without debug assertions, whatever the profile: the
+/// allocator hook runs on every allocation, and unoptimized (as in `cargo test`'s
+/// default profile) it made a test suite several times slower than untracked.
 fn profile_config(ws: &Workspace, args: &CargoArgs) -> Vec<String> {
-    let profile = args.profile_name();
     let manifest = std::fs::read_to_string(ws.root.join("Cargo.toml")).unwrap_or_default();
+    profile_settings(&manifest, args.profile_name())
+}
+
+/// [`profile_config`]'s `--config` arguments for `profile` given the root manifest.
+fn profile_settings(manifest: &str, profile: &str) -> Vec<String> {
     let mut config = vec![
         "--config".to_owned(),
         format!("profile.{profile}.strip=false"),
     ];
-    if debug_level(&manifest, profile) < LINE_TABLES_ONLY {
+    for setting in [
+        "opt-level=3",
+        "debug-assertions=false",
+        "overflow-checks=false",
+    ] {
+        config.extend([
+            "--config".to_owned(),
+            format!(
+                "profile.{profile}.package.{}.{setting}",
+                crate::rewrite::RUNTIME_PACKAGE
+            ),
+        ]);
+    }
+    if debug_level(manifest, profile) < LINE_TABLES_ONLY {
         config.extend([
             "--config".to_owned(),
             format!("profile.{profile}.debug=\"line-tables-only\""),
@@ -787,6 +807,21 @@ mod tests {
         assert_eq!(debug_level(manifest, "slim"), 0);
         assert_eq!(debug_level("", "release"), 0);
         assert_eq!(debug_level("", "bench"), 0);
+    }
+
+    #[test]
+    fn the_runtime_is_optimized_whatever_the_profile() {
+        for profile in ["dev", "release", "custom"] {
+            let config = profile_settings("", profile);
+            for setting in [
+                "opt-level=3",
+                "debug-assertions=false",
+                "overflow-checks=false",
+            ] {
+                let want = format!("profile.{profile}.package.memscope-runtime.{setting}");
+                assert!(config.contains(&want), "{want} missing from {config:?}");
+            }
+        }
     }
 
     #[test]

@@ -37,7 +37,8 @@ use crate::cargo::{DepKind, Program, ProgramKind, Workspace};
 use crate::embedded::write_if_changed;
 use crate::modules::{self, normalize, LineColumn, SourceFile};
 
-const RUNTIME_PACKAGE: &str = "memscope-runtime";
+/// The runtime's package name (its profile is set apart in `cargo::profile_config`).
+pub const RUNTIME_PACKAGE: &str = "memscope-runtime";
 /// The runtime's library name, which is the crate name of an unrenamed dependency.
 const RUNTIME_LIB: &str = "memscope";
 const ALLOCATOR_STATIC: &str = "__MEMSCOPE_ALLOC";

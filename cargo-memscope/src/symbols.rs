@@ -396,12 +396,18 @@ pub fn site_frame(frames: &[Frame], user_roots: &[PathBuf]) -> (Option<usize>, S
 /// - the stack-overflow handler's per-thread information:
 ///   `std::sys::pal::unix::stack_overflow`;
 /// - thread spawn hooks (`std::thread::spawnhook`), which libtest's harness adds;
-/// - the debug information std reads to print a panic's backtrace (with
-///   `RUST_BACKTRACE` set) and caches until exit: `std::backtrace_rs::symbolize`;
+/// - the debug information std caches the first time it symbolizes a backtrace (a
+///   panic with `RUST_BACKTRACE` set, `Backtrace::force_capture`): see
+///   [`backtrace_cache`];
+/// - a spawned thread's start-up state, while the thread runs: see
+///   [`spawned_thread_state`];
 /// - anything std allocates while starting or shutting down the process: under
 ///   `std::rt::lang_start_internal` but not under the user's `main` (which runs inside
 ///   `__rust_begin_short_backtrace`).
 pub fn std_bookkeeping(frames: &[Frame], user_roots: &[PathBuf]) -> Option<String> {
+    if let Some(evidence) = backtrace_cache(frames).or_else(|| spawned_thread_state(frames)) {
+        return Some(evidence);
+    }
     const PREFIXES: &[(&str, &str)] = &[
         (
             "std::io::stdio::stdin::",
@@ -436,10 +442,6 @@ pub fn std_bookkeeping(frames: &[Frame], user_roots: &[PathBuf]) -> Option<Strin
             // in the main thread's thread-local list, which is never dropped.
             "std::thread::spawnhook::",
             "a thread spawn hook, kept in the main thread's list until exit",
-        ),
-        (
-            "std::backtrace_rs::symbolize::",
-            "debug information std read to print a backtrace, cached until exit",
         ),
     ];
     for frame in frames {
@@ -486,6 +488,99 @@ pub fn libtest_harness(frames: &[Frame]) -> bool {
         .map(function_path)
         .find(|path| path.starts_with("test::"))
         .is_some_and(|path| !path.starts_with("test::__rust_begin_short_backtrace"))
+}
+
+/// Whether a block belongs to std's symbolization cache: the mappings and parsed
+/// DWARF that `std::backtrace_rs::symbolize::gimli` keeps in a static for the rest of
+/// the process once it has resolved one frame (tens of megabytes in a debug build).
+/// The allocation must come from the symbolizer itself: between it and the first
+/// `std::backtrace_rs::symbolize` frame only the symbolizer's code, the crates std
+/// vendors for it (gimli, addr2line, object, …), `core` and `alloc`, so that what a
+/// caller's callback allocates while symbols are resolved (the names kept in a
+/// `std::backtrace::Backtrace`, say) is not taken for the cache.
+fn backtrace_cache(frames: &[Frame]) -> Option<String> {
+    const SYMBOLIZER: &str = "std::backtrace_rs::symbolize::";
+    for frame in frames {
+        let Some(f) = frame.function.as_deref() else {
+            continue;
+        };
+        if function_path(f).starts_with(SYMBOLIZER) {
+            return Some(format!(
+                "allocated under `{f}`: std's cache of debug information for symbolizing backtraces, kept until exit"
+            ));
+        }
+        if !symbolizer_plumbing(frame) {
+            return None;
+        }
+    }
+    None
+}
+
+/// A spawned thread's start-up state, which the spawning thread allocates and the
+/// thread keeps until it ends: std's result packet and boxed main closure (allocated
+/// directly by `spawn_unchecked`), and libtest's buffer for a test's captured output,
+/// shared with every thread the test spawns (allocated directly by
+/// `run_test_in_process`). Live at exit, the thread was still running (serde_json's
+/// suite leaves a server thread blocked in `accept`): what valgrind calls reachable
+/// from that thread. Decided by the innermost frame outside `core` and `alloc`, so
+/// that what the thread itself allocates (under `spawn_unchecked`'s closures) is not.
+fn spawned_thread_state(frames: &[Frame]) -> Option<String> {
+    let frame = frames.iter().find(|f| !core_or_alloc(f))?;
+    let f = frame.function.as_deref()?;
+    match function_path(f).trim_end_matches("::") {
+        "std::thread::lifecycle::spawn_unchecked" | "std::thread::Builder::spawn_unchecked_" => {
+            Some(format!(
+                "allocated by `{f}`: std's state for a spawned thread (result packet, closure), kept until the thread ends; live at exit while the thread still runs"
+            ))
+        }
+        "test::run_test_in_process" => Some(format!(
+            "allocated by `{f}`: libtest's buffer for a test's captured output, kept until the threads the test spawned end; live at exit while one still runs"
+        )),
+        _ => None,
+    }
+}
+
+fn core_or_alloc(frame: &Frame) -> bool {
+    match (frame.file.as_deref(), frame.function.as_deref()) {
+        (Some(file), _) => {
+            file.starts_with("/rustc/")
+                && (file.contains("/library/core/") || file.contains("/library/alloc/"))
+        }
+        (None, Some(f)) => {
+            let path = function_path(f);
+            path.starts_with("core::") || path.starts_with("alloc::")
+        }
+        (None, None) => false,
+    }
+}
+
+/// A frame of `core`, `alloc`, std's vendored backtrace code or the crates vendored
+/// with it: by file where the frame has one, else by function path.
+fn symbolizer_plumbing(frame: &Frame) -> bool {
+    if let Some(file) = frame.file.as_deref() {
+        let library = |part: &str| file.starts_with("/rustc/") && file.contains(part);
+        return library("/library/core/")
+            || library("/library/alloc/")
+            || library("/../../backtrace/src/")
+            || file.starts_with("/rust/deps/");
+    }
+    const CRATES: &[&str] = &[
+        "alloc::",
+        "core::",
+        "gimli::",
+        "addr2line::",
+        "object::",
+        "miniz_oxide::",
+        "rustc_demangle::",
+        "memchr::",
+        "hashbrown::",
+    ];
+    let path = frame
+        .function
+        .as_deref()
+        .map(function_path)
+        .unwrap_or_default();
+    CRATES.iter().any(|c| path.starts_with(c))
 }
 
 #[cfg(test)]
@@ -645,23 +740,6 @@ mod tests {
     }
 
     #[test]
-    fn the_debug_information_std_caches_for_backtraces_is_stds_bookkeeping() {
-        let roots = vec![PathBuf::from("/home/u/app")];
-        let parse = frame(
-            "<gimli::read::abbrev::Abbreviations>::insert",
-            "/rustc/abc/library/vendor/gimli/src/read/abbrev.rs",
-        );
-        let context = frame(
-            "<std::backtrace_rs::symbolize::gimli::Context>::new",
-            "/rustc/abc/library/std/src/../../backtrace/src/symbolize/gimli.rs",
-        );
-        let user = frame("app::main::{closure#0}", "/home/u/app/src/main.rs");
-        assert!(std_bookkeeping(&[parse, context, user], &roots)
-            .unwrap()
-            .contains("backtrace"));
-    }
-
-    #[test]
     fn a_users_own_reader_of_stdin_is_not_stds_bookkeeping() {
         let roots = vec![PathBuf::from("/home/u/app")];
         let user = frame("app::main", "/home/u/app/src/main.rs");
@@ -709,6 +787,101 @@ mod tests {
             "my_crate::main",
             "/ws/src/main.rs"
         )]));
+    }
+
+    #[test]
+    fn stds_backtrace_cache_is_bookkeeping_but_a_users_backtrace_is_not() {
+        let roots = vec![PathBuf::from("/home/u/app")];
+        let rs = |f: &str| {
+            frame(
+                f,
+                "/rustc/abc/library/std/src/../../backtrace/src/symbolize/gimli.rs",
+            )
+        };
+        let dep = |f: &str| frame(f, "/rust/deps/gimli-0.32.3/src/read/abbrev.rs");
+        let grow = frame(
+            "<alloc::raw_vec::RawVecInner>::finish_grow",
+            "/rustc/abc/library/alloc/src/raw_vec/mod.rs",
+        );
+        let mapping = rs("<std::backtrace_rs::symbolize::gimli::Cache>::mapping_for_lib");
+        let resolve = rs("std::backtrace_rs::symbolize::gimli::resolve::{closure#1}");
+        let test = frame("app::tests::panics", "/home/u/app/src/lib.rs");
+        let from_elem = frame(
+            "<u8 as alloc::vec::spec_from_elem::SpecFromElem>::from_elem::<alloc::alloc::Global>",
+            "/rustc/abc/library/alloc/src/vec/spec_from_elem.rs",
+        );
+        let no_file = Frame {
+            file: None,
+            ..frame("<gimli::read::abbrev::Attributes>::push", "")
+        };
+        let cache = [
+            grow.clone(),
+            from_elem,
+            no_file,
+            dep("<gimli::read::abbrev::Attributes>::push"),
+            dep("<addr2line::Context<gimli::read::endian_slice::EndianSlice<gimli::endianity::LittleEndian>>>::from_dwarf"),
+            rs("<&mut <std::backtrace_rs::symbolize::gimli::Context>::new::{closure#0} as core::ops::function::FnOnce<(gimli::common::SectionId,)>>::call_once"),
+            rs("<std::backtrace_rs::symbolize::gimli::Context>::new"),
+            mapping.clone(),
+            resolve.clone(),
+            test.clone(),
+        ];
+        assert!(std_bookkeeping(&cache, &roots)
+            .unwrap()
+            .contains("symbolizing backtraces"));
+        // The name a captured `Backtrace` keeps is allocated by its own callback, under
+        // the symbolizer's frames: the capture's, not the cache's.
+        let named = [
+            grow,
+            frame(
+                "<std::backtrace::Capture>::resolve::{closure#0}",
+                "/rustc/abc/library/std/src/backtrace.rs",
+            ),
+            resolve,
+            mapping,
+            test,
+        ];
+        assert_eq!(std_bookkeeping(&named, &roots), None);
+    }
+
+    #[test]
+    fn a_running_threads_start_up_state_is_bookkeeping_but_what_it_allocates_is_not() {
+        let roots = vec![PathBuf::from("/home/u/app")];
+        let lib = |f: &str, file: &str| frame(f, &format!("/rustc/abc/library/{file}"));
+        let arc = lib("<alloc::sync::Arc<T>>::new", "alloc/src/sync.rs");
+        let spawn = lib(
+            "std::thread::lifecycle::spawn_unchecked::<app::serve::{closure#0}, ()>",
+            "std/src/thread/lifecycle.rs",
+        );
+        let spawn_fn = lib(
+            "std::thread::functions::spawn",
+            "std/src/thread/functions.rs",
+        );
+        let user = frame("app::serve", "/home/u/app/src/lib.rs");
+        let packet = [arc.clone(), spawn.clone(), spawn_fn, user.clone()];
+        assert!(std_bookkeeping(&packet, &roots)
+            .unwrap()
+            .contains("spawned thread"));
+        let capture = [
+            arc.clone(),
+            lib("test::run_test_in_process", "test/src/lib.rs"),
+            lib("test::run_test::{closure#0}", "test/src/lib.rs"),
+        ];
+        assert!(std_bookkeeping(&capture, &roots)
+            .unwrap()
+            .contains("captured output"));
+        // The thread's own allocations run under `spawn_unchecked`'s closures.
+        let inside = lib(
+            "std::thread::lifecycle::spawn_unchecked::<app::serve::{closure#0}, ()>::{closure#1}::{closure#0}",
+            "std/src/thread/lifecycle.rs",
+        );
+        let in_thread = [arc.clone(), user.clone(), inside.clone()];
+        assert_eq!(std_bookkeeping(&in_thread, &roots), None);
+        let vec = lib(
+            "<alloc::vec::Vec<u8>>::with_capacity",
+            "alloc/src/vec/mod.rs",
+        );
+        assert_eq!(std_bookkeeping(&[vec, inside], &roots), None);
     }
 
     #[test]

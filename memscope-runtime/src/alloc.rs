@@ -42,8 +42,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Alloc<A> {
         // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract for `layout`.
         let ptr = unsafe { self.inner.alloc(layout) };
         if !ptr.is_null() {
-            measure::on_alloc(layout.size());
-            recorder::on_alloc(ptr, layout, false);
+            after_alloc(ptr, layout, false);
         }
         ptr
     }
@@ -53,8 +52,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Alloc<A> {
         // SAFETY: the caller upholds `GlobalAlloc::alloc_zeroed`'s contract.
         let ptr = unsafe { self.inner.alloc_zeroed(layout) };
         if !ptr.is_null() {
-            measure::on_alloc(layout.size());
-            recorder::on_alloc(ptr, layout, true);
+            after_alloc(ptr, layout, true);
         }
         ptr
     }
@@ -62,23 +60,51 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Alloc<A> {
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // Recorded first: once the inner allocator has it, the address may be reused.
-        measure::on_free(layout.size());
-        recorder::on_free(ptr);
+        before_free(ptr, layout);
         // SAFETY: the caller upholds `GlobalAlloc::dealloc`'s contract.
         unsafe { self.inner.dealloc(ptr, layout) }
     }
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let ts_before = recorder::before_realloc(ptr);
+        let ts_before = before_realloc(ptr);
         // SAFETY: the caller upholds `GlobalAlloc::realloc`'s contract.
         let new = unsafe { self.inner.realloc(ptr, layout, new_size) };
         if !new.is_null() {
-            measure::on_realloc(layout.size(), new_size);
-            recorder::on_realloc(ptr, new, layout, new_size, ts_before);
+            after_realloc(ptr, new, layout, new_size, ts_before);
         }
         new
     }
+}
+
+// The hooks proper. `Alloc`'s methods are generic, so they are compiled in the crate
+// that declares the `#[global_allocator]`, with that crate's optimization level (none
+// under `cargo test`'s default profile); these are not generic and never inlined, so
+// they are compiled once, here, with the runtime's (which `cargo memscope` always
+// optimizes). Inlined into an unoptimized test crate they made regex-syntax's test
+// suite about 3x slower than untracked; out of line, about 1.5x.
+
+#[inline(never)]
+fn after_alloc(ptr: *mut u8, layout: Layout, zeroed: bool) {
+    measure::on_alloc(layout.size());
+    recorder::on_alloc(ptr, layout, zeroed);
+}
+
+#[inline(never)]
+fn before_free(ptr: *mut u8, layout: Layout) {
+    measure::on_free(layout.size());
+    recorder::on_free(ptr);
+}
+
+#[inline(never)]
+fn before_realloc(ptr: *mut u8) -> u64 {
+    recorder::before_realloc(ptr)
+}
+
+#[inline(never)]
+fn after_realloc(ptr: *mut u8, new: *mut u8, layout: Layout, new_size: usize, ts_before: u64) {
+    measure::on_realloc(layout.size(), new_size);
+    recorder::on_realloc(ptr, new, layout, new_size, ts_before);
 }
 
 /// Forwards to an allocator that lives in a `static` of its own, so that a program
