@@ -164,6 +164,41 @@ fn rc_and_arc_are_named_with_their_counts() {
     assert_eq!(names, ["shared", "other"]);
 }
 
+#[test]
+fn a_moved_value_keeps_its_name_and_a_dropped_ones_name_ends_with_its_block() {
+    let r = report("instrument-basic", &["moves"]);
+    // `let kept = draft;` moves the Vec: one block, both names.
+    let leak = leak_named(&r, "draft");
+    assert_eq!(leak["bytes"], 512);
+    let names: Vec<&Value> = leak["variables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| &v["name"])
+        .collect();
+    assert_eq!(names, ["draft", "kept"]);
+    assert_eq!(leak["variables"][0]["basis"], "declared");
+    // `scratch` was dropped: nothing of it is live, and the leak allocated after it
+    // (same size, usually the same address) carries no name.
+    let scratch = by_name(&r["variables"], "scratch");
+    assert_eq!(
+        (
+            scratch["bytes"].as_u64(),
+            scratch["live_bytes_at_exit"].as_u64()
+        ),
+        (Some(256), Some(0))
+    );
+    let unnamed: Vec<&Value> = r["leaks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["location"]["line"] == 73)
+        .collect();
+    assert_eq!(unnamed.len(), 1, "{:#}", r["leaks"]);
+    assert_eq!(unnamed[0]["bytes"], 256);
+    assert_eq!(unnamed[0]["variables"], json!([]), "{:#}", unnamed[0]);
+}
+
 fn assert_tasks(r: &Value) {
     let tasks = &r["tasks"];
     assert_eq!(tasks.as_array().unwrap().len(), 2, "{tasks:#}");
