@@ -96,10 +96,17 @@ impl Suppressions {
     }
 
     /// The first rule that matches a frame of `stack`.
-    pub fn matching(&self, stack: &[Frame], workspace: &Path) -> Option<&Rule> {
-        self.rules
-            .iter()
-            .find(|rule| stack.iter().any(|frame| rule.matches(frame, workspace)))
+    pub fn matching<'f>(
+        &self,
+        stack: impl IntoIterator<Item = &'f Frame> + Clone,
+        workspace: &Path,
+    ) -> Option<&Rule> {
+        self.rules.iter().find(|rule| {
+            stack
+                .clone()
+                .into_iter()
+                .any(|frame| rule.matches(frame, workspace))
+        })
     }
 }
 
@@ -226,7 +233,11 @@ impl Gates {
         report
             .leaks
             .iter()
-            .filter(|leak| self.suppressions.matching(&leak.stack, workspace).is_none())
+            .filter(|leak| {
+                self.suppressions
+                    .matching(report.frames_of(&leak.stack), workspace)
+                    .is_none()
+            })
             .collect()
     }
 
@@ -290,7 +301,11 @@ impl Gates {
                         .leaks
                         .iter()
                         .find(|l| l.site == leak.site)
-                        .is_none_or(|l| self.suppressions.matching(&l.stack, workspace).is_none());
+                        .is_none_or(|l| {
+                            self.suppressions
+                                .matching(report.frames_of(&l.stack), workspace)
+                                .is_none()
+                        });
                     if counted {
                         blocks += leak.blocks;
                         bytes += leak.bytes;

@@ -205,7 +205,7 @@ struct Page<'a> {
     charts: Part<Chart>,
     sites: Part<&'a Site>,
     leaks: Part<&'a Leak>,
-    runtime_internal: Part<&'a InternalGroup>,
+    runtime_internal: Part<WithFrames<'a, InternalGroup>>,
     threads: Part<&'a Thread>,
     problems: Part<&'a Problem>,
     tests: Part<&'a TestResult>,
@@ -218,8 +218,19 @@ struct Page<'a> {
     views: Vec<(&'static str, &'static str, Option<usize>)>,
     frames_shown: usize,
     sites_per_ranking: usize,
+    /// The report's frame table, which the stacks above index.
+    #[serde(skip)]
+    frames: &'a [Frame],
     /// A random token that lets the page's own script run (Content-Security-Policy).
     nonce: String,
+}
+
+/// An item whose stack the template draws itself, with the stack's frames.
+#[derive(Serialize)]
+struct WithFrames<'a, T> {
+    #[serde(flatten)]
+    item: &'a T,
+    frames: Vec<&'a Frame>,
 }
 
 /// An item of a tree, with its depth.
@@ -262,7 +273,13 @@ impl<'a> Page<'a> {
                 total: report.sites.len(),
             },
             leaks: Part::of(&report.leaks, LEAKS_SHOWN),
-            runtime_internal: Part::of(&report.runtime_internal, INTERNAL_SHOWN),
+            runtime_internal: Part::of(
+                report.runtime_internal.iter().map(|g| WithFrames {
+                    item: g,
+                    frames: report.frames_of(&g.stack).collect(),
+                }),
+                INTERNAL_SHOWN,
+            ),
             threads: Part::of(threads, THREADS_SHOWN),
             problems: Part::of(&report.problems, PROBLEMS_SHOWN),
             tests: Part::of(&report.tests, ROWS_SHOWN),
@@ -273,6 +290,7 @@ impl<'a> Page<'a> {
             views: Vec::new(),
             frames_shown: FRAMES_SHOWN,
             sites_per_ranking: SITES_PER_RANKING,
+            frames: &report.frames,
             nonce: nonce(),
         };
         page.views = page.views();
@@ -315,8 +333,10 @@ impl<'a> Page<'a> {
             frames: Vec::new(),
         };
         let mut index: FxHashMap<&Frame, usize> = FxHashMap::default();
+        let table = self.frames;
         let mut add_stack =
-            |data: &mut ScriptData<'a>, id: usize, stack: &'a [Frame], at: Option<&Location>| {
+            |data: &mut ScriptData<'a>, id: usize, stack: &'a [usize], at: Option<&Location>| {
+                let stack: Vec<&'a Frame> = stack.iter().map(|&i| &table[i]).collect();
                 if let Some(i) = at.and_then(|at| stack.iter().position(|f| names(f, at))) {
                     data.site_frames.entry(id).or_insert(i);
                 }
@@ -324,7 +344,7 @@ impl<'a> Page<'a> {
                     let shown = &stack[..stack.len().min(FRAMES_SHOWN)];
                     shown
                         .iter()
-                        .map(|f| {
+                        .map(|&f| {
                             *index.entry(f).or_insert_with(|| {
                                 data.frames.push(FrameData::new(f, user_roots));
                                 data.frames.len() - 1
@@ -697,8 +717,30 @@ mod tests {
         }
     }
 
+    thread_local! {
+        /// The frame table of the report the running test is building: `site` adds to
+        /// it, `report` takes it (each test runs on a thread of its own).
+        static FRAMES: std::cell::RefCell<(Vec<Frame>, FxHashMap<Frame, usize>)> =
+            std::cell::RefCell::default();
+    }
+
+    /// `stack` as indexes into the test's frame table.
+    fn stack_of(stack: Vec<Frame>) -> Vec<usize> {
+        FRAMES.with_borrow_mut(|(table, index)| {
+            stack
+                .into_iter()
+                .map(|f| {
+                    *index.entry(f).or_insert_with_key(|f| {
+                        table.push(f.clone());
+                        table.len() - 1
+                    })
+                })
+                .collect()
+        })
+    }
+
     fn site(id: usize, stack: Vec<Frame>, bytes: u64, live: u64) -> Site {
-        let top = &stack[0];
+        let top = stack[0].clone();
         Site {
             id,
             location: Some(Location {
@@ -716,7 +758,7 @@ mod tests {
             live_bytes_at_exit: live,
             pids: vec![7],
             basis: Basis::Observed,
-            stack,
+            stack: stack_of(stack),
             variables: Vec::new(),
         }
     }
@@ -804,7 +846,7 @@ mod tests {
                 bytes: 544,
                 basis: Basis::Inferred,
                 evidence: format!("allocated by `{name}` outside the program's `main`"),
-                stack: std_stack,
+                stack: stack_of(std_stack),
             }],
             threads: vec![Thread {
                 pid: 7,
@@ -853,6 +895,7 @@ mod tests {
             scopes: Vec::new(),
             variables: Vec::new(),
             tasks: Vec::new(),
+            frames: FRAMES.with_borrow(|(table, _)| table.clone()),
         }
     }
 

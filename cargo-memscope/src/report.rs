@@ -7,6 +7,7 @@
 //! blocks live at exit. Then it merges the processes: sites with the same symbolized
 //! stack become one site, and the top-level summary sums the processes' summaries.
 
+use std::collections::hash_map::Entry;
 use std::fs;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -20,7 +21,7 @@ use crate::symbols::{self, Frame, ModuleStatus, SiteOrigin, Symbolizer};
 use crate::trace::{Tables, Trace};
 
 /// The version of the JSON schema; bumped on any incompatible change.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// How to turn traces into reports.
 #[derive(Debug, Clone)]
@@ -124,6 +125,23 @@ pub struct Report {
     pub variables: Vec<crate::instrument::Variable>,
     #[serde(default)]
     pub tasks: Vec<crate::instrument::Task>,
+    /// Every distinct frame of the stacks above, once: a [`Stack`] holds indexes into
+    /// it (a real test suite has tens of thousands of sites, most of whose frames are
+    /// shared).
+    pub frames: Vec<Frame>,
+}
+
+/// A call stack, innermost frame first, as indexes into [`Report::frames`].
+pub type Stack = Vec<usize>;
+
+impl Report {
+    /// The frames of `stack`, a stack of this report, innermost first.
+    pub fn frames_of<'r>(
+        &'r self,
+        stack: &'r [usize],
+    ) -> impl Iterator<Item = &'r Frame> + Clone + 'r {
+        stack.iter().map(|&i| &self.frames[i])
+    }
 }
 
 /// What a finding rests on (SPEC §3).
@@ -204,7 +222,7 @@ pub struct Site {
     pub live_bytes_at_exit: u64,
     pub pids: Vec<u32>,
     pub basis: Basis,
-    pub stack: Vec<Frame>,
+    pub stack: Stack,
     /// Variables whose blocks this site allocated (instrumentation).
     #[serde(default)]
     pub variables: Vec<crate::instrument::VarRef>,
@@ -221,7 +239,7 @@ pub struct Leak {
     pub largest_block: u64,
     pub threads: Vec<ThreadRef>,
     pub basis: Basis,
-    pub stack: Vec<Frame>,
+    pub stack: Stack,
     /// Variables that named these blocks (instrumentation).
     #[serde(default)]
     pub variables: Vec<crate::instrument::VarRef>,
@@ -250,7 +268,7 @@ pub struct InternalGroup {
     pub bytes: u64,
     pub basis: Basis,
     pub evidence: String,
-    pub stack: Vec<Frame>,
+    pub stack: Stack,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -331,6 +349,9 @@ struct Analysed {
 /// A site of one process; `leak` and `internal` describe its blocks live at exit.
 struct SiteDraft {
     key: Vec<FrameKey>,
+    /// The symbolized stack; `site.stack` stays empty until the frames of all
+    /// processes are put in one table (`merge`).
+    frames: Vec<Frame>,
     site: Site,
     leak_threads: Vec<ThreadRef>,
     largest_block: u64,
@@ -540,6 +561,7 @@ fn site_drafts(
             };
             SiteDraft {
                 key: stack.iter().map(|f| FrameKey::of(f, symbolizer)).collect(),
+                frames: stack,
                 site: Site {
                     id: 0,
                     location,
@@ -553,7 +575,7 @@ fn site_drafts(
                     live_bytes_at_exit: s.live_bytes,
                     pids: vec![pid],
                     basis: Basis::Observed,
-                    stack,
+                    stack: Stack::new(),
                     variables: Vec::new(),
                 },
                 leak_threads: Vec::new(),
@@ -618,7 +640,7 @@ fn without_harness(
         if stats.internal || stats.stack == 0 {
             continue;
         }
-        let stack = &draft.site.stack;
+        let stack = &draft.frames;
         let ours = symbols::libtest_harness(stack);
         libtest |= ours;
         if ours || symbols::std_bookkeeping(stack, &options.user_roots).is_some() {
@@ -827,6 +849,25 @@ fn merge(analysed: Vec<Analysed>) -> Report {
         p.site = p.site.and_then(|s| rank[s]);
     }
 
+    // One table of distinct frames; stacks become indexes into it.
+    let mut frames = Vec::new();
+    let mut frame_ids: FxHashMap<Frame, usize> = FxHashMap::default();
+    let stacks: Vec<Stack> = merged
+        .iter_mut()
+        .map(|d| {
+            std::mem::take(&mut d.frames)
+                .into_iter()
+                .map(|f| match frame_ids.entry(f) {
+                    Entry::Occupied(at) => *at.get(),
+                    Entry::Vacant(slot) => {
+                        frames.push(slot.key().clone());
+                        *slot.insert(frames.len() - 1)
+                    }
+                })
+                .collect()
+        })
+        .collect();
+
     let mut leaks = Vec::new();
     let mut runtime_internal = Vec::new();
     for (i, d) in merged.iter().enumerate() {
@@ -843,7 +884,7 @@ fn merge(analysed: Vec<Analysed>) -> Report {
                 bytes: d.site.live_bytes_at_exit,
                 basis: *basis,
                 evidence: evidence.clone(),
-                stack: d.site.stack.clone(),
+                stack: stacks[i].clone(),
             }),
             None => leaks.push(Leak {
                 site: rank[i].expect("program sites are ranked"),
@@ -854,7 +895,7 @@ fn merge(analysed: Vec<Analysed>) -> Report {
                 largest_block: d.largest_block,
                 threads: d.leak_threads.clone(),
                 basis: Basis::Observed,
-                stack: d.site.stack.clone(),
+                stack: stacks[i].clone(),
                 variables: d.leak_variables.clone(),
             }),
         }
@@ -863,7 +904,13 @@ fn merge(analysed: Vec<Analysed>) -> Report {
     runtime_internal.sort_by_key(|g| std::cmp::Reverse(g.bytes));
 
     let peak = summary.peak_bytes;
-    let mut sites: Vec<Site> = order.iter().map(|&i| merged[i].site.clone()).collect();
+    let mut sites: Vec<Site> = order
+        .iter()
+        .map(|&i| Site {
+            stack: stacks[i].clone(),
+            ..merged[i].site.clone()
+        })
+        .collect();
     for (r, s) in sites.iter_mut().enumerate() {
         s.id = r;
         s.peak_share = share(s.bytes_at_peak, peak);
@@ -885,6 +932,7 @@ fn merge(analysed: Vec<Analysed>) -> Report {
         scopes,
         variables,
         tasks,
+        frames,
     }
 }
 
@@ -894,6 +942,7 @@ impl SiteDraft {
         let s = &self.site;
         SiteDraft {
             key: self.key.clone(),
+            frames: self.frames.clone(),
             site: Site {
                 id: 0,
                 location: s.location.clone(),
@@ -907,7 +956,7 @@ impl SiteDraft {
                 live_bytes_at_exit: 0,
                 pids: Vec::new(),
                 basis: s.basis,
-                stack: s.stack.clone(),
+                stack: Stack::new(),
                 variables: Vec::new(),
             },
             leak_threads: Vec::new(),
@@ -1058,7 +1107,7 @@ mod tests {
         let trace = program(Some(60)).write(dir.path(), "p.mstrace");
         let report = generate(&[trace], &options(dir.path())).unwrap();
         let json = read_json(dir.path());
-        assert_eq!(json["schema_version"], 1);
+        assert_eq!(json["schema_version"], 2);
         let s = &json["summary"];
         let field = |name: &str| s[name].as_u64().unwrap();
         assert_eq!(field("allocations"), 2);
@@ -1081,7 +1130,8 @@ mod tests {
         );
 
         assert_eq!(json["sites"][0]["bytes_allocated"], 4096);
-        assert_eq!(json["sites"][0]["stack"][0]["address"], "0x1111");
+        let top = json["sites"][0]["stack"][0].as_u64().unwrap() as usize;
+        assert_eq!(json["frames"][top]["address"], "0x1111");
         assert_eq!(json["leaks"][0]["bytes"], 4096);
         assert_eq!(json["leaks"][0]["basis"], "observed");
         assert_eq!(json["leaks"][0]["threads"][0]["name"], "main");

@@ -177,18 +177,19 @@ fn the_same_stack_in_many_processes_is_one_site() {
     // is its stack as symbolized, unnamed frames known by their place in their file.
     let run = nextest();
     let mut stacks = BTreeSet::new();
+    let table = &run.report["frames"];
     for site in run.report["sites"].as_array().unwrap() {
-        let stack: Vec<String> = site["stack"]
+        let frames: Vec<&serde_json::Value> = site["stack"]
             .as_array()
             .unwrap()
+            .iter()
+            .map(|i| &table[i.as_u64().unwrap() as usize])
+            .collect();
+        let stack: Vec<String> = frames
             .iter()
             .map(|f| format!("{} {} {}", f["function"], f["file"], f["line"]))
             .collect();
-        let named = site["stack"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|f| f["function"].is_string());
+        let named = frames.iter().all(|f| f["function"].is_string());
         assert!(
             !named || stacks.insert(stack),
             "two sites with one stack: {site:#}"
