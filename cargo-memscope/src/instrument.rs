@@ -529,7 +529,7 @@ impl Collector {
                     id: i,
                     pid,
                     parent: (n.parent != NONE).then_some(n.parent as usize),
-                    name: d.map_or_else(|| format!("<scope {}>", n.def), |d| scope_name(d)),
+                    name: d.map_or_else(|| format!("<scope {}>", n.def), scope_name),
                     kind: match d.and_then(|d| d.class) {
                         Some(DefClass::Task) => "task",
                         Some(DefClass::Scope) => "scope",

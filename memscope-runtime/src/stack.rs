@@ -84,10 +84,11 @@ impl LastWalk {
             return false;
         }
         if self.top_ret_zero {
+            let top_next = self.words[0] as usize;
             // SAFETY: the walk read this word: level 0's saved frame pointer passed
             // the bounds checks then, above `fp[0]`, inside the stack.
-            let top_next = self.words[0] as usize;
-            return unsafe { *((top_next + 8) as *const u64) } == 0;
+            let top_ret = unsafe { *((top_next + 8) as *const u64) };
+            return top_ret == 0;
         }
         true
     }
