@@ -415,7 +415,9 @@ fn scope_tree(scopes: &[Scope]) -> Vec<Indented<'_, Scope>> {
 
 /// Whether `frame` is the one a site's location was taken from.
 fn names(frame: &Frame, at: &Location) -> bool {
-    frame.function == at.function && frame.file == at.file && frame.line == at.line
+    frame.function.as_deref() == at.function.as_deref()
+        && frame.file.as_deref() == at.file.as_deref()
+        && frame.line == at.line
 }
 
 /// The sites shown: the union of the top [`SITES_PER_RANKING`] of each ranking, in the
@@ -501,7 +503,7 @@ impl<'a> FrameData<'a> {
             f.file.as_deref().map(|p| display_path(p, user_roots)),
             f.line,
             f.inlined,
-            f.function.is_none().then_some(f.address.as_str()),
+            f.function.is_none().then_some(&*f.address),
         )
     }
 }
@@ -709,7 +711,7 @@ mod tests {
 
     fn frame(function: &str, file: &str, line: u32) -> Frame {
         Frame {
-            address: format!("0x{:x}", 0x1000 + line),
+            address: format!("0x{:x}", 0x1000 + line).into(),
             function: Some(function.into()),
             file: Some(file.into()),
             line: Some(line),
@@ -744,8 +746,8 @@ mod tests {
         Site {
             id,
             location: Some(Location {
-                function: top.function.clone(),
-                file: top.file.clone(),
+                function: top.function.as_deref().map(str::to_owned),
+                file: top.file.as_deref().map(str::to_owned),
                 line: top.line,
             }),
             origin: SiteOrigin::User,

@@ -366,8 +366,8 @@ struct SiteDraft {
 /// What makes two frames of different processes the same.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct FrameKey(
-    Option<String>,
-    Option<String>,
+    Option<symbols::Name>,
+    Option<symbols::Name>,
     Option<u32>,
     bool,
     Option<String>,
@@ -381,7 +381,7 @@ impl FrameKey {
             u64::from_str_radix(f.address.trim_start_matches("0x"), 16)
                 .ok()
                 .and_then(|addr| symbolizer.file_offset(addr))
-                .unwrap_or_else(|| f.address.clone())
+                .unwrap_or_else(|| f.address.to_string())
         });
         FrameKey(
             f.function.clone(),
@@ -545,8 +545,8 @@ fn site_drafts(
             let stack = symbolizer.stack(addrs);
             let (at, origin) = symbols::site_frame(&stack, &options.user_roots);
             let location = at.map(|i| &stack[i]).map(|f| Location {
-                function: f.function.clone(),
-                file: f.file.clone(),
+                function: f.function.as_deref().map(str::to_owned),
+                file: f.file.as_deref().map(str::to_owned),
                 line: f.line,
             });
             let internal = if s.internal {

@@ -19,15 +19,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::trace::Module;
 
+/// A string of a frame, shared: a trace's sites repeat the same frames tens of
+/// thousands of times, and each copy of a stack is then a few reference counts.
+pub type Name = std::sync::Arc<str>;
+
 /// One frame of a symbolized stack; inlined calls are frames of their own.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Frame {
     /// The return address, as `0x…` (the same for all frames inlined at it).
-    pub address: String,
+    pub address: Name,
     /// Demangled function name, without hash suffix.
-    pub function: Option<String>,
+    pub function: Option<Name>,
     /// Source file, after the report's path map.
-    pub file: Option<String>,
+    pub file: Option<Name>,
     pub line: Option<u32>,
     /// This call was inlined into the next frame.
     pub inlined: bool,
@@ -103,7 +107,7 @@ impl Symbolizer {
     }
 
     fn lookup(&mut self, addr: u64) -> Vec<Frame> {
-        let address = format!("{addr:#x}");
+        let address: Name = format!("{addr:#x}").into();
         let bare = || {
             vec![Frame {
                 address: address.clone(),
@@ -133,9 +137,12 @@ impl Symbolizer {
                     .function
                     .as_ref()
                     .and_then(|f| f.raw_name().ok())
-                    .map(|n| demangle(&n));
+                    .map(|n| Name::from(demangle(&n)));
                 let (file, line) = match &frame.location {
-                    Some(loc) => (loc.file.map(|f| map_path(&self.path_map, f)), loc.line),
+                    Some(loc) => (
+                        loc.file.map(|f| Name::from(map_path(&self.path_map, f))),
+                        loc.line,
+                    ),
                     None => (None, None),
                 };
                 out.push(Frame {
@@ -149,7 +156,7 @@ impl Symbolizer {
         }
         // DWARF may name functions by their short name only (`on_alloc`); the
         // symbol table has the full path of the outermost one.
-        let symbol = loader.find_symbol(probe).map(demangle);
+        let symbol = loader.find_symbol(probe).map(|n| Name::from(demangle(n)));
         match out.last_mut() {
             Some(outer) => {
                 outer.inlined = false;
@@ -902,7 +909,7 @@ mod tests {
         let mut s = Symbolizer::new(&[], &[]);
         let frames = s.stack(&[0x1234]);
         assert_eq!(frames.len(), 1);
-        assert_eq!(frames[0].address, "0x1234");
+        assert_eq!(&*frames[0].address, "0x1234");
         assert_eq!(frames[0].function, None);
     }
 
