@@ -277,20 +277,37 @@ fn is_runtime_source(file: &str) -> bool {
 /// A function's path without generic arguments: `<a::B<c::D>>::f::<E>` → `a::B::f::`.
 /// The type of a qualified path (`<a::B as T>::f`) is kept, its generics are not.
 fn function_path(function: &str) -> String {
+    path_chars(function).collect()
+}
+
+/// Whether `function_path(function)` starts with `prefix`, without building the path
+/// (every frame of every site is asked several times).
+fn path_starts_with(function: &str, prefix: &str) -> bool {
+    let mut path = path_chars(function);
+    prefix.chars().all(|c| path.next() == Some(c))
+}
+
+/// The characters of [`function_path`], as they are found.
+fn path_chars(function: &str) -> impl Iterator<Item = char> + '_ {
     let keep = usize::from(function.starts_with('<'));
     let mut depth = 0usize;
-    let mut out = String::with_capacity(function.len());
     let mut prev = ' ';
-    for c in function.chars() {
-        match c {
-            '<' => depth += 1,
-            '>' if prev != '-' => depth = depth.saturating_sub(1),
-            _ if depth <= keep => out.push(c),
-            _ => {}
-        }
+    function.chars().filter_map(move |c| {
+        let kept = match c {
+            '<' => {
+                depth += 1;
+                None
+            }
+            '>' if prev != '-' => {
+                depth = depth.saturating_sub(1);
+                None
+            }
+            _ if depth <= keep => Some(c),
+            _ => None,
+        };
         prev = c;
-    }
-    out
+        kept
+    })
 }
 
 /// How many frames at the top of a stack are plumbing: up to the last plumbing frame
@@ -455,12 +472,11 @@ pub fn std_bookkeeping(frames: &[Frame], user_roots: &[PathBuf]) -> Option<Strin
         let Some(f) = frame.function.as_deref() else {
             continue;
         };
-        let path = function_path(f);
-        let found = PREFIXES.iter().find(|(prefix, _)| path.starts_with(prefix));
+        let found = PREFIXES.iter().find(|(prefix, _)| path_starts_with(f, prefix));
         if let Some((_, what)) = found {
             return Some(format!("allocated under `{f}`: {what}"));
         }
-        if path.contains("register_dtor") {
+        if f.contains("register_dtor") {
             return Some(format!(
                 "allocated under `{f}`: std's list of thread-local destructors"
             ));
@@ -492,9 +508,8 @@ pub fn libtest_harness(frames: &[Frame]) -> bool {
     frames
         .iter()
         .filter_map(|f| f.function.as_deref())
-        .map(function_path)
-        .find(|path| path.starts_with("test::"))
-        .is_some_and(|path| !path.starts_with("test::__rust_begin_short_backtrace"))
+        .find(|f| path_starts_with(f, "test::"))
+        .is_some_and(|f| !path_starts_with(f, "test::__rust_begin_short_backtrace"))
 }
 
 /// Whether a block belongs to std's symbolization cache: the mappings and parsed
@@ -511,7 +526,7 @@ fn backtrace_cache(frames: &[Frame]) -> Option<String> {
         let Some(f) = frame.function.as_deref() else {
             continue;
         };
-        if function_path(f).starts_with(SYMBOLIZER) {
+        if path_starts_with(f, SYMBOLIZER) {
             return Some(format!(
                 "allocated under `{f}`: std's cache of debug information for symbolizing backtraces, kept until exit"
             ));
@@ -553,10 +568,7 @@ fn core_or_alloc(frame: &Frame) -> bool {
             file.starts_with("/rustc/")
                 && (file.contains("/library/core/") || file.contains("/library/alloc/"))
         }
-        (None, Some(f)) => {
-            let path = function_path(f);
-            path.starts_with("core::") || path.starts_with("alloc::")
-        }
+        (None, Some(f)) => path_starts_with(f, "core::") || path_starts_with(f, "alloc::"),
         (None, None) => false,
     }
 }
@@ -582,12 +594,8 @@ fn symbolizer_plumbing(frame: &Frame) -> bool {
         "memchr::",
         "hashbrown::",
     ];
-    let path = frame
-        .function
-        .as_deref()
-        .map(function_path)
-        .unwrap_or_default();
-    CRATES.iter().any(|c| path.starts_with(c))
+    let function = frame.function.as_deref().unwrap_or_default();
+    CRATES.iter().any(|c| path_starts_with(function, c))
 }
 
 #[cfg(test)]
