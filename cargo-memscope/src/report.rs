@@ -59,12 +59,36 @@ pub fn build(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<Repo
         options.progress,
         opened.iter().map(Trace::event_bytes).sum(),
     );
-    let mut processes = Vec::with_capacity(opened.len());
-    for trace in &opened {
-        processes.push(analyse(trace, options, &progress));
-    }
+    // Traces are analysed side by side, one per core (a test suite writes one per
+    // test binary, or per test under nextest); the results keep the traces' order.
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(opened.len());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut processes: Vec<Option<Analysed>> = opened.iter().map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let work = || {
+            let mut done = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(trace) = opened.get(i) else {
+                    return done;
+                };
+                done.push((i, analyse(trace, options, &progress)));
+            }
+        };
+        let workers: Vec<_> = (0..workers).map(|_| scope.spawn(work)).collect();
+        for worker in workers {
+            let done = worker
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            for (i, analysed) in done {
+                processes[i] = Some(analysed);
+            }
+        }
+    });
     progress.finish();
-    Ok(merge(processes))
+    Ok(merge(processes.into_iter().flatten().collect()))
 }
 
 /// Writes the reports of `report` and prints the terminal summary; returns the path of
@@ -394,8 +418,11 @@ impl FrameKey {
 }
 
 fn analyse(trace: &Trace, options: &ReportOptions, progress: &Progress) -> Analysed {
-    let base = progress.position();
-    let mut events = trace.events().on_progress(|read| progress.set(base + read));
+    let mut counted = 0;
+    let mut events = trace.events().on_progress(|read| {
+        progress.advance(read.saturating_sub(counted));
+        counted = read;
+    });
     let mut collector = crate::instrument::Collector::default();
     let mut snap = replay::replay(events.by_ref().inspect(|e| collector.observe(e)));
     let (tables, mut damage) = events.finish();
@@ -1032,13 +1059,9 @@ impl Progress {
         Progress(Some(bar))
     }
 
-    fn position(&self) -> u64 {
-        self.0.as_ref().map_or(0, |b| b.position())
-    }
-
-    fn set(&self, pos: u64) {
+    fn advance(&self, bytes: u64) {
         if let Some(bar) = &self.0 {
-            bar.set_position(pos);
+            bar.inc(bytes);
         }
     }
 

@@ -472,7 +472,9 @@ pub fn std_bookkeeping(frames: &[Frame], user_roots: &[PathBuf]) -> Option<Strin
         let Some(f) = frame.function.as_deref() else {
             continue;
         };
-        let found = PREFIXES.iter().find(|(prefix, _)| path_starts_with(f, prefix));
+        let found = PREFIXES
+            .iter()
+            .find(|(prefix, _)| path_starts_with(f, prefix));
         if let Some((_, what)) = found {
             return Some(format!("allocated under `{f}`: {what}"));
         }
