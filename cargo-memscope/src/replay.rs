@@ -669,8 +669,9 @@ pub struct LeakGroup {
 /// Groups the blocks live at exit by site, largest groups first. INTERNAL blocks are
 /// grouped too (their sites are marked `internal`); the caller decides what they are.
 pub fn leaks(snapshot: &Snapshot) -> Vec<LeakGroup> {
-    let mut groups: FxHashMap<SiteId, (LeakGroup, FxHashMap<u32, (u64, u64)>)> =
-        FxHashMap::default();
+    /// Per thread of a group: its blocks and bytes.
+    type ByThread = FxHashMap<u32, (u64, u64)>;
+    let mut groups: FxHashMap<SiteId, (LeakGroup, ByThread)> = FxHashMap::default();
     for block in snapshot.live.values() {
         let (g, threads) = groups.entry(block.site).or_insert_with(|| {
             let group = LeakGroup {
