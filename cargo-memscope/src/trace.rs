@@ -17,6 +17,7 @@
 //! first. On equal timestamps frees go before allocations.
 
 use std::cmp::Reverse;
+use std::collections::binary_heap::PeekMut;
 use std::collections::{BinaryHeap, VecDeque};
 use std::fs::File;
 use std::io;
@@ -599,10 +600,21 @@ impl Iterator for Events<'_> {
     type Item = Event;
 
     fn next(&mut self) -> Option<Event> {
-        let Reverse((_, _, i)) = self.heap.pop()?;
+        let Reverse((_, _, i)) = *self.heap.peek()?;
         let i = i as usize;
         let event = self.streams[i].head.take();
-        self.refill(i);
+        let next = self.next_of(i);
+        self.streams[i].head = next;
+        // The stream's next event takes its place at the top and sinks to where it
+        // belongs: one sift instead of a pop and a push (keys are unique: the stream
+        // index is part of them, so the order is the same).
+        match (next, self.heap.peek_mut()) {
+            (Some(e), Some(mut top)) => *top = Reverse((e.ts, e.kind.rank(), i as u32)),
+            (None, Some(top)) => {
+                PeekMut::pop(top);
+            }
+            (_, None) => {}
+        }
         event
     }
 }
