@@ -1,4 +1,4 @@
-//! The memscope trace format, version 1: the one description shared by the writer in
+//! The memscope trace format, version 2: the one description shared by the writer in
 //! this crate and the reader in `cargo-memscope`.
 //!
 //! A trace file is one process's record of allocation events:
@@ -36,6 +36,7 @@
 //! | `STACK` 5 | frame count n | slot | n return addresses, innermost first |
 //! | `THREAD` 6 | name length | 0 | OS thread id, name bytes padded to 8 |
 //! | `REALLOC_WIDE` 7 | 0 | old address | new address, `ALLOC`'s word 1, free-half stamp, alloc-half stamp |
+//! | `SCOPE` 8 | stamp delta | `id << 1 \| exit` | — (version 2: a scope entered or left on this thread, as `ENTER` / `EXIT` below in one word) |
 //! | `EXTENDED` 15 | kind | word count n | n words; kinds below, unknown kinds are skipped |
 //!
 //! Extended kinds: `CLOCK` 1 (counter, monotonic ns, unix ns), `MODULE` 2 (load bias,
@@ -50,7 +51,7 @@
 //! |---|---|
 //! | `INSTRUMENTED` 16 | runtime API version: the process uses instrumentation |
 //! | `DEF` 17 | id, `class:8 \| line:32 \| column:24`, `name_len:16 \| detail_len:16 \| file_len:16`, name, detail and file bytes back to back, padded to 8 |
-//! | `ENTER` 18 | id of a scope (`DEF`) or a task (`TASK`) entered on this thread |
+//! | `ENTER` 18 | id of a scope (`DEF`) or a task (`TASK`) entered on this thread (scopes are written as `SCOPE` records since version 2) |
 //! | `EXIT` 19 | id of the scope or task left |
 //! | `OWNS` 20 | variable id (`DEF`), block count n, then per block: `address:48 \| flags:8 << 56` (1 = interior pointer, 2 = reference-counted), size, `strong:32 \| weak:32` |
 //! | `TASK` 21 | task id, site id (`DEF`, 0 = none), name length, name bytes padded to 8 |
@@ -82,8 +83,9 @@
 
 /// Bytes that open every trace file.
 pub const MAGIC: &[u8; 8] = b"MEMSCOPE";
-/// The version written in the file header; readers reject other versions.
-pub const VERSION: u32 = 1;
+/// The version written in the file header. Version 2 added the `SCOPE` record;
+/// readers take versions 1 and 2 and reject others.
+pub const VERSION: u32 = 2;
 /// Size of the file header.
 pub const FILE_HEADER_LEN: usize = 32;
 /// Size of a chunk header.
@@ -113,6 +115,7 @@ pub const TAG_STAMP: u64 = 4;
 pub const TAG_STACK: u64 = 5;
 pub const TAG_THREAD: u64 = 6;
 pub const TAG_REALLOC_WIDE: u64 = 7;
+pub const TAG_SCOPE: u64 = 8;
 pub const TAG_EXTENDED: u64 = 15;
 
 pub const EXT_CLOCK: u64 = 1;
@@ -324,7 +327,7 @@ impl FileHeader {
             return Err(FormatError::NotATrace);
         }
         let version = u32_at(bytes, 8);
-        if version != VERSION {
+        if !(1..=VERSION).contains(&version) {
             return Err(FormatError::Version(version));
         }
         Ok(FileHeader {
@@ -491,7 +494,7 @@ impl std::fmt::Display for FormatError {
             FormatError::NotATrace => write!(f, "not a memscope trace (bad magic bytes)"),
             FormatError::Version(v) => write!(
                 f,
-                "trace format version {v} is not supported (this memscope reads version {VERSION})"
+                "trace format version {v} is not supported (this memscope reads versions 1 to {VERSION})"
             ),
             FormatError::BadChunk => write!(f, "corrupt chunk header"),
             FormatError::UnknownTag(t) => write!(f, "unknown record tag {t}"),
@@ -571,6 +574,16 @@ impl StreamDecoder {
                     }),
                     end,
                 )
+            }
+            TAG_SCOPE => {
+                let end = words(1)?;
+                let (ts, id) = (self.advance(small), wide >> 1);
+                let record = if wide & 1 == 0 {
+                    Record::Enter { ts, id }
+                } else {
+                    Record::Exit { ts, id }
+                };
+                (Some(record), end)
             }
             TAG_REALLOC => {
                 let end = words(3)?;
@@ -1081,6 +1094,44 @@ mod tests {
                 state: TaskState::Completed as u8,
             },
         ]
+    }
+
+    #[test]
+    fn a_scope_record_is_an_enter_or_exit_in_one_word_that_moves_the_clock() {
+        let words = [
+            head(TAG_STAMP, 0, 0),
+            100,
+            head(TAG_SCOPE, 5, 7 << 1),
+            head(TAG_SCOPE, 3, (7 << 1) | 1),
+            head(TAG_FREE, 2, 0x1000),
+        ];
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        assert_eq!(
+            decode_all(&bytes).unwrap(),
+            [
+                Record::Enter { ts: 105, id: 7 },
+                Record::Exit { ts: 108, id: 7 },
+                Record::Free {
+                    ts: 110,
+                    addr: 0x1000
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn version_1_traces_are_still_read() {
+        let mut h = FileHeader {
+            version: 1,
+            flags: 0,
+            pid: 1,
+            ppid: 0,
+            start_unix_ns: 0,
+        }
+        .encode();
+        assert_eq!(FileHeader::decode(&h).unwrap().version, 1);
+        h[8] = 3;
+        assert!(matches!(FileHeader::decode(&h), Err(FormatError::Version(3))));
     }
 
     fn decode_all(bytes: &[u8]) -> Result<Vec<Record>, FormatError> {

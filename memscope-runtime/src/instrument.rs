@@ -24,7 +24,7 @@ use std::panic::Location;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use crate::format::{
-    def_lengths, def_word, DefClass, EXT_DEF, EXT_ENTER, EXT_EXIT, EXT_INSTRUMENTED, EXT_OWNS,
+    def_lengths, def_word, DefClass, EXT_DEF, EXT_ENTER, EXT_INSTRUMENTED, EXT_OWNS,
 };
 use crate::trackable::Blocks;
 use crate::{recorder, sys, writer};
@@ -325,7 +325,7 @@ impl ScopeGuard {
 
     /// Enters `id` on this thread.
     pub(crate) fn enter_id(id: u64) -> ScopeGuard {
-        if id != 0 && emit(EXT_ENTER, &[id]) {
+        if id != 0 && recorder::scope_event(id, false) {
             ScopeGuard { id }
         } else {
             ScopeGuard::NONE
@@ -356,7 +356,7 @@ impl Drop for ScopeGuard {
 /// record is written with constant words, as in `enter_id`.
 #[inline(never)]
 fn exit_id(id: u64) {
-    emit(EXT_EXIT, &[id]);
+    recorder::scope_event(id, true);
 }
 
 /// Enters the scope of an instrumented function.

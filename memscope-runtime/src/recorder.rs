@@ -30,7 +30,7 @@ use std::sync::atomic::{
 use crate::buffer::{Buffer, PAYLOAD_BYTES};
 use crate::format::{
     head, size_word, MAX_DELTA, MAX_FRAMES, STACK_SLOTS, TAG_ALLOC, TAG_EXTENDED, TAG_FREE,
-    TAG_REALLOC, TAG_REALLOC_WIDE, TAG_STACK, TAG_STAMP, TAG_THREAD,
+    TAG_REALLOC, TAG_REALLOC_WIDE, TAG_SCOPE, TAG_STACK, TAG_STAMP, TAG_THREAD,
 };
 use crate::{clock, stack, sys, writer};
 
@@ -179,6 +179,20 @@ pub fn on_realloc(old: *mut u8, new: *mut u8, layout: Layout, new_size: usize, t
         }
         rec.stream_clock.set(ts_after);
     });
+}
+
+/// Records that this thread entered (or, with `exit`, left) scope `id`: one `SCOPE`
+/// word, stamped within the thread; false if the thread is not recorded. Ids must be
+/// below 2^47 (they count up from 1 in each process).
+#[inline(always)]
+pub fn scope_event(id: u64, exit: bool) -> bool {
+    let mut done = false;
+    with_record(|rec| {
+        let ts = clock::stamp_thread(&rec.last_stamp);
+        rec.push_stamped(ts, |d| [head(TAG_SCOPE, d, id << 1 | u64::from(exit))]);
+        done = true;
+    });
+    done
 }
 
 /// Largest payload of an extended record that [`emit`] takes, in words.
