@@ -1131,7 +1131,10 @@ mod tests {
         .encode();
         assert_eq!(FileHeader::decode(&h).unwrap().version, 1);
         h[8] = 3;
-        assert!(matches!(FileHeader::decode(&h), Err(FormatError::Version(3))));
+        assert!(matches!(
+            FileHeader::decode(&h),
+            Err(FormatError::Version(3))
+        ));
     }
 
     fn decode_all(bytes: &[u8]) -> Result<Vec<Record>, FormatError> {

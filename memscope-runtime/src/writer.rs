@@ -261,15 +261,28 @@ fn writer_loop() {
         let due = last_snapshot.elapsed() >= SNAPSHOT_EVERY && !EXITING.load(Ordering::Acquire);
         let clock_chunk = due.then(|| meta_chunk(Meta::Clock));
         with_file(|fd| {
-            while let Some(mut full) = shared.full.pop() {
-                write_all(fd, full.bytes());
-                shared.pool.give_back(full.buf);
-                clock::tick();
+            // Up to BATCH chunks in one `writev`: the kernel's cost per call is a good
+            // part of the writer's own.
+            let mut batch: [Option<Full>; BATCH] = [const { None }; BATCH];
+            let mut slices = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; BATCH];
+            while wrote < BATCH {
+                let Some(full) = shared.full.pop() else { break };
+                let full = batch[wrote].insert(full);
+                let bytes = full.bytes();
+                slices[wrote] = libc::iovec {
+                    iov_base: bytes.as_ptr() as *mut libc::c_void,
+                    iov_len: bytes.len(),
+                };
                 wrote += 1;
-                if wrote == 64 {
-                    break;
-                }
             }
+            write_all_vectored(fd, &mut slices[..wrote]);
+            for full in batch.iter_mut().take(wrote).filter_map(Option::take) {
+                shared.pool.give_back(full.buf);
+            }
+            clock::tick();
             if let Some(chunk) = &clock_chunk {
                 last_snapshot = std::time::Instant::now();
                 write_all(fd, chunk);
@@ -287,7 +300,7 @@ fn writer_loop() {
                 });
             }
         });
-        if wrote < 64 {
+        if wrote < BATCH {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -304,6 +317,47 @@ fn with_file(f: impl FnOnce(i32)) {
         f(fd);
     }
     FILE_LOCK.store(false, Ordering::Release);
+}
+
+/// Chunks the writer writes with one system call, at most.
+const BATCH: usize = 64;
+
+/// Writes the byte ranges `slices` point to, in order, however many calls it takes.
+fn write_all_vectored(fd: i32, slices: &mut [libc::iovec]) {
+    let mut start = 0;
+    while start < slices.len() {
+        let rest = &slices[start..];
+        // SAFETY: each iovec describes a readable range (a chunk in a buffer the
+        // writer owns until it gives the buffer back, after this returns).
+        let n = unsafe { libc::writev(fd, rest.as_ptr(), rest.len() as libc::c_int) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            warn(&format!(
+                "writing the trace failed ({err}); the report will be incomplete"
+            ));
+            FD.store(-1, Ordering::Relaxed);
+            return;
+        }
+        if n == 0 && slices[start..].iter().any(|s| s.iov_len > 0) {
+            warn("writing the trace failed (nothing written); the report will be incomplete");
+            FD.store(-1, Ordering::Relaxed);
+            return;
+        }
+        // Skip what was written: whole slices, then part of the next one.
+        let mut n = n as usize;
+        while start < slices.len() && n >= slices[start].iov_len {
+            n -= slices[start].iov_len;
+            start += 1;
+        }
+        if n > 0 {
+            let part = &mut slices[start];
+            part.iov_base = (part.iov_base as *mut u8).wrapping_add(n) as *mut libc::c_void;
+            part.iov_len -= n;
+        }
+    }
 }
 
 fn write_all(fd: i32, mut bytes: &[u8]) {
