@@ -327,8 +327,9 @@ fn write_all_vectored(fd: i32, slices: &mut [libc::iovec]) {
     let mut start = 0;
     while start < slices.len() {
         let rest = &slices[start..];
-        // SAFETY: each iovec describes a readable range (a chunk in a buffer the
-        // writer owns until it gives the buffer back, after this returns).
+        // SAFETY: each iovec describes a readable range that outlives this call:
+        // a slice the caller borrows, or a chunk in a buffer the writer gives back to
+        // the pool only after this returns.
         let n = unsafe { libc::writev(fd, rest.as_ptr(), rest.len() as libc::c_int) };
         if n < 0 {
             let err = std::io::Error::last_os_error();
@@ -360,23 +361,14 @@ fn write_all_vectored(fd: i32, slices: &mut [libc::iovec]) {
     }
 }
 
-fn write_all(fd: i32, mut bytes: &[u8]) {
-    while !bytes.is_empty() {
-        // SAFETY: `bytes` is a valid readable slice for its whole length.
-        let n = unsafe { libc::write(fd, bytes.as_ptr() as *const libc::c_void, bytes.len()) };
-        if n < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            warn(&format!(
-                "writing the trace failed ({err}); the report will be incomplete"
-            ));
-            FD.store(-1, Ordering::Relaxed);
-            return;
-        }
-        bytes = &bytes[n as usize..];
-    }
+fn write_all(fd: i32, bytes: &[u8]) {
+    write_all_vectored(
+        fd,
+        &mut [libc::iovec {
+            iov_base: bytes.as_ptr() as *mut libc::c_void,
+            iov_len: bytes.len(),
+        }],
+    );
 }
 
 /// `atexit` handler: the end of the trace.

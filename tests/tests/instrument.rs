@@ -57,6 +57,16 @@ fn leak_named<'a>(report: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no leak named {name:?} in {:#}", report["leaks"]))
 }
 
+/// The names of the variables a leak group carries, in order.
+fn variable_names(leak: &Value) -> Vec<&Value> {
+    leak["variables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| &v["name"])
+        .collect()
+}
+
 #[test]
 fn a_forgotten_cache_is_reported_with_its_variable_name_type_and_line() {
     let r = report("instrument-basic", &[]);
@@ -155,13 +165,7 @@ fn rc_and_arc_are_named_with_their_counts() {
     // Two names on the Rc's one block of 16 + 32 bytes.
     let leak = leak_named(&r, "shared");
     assert_eq!(leak["bytes"], 48);
-    let names: Vec<&Value> = leak["variables"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| &v["name"])
-        .collect();
-    assert_eq!(names, ["shared", "other"]);
+    assert_eq!(variable_names(leak), ["shared", "other"]);
 }
 
 #[test]
@@ -170,13 +174,7 @@ fn a_moved_value_keeps_its_name_and_a_dropped_ones_name_ends_with_its_block() {
     // `let kept = draft;` moves the Vec: one block, both names.
     let leak = leak_named(&r, "draft");
     assert_eq!(leak["bytes"], 512);
-    let names: Vec<&Value> = leak["variables"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| &v["name"])
-        .collect();
-    assert_eq!(names, ["draft", "kept"]);
+    assert_eq!(variable_names(leak), ["draft", "kept"]);
     assert_eq!(leak["variables"][0]["basis"], "declared");
     // `scratch` was dropped: nothing of it is live, and the leak allocated after it
     // (same size, usually the same address) carries no name.
