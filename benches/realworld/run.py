@@ -11,7 +11,9 @@ Run by hand, not by CI (it fetches crates and takes a while):
 
 Each crate's packaged source (the `.crate` file cargo downloads) is fetched with cargo
 itself, through a throwaway project's `cargo fetch`, and unpacked under the work
-directory (default `target/realworld/`); nothing is committed. Its own `Cargo.lock`
+directory (default `memscope-realworld/` in the system's temporary directory:
+outside this workspace, which cargo would otherwise take the crates to belong to);
+nothing is committed. Its own `Cargo.lock`
 is used (`--locked`) when it ships one. The environment is passed through as it is:
 with `RUST_BACKTRACE` set, panicking tests make std cache debug information, which
 memscope counts as std's and valgrind as still reachable.
@@ -231,7 +233,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-valgrind", action="store_true")
-    parser.add_argument("--work", type=Path, default=REPO / "target" / "realworld")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "memscope-realworld")
     parser.add_argument("crates", nargs="*", help="names from the built-in list (default: all)")
     args = parser.parse_args()
     crates = [c for c in CRATES if not args.crates or c[0] in args.crates]
