@@ -19,8 +19,28 @@ pub struct SourceFile {
     pub syntax: syn::File,
 }
 
+/// Which of a crate's files to parse in full.
+#[derive(Clone, Copy)]
+pub enum Parse<'a> {
+    /// Every file (to find functions to instrument).
+    Every,
+    /// Only files whose text contains `mod` (they may declare modules) or this word;
+    /// the others get an empty `syntax`. Parsing is most of the cost, and large
+    /// generated files (tables of data) rarely contain either.
+    Containing(&'a str),
+}
+
+impl Parse<'_> {
+    fn wants(self, text: &str) -> bool {
+        match self {
+            Parse::Every => true,
+            Parse::Containing(word) => text.contains("mod") || text.contains(word),
+        }
+    }
+}
+
 /// Every file of the crate whose root file is `root`, the root first.
-pub fn crate_files(root: &Path) -> Vec<SourceFile> {
+pub fn crate_files(root: &Path, parse: Parse) -> Vec<SourceFile> {
     let mut files = Vec::new();
     let mut queue = vec![(root.to_path_buf(), true, Vec::new())];
     let mut seen: Vec<PathBuf> = Vec::new();
@@ -32,8 +52,17 @@ pub fn crate_files(root: &Path) -> Vec<SourceFile> {
         let Ok(text) = fs::read_to_string(&path) else {
             continue;
         };
-        let Ok(syntax) = syn::parse_file(&text) else {
-            continue;
+        let syntax = if parse.wants(&text) {
+            let Ok(syntax) = syn::parse_file(&text) else {
+                continue;
+            };
+            syntax
+        } else {
+            syn::File {
+                shebang: None,
+                attrs: Vec::new(),
+                items: Vec::new(),
+            }
         };
         let file_dir = path
             .parent()
@@ -149,7 +178,7 @@ mod tests {
         write(&src.join("inline/deep.rs"), "");
         write(&src.join("other/x.rs"), "");
 
-        let files: Vec<(String, String)> = crate_files(&src.join("main.rs"))
+        let files: Vec<(String, String)> = crate_files(&src.join("main.rs"), Parse::Every)
             .into_iter()
             .map(|f| {
                 let path = f.path.strip_prefix(&src).unwrap().display().to_string();
@@ -171,5 +200,28 @@ mod tests {
             .map(|(p, m)| (p.to_string(), m.to_string()))
             .collect();
         assert_eq!(files, expected);
+    }
+
+    #[test]
+    fn only_files_that_may_declare_modules_or_hold_the_word_are_parsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        write(&src.join("lib.rs"), "mod tables;\nmod alloc;\n");
+        write(&src.join("tables.rs"), "pub const T: [u8; 2] = [1, 2];\n");
+        write(
+            &src.join("alloc.rs"),
+            "#[global_allocator]\nstatic A: std::alloc::System = std::alloc::System;\n",
+        );
+
+        let items: Vec<(String, usize)> =
+            crate_files(&src.join("lib.rs"), Parse::Containing("global_allocator"))
+                .into_iter()
+                .map(|f| (f.module.join("::"), f.syntax.items.len()))
+                .collect();
+
+        let expected = [("", 2), ("tables", 0), ("alloc", 1)];
+        let expected: Vec<(String, usize)> =
+            expected.iter().map(|(m, n)| (m.to_string(), *n)).collect();
+        assert_eq!(items, expected);
     }
 }

@@ -119,9 +119,14 @@ pub fn apply_crates(
     // The files of every workspace crate linked into one of `crates`, parsed once.
     let mut sources: BTreeMap<PathBuf, Vec<SourceFile>> = BTreeMap::new();
     let linked: Vec<Vec<PathBuf>> = crates.iter().map(|k| linked_roots(ws, k)).collect();
+    let parse = if instrument.is_empty() {
+        modules::Parse::Containing("global_allocator")
+    } else {
+        modules::Parse::Every
+    };
     for root in linked.iter().flatten() {
         if !sources.contains_key(root) {
-            sources.insert(root.clone(), modules::crate_files(root));
+            sources.insert(root.clone(), modules::crate_files(root, parse));
         }
     }
 
