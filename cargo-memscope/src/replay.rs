@@ -204,45 +204,55 @@ pub fn replay(events: impl IntoIterator<Item = Event>) -> Snapshot {
     state.finish()
 }
 
-/// The events without those of the blocks whose allocating stack `drop` names: their
-/// allocations, reallocations and frees (a block keeps the stack it was first
-/// allocated with, as in [`replay`]). Replaying the rest gives figures as if those
-/// blocks had never been allocated: per-test figures without libtest's own blocks.
-pub fn without_blocks(
-    events: impl Iterator<Item = Event>,
+/// [`replay`] of `events` and, in the same pass, of the events without those of the
+/// blocks whose allocating stack `drop` names: their allocations, reallocations and
+/// frees (a block keeps the stack it was first allocated with, as in [`replay`]). The
+/// second snapshot has the figures as if those blocks had never been allocated:
+/// per-test figures without libtest's own blocks. `drop` is asked about each stack when
+/// a block is allocated with it.
+pub fn replay_without(
+    events: impl IntoIterator<Item = Event>,
     mut drop: impl FnMut(u64) -> bool,
-) -> impl Iterator<Item = Event> {
+) -> (Snapshot, Snapshot) {
+    let mut all = State::default();
+    let mut kept = State::default();
     // Live addresses of dropped blocks, and per thread whether the free half of a
     // realloc in flight was one of them.
     let mut dropped: FxHashSet<u64> = FxHashSet::default();
     let mut in_flight: FxHashMap<u32, bool> = FxHashMap::default();
-    events.filter(move |e| match e.kind {
-        EventKind::Alloc { addr, stack, .. } => {
-            let skip = drop(stack);
-            if skip {
-                dropped.insert(addr);
-            } else {
-                dropped.remove(&addr);
+    let allocated = |dropped: &mut FxHashSet<u64>, addr: u64, skip: bool| {
+        if skip {
+            dropped.insert(addr);
+        } else {
+            dropped.remove(&addr);
+        }
+        skip
+    };
+    for e in events {
+        let skip = match e.kind {
+            EventKind::Alloc { addr, stack, .. } => allocated(&mut dropped, addr, drop(stack)),
+            EventKind::Free { addr } => dropped.remove(&addr),
+            EventKind::ReallocFree { addr } => {
+                let skip = dropped.remove(&addr);
+                in_flight.insert(e.thread, skip);
+                skip
             }
-            !skip
-        }
-        EventKind::Free { addr } => !dropped.remove(&addr),
-        EventKind::ReallocFree { addr } => {
-            let skip = dropped.remove(&addr);
-            in_flight.insert(e.thread, skip);
-            !skip
-        }
-        EventKind::ReallocAlloc { addr, stack, .. } => {
-            let skip = in_flight.remove(&e.thread).unwrap_or_else(|| drop(stack));
-            if skip {
-                dropped.insert(addr);
-            } else {
-                dropped.remove(&addr);
+            EventKind::ReallocAlloc { addr, stack, .. } => {
+                let skip = in_flight.remove(&e.thread).unwrap_or_else(|| drop(stack));
+                allocated(&mut dropped, addr, skip)
             }
-            !skip
+            EventKind::Mark(_) => false,
+        };
+        if !skip {
+            kept.offer(e);
         }
-        EventKind::Mark(_) => true,
-    })
+        all.offer(e);
+    }
+    let [all, kept] = [all, kept].map(|mut state| {
+        state.release_held(u64::MAX);
+        state.finish()
+    });
+    (all, kept)
 }
 
 /// How an allocation event changed the heap.
@@ -1003,9 +1013,9 @@ mod tests {
         events.push(free(5, 0x30, 6000));
         events.push(alloc(6, 0x30, 40, 1)); // the address, reused by a kept block
         events.extend(realloc(7, 0x10, 0x40, 200));
-        let all = replay(events.clone());
+        let (all, kept) = replay_without(events.clone(), |stack| stack == harness);
         assert_eq!(all.threads[&1].peak_bytes, 6100);
-        let kept = replay(without_blocks(events.into_iter(), |stack| stack == harness));
+        assert_eq!(all.threads, replay(events).threads);
         let t = &kept.threads[&1];
         assert_eq!(
             (t.allocations, t.reallocations, t.bytes_allocated),

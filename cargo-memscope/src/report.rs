@@ -7,6 +7,7 @@
 //! blocks live at exit. Then it merges the processes: sites with the same symbolized
 //! stack become one site, and the top-level summary sums the processes' summaries.
 
+use std::cell::RefCell;
 use std::collections::hash_map::Entry;
 use std::fs;
 use std::io::{BufWriter, Write};
@@ -18,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::replay::{self, Clock, ProblemKind, Snapshot};
 use crate::symbols::{self, Frame, ModuleStatus, SiteOrigin, Symbolizer};
-use crate::trace::{Tables, Trace};
+use crate::trace::{EventKind, Tables, Trace};
 
 /// The version of the JSON schema; bumped on any incompatible change.
 pub const SCHEMA_VERSION: u32 = 2;
@@ -38,6 +39,9 @@ pub struct ReportOptions {
     pub color: bool,
     /// Show progress bars (only when stderr is a terminal).
     pub progress: bool,
+    /// The traces are of test executables: also work out each thread's figures
+    /// without the blocks of libtest's harness (`Thread::without_harness`).
+    pub tests: bool,
 }
 
 /// Reads the traces, analyses them, writes the reports and prints the terminal summary.
@@ -424,7 +428,29 @@ fn analyse(trace: &Trace, options: &ReportOptions, progress: &Progress) -> Analy
         counted = read;
     });
     let mut collector = crate::instrument::Collector::default();
-    let mut snap = replay::replay(events.by_ref().inspect(|e| collector.observe(e)));
+    let mut symbolizer = Symbolizer::new(&trace.meta.modules, &options.path_map);
+    // Per-test figures leave out the blocks of libtest's harness and of std's
+    // bookkeeping: each stack is classified when a block is first allocated with it.
+    let harness = RefCell::new(HarnessStacks::default());
+    let stream = std::iter::from_fn(|| {
+        let e = events.next()?;
+        collector.observe(&e);
+        if options.tests {
+            if let EventKind::Alloc { stack, .. } | EventKind::ReallocAlloc { stack, .. } = e.kind {
+                harness.borrow_mut().classify(stack, events.tables(), &mut symbolizer, options);
+            }
+        }
+        Some(e)
+    });
+    let (mut snap, without) = if options.tests {
+        let (snap, without) = replay::replay_without(stream, |stack| harness.borrow().drops(stack));
+        (snap, Some(without))
+    } else {
+        (replay::replay(stream), None)
+    };
+    let without_harness = without
+        .filter(|_| harness.borrow().libtest)
+        .map(|w| w.threads);
     let (tables, mut damage) = events.finish();
     // A fork child's trace starts at the fork: its frees of blocks it inherited from
     // its parent pair with no recorded allocation, and are not problems.
@@ -467,7 +493,6 @@ fn analyse(trace: &Trace, options: &ReportOptions, progress: &Progress) -> Analy
         bytes: 0,
     };
 
-    let mut symbolizer = Symbolizer::new(&trace.meta.modules, &options.path_map);
     let mut sites = site_drafts(&snap, &tables, &mut symbolizer, options, pid);
     for group in replay::leaks(&snap) {
         let draft = &mut sites[group.site as usize];
@@ -484,7 +509,6 @@ fn analyse(trace: &Trace, options: &ReportOptions, progress: &Progress) -> Analy
 
     let peak_time = ns(snap.totals.peak_ts);
     let summary = process_summary(&snap, &sites, &damage, trace, peak_time, problems_found);
-    let without_harness = without_harness(trace, &snap, &sites, options);
     let threads = threads(&snap, without_harness.as_ref(), &tables, pid, ns);
     let timeline = Timeline {
         pid,
@@ -652,33 +676,37 @@ fn process_summary(
     }
 }
 
-/// In a test binary (a process in which libtest's harness allocated), each thread's
-/// figures without the blocks of libtest's harness and of std's bookkeeping: a second
-/// pass over the events that leaves those blocks out (`tests[]` are made of these).
-fn without_harness(
-    trace: &Trace,
-    snap: &Snapshot,
-    sites: &[SiteDraft],
-    options: &ReportOptions,
-) -> Option<FxHashMap<u32, replay::ThreadStats>> {
-    let mut libtest = false;
-    let mut harness = rustc_hash::FxHashSet::default();
-    for (stats, draft) in snap.sites.iter().zip(sites) {
-        if stats.internal || stats.stack == 0 {
-            continue;
+/// Which stacks allocate blocks of libtest's harness or of std's bookkeeping, decided
+/// once per stack; and whether the process is a test binary (libtest's harness
+/// allocated in it).
+#[derive(Default)]
+struct HarnessStacks {
+    dropped: FxHashMap<u64, bool>,
+    libtest: bool,
+}
+
+impl HarnessStacks {
+    fn classify(
+        &mut self,
+        stack: u64,
+        tables: &Tables,
+        symbolizer: &mut Symbolizer,
+        options: &ReportOptions,
+    ) {
+        if stack == 0 || self.dropped.contains_key(&stack) {
+            return;
         }
-        let stack = &draft.frames;
-        let ours = symbols::libtest_harness(stack);
-        libtest |= ours;
-        if ours || symbols::std_bookkeeping(stack, &options.user_roots).is_some() {
-            harness.insert(stats.stack);
-        }
+        let addrs = tables.stacks.get(&stack).map_or(&[][..], |f| &f[..]);
+        let frames = symbolizer.stack(addrs);
+        let libtest = symbols::libtest_harness(&frames);
+        self.libtest |= libtest;
+        let drop = libtest || symbols::std_bookkeeping(&frames, &options.user_roots).is_some();
+        self.dropped.insert(stack, drop);
     }
-    if !libtest {
-        return None;
+
+    fn drops(&self, stack: u64) -> bool {
+        self.dropped.get(&stack).copied().unwrap_or(false)
     }
-    let events = replay::without_blocks(trace.events(), |stack| harness.contains(&stack));
-    Some(replay::replay(events).threads)
 }
 
 fn threads(
@@ -1085,6 +1113,7 @@ mod tests {
             user_roots: Vec::new(),
             color: false,
             progress: false,
+            tests: true,
         }
     }
 

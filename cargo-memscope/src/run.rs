@@ -91,6 +91,7 @@ impl Layout {
             user_roots: vec![ws.root.clone()],
             color: output.color.enabled(),
             progress: std::io::stderr().is_terminal(),
+            tests: false,
         }
     }
 }
@@ -206,8 +207,12 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<()> {
     }
     // Inside a cargo project, reports go where `run` puts them and source paths of
     // its scratch copy map back to the workspace.
+    // The traces may be of test executables: per-test figures are worked out too.
     let options = match cargo::load_workspace(&Default::default()) {
-        Ok(ws) => Layout::new(&ws).report_options(&ws, &args.output),
+        Ok(ws) => ReportOptions {
+            tests: true,
+            ..Layout::new(&ws).report_options(&ws, &args.output)
+        },
         Err(_) => ReportOptions {
             output_dir: args
                 .output
@@ -218,6 +223,7 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<()> {
             user_roots: Vec::new(),
             color: args.output.color.enabled(),
             progress: std::io::stderr().is_terminal(),
+            tests: true,
         },
     };
     generate(&traces, &options, args.output.open).map(drop)

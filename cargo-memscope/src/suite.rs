@@ -17,7 +17,7 @@ use crate::cargo::{self, TestExecutable, Workspace};
 use crate::cli::TestArgs;
 use crate::libtest;
 use crate::pertest::{self, BinaryInfo, ProcessInfo};
-use crate::report::{self, Report};
+use crate::report::{self, Report, ReportOptions};
 use crate::rewrite::{self, CrateRoot};
 use crate::run::{self, Layout};
 use crate::runner::{self, BinaryRun};
@@ -53,7 +53,10 @@ pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
     if args.cargo.verbose > 0 {
         rewrite.describe();
     }
-    let options = layout.report_options(&ws, &args.output);
+    let options = ReportOptions {
+        tests: true,
+        ..layout.report_options(&ws, &args.output)
+    };
     let flags = test_flags(args);
     let build = cargo::TestBuild {
         ws: &ws,

@@ -431,6 +431,11 @@ impl<'t> Events<'t> {
         self
     }
 
+    /// The tables so far: they hold every stack that the events handed out refer to.
+    pub fn tables(&self) -> &Tables {
+        &self.tables
+    }
+
     /// Ends the stream: the tables and what went wrong while decoding.
     pub fn finish(self) -> (Tables, Vec<String>) {
         (self.tables, self.damage)
