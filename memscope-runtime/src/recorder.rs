@@ -78,6 +78,12 @@ pub struct ThreadRecord {
     /// allocated.
     last_walk: Cell<*mut stack::LastWalk>,
     name: Cell<[u8; 16]>,
+    /// The thread's id in the OS, and whether it is the process's main thread: read
+    /// once (and again in a fork child), not at every name check.
+    os_tid: Cell<u64>,
+    is_main: Cell<bool>,
+    /// Hand-overs so far: the name is checked at some of them (see `hand_over_named`).
+    hand_overs: Cell<u32>,
 }
 
 // SAFETY: the `Cell` fields are read and written only by the thread that owns the
@@ -313,6 +319,9 @@ impl ThreadRecord {
                     as *mut stack::LastWalk,
             ),
             name: Cell::new([0; 16]),
+            os_tid: Cell::new(0),
+            is_main: Cell::new(false),
+            hand_overs: Cell::new(0),
         };
         // SAFETY: non-zero-size layout.
         let rec = unsafe { System.alloc(Layout::new::<ThreadRecord>()) } as *mut ThreadRecord;
@@ -324,6 +333,7 @@ impl ThreadRecord {
         unsafe { rec.write(record) };
         // SAFETY: just initialised; records are never freed.
         let r = unsafe { &*rec };
+        r.note_os_thread();
         r.note_name();
 
         // Publish in the process-wide list (Treiber-stack push).
@@ -452,7 +462,14 @@ impl ThreadRecord {
     fn push_slow(&self, words: &[u64], base: u64) {
         if self.alive.load(Ordering::Relaxed) {
             self.hand_over(true);
-            self.note_name();
+            // The name is asked of the kernel (a system call) at the first hand-overs,
+            // when a new thread is usually named, then at every 16th; the thread's end
+            // and the process's always ask. The last name is the thread's.
+            let n = self.hand_overs.get().wrapping_add(1);
+            self.hand_overs.set(n);
+            if n.is_power_of_two() || n % 16 == 0 {
+                self.note_name();
+            }
             self.push(&[head(TAG_STAMP, 0, 0), base], base);
             self.push(words, base);
         } else {
@@ -537,12 +554,19 @@ impl ThreadRecord {
         }
     }
 
+    /// Reads the calling thread's OS id and whether it is the main thread.
+    fn note_os_thread(&self) {
+        let os_tid = sys::os_tid();
+        self.os_tid.set(os_tid);
+        self.is_main.set(os_tid == u64::from(std::process::id()));
+    }
+
     /// Writes a Thread record if the OS name changed since the last one.
     fn note_name(&self) {
         let mut name = [0u8; 16];
         let mut len = sys::thread_name(&mut name);
-        let os_tid = sys::os_tid();
-        if os_tid == std::process::id() as u64 {
+        let os_tid = self.os_tid.get();
+        if self.is_main.get() {
             name = *b"main\0\0\0\0\0\0\0\0\0\0\0\0";
             len = 4;
         }
@@ -703,6 +727,7 @@ pub fn reset_after_fork() {
         me.gen.store(0, Ordering::Relaxed);
         me.stream_clock.set(0);
         me.name.set([0; 16]);
+        me.note_os_thread();
         let cache = me.stack_cache.get();
         if !cache.is_null() {
             // SAFETY: `cache` has STACK_CACHE entries: forget which stacks were written
