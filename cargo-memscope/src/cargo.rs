@@ -108,20 +108,33 @@ pub fn cargo() -> OsString {
 }
 
 /// Locates the manifest like cargo does and reads the workspace it belongs to. Uses
-/// `--no-deps`, so the user's `Cargo.lock` is never written.
+/// `--no-deps`, so the user's `Cargo.lock` is never written; with `--locked` or
+/// `--frozen`, resolves the dependencies instead, which checks that `Cargo.lock` is up
+/// to date (cargo only reads it then), as the user's own `cargo run --locked` would.
 pub fn load_workspace(args: &CargoArgs) -> anyhow::Result<Workspace> {
     let cwd = std::env::current_dir().context("failed to read the current directory")?;
     let manifest = locate_manifest(&cwd, args.manifest_path.as_deref())?;
-    let mut config = Vec::new();
+    let mut options = Vec::new();
     for value in &args.config {
-        config.extend(["--config".to_owned(), value.clone()]);
+        options.extend(["--config".to_owned(), value.clone()]);
     }
-    let metadata = MetadataCommand::new()
+    let mut command = MetadataCommand::new();
+    command
         .cargo_path(cargo())
         .manifest_path(&manifest)
-        .current_dir(&cwd)
-        .no_deps()
-        .other_options(config)
+        .current_dir(&cwd);
+    let locked = args.is_locked();
+    if locked {
+        options.extend(
+            args.resolution_flags()
+                .into_iter()
+                .map(|flag| flag.to_string_lossy().into_owned()),
+        );
+    } else {
+        command.no_deps();
+    }
+    let metadata = command
+        .other_options(options)
         .exec()
         .map_err(|err| match err {
             cargo_metadata::Error::CargoMetadata { stderr } => {
@@ -129,7 +142,11 @@ pub fn load_workspace(args: &CargoArgs) -> anyhow::Result<Workspace> {
             }
             other => anyhow::Error::new(other),
         })
-        .context("failed to read the workspace with `cargo metadata`")?;
+        .context(if locked {
+            "failed to read the workspace with `cargo metadata`, or its Cargo.lock does not match the manifests (--locked)"
+        } else {
+            "failed to read the workspace with `cargo metadata`"
+        })?;
 
     let members: Vec<Member> = metadata
         .workspace_packages()
@@ -346,29 +363,6 @@ fn same_file(a: &Path, b: &Path) -> bool {
     a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
 }
 
-/// With `--locked`/`--frozen`, checks that the user's `Cargo.lock` is up to date
-/// (cargo only reads it then), as their own `cargo run --locked` would.
-pub fn verify_lock(ws: &Workspace, args: &CargoArgs) -> anyhow::Result<()> {
-    let mut command = Command::new(cargo());
-    command
-        .args(["metadata", "--format-version", "1", "--manifest-path"])
-        .arg(&ws.manifest)
-        .args(args.resolution_flags());
-    quiet_cargo(command).context("the lock file does not match the manifests (--locked)")
-}
-
-fn quiet_cargo(mut command: Command) -> anyhow::Result<()> {
-    let output = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .context("failed to run cargo")?;
-    if !output.status.success() {
-        bail!(cargo_error_line(&String::from_utf8_lossy(&output.stderr)));
-    }
-    Ok(())
-}
-
 /// How to build the program in the scratch copy.
 pub struct Build<'a> {
     pub ws: &'a Workspace,
@@ -389,21 +383,6 @@ impl Build<'_> {
             .ws
             .in_scratch(self.scratch, &self.program.manifest)
             .context("the package is outside its workspace")?;
-        if self.args.is_locked() {
-            // The rewrite added the runtime to the copy's manifests: let cargo add it
-            // (and only it) to the copy's lock file before the locked build.
-            let mut command = Command::new(cargo());
-            command
-                .args(["metadata", "--format-version", "1", "--manifest-path"])
-                .arg(&manifest)
-                .env("CARGO_TARGET_DIR", self.build_dir);
-            if self.args.is_offline() {
-                command.arg("--offline");
-            }
-            quiet_cargo(command)
-                .context("failed to add memscope's runtime to the scratch copy's Cargo.lock")?;
-        }
-
         let mut command = Command::new(cargo());
         command
             .arg("build")
@@ -596,22 +575,6 @@ impl TestBuild<'_> {
     /// Builds the test executables (`cargo test --no-run`) and returns them in the
     /// order cargo reported them.
     pub fn build(&self) -> anyhow::Result<Vec<TestExecutable>> {
-        if self.args.is_locked() {
-            let mut command = Command::new(cargo());
-            command
-                .args(["metadata", "--format-version", "1", "--manifest-path"])
-                .arg(
-                    self.ws
-                        .in_scratch(self.scratch, &self.ws.manifest)
-                        .unwrap_or_default(),
-                )
-                .env("CARGO_TARGET_DIR", self.build_dir);
-            if self.args.is_offline() {
-                command.arg("--offline");
-            }
-            quiet_cargo(command)
-                .context("failed to add memscope's runtime to the scratch copy's Cargo.lock")?;
-        }
         let mut command = self.command()?;
         command
             .arg("--no-run")

@@ -349,14 +349,20 @@ impl CargoArgs {
         self.locked || self.frozen
     }
 
-    /// Whether cargo must not use the network.
-    pub fn is_offline(&self) -> bool {
-        self.offline || self.frozen
+    /// The flags that pass through unchanged to `cargo metadata` on the user's
+    /// workspace (feature selection and lock/network policy).
+    pub fn resolution_flags(&self) -> Vec<OsString> {
+        self.resolution([self.locked, self.offline, self.frozen])
     }
 
-    /// The flags that pass through unchanged to `cargo build` and `cargo metadata`
-    /// (feature selection and lock/network policy).
-    pub fn resolution_flags(&self) -> Vec<OsString> {
+    /// The resolution flags for cargo in the scratch copy, whose lock file must gain
+    /// memscope's runtime: `--locked` is left out and `--frozen` becomes `--offline`
+    /// (the user's own lock file was checked when the workspace was read).
+    fn scratch_resolution_flags(&self) -> Vec<OsString> {
+        self.resolution([false, self.offline || self.frozen, false])
+    }
+
+    fn resolution(&self, [locked, offline, frozen]: [bool; 3]) -> Vec<OsString> {
         let mut flags: Vec<OsString> = Vec::new();
         for features in &self.features {
             flags.push("--features".into());
@@ -369,9 +375,9 @@ impl CargoArgs {
             flags.push("--no-default-features".into());
         }
         for (set, flag) in [
-            (self.locked, "--locked"),
-            (self.offline, "--offline"),
-            (self.frozen, "--frozen"),
+            (locked, "--locked"),
+            (offline, "--offline"),
+            (frozen, "--frozen"),
         ] {
             if set {
                 flags.push(flag.into());
@@ -384,7 +390,7 @@ impl CargoArgs {
         flags
     }
 
-    /// The flags that pass through unchanged to `cargo build` only; the selection
+    /// The flags that pass through to `cargo build` in the scratch copy; the selection
     /// (`--manifest-path`, `-p`, `--bin`, `--example`) is resolved by memscope.
     pub fn build_flags(&self) -> Vec<OsString> {
         self.spelled(["--profile", "--jobs", "--verbose", "--quiet"])
@@ -407,7 +413,7 @@ impl CargoArgs {
         &self,
         [profile_flag, jobs_flag, verbose_flag, quiet_flag]: [&str; 4],
     ) -> Vec<OsString> {
-        let mut flags = self.resolution_flags();
+        let mut flags = self.scratch_resolution_flags();
         if self.release {
             flags.push("--release".into());
         }

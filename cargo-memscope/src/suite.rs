@@ -36,9 +36,6 @@ pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
     }
     let ws = cargo::load_workspace(&args.cargo)?;
     let gates = gate::Gates::load(&args.gate)?;
-    if args.cargo.is_locked() {
-        cargo::verify_lock(&ws, &args.cargo)?;
-    }
     let layout = Layout::new(&ws);
     let runtime =
         embedded::write_runtime(&layout.runtime()).context("failed to write memscope's runtime")?;
