@@ -467,7 +467,7 @@ impl ThreadRecord {
             // and the process's always ask. The last name is the thread's.
             let n = self.hand_overs.get().wrapping_add(1);
             self.hand_overs.set(n);
-            if n.is_power_of_two() || n % 16 == 0 {
+            if n.is_power_of_two() || n.is_multiple_of(16) {
                 self.note_name();
             }
             self.push(&[head(TAG_STAMP, 0, 0), base], base);
