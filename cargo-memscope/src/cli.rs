@@ -488,7 +488,7 @@ mod tests {
     }
 
     #[test]
-    fn cargo_flags_pass_through_to_the_build() {
+    fn cargo_flags_pass_through_to_the_build_and_locked_only_to_the_workspace_check() {
         let cli = parse(&[
             "cargo-memscope",
             "run",
@@ -515,7 +515,6 @@ mod tests {
                 "--features",
                 "a,b",
                 "--no-default-features",
-                "--locked",
                 "--profile",
                 "bench",
                 "--verbose",
@@ -523,6 +522,11 @@ mod tests {
             ]
         );
         assert_eq!(run.cargo.profile_name(), "bench");
+        let resolution = run.cargo.resolution_flags();
+        assert_eq!(
+            resolution,
+            ["--features", "a,b", "--no-default-features", "--locked"]
+        );
     }
 
     #[test]
