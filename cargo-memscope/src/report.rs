@@ -866,14 +866,10 @@ fn merge(analysed: Vec<Analysed>) -> Report {
         variables.extend(a.instrumented.variables);
         tasks.extend(a.instrumented.tasks);
         let mut map = Vec::with_capacity(a.sites.len());
-        for draft in a.sites {
-            let key = (draft.key.clone(), draft.memscope);
+        for mut draft in a.sites {
+            let key = (std::mem::take(&mut draft.key), draft.memscope);
             let at = *index.entry(key).or_insert_with(|| {
-                merged.push(SiteDraft {
-                    leak_threads: Vec::new(),
-                    largest_block: 0,
-                    ..draft.clone_empty()
-                });
+                merged.push(draft.take_empty());
                 merged.len() - 1
             });
             absorb(&mut merged[at], draft);
@@ -992,12 +988,13 @@ fn merge(analysed: Vec<Analysed>) -> Report {
 }
 
 impl SiteDraft {
-    /// The same site with no figures, to add processes' figures to.
-    fn clone_empty(&self) -> SiteDraft {
+    /// The same site with no figures, to add processes' figures to; takes the frames
+    /// (the key is the merged sites' index, and stays with it).
+    fn take_empty(&mut self) -> SiteDraft {
         let s = &self.site;
         SiteDraft {
-            key: self.key.clone(),
-            frames: self.frames.clone(),
+            key: Vec::new(),
+            frames: std::mem::take(&mut self.frames),
             site: Site {
                 id: 0,
                 location: s.location.clone(),
