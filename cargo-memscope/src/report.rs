@@ -10,6 +10,7 @@
 use std::cell::RefCell;
 use std::collections::hash_map::Entry;
 use std::fs;
+use std::hash::{Hash, Hasher};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -376,7 +377,9 @@ struct Analysed {
 
 /// A site of one process; `leak` and `internal` describe its blocks live at exit.
 struct SiteDraft {
-    key: Vec<FrameKey>,
+    /// Where each frame without a function name lies in its object file, in stack
+    /// order (see [`SiteDraft::key`]).
+    unnamed: Vec<String>,
     /// The symbolized stack; `site.stack` stays empty until the frames of all
     /// processes are put in one table (`merge`).
     frames: Vec<Frame>,
@@ -391,34 +394,55 @@ struct SiteDraft {
     leak_variables: Vec<crate::instrument::VarRef>,
 }
 
-/// What makes two frames of different processes the same.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct FrameKey(
-    Option<symbols::Name>,
-    Option<symbols::Name>,
+/// What makes two frames of different processes the same: function, file, line,
+/// whether inlined, and for a frame without a function name its place in its object
+/// file, not its address, which ASLR changes from one process to the next.
+#[derive(PartialEq, Eq, Hash)]
+struct FrameKey<'a>(
+    Option<&'a str>,
+    Option<&'a str>,
     Option<u32>,
     bool,
-    Option<String>,
+    Option<&'a str>,
 );
 
-impl FrameKey {
-    /// A frame without a function name is known by its place in its object file, not
-    /// by its address, which ASLR changes from one process to the next.
-    fn of(f: &Frame, symbolizer: &Symbolizer) -> FrameKey {
-        let address = f.function.is_none().then(|| {
-            u64::from_str_radix(f.address.trim_start_matches("0x"), 16)
-                .ok()
-                .and_then(|addr| symbolizer.file_offset(addr))
-                .unwrap_or_else(|| f.address.to_string())
-        });
-        FrameKey(
-            f.function.clone(),
-            f.file.clone(),
-            f.line,
-            f.inlined,
-            address,
-        )
+impl SiteDraft {
+    /// The site's frames as they identify it across processes.
+    fn key(&self) -> impl Iterator<Item = FrameKey<'_>> {
+        let mut unnamed = self.unnamed.iter();
+        self.frames.iter().map(move |f| {
+            FrameKey(
+                f.function.as_deref(),
+                f.file.as_deref(),
+                f.line,
+                f.inlined,
+                f.function
+                    .is_none()
+                    .then(|| unnamed.next().map(String::as_str))
+                    .flatten(),
+            )
+        })
     }
+
+    fn key_hash(&self) -> u64 {
+        let mut hasher = rustc_hash::FxHasher::default();
+        self.memscope.hash(&mut hasher);
+        self.key().for_each(|k| k.hash(&mut hasher));
+        hasher.finish()
+    }
+
+    fn same_site(&self, other: &SiteDraft) -> bool {
+        self.memscope == other.memscope && self.key().eq(other.key())
+    }
+}
+
+/// Where a frame without a function name lies in its object file (`file+0x…`), or its
+/// address when that is unknown.
+fn unnamed_place(f: &Frame, symbolizer: &Symbolizer) -> String {
+    u64::from_str_radix(f.address.trim_start_matches("0x"), 16)
+        .ok()
+        .and_then(|addr| symbolizer.file_offset(addr))
+        .unwrap_or_else(|| f.address.to_string())
 }
 
 fn analyse(trace: &Trace, options: &ReportOptions, progress: &Progress) -> Analysed {
@@ -611,7 +635,11 @@ fn site_drafts(
                 None
             };
             SiteDraft {
-                key: stack.iter().map(|f| FrameKey::of(f, symbolizer)).collect(),
+                unnamed: stack
+                    .iter()
+                    .filter(|f| f.function.is_none())
+                    .map(|f| unnamed_place(f, symbolizer))
+                    .collect(),
                 frames: stack,
                 site: Site {
                     id: 0,
@@ -848,7 +876,8 @@ fn merge(analysed: Vec<Analysed>) -> Report {
     }
 
     // Sites with the same symbolized stack are one site, whichever process.
-    let mut index: FxHashMap<(Vec<FrameKey>, bool), usize> = FxHashMap::default();
+    // Key hash → merged sites with that hash.
+    let mut index: FxHashMap<u64, Vec<usize>> = FxHashMap::default();
     let mut merged: Vec<SiteDraft> = Vec::new();
     let mut site_maps: Vec<Vec<usize>> = Vec::new();
     let mut processes = Vec::new();
@@ -867,11 +896,15 @@ fn merge(analysed: Vec<Analysed>) -> Report {
         tasks.extend(a.instrumented.tasks);
         let mut map = Vec::with_capacity(a.sites.len());
         for mut draft in a.sites {
-            let key = (std::mem::take(&mut draft.key), draft.memscope);
-            let at = *index.entry(key).or_insert_with(|| {
-                merged.push(draft.take_empty());
-                merged.len() - 1
-            });
+            let same = index.entry(draft.key_hash()).or_default();
+            let at = match same.iter().find(|&&at| merged[at].same_site(&draft)) {
+                Some(&at) => at,
+                None => {
+                    merged.push(draft.take_empty());
+                    same.push(merged.len() - 1);
+                    merged.len() - 1
+                }
+            };
             absorb(&mut merged[at], draft);
             map.push(at);
         }
@@ -988,12 +1021,11 @@ fn merge(analysed: Vec<Analysed>) -> Report {
 }
 
 impl SiteDraft {
-    /// The same site with no figures, to add processes' figures to; takes the frames
-    /// (the key is the merged sites' index, and stays with it).
+    /// The same site with no figures, to add processes' figures to; takes the frames.
     fn take_empty(&mut self) -> SiteDraft {
         let s = &self.site;
         SiteDraft {
-            key: Vec::new(),
+            unnamed: std::mem::take(&mut self.unnamed),
             frames: std::mem::take(&mut self.frames),
             site: Site {
                 id: 0,

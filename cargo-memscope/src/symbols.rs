@@ -87,9 +87,11 @@ impl Symbolizer {
     /// Symbolizes a stack of return addresses (innermost first) and trims the
     /// allocator's plumbing from its top.
     pub fn stack(&mut self, addrs: &[u64]) -> Vec<Frame> {
-        let mut frames = Vec::with_capacity(addrs.len());
-        for &addr in addrs {
-            frames.extend(self.frames(addr).iter().cloned());
+        let at: Vec<Rc<[Frame]>> = addrs.iter().map(|&addr| self.frames(addr)).collect();
+        // Allocated once at its final size: reports keep one stack per site.
+        let mut frames = Vec::with_capacity(at.iter().map(|f| f.len()).sum());
+        for inlined in &at {
+            frames.extend(inlined.iter().cloned());
         }
         let cut = plumbing_len(&frames);
         frames.drain(..cut);
