@@ -74,12 +74,13 @@ pub fn build(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<Repo
     std::thread::scope(|scope| {
         let work = || {
             let mut done = Vec::new();
+            let loaders = symbols::Loaders::default();
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(trace) = opened.get(i) else {
                     return done;
                 };
-                done.push((i, analyse(trace, options, &progress)));
+                done.push((i, analyse(trace, options, &loaders, &progress)));
             }
         };
         let workers: Vec<_> = (0..workers).map(|_| scope.spawn(work)).collect();
@@ -445,14 +446,19 @@ fn unnamed_place(f: &Frame, symbolizer: &Symbolizer) -> String {
         .unwrap_or_else(|| f.address.to_string())
 }
 
-fn analyse(trace: &Trace, options: &ReportOptions, progress: &Progress) -> Analysed {
+fn analyse(
+    trace: &Trace,
+    options: &ReportOptions,
+    loaders: &symbols::Loaders,
+    progress: &Progress,
+) -> Analysed {
     let mut counted = 0;
     let mut events = trace.events().on_progress(|read| {
         progress.advance(read.saturating_sub(counted));
         counted = read;
     });
     let mut collector = crate::instrument::Collector::default();
-    let mut symbolizer = Symbolizer::new(&trace.meta.modules, &options.path_map);
+    let mut symbolizer = Symbolizer::new(&trace.meta.modules, &options.path_map, loaders);
     // Per-test figures leave out the blocks of libtest's harness and of std's
     // bookkeeping: each stack is classified when a block is first allocated with it.
     let harness = RefCell::new(HarnessStacks::default());

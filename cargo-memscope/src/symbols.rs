@@ -11,6 +11,7 @@
 //! plumbing (trimmed from the top of every stack), which frame is an allocation's
 //! *site*, and which stacks are the standard library's own bookkeeping.
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -50,35 +51,67 @@ pub struct ModuleStatus {
     pub detail: Option<String>,
 }
 
+/// The object files opened for symbolization, kept across the traces that one thread
+/// analyses: a test suite's processes load the same few files (under nextest, one
+/// process per test), and reading an object's debug information is most of the cost.
+#[derive(Default)]
+pub struct Loaders(RefCell<FxHashMap<String, Rc<Loaded>>>);
+
+/// An object file's loader and whether it has DWARF line tables, or why it could not
+/// be opened.
+struct Loaded {
+    loader: Result<addr2line::Loader, String>,
+    has_dwarf: bool,
+}
+
+impl Loaders {
+    fn get(&self, path: &str) -> Rc<Loaded> {
+        if let Some(loaded) = self.0.borrow().get(path) {
+            return loaded.clone();
+        }
+        let loader = addr2line::Loader::new(path).map_err(|e| e.to_string());
+        let has_dwarf = loader
+            .as_ref()
+            .is_ok_and(|l| l.get_section_range(b".debug_line").is_some());
+        let loaded = Rc::new(Loaded { loader, has_dwarf });
+        self.0.borrow_mut().insert(path.to_owned(), loaded.clone());
+        loaded
+    }
+}
+
 /// Symbolizes addresses of one process.
-pub struct Symbolizer {
+pub struct Symbolizer<'a> {
     modules: Vec<Object>,
+    loaders: &'a Loaders,
     path_map: Vec<(PathBuf, PathBuf)>,
     cache: FxHashMap<u64, Rc<[Frame]>>,
 }
 
 struct Object {
     module: Module,
-    /// `None` until first used; then the loader, or why there is none.
-    loader: Option<Result<addr2line::Loader, String>>,
-    has_dwarf: bool,
+    /// `None` until first used.
+    loaded: Option<Rc<Loaded>>,
 }
 
-impl Symbolizer {
-    pub fn new(modules: &[Module], path_map: &[(PathBuf, PathBuf)]) -> Symbolizer {
+impl<'a> Symbolizer<'a> {
+    pub fn new(
+        modules: &[Module],
+        path_map: &[(PathBuf, PathBuf)],
+        loaders: &'a Loaders,
+    ) -> Symbolizer<'a> {
         let mut objects: Vec<Object> = Vec::new();
         for m in modules {
             // The meta stream lists the modules at start and again at exit.
             if !objects.iter().any(|o| o.module == *m) {
                 objects.push(Object {
                     module: m.clone(),
-                    loader: None,
-                    has_dwarf: false,
+                    loaded: None,
                 });
             }
         }
         Symbolizer {
             modules: objects,
+            loaders,
             path_map: path_map.to_vec(),
             cache: FxHashMap::default(),
         }
@@ -128,7 +161,11 @@ impl Symbolizer {
             return bare();
         };
         let probe = pc.wrapping_sub(object.module.bias);
-        let Ok(loader) = object.loader() else {
+        let loaded = object
+            .loaded
+            .get_or_insert_with(|| self.loaders.get(&object.module.path))
+            .clone();
+        let Ok(loader) = &loaded.loader else {
             return bare();
         };
 
@@ -199,8 +236,9 @@ impl Symbolizer {
             .iter()
             .enumerate()
             .filter_map(|(i, o)| {
-                let (status, detail) = match o.loader.as_ref()? {
-                    Ok(_) if o.has_dwarf => ("symbolized", None),
+                let loaded = o.loaded.as_ref()?;
+                let (status, detail) = match &loaded.loader {
+                    Ok(_) if loaded.has_dwarf => ("symbolized", None),
                     Ok(_) => (
                         "no_debug_info",
                         Some("no DWARF line tables: function names only".into()),
@@ -215,19 +253,6 @@ impl Symbolizer {
                 })
             })
             .collect()
-    }
-}
-
-impl Object {
-    fn loader(&mut self) -> Result<&addr2line::Loader, &String> {
-        if self.loader.is_none() {
-            let loaded = addr2line::Loader::new(&self.module.path).map_err(|e| e.to_string());
-            if let Ok(l) = &loaded {
-                self.has_dwarf = l.get_section_range(b".debug_line").is_some();
-            }
-            self.loader = Some(loaded);
-        }
-        self.loader.as_ref().expect("set above").as_ref()
     }
 }
 
@@ -918,11 +943,30 @@ mod tests {
 
     #[test]
     fn an_address_outside_every_module_stays_unsymbolized() {
-        let mut s = Symbolizer::new(&[], &[]);
+        let loaders = Loaders::default();
+        let mut s = Symbolizer::new(&[], &[], &loaders);
         let frames = s.stack(&[0x1234]);
         assert_eq!(frames.len(), 1);
         assert_eq!(&*frames[0].address, "0x1234");
         assert_eq!(frames[0].function, None);
+    }
+
+    #[test]
+    fn processes_analysed_on_one_thread_open_each_object_file_once() {
+        let module = Module {
+            path: "/nonexistent/bin".into(),
+            bias: 0,
+            start: 0x1000,
+            end: 0x2000,
+        };
+        let loaders = Loaders::default();
+        let mut first = Symbolizer::new(std::slice::from_ref(&module), &[], &loaders);
+        let mut second = Symbolizer::new(&[module], &[], &loaders);
+        first.stack(&[0x1500]);
+        second.stack(&[0x1600]);
+        assert_eq!(loaders.0.borrow().len(), 1);
+        let loaded = |s: &Symbolizer| s.modules[0].loaded.clone().unwrap();
+        assert!(Rc::ptr_eq(&loaded(&first), &loaded(&second)));
     }
 
     #[test]
@@ -933,7 +977,8 @@ mod tests {
             start: 0x1000,
             end: 0x2000,
         };
-        let mut s = Symbolizer::new(&[module], &[]);
+        let loaders = Loaders::default();
+        let mut s = Symbolizer::new(&[module], &[], &loaders);
         assert_eq!(s.stack(&[0x1500])[0].function, None);
         assert_eq!(s.status()[0].status, "unreadable");
     }
@@ -978,7 +1023,8 @@ mod tests {
             start: module.0,
             end: module.1,
         };
-        let mut s = Symbolizer::new(&[m], &[]);
+        let loaders = Loaders::default();
+        let mut s = Symbolizer::new(&[m], &[], &loaders);
         let frames = s.stack(&[addr]);
         let name = frames
             .last()
