@@ -34,6 +34,8 @@ Columns:
 - `cargo test s` / `cargo memscope test s`: median wall time of the whole commands
   with everything already built: cargo's own start-up on both sides, and on
   memscope's the scratch copy's sync and the analysis and reports as well.
+- `nextest s` / `memscope nextest s`: the same for `cargo nextest run` and
+  `cargo memscope nextest` (one process per test), when cargo-nextest is installed.
 """
 
 import argparse
@@ -206,9 +208,17 @@ def timed(cmd, cwd, env):
 def timing(src, plain_exes, tracked_exes, scratch_pkg, memscope, work, reps):
     """Medians over `reps`, alternating so that both sides see the same machine:
     the summed wall time of all test executables, plainly and through memscope's
-    runner; and the whole commands, `cargo test --tests` and `cargo memscope test`,
-    with everything already built (the latter includes the analysis and reports)."""
+    runner; the whole commands, `cargo test --tests` and `cargo memscope test`, with
+    everything already built (the latter includes the analysis and reports); and, when
+    cargo-nextest is installed, `cargo nextest run` and `cargo memscope nextest`."""
     plain, tracked, cargo_plain, cargo_tracked = [], [], [], []
+    nextest_plain, nextest_tracked = [], []
+    nextest = subprocess.run(["cargo", "nextest", "--version"], capture_output=True).returncode == 0
+    out = work / "timing-report"
+    if nextest:
+        # Once untimed, so that whatever nextest builds beyond `cargo test` is built.
+        timed(["cargo", "nextest", "run", *locked(src)], src, os.environ)
+        timed([memscope, "memscope", "nextest", *locked(src), "--output-dir", str(out)], src, os.environ)
     runs_dir = work / "timing-runs"
     env = {**os.environ, "CARGO_MANIFEST_DIR": str(src)}
     for _ in range(reps):
@@ -219,14 +229,19 @@ def timing(src, plain_exes, tracked_exes, scratch_pkg, memscope, work, reps):
         tracked.append(sum(timed([memscope, "__runner", exe], scratch_pkg, tenv) for exe in tracked_exes))
         shutil.rmtree(runs_dir, ignore_errors=True)
         cargo_plain.append(timed(["cargo", "test", "--tests", *locked(src)], src, os.environ))
-        out = work / "timing-report"
         cargo_tracked.append(
             timed([memscope, "memscope", "test", *locked(src), "--output-dir", str(out)], src, os.environ)
         )
+        if nextest:
+            nextest_plain.append(timed(["cargo", "nextest", "run", *locked(src)], src, os.environ))
+            nextest_tracked.append(
+                timed([memscope, "memscope", "nextest", *locked(src), "--output-dir", str(out)], src, os.environ)
+            )
         # Each `cargo memscope test` keeps its traces: only the latest run is needed.
         for old in sorted(glob.glob(str(src / "target" / "memscope" / "traces" / "*")))[:-1]:
             shutil.rmtree(old, ignore_errors=True)
-    return tuple(statistics.median(t) for t in (plain, tracked, cargo_plain, cargo_tracked))
+    series = (plain, tracked, cargo_plain, cargo_tracked, nextest_plain, nextest_tracked)
+    return tuple(statistics.median(t) if t else 0.0 for t in series)
 
 
 def main():
@@ -300,9 +315,9 @@ def main():
 
     header = ("crate", "tests plain p/f/i", "tests tracked p/f/i", "memscope leaked", "valgrind lost",
               "valgrind reachable", "plain s", "tracked s", "ratio", "cargo test s", "cargo memscope test s",
-              "ratio")
+              "ratio", "nextest s", "memscope nextest s", "ratio")
     table = [header]
-    for name, version, pc, pcode, tr, lost, reach, (tp, tt, cp, ct) in rows:
+    for name, version, pc, pcode, tr, lost, reach, (tp, tt, cp, ct, np, nt) in rows:
         table.append((
             f"{name} {version}",
             pf(pc) + ("" if pcode == 0 else f" (exit {pcode})"),
@@ -316,6 +331,9 @@ def main():
             f"{cp:.2f}",
             f"{ct:.2f}",
             ratio(cp, ct),
+            f"{np:.2f}" if np else "-",
+            f"{nt:.2f}" if nt else "-",
+            ratio(np, nt),
         ))
     widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
     print()
