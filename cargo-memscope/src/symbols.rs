@@ -951,14 +951,19 @@ mod tests {
         assert_eq!(frames[0].function, None);
     }
 
-    #[test]
-    fn processes_analysed_on_one_thread_open_each_object_file_once() {
-        let module = Module {
+    /// A module mapped at 0x1000..0x2000 whose file does not exist.
+    fn missing_binary() -> Module {
+        Module {
             path: "/nonexistent/bin".into(),
             bias: 0,
             start: 0x1000,
             end: 0x2000,
-        };
+        }
+    }
+
+    #[test]
+    fn processes_analysed_on_one_thread_open_each_object_file_once() {
+        let module = missing_binary();
         let loaders = Loaders::default();
         let mut first = Symbolizer::new(std::slice::from_ref(&module), &[], &loaders);
         let mut second = Symbolizer::new(&[module], &[], &loaders);
@@ -971,12 +976,7 @@ mod tests {
 
     #[test]
     fn a_missing_binary_is_reported_not_fatal() {
-        let module = Module {
-            path: "/nonexistent/bin".into(),
-            bias: 0,
-            start: 0x1000,
-            end: 0x2000,
-        };
+        let module = missing_binary();
         let loaders = Loaders::default();
         let mut s = Symbolizer::new(&[module], &[], &loaders);
         assert_eq!(s.stack(&[0x1500])[0].function, None);
