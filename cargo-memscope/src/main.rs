@@ -39,18 +39,14 @@ pub const EXIT_GATE_FAILED: u8 = 3;
 fn main() -> ExitCode {
     // The runner starts once per test executable: it skips building the whole CLI.
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if args.get(1).is_some_and(|a| a == "__runner") {
-        return match runner::run(&args[2..]) {
-            Ok(code) => ExitCode::from(code),
-            Err(err) => {
-                print_error(&err, false);
-                ExitCode::from(EXIT_MEMSCOPE_ERROR)
-            }
-        };
-    }
-    let cli = cli::parse();
-    let color = cli.color_enabled();
-    match try_main(cli) {
+    let (result, color) = if args.get(1).is_some_and(|a| a == "__runner") {
+        (runner::run(&args[2..]), false)
+    } else {
+        let cli = cli::parse();
+        let color = cli.color_enabled();
+        (try_main(cli), color)
+    };
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             print_error(&err, color);
