@@ -47,6 +47,23 @@ impl Layout {
         self.root.join("runtime").join("memscope-runtime")
     }
 
+    /// The runtime the scratch copy links: the workspace's own `memscope-runtime` when
+    /// it has one (memscope's own workspace, where a second copy's macros crate would
+    /// collide with the member in the lock file), otherwise memscope's embedded
+    /// sources, written out here.
+    pub(crate) fn write_runtime(&self, ws: &Workspace) -> anyhow::Result<PathBuf> {
+        let member = ws
+            .members
+            .iter()
+            .find(|m| m.name == crate::rewrite::RUNTIME_PACKAGE)
+            .and_then(|m| m.dir().strip_prefix(&ws.root).ok());
+        match member {
+            Some(relative) => Ok(self.scratch.join(relative)),
+            None => embedded::write_runtime(&self.runtime())
+                .context("failed to write memscope's runtime"),
+        }
+    }
+
     pub(crate) fn build(&self) -> PathBuf {
         self.root.join("build")
     }
@@ -109,8 +126,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
     let program = ws.select_program(&args.cargo)?;
     let gates = gate::Gates::load(&args.gate)?;
     let layout = Layout::new(&ws);
-    let runtime =
-        embedded::write_runtime(&layout.runtime()).context("failed to write memscope's runtime")?;
+    let runtime = layout.write_runtime(&ws)?;
     scratch::sync(
         &ws.root,
         &layout.scratch,

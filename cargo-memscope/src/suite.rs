@@ -22,7 +22,7 @@ use crate::rewrite::{self, CrateRoot};
 use crate::run::{self, Layout};
 use crate::runner::{self, BinaryRun};
 use crate::summary::{bytes_short as bytes, plural};
-use crate::{embedded, gate, scratch};
+use crate::{gate, scratch};
 
 /// `cargo memscope test`: returns the exit code to end with.
 pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
@@ -37,8 +37,7 @@ pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
     let ws = cargo::load_workspace(&args.cargo)?;
     let gates = gate::Gates::load(&args.gate)?;
     let layout = Layout::new(&ws);
-    let runtime =
-        embedded::write_runtime(&layout.runtime()).context("failed to write memscope's runtime")?;
+    let runtime = layout.write_runtime(&ws)?;
     scratch::sync(
         &ws.root,
         &layout.scratch,

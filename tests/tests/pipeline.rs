@@ -418,6 +418,54 @@ fn a_locked_run_whose_lock_file_is_out_of_date_is_a_one_line_error_and_changes_n
 }
 
 #[test]
+fn a_workspace_with_memscopes_own_runtime_is_tracked_with_that_runtime() {
+    // memscope's own workspace: its runtime and macros are members, and a second,
+    // embedded copy of them would collide with them in the lock file.
+    let mut files: Vec<(String, String)> = Vec::new();
+    for package in ["memscope-runtime", "memscope-macros"] {
+        let dir = memscope_e2e::repo_root().join(package);
+        let mut pending = vec![dir.join("src")];
+        files.push((
+            format!("{package}/Cargo.toml"),
+            std::fs::read_to_string(dir.join("Cargo.toml")).unwrap(),
+        ));
+        while let Some(at) = pending.pop() {
+            for entry in std::fs::read_dir(&at).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    pending.push(path);
+                } else {
+                    let relative = path.strip_prefix(&dir).unwrap().display().to_string();
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    files.push((format!("{package}/{relative}"), text));
+                }
+            }
+        }
+    }
+    files.push((
+        "Cargo.toml".into(),
+        "[workspace]\nresolver = \"2\"\nmembers = [\"app\", \"memscope-runtime\", \"memscope-macros\"]\n".into(),
+    ));
+    files.push((
+        "app/Cargo.toml".into(),
+        "[package]\nname = \"app\"\nversion = \"0.1.0\"\nedition = \"2021\"\n".into(),
+    ));
+    files.push((
+        "app/src/main.rs".into(),
+        "fn main() {\n    std::mem::forget(vec![0u8; 4096]);\n    println!(\"ran\");\n}\n".into(),
+    ));
+    let files: Vec<(&str, &str)> = files.iter().map(|(p, t)| (p.as_str(), t.as_str())).collect();
+    let fixture = Fixture::from_files("own-runtime", &files);
+
+    let output = fixture.memscope(&["run", "-p", "app"]).run();
+
+    assert_eq!(output.code, Some(0), "{output:#?}");
+    assert_eq!(output.stdout, "ran\n", "{output:#?}");
+    assert_eq!(fixture.latest_traces().len(), 1, "{output:#?}");
+    assert!(output.stderr.contains("4.0 KiB in    1 block"), "{output:#?}");
+}
+
+#[test]
 fn allocator_in_a_workspace_library_is_wrapped_where_it_is_declared() {
     let fixture = Fixture::from_files(
         "library-allocator",
