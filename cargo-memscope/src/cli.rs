@@ -57,12 +57,6 @@ pub enum Command {
     /// `test --nextest`: run the tests with cargo-nextest, each in its own process
     #[command(after_help = EXIT_STATUS_HELP)]
     Nextest(TestArgs),
-    /// Run one test executable for `cargo memscope test` (cargo calls it as a runner)
-    #[command(name = "__runner", hide = true)]
-    Runner {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
-        command: Vec<OsString>,
-    },
     /// Render reports from existing trace files (`*.mstrace`) or directories of them
     #[command(after_help = EXIT_STATUS_HELP)]
     Report(ReportArgs),
@@ -313,7 +307,6 @@ impl Cli {
         match &self.command {
             Command::Run(args) => args.output.color.enabled(),
             Command::Test(args) | Command::Nextest(args) => args.output.color.enabled(),
-            Command::Runner { .. } => false,
             Command::Report(args) => args.output.color.enabled(),
         }
     }

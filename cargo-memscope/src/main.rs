@@ -37,7 +37,9 @@ pub const EXIT_MEMSCOPE_ERROR: u8 = 2;
 pub const EXIT_GATE_FAILED: u8 = 3;
 
 fn main() -> ExitCode {
-    // The runner starts once per test executable: it skips building the whole CLI.
+    // `__runner` (cargo's runner for `cargo memscope test`, see `runner.rs`) is not
+    // part of the CLI: it starts once per test executable, and building the CLI
+    // costs about as much as the rest of its start-up.
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let (result, color) = if args.get(1).is_some_and(|a| a == "__runner") {
         (runner::run(&args[2..]), false)
@@ -63,7 +65,6 @@ fn try_main(cli: cli::Cli) -> anyhow::Result<u8> {
             nextest: true,
             ..args
         }),
-        Command::Runner { command } => runner::run(&command),
         Command::Report(args) => run::report(&args).map(|()| EXIT_SUCCESS),
     }
 }

@@ -467,7 +467,9 @@ fn analyse(
         collector.observe(&e);
         if options.tests {
             if let EventKind::Alloc { stack, .. } | EventKind::ReallocAlloc { stack, .. } = e.kind {
-                harness.borrow_mut().classify(stack, events.tables(), &mut symbolizer, options);
+                harness
+                    .borrow_mut()
+                    .classify(stack, events.tables(), &mut symbolizer, options);
             }
         }
         Some(e)

@@ -51,7 +51,7 @@ impl Layout {
     /// it has one (memscope's own workspace, where a second copy's macros crate would
     /// collide with the member in the lock file), otherwise memscope's embedded
     /// sources, written out here.
-    pub(crate) fn write_runtime(&self, ws: &Workspace) -> anyhow::Result<PathBuf> {
+    pub(crate) fn runtime_to_link(&self, ws: &Workspace) -> anyhow::Result<PathBuf> {
         let member = ws
             .members
             .iter()
@@ -126,7 +126,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
     let program = ws.select_program(&args.cargo)?;
     let gates = gate::Gates::load(&args.gate)?;
     let layout = Layout::new(&ws);
-    let runtime = layout.write_runtime(&ws)?;
+    let runtime = layout.runtime_to_link(&ws)?;
     scratch::sync(
         &ws.root,
         &layout.scratch,

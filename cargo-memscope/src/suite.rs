@@ -37,7 +37,7 @@ pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
     let ws = cargo::load_workspace(&args.cargo)?;
     let gates = gate::Gates::load(&args.gate)?;
     let layout = Layout::new(&ws);
-    let runtime = layout.write_runtime(&ws)?;
+    let runtime = layout.runtime_to_link(&ws)?;
     scratch::sync(
         &ws.root,
         &layout.scratch,
