@@ -241,7 +241,16 @@ pub fn apply_crates(
     }
     for (krate, cfg) in install {
         let root = &krate.root;
-        let module = install_system_allocator(runtime, &crate_of(root)?)?;
+        let in_runtime_lib = ws
+            .members
+            .iter()
+            .any(|m| m.name == RUNTIME_PACKAGE && m.lib_root.as_ref() == Some(root));
+        let path = if in_runtime_lib {
+            "crate".to_owned()
+        } else {
+            format!("::{}", crate_of(root)?)
+        };
+        let module = install_system_allocator(runtime, &path)?;
         let text = match planned.get(root) {
             Some(wrapped) => wrapped.clone(),
             None => read_source(root)?,
@@ -279,12 +288,14 @@ fn crate_name(ws: &Workspace, root: &Path) -> String {
 }
 
 /// Writes the module that declares memscope's allocator over `System`, for a crate
-/// that reaches the runtime as `krate`; returns its path.
-fn install_system_allocator(runtime: &Path, krate: &str) -> anyhow::Result<String> {
-    let module = runtime.join("install").join(format!("{krate}.rs"));
+/// that reaches the runtime by the path `runtime_path` (`::memscope`, or `crate`
+/// inside the runtime itself); returns its path.
+fn install_system_allocator(runtime: &Path, runtime_path: &str) -> anyhow::Result<String> {
+    let file = runtime_path.trim_start_matches("::");
+    let module = runtime.join("install").join(format!("{file}.rs"));
     let text = format!(
         "//! Added to the crate root by cargo-memscope: the tracking allocator over `System`.\n\n\
-         #[global_allocator]\nstatic {ALLOCATOR_STATIC}: ::{krate}::Alloc = ::{krate}::Alloc::system();\n"
+         #[global_allocator]\nstatic {ALLOCATOR_STATIC}: {runtime_path}::Alloc = {runtime_path}::Alloc::system();\n"
     );
     write_if_changed(&module, text.as_bytes())?;
     module
@@ -410,10 +421,19 @@ impl ManifestEdit<'_> {
             }
         }
 
-        let crate_name = if self.needs_runtime {
-            Some(ensure_runtime_dependency(&mut doc, runtime)?)
-        } else {
+        let is_runtime = doc
+            .get("package")
+            .and_then(|p| p.get("name"))
+            .and_then(|n| n.as_str())
+            == Some(RUNTIME_PACKAGE);
+        let crate_name = if !self.needs_runtime {
             None
+        } else if is_runtime {
+            // The runtime's own package (memscope's workspace): its tests and
+            // binaries reach its library by name, without a dependency on itself.
+            Some(RUNTIME_LIB.to_owned())
+        } else {
+            Some(ensure_runtime_dependency(&mut doc, runtime)?)
         };
         if self.is_root && !doc.contains_key("workspace") {
             doc.insert("workspace", Item::Table(Table::new()));

@@ -460,7 +460,9 @@ fn a_workspace_with_memscopes_own_runtime_is_tracked_with_that_runtime() {
     ));
     files.push((
         "app/src/main.rs".into(),
-        "fn main() {\n    std::mem::forget(vec![0u8; 4096]);\n    println!(\"ran\");\n}\n".into(),
+        "fn main() {\n    std::mem::forget(vec![0u8; 4096]);\n    println!(\"ran\");\n}\n\n\
+         #[test]\nfn leaks() {\n    std::mem::forget(vec![0u8; 2048]);\n}\n"
+            .into(),
     ));
     let files: Vec<(&str, &str)> = files
         .iter()
@@ -477,6 +479,21 @@ fn a_workspace_with_memscopes_own_runtime_is_tracked_with_that_runtime() {
         output.stderr.contains("4.0 KiB in    1 block"),
         "{output:#?}"
     );
+
+    // Every member's crates get the allocator under `test`, the runtime's own library
+    // included: it must not be made to depend on itself.
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().to_str().unwrap();
+    let output = fixture
+        .memscope(&["test", "-p", "app", "--output-dir", dir])
+        .run();
+    assert_eq!(output.code, Some(0), "{output:#?}");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap())
+            .unwrap();
+    let test = &report["tests"][0];
+    assert_eq!(test["name"], "leaks", "{report:#}");
+    assert_eq!(test["leaked_bytes"], 2048, "{report:#}");
 }
 
 #[test]
