@@ -209,13 +209,17 @@ pub fn replay(events: impl IntoIterator<Item = Event>) -> Snapshot {
 /// frees (a block keeps the stack it was first allocated with, as in [`replay`]). The
 /// second snapshot has the figures as if those blocks had never been allocated:
 /// per-test figures without libtest's own blocks. `drop` is asked about each stack when
-/// a block is allocated with it.
+/// a block is allocated with it. The second snapshot has the totals, the per-thread
+/// figures and the live blocks; not sites, a timeline or problems.
 pub fn replay_without(
     events: impl IntoIterator<Item = Event>,
     mut drop: impl FnMut(u64) -> bool,
 ) -> (Snapshot, Snapshot) {
     let mut all = State::default();
-    let mut kept = State::default();
+    let mut kept = State {
+        threads_only: true,
+        ..State::default()
+    };
     // Live addresses of dropped blocks, and per thread whether the free half of a
     // realloc in flight was one of them.
     let mut dropped: FxHashSet<u64> = FxHashSet::default();
@@ -282,7 +286,15 @@ struct State {
     holds: std::collections::VecDeque<(u64, u64)>,
     epoch: u64,
     timeline: Timeline,
+    /// Per-thread figures by thread id, for ids below [`DENSE_THREADS`] (the runtime
+    /// counts them up from 1); larger ids go to `snap.threads` directly.
+    threads: Vec<Option<ThreadStats>>,
+    /// Keeps no sites, timeline or problems (see [`replay_without`]).
+    threads_only: bool,
 }
+
+/// Thread ids [`State`] keeps in a vector rather than a map.
+const DENSE_THREADS: usize = 1 << 16;
 
 impl State {
     /// Takes the next event of the merged stream: applies it, or holds it back when
@@ -354,7 +366,6 @@ impl State {
                 zeroed,
                 stack,
             } => {
-                self.evict_stale(e, addr);
                 let site = self.site(stack, e.internal);
                 let block = Block {
                     size,
@@ -363,7 +374,7 @@ impl State {
                     ts: e.ts,
                     internal: e.internal,
                 };
-                self.snap.live.insert(addr, block);
+                self.place(e, addr, block);
                 self.totals(e.internal).zeroed_allocations += u64::from(zeroed);
                 self.grow(e, &block, Growth::Alloc);
             }
@@ -381,7 +392,6 @@ impl State {
             EventKind::ReallocAlloc {
                 addr, size, stack, ..
             } => {
-                self.evict_stale(e, addr);
                 let (block, growth) = match self.in_flight.remove(&e.thread).flatten() {
                     Some((_, old)) => (
                         Block {
@@ -404,7 +414,7 @@ impl State {
                         (block, Growth::ReallocUnknown)
                     }
                 };
-                self.snap.live.insert(addr, block);
+                self.place(e, addr, block);
                 self.grow(e, &block, growth);
             }
             EventKind::Mark(_) => {}
@@ -427,13 +437,15 @@ impl State {
         totals.live_bytes = totals.live_bytes - old + new;
         totals.live_blocks += new_block;
 
-        self.touch_site(block.site);
-        let site = &mut self.snap.sites[block.site as usize];
-        site.allocations += 1 - realloc;
-        site.reallocations += realloc;
-        site.bytes_allocated += new;
-        site.live_bytes = site.live_bytes - old + new;
-        site.live_blocks += new_block;
+        if !self.threads_only {
+            self.touch_site(block.site);
+            let site = &mut self.snap.sites[block.site as usize];
+            site.allocations += 1 - realloc;
+            site.reallocations += realloc;
+            site.bytes_allocated += new;
+            site.live_bytes = site.live_bytes - old + new;
+            site.live_blocks += new_block;
+        }
 
         let actor = self.thread(e.thread);
         actor.allocations += 1 - realloc;
@@ -452,7 +464,9 @@ impl State {
                 t.peak_ts = e.ts;
                 self.epoch += 1;
             }
-            self.timeline.record(e.ts, t.live_bytes);
+            if !self.threads_only {
+                self.timeline.record(e.ts, t.live_bytes);
+            }
         }
     }
 
@@ -461,6 +475,9 @@ impl State {
         self.totals(block.internal).frees += 1;
         self.thread(e.thread).frees += 1;
         self.forget(block);
+        if self.threads_only {
+            return;
+        }
         if !block.internal {
             self.timeline.record(e.ts, self.snap.totals.live_bytes);
         }
@@ -475,10 +492,12 @@ impl State {
         let totals = self.totals(block.internal);
         totals.live_blocks -= 1;
         totals.live_bytes -= block.size;
-        self.touch_site(block.site);
-        let site = &mut self.snap.sites[block.site as usize];
-        site.live_blocks -= 1;
-        site.live_bytes -= block.size;
+        if !self.threads_only {
+            self.touch_site(block.site);
+            let site = &mut self.snap.sites[block.site as usize];
+            site.live_blocks -= 1;
+            site.live_bytes -= block.size;
+        }
         let owner = self.thread(block.thread);
         owner.live_blocks -= 1;
         owner.live_bytes -= block.size;
@@ -499,10 +518,10 @@ impl State {
         }
     }
 
-    /// Before a block is placed at `addr`: a block still there lost its free.
-    fn evict_stale(&mut self, e: &Event, addr: u64) {
+    /// Makes `block` the one live at `addr`; a block still there lost its free.
+    fn place(&mut self, e: &Event, addr: u64, block: Block) {
         self.freed.remove(&addr);
-        if let Some(stale) = self.snap.live.remove(&addr) {
+        if let Some(stale) = self.snap.live.insert(addr, block) {
             self.problem(
                 e,
                 ProblemKind::AddressStillLive,
@@ -524,6 +543,9 @@ impl State {
     }
 
     fn site(&mut self, stack: u64, internal: bool) -> SiteId {
+        if self.threads_only {
+            return 0;
+        }
         let sites = &mut self.snap.sites;
         *self.site_index.entry((stack, internal)).or_insert_with(|| {
             sites.push(SiteStats {
@@ -549,8 +571,16 @@ impl State {
         }
     }
 
+    #[inline]
     fn thread(&mut self, thread: u32) -> &mut ThreadStats {
-        self.snap.threads.entry(thread).or_default()
+        let i = thread as usize;
+        if i >= DENSE_THREADS {
+            return self.snap.threads.entry(thread).or_default();
+        }
+        if i >= self.threads.len() {
+            self.threads.resize_with(i + 1, || None);
+        }
+        self.threads[i].get_or_insert_with(ThreadStats::default)
     }
 
     fn problem(
@@ -561,6 +591,9 @@ impl State {
         site: Option<SiteId>,
         detail: impl FnOnce(&mut Problem),
     ) {
+        if self.threads_only {
+            return;
+        }
         *self.snap.problem_counts.entry(kind).or_default() += 1;
         if self.snap.problems.len() < MAX_PROBLEMS {
             let mut p = Problem {
@@ -587,6 +620,10 @@ impl State {
                 }
             }
         }
+        let dense = std::mem::take(&mut self.threads).into_iter().enumerate();
+        self.snap
+            .threads
+            .extend(dense.filter_map(|(i, t)| Some((i as u32, t?))));
         let epoch = self.epoch;
         for site in &mut self.snap.sites {
             if site.epoch != epoch {
@@ -1022,7 +1059,8 @@ mod tests {
             (2, 1, 100 + 40 + 200)
         );
         assert_eq!((t.peak_bytes, t.live_blocks, t.live_bytes), (240, 2, 240));
-        assert!(kept.problems.is_empty(), "{:?}", kept.problems);
+        assert!(all.problems.is_empty(), "{:?}", all.problems);
+        assert_eq!(kept.live.len(), 2);
     }
 
     #[test]
