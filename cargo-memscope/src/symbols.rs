@@ -5,7 +5,9 @@
 //! looked up at `r - 1 - bias` (the call instruction, in the file's own addresses) in
 //! its DWARF line tables, inlined frames expanded innermost first, and falls back to
 //! the symbol table when there is no DWARF. Rust names are demangled without their
-//! hash suffix. Results are cached per address; object files are loaded on first use.
+//! hash suffix. Results are cached per address, and per address in its object file
+//! for the other processes an analysing thread reads; object files are loaded on
+//! first use.
 //!
 //! On top of that, decisions made by frame name: which frames are the allocator's
 //! plumbing (trimmed from the top of every stack), which frame is an allocation's
@@ -58,10 +60,12 @@ pub struct ModuleStatus {
 pub struct Loaders(RefCell<FxHashMap<String, Rc<Loaded>>>);
 
 /// An object file's loader and whether it has DWARF line tables, or why it could not
-/// be opened.
+/// be opened; and the frames found so far, by address in the file (every process
+/// that loads the file shares them, wherever it was mapped).
 struct Loaded {
     loader: Result<addr2line::Loader, String>,
     has_dwarf: bool,
+    frames: RefCell<FxHashMap<u64, Rc<[Frame]>>>,
 }
 
 impl Loaders {
@@ -73,7 +77,11 @@ impl Loaders {
         let has_dwarf = loader
             .as_ref()
             .is_ok_and(|l| l.get_section_range(b".debug_line").is_some());
-        let loaded = Rc::new(Loaded { loader, has_dwarf });
+        let loaded = Rc::new(Loaded {
+            loader,
+            has_dwarf,
+            frames: RefCell::default(),
+        });
         self.0.borrow_mut().insert(path.to_owned(), loaded.clone());
         loaded
     }
@@ -168,6 +176,13 @@ impl<'a> Symbolizer<'a> {
         let Ok(loader) = &loaded.loader else {
             return bare();
         };
+        if let Some(known) = loaded.frames.borrow().get(&probe) {
+            let at = |f: &Frame| Frame {
+                address: address.clone(),
+                ..f.clone()
+            };
+            return known.iter().map(at).collect();
+        }
 
         let mut out = Vec::new();
         if let Ok(mut iter) = loader.find_frames(probe) {
@@ -211,6 +226,10 @@ impl<'a> Symbolizer<'a> {
                 inlined: false,
             }),
         }
+        loaded
+            .frames
+            .borrow_mut()
+            .insert(probe, out.as_slice().into());
         out
     }
 
