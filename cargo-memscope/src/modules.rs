@@ -24,9 +24,9 @@ pub struct SourceFile {
 pub enum Parse<'a> {
     /// Every file (to find functions to instrument).
     Every,
-    /// Only files whose text contains `mod` (they may declare modules) or this word;
-    /// the others get an empty `syntax`. Parsing is most of the cost, and large
-    /// generated files (tables of data) rarely contain either.
+    /// Only files that may declare a module in a file of its own (their text holds
+    /// `mod name;`) or contain this word; the others get an empty `syntax`. Parsing is
+    /// most of the cost, and most files, large generated ones above all, have neither.
     Containing(&'a str),
 }
 
@@ -34,9 +34,29 @@ impl Parse<'_> {
     fn wants(self, text: &str) -> bool {
         match self {
             Parse::Every => true,
-            Parse::Containing(word) => text.contains("mod") || text.contains(word),
+            Parse::Containing(word) => declares_module_file(text) || text.contains(word),
         }
     }
+}
+
+/// Whether `text` has `mod`, white space, a name and `;`: the only way to declare a
+/// module whose items are in another file (a false positive only costs a parse).
+fn declares_module_file(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80;
+    text.match_indices("mod").any(|(at, _)| {
+        if at > 0 && ident(bytes[at - 1]) {
+            return false;
+        }
+        let rest = &text[at + 3..];
+        let name = rest.trim_start();
+        if name.len() == rest.len() {
+            return false; // `mode`, `modules`
+        }
+        let name = name.strip_prefix("r#").unwrap_or(name);
+        let after = name.trim_start_matches(|c: char| c.is_alphanumeric() || c == '_');
+        after.len() < name.len() && after.trim_start().starts_with(';')
+    })
 }
 
 /// Every file of the crate whose root file is `root`, the root first.
@@ -207,7 +227,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("src");
         write(&src.join("lib.rs"), "mod tables;\nmod alloc;\n");
-        write(&src.join("tables.rs"), "pub const T: [u8; 2] = [1, 2];\n");
+        write(
+            &src.join("tables.rs"),
+            "pub const T: [u8; 2] = [1, 2];\nmod inline { pub const MODE: u8 = 1; }\n",
+        );
         write(
             &src.join("alloc.rs"),
             "#[global_allocator]\nstatic A: std::alloc::System = std::alloc::System;\n",
@@ -223,5 +246,27 @@ mod tests {
         let expected: Vec<(String, usize)> =
             expected.iter().map(|(m, n)| (m.to_string(), *n)).collect();
         assert_eq!(items, expected);
+    }
+
+    #[test]
+    fn a_module_declared_in_a_file_of_its_own_is_told_from_inline_modules_and_lookalikes() {
+        for declares in [
+            "mod a;",
+            "pub(crate) mod r#type ;",
+            "#[cfg(test)]\nmod\n    tests\n;",
+            "fn f() {}\nmod inline { mod nested; }",
+        ] {
+            assert!(declares_module_file(declares), "{declares:?}");
+        }
+        for inline in [
+            "mod a { }",
+            "let model;",
+            "mode = 1;",
+            "mod;",
+            "unimod x;",
+            "",
+        ] {
+            assert!(!declares_module_file(inline), "{inline:?}");
+        }
     }
 }
