@@ -5,8 +5,8 @@
 //! is the cost of `#[memscope::instrument]` when memscope is not tracking.
 //!
 //! The variants are built here with frame pointers on (as `cargo memscope` builds
-//! programs) into `target/bench`, so the comparison is like for like. Arguments:
-//! `--runs N` (default 5), `--no-dhat`, and workload names to run only those.
+//! programs) into `target/bench`, so the comparison is like for like. Arguments
+//! (`--help`): `--runs N` (default 5), `--no-dhat`, and workload names to run only those.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -42,25 +42,31 @@ const VARIANTS: &[Variant] = &[
     },
 ];
 
+/// The overhead benchmark: each workload untracked, tracked by memscope (with and
+/// without call stacks) and under dhat-rs, with the ratios to the untracked run.
+#[derive(clap::Parser)]
+#[command(name = "memscope-bench")]
+struct Args {
+    /// Runs of each variant (the median is shown).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    /// Skip the dhat-rs variant (the slowest by far).
+    #[arg(long)]
+    no_dhat: bool,
+    /// Workloads to run (default: all).
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new(WORKLOADS))]
+    workloads: Vec<String>,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let runs = args
-        .iter()
-        .position(|a| a == "--runs")
-        .and_then(|i| args.get(i + 1))
-        .map(|n| n.parse().expect("--runs takes a number"))
-        .unwrap_or(5usize);
-    let with_dhat = !args.iter().any(|a| a == "--no-dhat");
-    let chosen: Vec<&str> = WORKLOADS
+    let args = <Args as clap::Parser>::parse();
+    let runs = args.runs as usize;
+    let with_dhat = !args.no_dhat;
+    let workloads: Vec<&str> = WORKLOADS
         .iter()
         .copied()
-        .filter(|w| args.iter().any(|a| a == w))
+        .filter(|w| args.workloads.is_empty() || args.workloads.iter().any(|a| a == w))
         .collect();
-    let workloads = if chosen.is_empty() {
-        WORKLOADS.to_vec()
-    } else {
-        chosen
-    };
 
     let bin_dir = build_variants();
     let trace_dir = std::env::temp_dir().join(format!("memscope-bench-{}", std::process::id()));
