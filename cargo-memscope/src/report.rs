@@ -461,28 +461,53 @@ fn analyse(
     let mut symbolizer = Symbolizer::new(&trace.meta.modules, &options.path_map, loaders);
     // Per-test figures leave out the blocks of libtest's harness and of std's
     // bookkeeping: each stack is classified when a block is first allocated with it.
-    let harness = RefCell::new(HarnessStacks::default());
-    let stream = std::iter::from_fn(|| {
-        let e = events.next()?;
-        collector.observe(&e);
-        if options.tests {
-            if let EventKind::Alloc { stack, .. } | EventKind::ReallocAlloc { stack, .. } = e.kind {
-                harness
-                    .borrow_mut()
-                    .classify(stack, events.tables(), &mut symbolizer, options);
+    let mut harness = HarnessStacks::default();
+    // Decoding, merging and classifying (here) overlap with the replay (on a thread of
+    // its own), which gets the events in batches with the stacks classified meanwhile.
+    let (batches, received) = std::sync::mpsc::sync_channel::<Batch>(4);
+    let tests = options.tests;
+    let (mut snap, without) = std::thread::scope(|scope| {
+        let replayer = scope.spawn(move || {
+            let drops: RefCell<FxHashMap<u64, bool>> = RefCell::default();
+            let stream = received.into_iter().flat_map(|batch| {
+                drops.borrow_mut().extend(batch.classified);
+                batch.events
+            });
+            if tests {
+                let drop = |stack| drops.borrow().get(&stack).copied().unwrap_or(false);
+                let (snap, without) = replay::replay_without(stream, drop);
+                (snap, Some(without))
+            } else {
+                (replay::replay(stream), None)
+            }
+        });
+        let mut batch = Batch::default();
+        while let Some(e) = events.next() {
+            collector.observe(&e);
+            if tests {
+                if let EventKind::Alloc { stack, .. } | EventKind::ReallocAlloc { stack, .. } =
+                    e.kind
+                {
+                    let tables = events.tables();
+                    if let Some(drop) = harness.classify(stack, tables, &mut symbolizer, options) {
+                        batch.classified.push((stack, drop));
+                    }
+                }
+            }
+            batch.events.push(e);
+            if batch.events.len() == Batch::EVENTS
+                && batches.send(std::mem::take(&mut batch)).is_err()
+            {
+                break; // the replay panicked: its panic is raised below
             }
         }
-        Some(e)
+        let _ = batches.send(batch);
+        drop(batches);
+        replayer
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     });
-    let (mut snap, without) = if options.tests {
-        let (snap, without) = replay::replay_without(stream, |stack| harness.borrow().drops(stack));
-        (snap, Some(without))
-    } else {
-        (replay::replay(stream), None)
-    };
-    let without_harness = without
-        .filter(|_| harness.borrow().libtest)
-        .map(|w| w.threads);
+    let without_harness = without.filter(|_| harness.libtest).map(|w| w.threads);
     let (tables, mut damage) = events.finish();
     // A fork child's trace starts at the fork: its frees of blocks it inherited from
     // its parent pair with no recorded allocation, and are not problems.
@@ -722,15 +747,17 @@ struct HarnessStacks {
 }
 
 impl HarnessStacks {
+    /// Classifies `stack` the first time it is seen: whether its blocks are dropped
+    /// from per-test figures; `None` when it was classified before (or is no stack).
     fn classify(
         &mut self,
         stack: u64,
         tables: &Tables,
         symbolizer: &mut Symbolizer,
         options: &ReportOptions,
-    ) {
+    ) -> Option<bool> {
         if stack == 0 || self.dropped.contains_key(&stack) {
-            return;
+            return None;
         }
         let addrs = tables.stacks.get(&stack).map_or(&[][..], |f| &f[..]);
         let frames = symbolizer.stack(addrs);
@@ -738,11 +765,20 @@ impl HarnessStacks {
         self.libtest |= libtest;
         let drop = libtest || symbols::std_bookkeeping(&frames, &options.user_roots).is_some();
         self.dropped.insert(stack, drop);
+        Some(drop)
     }
+}
 
-    fn drops(&self, stack: u64) -> bool {
-        self.dropped.get(&stack).copied().unwrap_or(false)
-    }
+/// Events on their way from the decoding thread to the replay, with the stacks
+/// classified while they were decoded (see [`HarnessStacks`]).
+#[derive(Default)]
+struct Batch {
+    events: Vec<crate::trace::Event>,
+    classified: Vec<(u64, bool)>,
+}
+
+impl Batch {
+    const EVENTS: usize = 4096;
 }
 
 fn threads(
