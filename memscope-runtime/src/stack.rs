@@ -202,6 +202,19 @@ mod tests {
         Box::new(LastWalk::EMPTY)
     }
 
+    /// Whether walks can work here: tests are built with frame pointers only when
+    /// RUSTFLAGS asks for them (the end-to-end suite does, and sets
+    /// `MEMSCOPE_EXPECT_FRAME_POINTERS` so that a missing chain fails instead).
+    fn walked(len: usize) -> bool {
+        if len < 2 {
+            assert!(
+                std::env::var_os("MEMSCOPE_EXPECT_FRAME_POINTERS").is_none(),
+                "no frame-pointer chain ({len} frames)"
+            );
+        }
+        len >= 2
+    }
+
     #[inline(never)]
     fn nested(
         depth: u32,
@@ -226,10 +239,11 @@ mod tests {
         let top = crate::sys::stack_top();
         let mut out = [0; MAX_FRAMES];
         let (len, h) = nested(5, top, &mut fresh(), &mut out);
-        // Tests are built with frame pointers only when RUSTFLAGS asks for them; the
-        // walk must be safe either way and, when it works, see the nested calls.
+        // The walk must be safe either way and, when it works, see the nested calls.
         assert!(len <= MAX_FRAMES);
-        if len > 0 {
+        if walked(len) {
+            // Return addresses into nested(1) … nested(5), at least.
+            assert!(len >= 5, "{len} frames");
             assert!(out[..len].iter().all(|&a| a != 0));
             assert_eq!(h, crate::format::stack_hash(&out[..len]));
         }
@@ -252,11 +266,14 @@ mod tests {
             (9, true),
         ];
         let mut walks = Vec::new();
-        for (depth, reuse) in steps {
+        // One call site for every walk (a loop the compiler unrolls would make the
+        // return addresses differ from one walk to the next).
+        for &(depth, reuse) in std::hint::black_box(&steps[..]) {
             let mut out = [0; MAX_FRAMES];
             let mut empty = fresh();
             let state = if reuse { &mut last } else { &mut empty };
             let walk = nested(depth, top, state, &mut out);
+            walked(walk.0);
             assert_eq!(walk.1, crate::format::stack_hash(&out[..walk.0]));
             walks.push((depth, walk, out[..walk.0].to_vec()));
         }
@@ -271,9 +288,10 @@ mod tests {
         let top = crate::sys::stack_top();
         let mut last = fresh();
         let mut out = [0; MAX_FRAMES];
-        for round in 0..3 {
+        // One call site for every round (see above).
+        for round in 0..std::hint::black_box(3) {
             let (len, hash) = nested(3, top, &mut last, &mut out);
-            if len < 2 {
+            if !walked(len) {
                 return; // built without frame pointers: nothing to reuse
             }
             match round {
