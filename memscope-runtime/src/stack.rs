@@ -11,11 +11,14 @@
 //! Following the chain is a series of dependent loads, a few cycles each, and most of
 //! it is the same from one allocation to the next: the frames of `main`, of the
 //! thread's entry, of the loop that allocates. So each thread keeps its previous walk
-//! ([`LastWalk`]), outermost frame first. When the walk reaches a frame address the
-//! previous walk also passed through, it checks, with independent loads that run in
-//! parallel, that every word the previous walk read from there up is still the same.
-//! The walk is a function of exactly those words, so it would find the same frames:
-//! they are taken from the previous walk instead of being followed one by one.
+//! ([`LastWalk`]), outermost frame first. When the walk first reaches a frame
+//! address the previous walk also passed through, it checks, with independent loads
+//! that run in parallel, which of the words the previous walk read from there up are
+//! still the same. The walk is a function of exactly those words: from any frame below
+//! which nothing changed, it would find the same frames, so they are taken from the
+//! previous walk instead of being followed one by one. (Where the same function was
+//! called from another place, the walk goes on past that frame and joins the previous
+//! one further out.)
 //!
 //! The stack's hash (`format::stack_hash`) folds the frames from the outermost in, so
 //! the hash of the reused part is kept with it and only the new frames are mixed in.
@@ -63,34 +66,37 @@ impl LastWalk {
         (self.words[self.len - 1 - i] >> 64) as u64
     }
 
-    /// Checks that the words the walk read at levels `0..=level` still hold what it
-    /// read, so that a walk from `fp[level]` would find the same frames and stop the
-    /// same way. The loads are independent of each other, unlike the walk's.
+    /// How many of the levels `0..=level` still hold what the walk read there: `k`
+    /// when the words at levels `0..k` are unchanged and those at level `k` are not
+    /// (`level + 1`: all of them). A walk reaching `fp[j]`, `j < k`, would find the
+    /// same frames above it and stop the same way. The loads are independent of each
+    /// other, unlike the walk's.
     ///
     /// # Safety
     /// `fp[level]` must be at or above the current frame, inside the thread's stack,
     /// so that every `fp[k]`, `k <= level`, lies in its live part.
     #[inline(always)]
-    unsafe fn still_holds(&self, level: usize) -> bool {
-        let mut diff = 0u128;
-        for k in 0..=level {
-            // SAFETY: `fp[k] >= fp[level]`, which the caller guarantees is in the live
-            // stack, and `fp[k] + 16 <= stack top` (checked when it was walked; the
-            // thread's stack top never changes). The read needs no alignment.
-            let now = unsafe { (self.fp[k] as *const u128).read_unaligned() };
-            diff |= now ^ self.words[k];
-        }
-        if diff != 0 {
-            return false;
-        }
+    unsafe fn holding(&self, level: usize) -> usize {
         if self.top_ret_zero {
             let top_next = self.words[0] as usize;
             // SAFETY: the walk read this word: level 0's saved frame pointer passed
             // the bounds checks then, above `fp[0]`, inside the stack.
             let top_ret = unsafe { *((top_next + 8) as *const u64) };
-            return top_ret == 0;
+            if top_ret != 0 {
+                return 0;
+            }
         }
-        true
+        let mut first_changed = level + 1;
+        for k in (0..=level).rev() {
+            // SAFETY: `fp[k] >= fp[level]`, which the caller guarantees is in the live
+            // stack, and `fp[k] + 16 <= stack top` (checked when it was walked; the
+            // thread's stack top never changes). The read needs no alignment.
+            let now = unsafe { (self.fp[k] as *const u128).read_unaligned() };
+            if now != self.words[k] {
+                first_changed = k;
+            }
+        }
+        first_changed
     }
 }
 
@@ -111,6 +117,10 @@ pub unsafe fn capture(stack_top: usize, last: &mut LastWalk) -> (usize, u64) {
     let mut n = 0;
     // Levels of the previous walk not yet passed: `last.fp[cursor - 1]` is the lowest.
     let mut cursor = if last.reusable { last.len } else { 0 };
+    // The previous walk's levels `..holding` are known to hold; the check is made
+    // once, where the walk first meets the previous one.
+    let mut holding = 0;
+    let mut checked = false;
     let mut top_ret_zero = false;
     let mut reused = None;
     // Locals only: the loop is a chain of dependent loads, keep it free of spills.
@@ -121,12 +131,17 @@ pub unsafe fn capture(stack_top: usize, last: &mut LastWalk) -> (usize, u64) {
         while cursor > 0 && last.fp[cursor - 1] < fp {
             cursor -= 1;
         }
-        if cursor > 0 && last.fp[cursor - 1] == fp {
+        if cursor > 0 && last.fp[cursor - 1] == fp && n + cursor <= MAX_FRAMES {
             let level = cursor - 1;
-            // One attempt per walk: if the stack changed above here, walk on as usual.
-            cursor = 0;
-            // SAFETY: `fp` passed the bounds checks just above.
-            if n + level < MAX_FRAMES && unsafe { last.still_holds(level) } {
+            if !checked {
+                checked = true;
+                // SAFETY: `fp` passed the bounds checks just above.
+                holding = unsafe { last.holding(level) };
+            }
+            // Where the stack changed above the first meeting point (a call from
+            // another site of the same function), the walk goes on past the change
+            // and joins the previous one further out.
+            if level < holding {
                 reused = Some(level);
                 break;
             }
@@ -206,13 +221,16 @@ mod tests {
     /// RUSTFLAGS asks for them (the end-to-end suite does, and sets
     /// `MEMSCOPE_EXPECT_FRAME_POINTERS` so that a missing chain fails instead).
     fn walked(len: usize) -> bool {
-        if len < 2 {
-            assert!(
-                std::env::var_os("MEMSCOPE_EXPECT_FRAME_POINTERS").is_none(),
-                "no frame-pointer chain ({len} frames)"
-            );
-        }
-        len >= 2
+        chain_reaches(len >= 2, "a second frame")
+    }
+
+    /// `reached`, the frame-pointer chain went up to `what`; see [`walked`].
+    fn chain_reaches(reached: bool, what: &str) -> bool {
+        assert!(
+            reached || std::env::var_os("MEMSCOPE_EXPECT_FRAME_POINTERS").is_none(),
+            "the frame-pointer chain ends below {what}"
+        );
+        reached
     }
 
     #[inline(never)]
@@ -311,6 +329,57 @@ mod tests {
                 _ => assert_eq!(hash, crate::format::stack_hash(&out[..len])),
             }
         }
+    }
+
+    #[inline(never)]
+    fn via_a(top: usize, last: &mut LastWalk, out: &mut [u64; MAX_FRAMES]) -> (usize, u64) {
+        std::hint::black_box(nested(2, top, last, out))
+    }
+
+    #[inline(never)]
+    fn via_b(top: usize, last: &mut LastWalk, out: &mut [u64; MAX_FRAMES]) -> (usize, u64) {
+        std::hint::black_box(nested(3, top, last, out))
+    }
+
+    /// A walk through `via_a` or `via_b` (one call deeper): the same frames above.
+    #[inline(never)]
+    fn via(b: bool, top: usize, last: &mut LastWalk, out: &mut [u64; MAX_FRAMES]) -> (usize, u64) {
+        let walk = if std::hint::black_box(b) {
+            via_b(top, last, out)
+        } else {
+            via_a(top, last, out)
+        };
+        std::hint::black_box(walk)
+    }
+
+    #[test]
+    fn a_walk_through_another_caller_joins_the_previous_walk_above_the_change() {
+        let top = crate::sys::stack_top();
+        let mut last = fresh();
+        // (through via_b, reusing `last`): via_a, then via_b reusing, then via_b fresh.
+        let steps = [(false, true), (true, true), (true, false)];
+        let mut walks = Vec::new();
+        for (i, &(b, reuse)) in std::hint::black_box(&steps[..]).iter().enumerate() {
+            let mut out = [0; MAX_FRAMES];
+            let mut empty = fresh();
+            let state = if reuse { &mut last } else { &mut empty };
+            let (len, hash) = via(b, top, state, &mut out);
+            if !walked(len) {
+                return; // built without frame pointers: nothing to reuse
+            }
+            if i == 0 {
+                // Marks the kept hash states: a walk that reuses them shows it.
+                last.hash.iter_mut().for_each(|h| *h ^= 1);
+            }
+            walks.push((len, hash, out[..len].to_vec()));
+        }
+        let (reusing, fresh_walk) = (&walks[1], &walks[2]);
+        if !chain_reaches(walks[0].2 != reusing.2, "`via_a` and `via_b`") {
+            return;
+        }
+        assert_eq!(reusing.2, fresh_walk.2, "the same frames as a fresh walk");
+        assert_eq!(fresh_walk.1, crate::format::stack_hash(&fresh_walk.2));
+        assert_ne!(reusing.1, fresh_walk.1, "the outer frames were not reused");
     }
 
     #[test]
