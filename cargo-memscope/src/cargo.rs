@@ -249,6 +249,12 @@ fn cargo_error_line(stderr: &str) -> String {
 }
 
 impl Workspace {
+    /// memscope's runtime package, when it is a member (memscope's own workspace).
+    pub fn runtime_member(&self) -> Option<&Member> {
+        let runtime = crate::rewrite::RUNTIME_PACKAGE;
+        self.members.iter().find(|m| m.name == runtime)
+    }
+
     /// Chooses the binary like `cargo run`: `--bin`/`--example`, else the only binary
     /// of the selected package(s), else `default-run`.
     pub fn select_program(&self, args: &CargoArgs) -> anyhow::Result<Program> {

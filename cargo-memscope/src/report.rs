@@ -742,7 +742,8 @@ fn process_summary(
 /// allocated in it).
 #[derive(Default)]
 struct HarnessStacks {
-    dropped: FxHashMap<u64, bool>,
+    /// Stacks classified so far (the replay keeps what was decided).
+    seen: rustc_hash::FxHashSet<u64>,
     libtest: bool,
 }
 
@@ -756,7 +757,7 @@ impl HarnessStacks {
         symbolizer: &mut Symbolizer,
         options: &ReportOptions,
     ) -> Option<bool> {
-        if stack == 0 || self.dropped.contains_key(&stack) {
+        if stack == 0 || !self.seen.insert(stack) {
             return None;
         }
         let addrs = tables.stacks.get(&stack).map_or(&[][..], |f| &f[..]);
@@ -764,7 +765,6 @@ impl HarnessStacks {
         let libtest = symbols::libtest_harness(&frames);
         self.libtest |= libtest;
         let drop = libtest || symbols::std_bookkeeping(&frames, &options.user_roots).is_some();
-        self.dropped.insert(stack, drop);
         Some(drop)
     }
 }

@@ -192,6 +192,7 @@ pub fn apply_crates(
             workspace_root: &ws.root,
             runtime,
             is_root: *manifest == root_manifest,
+            is_runtime: ws.runtime_member().is_some_and(|m| m.manifest == *manifest),
             needs_runtime: runtime_users.contains(manifest),
         };
         let (rewritten, crate_name) = edit
@@ -242,9 +243,8 @@ pub fn apply_crates(
     for (krate, cfg) in install {
         let root = &krate.root;
         let in_runtime_lib = ws
-            .members
-            .iter()
-            .any(|m| m.name == RUNTIME_PACKAGE && m.lib_root.as_ref() == Some(root));
+            .runtime_member()
+            .is_some_and(|m| m.lib_root.as_ref() == Some(root));
         let path = if in_runtime_lib {
             "crate".to_owned()
         } else {
@@ -370,6 +370,8 @@ struct ManifestEdit<'a> {
     workspace_root: &'a Path,
     runtime: &'a Path,
     is_root: bool,
+    /// The runtime's own package (memscope's workspace).
+    is_runtime: bool,
     /// Whether this package's code names the runtime (the program's package, or one
     /// whose allocator is wrapped).
     needs_runtime: bool,
@@ -421,14 +423,9 @@ impl ManifestEdit<'_> {
             }
         }
 
-        let is_runtime = doc
-            .get("package")
-            .and_then(|p| p.get("name"))
-            .and_then(|n| n.as_str())
-            == Some(RUNTIME_PACKAGE);
         let crate_name = if !self.needs_runtime {
             None
-        } else if is_runtime {
+        } else if self.is_runtime {
             // The runtime's own package (memscope's workspace): its tests and
             // binaries reach its library by name, without a dependency on itself.
             Some(RUNTIME_LIB.to_owned())
@@ -730,6 +727,7 @@ mod tests {
             workspace_root: Path::new("/ws"),
             runtime: Path::new("/t/memscope/runtime/memscope-runtime"),
             is_root: true,
+            is_runtime: false,
             needs_runtime,
         };
         edit.apply(Path::new("/ws/app/Cargo.toml"), text).unwrap()

@@ -53,9 +53,7 @@ impl Layout {
     /// sources, written out here.
     pub(crate) fn runtime_to_link(&self, ws: &Workspace) -> anyhow::Result<PathBuf> {
         let member = ws
-            .members
-            .iter()
-            .find(|m| m.name == crate::rewrite::RUNTIME_PACKAGE)
+            .runtime_member()
             .and_then(|m| m.dir().strip_prefix(&ws.root).ok());
         match member {
             Some(relative) => Ok(self.scratch.join(relative)),
