@@ -471,6 +471,8 @@ pub fn site_frame(frames: &[Frame], user_roots: &[PathBuf]) -> (Option<usize>, S
 ///   [`backtrace_cache`];
 /// - a spawned thread's start-up state, while the thread runs: see
 ///   [`spawned_thread_state`];
+/// - libtest's own state (see [`libtest_harness`]), which it does not free when it
+///   ends the process with `process::exit` after a failed test: its arguments;
 /// - anything std allocates while starting or shutting down the process: under
 ///   `std::rt::lang_start_internal` but not under the user's `main` (which runs inside
 ///   `__rust_begin_short_backtrace`).
@@ -530,6 +532,11 @@ pub fn std_bookkeeping(frames: &[Frame], user_roots: &[PathBuf]) -> Option<Strin
             ));
         }
     }
+    if let Some(f) = libtest_own(frames) {
+        return Some(format!(
+            "allocated by libtest's harness under `{f}`, not by a test: libtest's own state (its arguments, its list of tests), kept when it ends the process with `process::exit` after a failed test"
+        ));
+    }
     let names = || frames.iter().filter_map(|f| f.function.as_deref());
     let in_rt = names().find(|f| f.starts_with("std::rt::lang_start_internal"));
     let in_main = names().any(|f| f.contains("__rust_begin_short_backtrace"))
@@ -553,11 +560,17 @@ pub fn std_bookkeeping(frames: &[Frame], user_roots: &[PathBuf]) -> Option<Strin
 /// that captures a test's output and the blocks of the channel that reports its result
 /// are the harness's, even on the test's own thread.
 pub fn libtest_harness(frames: &[Frame]) -> bool {
+    libtest_own(frames).is_some()
+}
+
+/// The innermost frame of libtest in a stack of libtest's own work (see
+/// [`libtest_harness`]).
+fn libtest_own(frames: &[Frame]) -> Option<&str> {
     frames
         .iter()
         .filter_map(|f| f.function.as_deref())
         .find(|f| path_starts_with(f, "test::"))
-        .is_some_and(|f| !path_starts_with(f, "test::__rust_begin_short_backtrace"))
+        .filter(|f| !path_starts_with(f, "test::__rust_begin_short_backtrace"))
 }
 
 /// Whether a block belongs to std's symbolization cache: the mappings and parsed
@@ -850,6 +863,39 @@ mod tests {
             "my_crate::main",
             "/ws/src/main.rs"
         )]));
+    }
+
+    #[test]
+    fn libtests_arguments_kept_by_its_exit_after_a_failed_test_are_its_own_not_a_leak() {
+        let roots = vec![PathBuf::from("/ws")];
+        let libtest = |name: &str| frame(name, "/rustc/x/library/test/src/lib.rs");
+        let collect = frame(
+            "<std::env::Args as core::iter::traits::iterator::Iterator>::collect::<alloc::vec::Vec<alloc::string::String>>",
+            "/rustc/x/library/core/src/iter/traits/iterator.rs",
+        );
+        let begin = frame(
+            "std::sys::backtrace::__rust_begin_short_backtrace",
+            "/rustc/x/library/std/src/sys/backtrace.rs",
+        );
+        let args = [
+            collect.clone(),
+            libtest("test::test_main_static"),
+            begin.clone(),
+        ];
+        assert!(std_bookkeeping(&args, &roots)
+            .unwrap()
+            .contains("`test::test_main_static`"));
+        // What a test allocates, under libtest's call of it, stays the test's.
+        let user = frame("my_crate::tests::leaks", "/ws/src/lib.rs");
+        let test = [
+            collect,
+            user,
+            libtest("test::__rust_begin_short_backtrace::<fn()>"),
+            libtest("test::run_test_in_process"),
+            libtest("test::test_main_static"),
+            begin,
+        ];
+        assert_eq!(std_bookkeeping(&test, &roots), None);
     }
 
     #[test]

@@ -377,19 +377,53 @@ fn per_test_max_peak_names_only_the_tests_above_it() {
     );
 }
 
+/// The run with `--fail-on-leaks` in which `tests::fails_when_asked` fails.
+fn failing() -> &'static TestRun {
+    static RUN: OnceLock<TestRun> = OnceLock::new();
+    RUN.get_or_init(|| {
+        test_run(
+            FIXTURE,
+            &["test", "--fail-on-leaks"],
+            &[("FIXTURE_FAIL", "1")],
+        )
+    })
+}
+
 #[test]
 fn a_failing_test_keeps_cargo_tests_exit_code_over_a_failed_gate() {
-    let run = test_run(
-        FIXTURE,
-        &["test", "--fail-on-leaks"],
-        &[("FIXTURE_FAIL", "1")],
-    );
+    let run = failing();
     assert_eq!(run.output.code, Some(EXIT_TEST_FAILED), "{:#?}", run.output);
     assert_eq!(run.test("tests::fails_when_asked")["outcome"], "failed");
     assert!(
         run.output.stderr.contains("gate failed"),
         "the gate still reports"
     );
+}
+
+// After a failed test libtest ends the process with `process::exit`, so what its
+// `main` holds (its arguments) is live at exit: libtest's, not a leak of the run.
+#[test]
+fn after_a_failed_test_the_run_still_leaks_exactly_what_its_tests_leak() {
+    let run = failing();
+    let summed: u64 = run.report["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["leaked_bytes"].as_u64())
+        .sum();
+    assert!(summed > 0);
+    assert_eq!(run.report["summary"]["leaked_bytes"], summed);
+    let libtests = run.report["runtime_internal"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            r["evidence"]
+                .as_str()
+                .is_some_and(|e| e.contains("under `test::test_main_static`"))
+        })
+        .count();
+    assert!(libtests > 0, "{:#}", run.report["runtime_internal"]);
 }
 
 #[test]
