@@ -28,7 +28,7 @@
 //! until another thread's event on the address that must have come first arrives.
 //! Only what is still held when the window closes is a problem.
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 
 use crate::trace::{ClockSample, Event, EventKind};
 
@@ -134,6 +134,21 @@ pub struct ThreadStats {
     /// Ticks of the thread's first and last events.
     pub first_ts: Option<u64>,
     pub last_ts: u64,
+    /// The same figures without the blocks [`replay_without`] leaves out.
+    pub kept: Kept,
+}
+
+/// A thread's figures without the blocks of the stacks [`replay_without`] is asked to
+/// leave out (their allocations, reallocations and frees), as if they had never been
+/// allocated.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Kept {
+    pub allocations: u64,
+    pub reallocations: u64,
+    pub bytes_allocated: u64,
+    pub live_blocks: u64,
+    pub live_bytes: u64,
+    pub peak_bytes: u64,
 }
 
 /// A block in the live map.
@@ -146,6 +161,8 @@ pub struct Block {
     /// Tick of its (re)allocation.
     pub ts: u64,
     pub internal: bool,
+    /// Left out of the threads' [`Kept`] figures.
+    pub left_out: bool,
 }
 
 /// Something wrong the program did with the heap, as observed in the events.
@@ -196,67 +213,23 @@ pub struct Snapshot {
 
 /// Runs the events through the heap model.
 pub fn replay(events: impl IntoIterator<Item = Event>) -> Snapshot {
-    let mut state = State::default();
+    replay_without(events, |_| false)
+}
+
+/// [`replay`], with each thread's figures also [`Kept`] without the blocks whose
+/// allocating stack `leave_out` names (a block keeps the stack it was first allocated
+/// with): per-test figures without libtest's own blocks. `leave_out` is asked about
+/// each stack once, when a block is first allocated with it.
+pub fn replay_without(
+    events: impl IntoIterator<Item = Event>,
+    leave_out: impl FnMut(u64) -> bool,
+) -> Snapshot {
+    let mut state = State::new(leave_out);
     for event in events {
         state.offer(event);
     }
     state.release_held(u64::MAX);
     state.finish()
-}
-
-/// [`replay`] of `events` and, in the same pass, of the events without those of the
-/// blocks whose allocating stack `drop` names: their allocations, reallocations and
-/// frees (a block keeps the stack it was first allocated with, as in [`replay`]). The
-/// second snapshot has the figures as if those blocks had never been allocated:
-/// per-test figures without libtest's own blocks. `drop` is asked about each stack when
-/// a block is allocated with it. The second snapshot has the totals, the per-thread
-/// figures and the live blocks; not sites, a timeline or problems.
-pub fn replay_without(
-    events: impl IntoIterator<Item = Event>,
-    mut drop: impl FnMut(u64) -> bool,
-) -> (Snapshot, Snapshot) {
-    let mut all = State::default();
-    let mut kept = State {
-        threads_only: true,
-        ..State::default()
-    };
-    // Live addresses of dropped blocks, and per thread whether the free half of a
-    // realloc in flight was one of them.
-    let mut dropped: FxHashSet<u64> = FxHashSet::default();
-    let mut in_flight: FxHashMap<u32, bool> = FxHashMap::default();
-    let allocated = |dropped: &mut FxHashSet<u64>, addr: u64, skip: bool| {
-        if skip {
-            dropped.insert(addr);
-        } else {
-            dropped.remove(&addr);
-        }
-        skip
-    };
-    for e in events {
-        let skip = match e.kind {
-            EventKind::Alloc { addr, stack, .. } => allocated(&mut dropped, addr, drop(stack)),
-            EventKind::Free { addr } => dropped.remove(&addr),
-            EventKind::ReallocFree { addr } => {
-                let skip = dropped.remove(&addr);
-                in_flight.insert(e.thread, skip);
-                skip
-            }
-            EventKind::ReallocAlloc { addr, stack, .. } => {
-                let skip = in_flight.remove(&e.thread).unwrap_or_else(|| drop(stack));
-                allocated(&mut dropped, addr, skip)
-            }
-            EventKind::Mark(_) => false,
-        };
-        if !skip {
-            kept.offer(e);
-        }
-        all.offer(e);
-    }
-    let [all, kept] = [all, kept].map(|mut state| {
-        state.release_held(u64::MAX);
-        state.finish()
-    });
-    (all, kept)
 }
 
 /// How an allocation event changed the heap.
@@ -270,10 +243,12 @@ enum Growth {
     ReallocUnknown,
 }
 
-#[derive(Default)]
-struct State {
+struct State<L> {
     snap: Snapshot,
     site_index: FxHashMap<(u64, bool), SiteId>,
+    /// Per site: whether its blocks are left out of the [`Kept`] figures.
+    site_left_out: Vec<bool>,
+    leave_out: L,
     /// Per thread: the block (and its address) taken out by the free half of a
     /// realloc whose alloc half has not come yet.
     in_flight: FxHashMap<u32, Option<(u64, Block)>>,
@@ -289,14 +264,28 @@ struct State {
     /// Per-thread figures by thread id, for ids below [`DENSE_THREADS`] (the runtime
     /// counts them up from 1); larger ids go to `snap.threads` directly.
     threads: Vec<Option<ThreadStats>>,
-    /// Keeps no sites, timeline or problems (see [`replay_without`]).
-    threads_only: bool,
 }
 
 /// Thread ids [`State`] keeps in a vector rather than a map.
 const DENSE_THREADS: usize = 1 << 16;
 
-impl State {
+impl<L: FnMut(u64) -> bool> State<L> {
+    fn new(leave_out: L) -> State<L> {
+        State {
+            snap: Snapshot::default(),
+            site_index: FxHashMap::default(),
+            site_left_out: Vec::new(),
+            leave_out,
+            in_flight: FxHashMap::default(),
+            freed: FxHashMap::default(),
+            held: FxHashMap::default(),
+            holds: Default::default(),
+            epoch: 0,
+            timeline: Timeline::default(),
+            threads: Vec::new(),
+        }
+    }
+
     /// Takes the next event of the merged stream: applies it, or holds it back when
     /// its stamp may be out of order (see the module documentation).
     fn offer(&mut self, e: Event) {
@@ -373,6 +362,7 @@ impl State {
                     thread: e.thread,
                     ts: e.ts,
                     internal: e.internal,
+                    left_out: self.site_left_out[site as usize],
                 };
                 self.place(e, addr, block);
                 self.totals(e.internal).zeroed_allocations += u64::from(zeroed);
@@ -410,6 +400,7 @@ impl State {
                             thread: e.thread,
                             ts: e.ts,
                             internal: e.internal,
+                            left_out: self.site_left_out[site as usize],
                         };
                         (block, Growth::ReallocUnknown)
                     }
@@ -437,24 +428,35 @@ impl State {
         totals.live_bytes = totals.live_bytes - old + new;
         totals.live_blocks += new_block;
 
-        if !self.threads_only {
-            self.touch_site(block.site);
-            let site = &mut self.snap.sites[block.site as usize];
-            site.allocations += 1 - realloc;
-            site.reallocations += realloc;
-            site.bytes_allocated += new;
-            site.live_bytes = site.live_bytes - old + new;
-            site.live_blocks += new_block;
-        }
+        self.touch_site(block.site);
+        let site = &mut self.snap.sites[block.site as usize];
+        site.allocations += 1 - realloc;
+        site.reallocations += realloc;
+        site.bytes_allocated += new;
+        site.live_bytes = site.live_bytes - old + new;
+        site.live_blocks += new_block;
 
+        let kept = !block.left_out;
         let actor = self.thread(e.thread);
         actor.allocations += 1 - realloc;
         actor.reallocations += realloc;
         actor.bytes_allocated += new;
+        if kept {
+            let k = &mut actor.kept;
+            k.allocations += 1 - realloc;
+            k.reallocations += realloc;
+            k.bytes_allocated += new;
+        }
         let owner = self.thread(block.thread);
         owner.live_bytes = owner.live_bytes - old + new;
         owner.live_blocks += new_block;
         owner.peak_bytes = owner.peak_bytes.max(owner.live_bytes);
+        if kept {
+            let k = &mut owner.kept;
+            k.live_bytes = k.live_bytes - old + new;
+            k.live_blocks += new_block;
+            k.peak_bytes = k.peak_bytes.max(k.live_bytes);
+        }
 
         if !block.internal {
             let t = &mut self.snap.totals;
@@ -464,9 +466,7 @@ impl State {
                 t.peak_ts = e.ts;
                 self.epoch += 1;
             }
-            if !self.threads_only {
-                self.timeline.record(e.ts, t.live_bytes);
-            }
+            self.timeline.record(e.ts, t.live_bytes);
         }
     }
 
@@ -475,9 +475,6 @@ impl State {
         self.totals(block.internal).frees += 1;
         self.thread(e.thread).frees += 1;
         self.forget(block);
-        if self.threads_only {
-            return;
-        }
         if !block.internal {
             self.timeline.record(e.ts, self.snap.totals.live_bytes);
         }
@@ -492,15 +489,17 @@ impl State {
         let totals = self.totals(block.internal);
         totals.live_blocks -= 1;
         totals.live_bytes -= block.size;
-        if !self.threads_only {
-            self.touch_site(block.site);
-            let site = &mut self.snap.sites[block.site as usize];
-            site.live_blocks -= 1;
-            site.live_bytes -= block.size;
-        }
+        self.touch_site(block.site);
+        let site = &mut self.snap.sites[block.site as usize];
+        site.live_blocks -= 1;
+        site.live_bytes -= block.size;
         let owner = self.thread(block.thread);
         owner.live_blocks -= 1;
         owner.live_bytes -= block.size;
+        if !block.left_out {
+            owner.kept.live_blocks -= 1;
+            owner.kept.live_bytes -= block.size;
+        }
     }
 
     /// A free (or realloc) of an address that is not live.
@@ -543,11 +542,10 @@ impl State {
     }
 
     fn site(&mut self, stack: u64, internal: bool) -> SiteId {
-        if self.threads_only {
-            return 0;
-        }
         let sites = &mut self.snap.sites;
+        let (left_out, leave_out) = (&mut self.site_left_out, &mut self.leave_out);
         *self.site_index.entry((stack, internal)).or_insert_with(|| {
+            left_out.push(leave_out(stack));
             sites.push(SiteStats {
                 stack,
                 internal,
@@ -591,9 +589,6 @@ impl State {
         site: Option<SiteId>,
         detail: impl FnOnce(&mut Problem),
     ) {
-        if self.threads_only {
-            return;
-        }
         *self.snap.problem_counts.entry(kind).or_default() += 1;
         if self.snap.problems.len() < MAX_PROBLEMS {
             let mut p = Problem {
@@ -1050,17 +1045,44 @@ mod tests {
         events.push(free(5, 0x30, 6000));
         events.push(alloc(6, 0x30, 40, 1)); // the address, reused by a kept block
         events.extend(realloc(7, 0x10, 0x40, 200));
-        let (all, kept) = replay_without(events.clone(), |stack| stack == harness);
-        assert_eq!(all.threads[&1].peak_bytes, 6100);
-        assert_eq!(all.threads, replay(events).threads);
-        let t = &kept.threads[&1];
+        let snap = replay_without(events.clone(), |stack| stack == harness);
+        let (all, plain) = (&snap.threads[&1], &replay(events).threads[&1]);
+        assert_eq!(all.peak_bytes, 6100);
         assert_eq!(
-            (t.allocations, t.reallocations, t.bytes_allocated),
-            (2, 1, 100 + 40 + 200)
+            Kept { ..all.kept },
+            Kept {
+                allocations: 2,
+                reallocations: 1,
+                bytes_allocated: 100 + 40 + 200,
+                peak_bytes: 240,
+                live_blocks: 2,
+                live_bytes: 240,
+            }
         );
-        assert_eq!((t.peak_bytes, t.live_blocks, t.live_bytes), (240, 2, 240));
-        assert!(all.problems.is_empty(), "{:?}", all.problems);
-        assert_eq!(kept.live.len(), 2);
+        // Leaving blocks out of the kept figures changes no other figure.
+        assert_eq!(
+            ThreadStats {
+                kept: Kept::default(),
+                ..all.clone()
+            },
+            ThreadStats {
+                kept: Kept::default(),
+                ..plain.clone()
+            }
+        );
+        assert_eq!(
+            plain.kept,
+            Kept {
+                allocations: plain.allocations,
+                reallocations: plain.reallocations,
+                bytes_allocated: plain.bytes_allocated,
+                live_blocks: plain.live_blocks,
+                live_bytes: plain.live_bytes,
+                peak_bytes: plain.peak_bytes
+            }
+        );
+        assert!(snap.problems.is_empty(), "{:?}", snap.problems);
+        assert_eq!(snap.live.values().filter(|b| !b.left_out).count(), 2);
     }
 
     #[test]

@@ -466,7 +466,7 @@ fn analyse(
     // its own), which gets the events in batches with the stacks classified meanwhile.
     let (batches, received) = std::sync::mpsc::sync_channel::<Batch>(4);
     let tests = options.tests;
-    let (mut snap, without) = std::thread::scope(|scope| {
+    let mut snap = std::thread::scope(|scope| {
         let replayer = scope.spawn(move || {
             let drops: RefCell<FxHashMap<u64, bool>> = RefCell::default();
             let stream = received.into_iter().flat_map(|batch| {
@@ -475,10 +475,9 @@ fn analyse(
             });
             if tests {
                 let drop = |stack| drops.borrow().get(&stack).copied().unwrap_or(false);
-                let (snap, without) = replay::replay_without(stream, drop);
-                (snap, Some(without))
+                replay::replay_without(stream, drop)
             } else {
-                (replay::replay(stream), None)
+                replay::replay(stream)
             }
         });
         let mut batch = Batch::default();
@@ -507,7 +506,6 @@ fn analyse(
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     });
-    let without_harness = without.filter(|_| harness.libtest).map(|w| w.threads);
     let (tables, mut damage) = events.finish();
     // A fork child's trace starts at the fork: its frees of blocks it inherited from
     // its parent pair with no recorded allocation, and are not problems.
@@ -566,7 +564,7 @@ fn analyse(
 
     let peak_time = ns(snap.totals.peak_ts);
     let summary = process_summary(&snap, &sites, &damage, trace, peak_time, problems_found);
-    let threads = threads(&snap, without_harness.as_ref(), &tables, pid, ns);
+    let threads = threads(&snap, tests && harness.libtest, &tables, pid, ns);
     let timeline = Timeline {
         pid,
         unit: if clock.is_some() { "ns" } else { "ticks" }.into(),
@@ -783,7 +781,7 @@ impl Batch {
 
 fn threads(
     snap: &Snapshot,
-    without_harness: Option<&FxHashMap<u32, replay::ThreadStats>>,
+    without_harness: bool,
     tables: &Tables,
     pid: u32,
     ns: impl Fn(u64) -> Option<u64>,
@@ -814,16 +812,13 @@ fn threads(
                 live_bytes_at_exit: s.live_bytes,
                 first_event_ns: s.first_ts.and_then(&ns),
                 last_event_ns: s.first_ts.and_then(|_| ns(s.last_ts)),
-                without_harness: without_harness.map(|w| {
-                    let own = w.get(&id).cloned().unwrap_or_default();
-                    ThreadFigures {
-                        allocations: own.allocations,
-                        reallocations: own.reallocations,
-                        bytes_allocated: own.bytes_allocated,
-                        peak_bytes: own.peak_bytes,
-                        live_blocks_at_exit: own.live_blocks,
-                        live_bytes_at_exit: own.live_bytes,
-                    }
+                without_harness: without_harness.then(|| ThreadFigures {
+                    allocations: s.kept.allocations,
+                    reallocations: s.kept.reallocations,
+                    bytes_allocated: s.kept.bytes_allocated,
+                    peak_bytes: s.kept.peak_bytes,
+                    live_blocks_at_exit: s.kept.live_blocks,
+                    live_bytes_at_exit: s.kept.live_bytes,
                 }),
             }
         })
