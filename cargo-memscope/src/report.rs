@@ -743,6 +743,8 @@ struct HarnessStacks {
     /// Stacks classified so far (the replay keeps what was decided).
     seen: rustc_hash::FxHashSet<u64>,
     libtest: bool,
+    /// The frames' facts of the stack being classified (kept for its allocation).
+    facts: Vec<symbols::Facts>,
 }
 
 impl HarnessStacks {
@@ -759,11 +761,10 @@ impl HarnessStacks {
             return None;
         }
         let addrs = tables.stacks.get(&stack).map_or(&[][..], |f| &f[..]);
-        let frames = symbolizer.stack(addrs);
-        let libtest = symbols::libtest_harness(&frames);
+        symbolizer.stack_facts(addrs, &options.user_roots, &mut self.facts);
+        let (libtest, bookkeeping) = symbols::harness_and_bookkeeping(&self.facts);
         self.libtest |= libtest;
-        let drop = libtest || symbols::std_bookkeeping(&frames, &options.user_roots).is_some();
-        Some(drop)
+        Some(libtest || bookkeeping)
     }
 }
 

@@ -93,6 +93,8 @@ pub struct Symbolizer<'a> {
     loaders: &'a Loaders,
     path_map: Vec<(PathBuf, PathBuf)>,
     cache: FxHashMap<u64, Rc<[Frame]>>,
+    /// The [`Facts`] of the frames at each return address asked of [`stack_facts`](Self::stack_facts).
+    facts: FxHashMap<u64, Rc<[Facts]>>,
 }
 
 struct Object {
@@ -122,6 +124,7 @@ impl<'a> Symbolizer<'a> {
             loaders,
             path_map: path_map.to_vec(),
             cache: FxHashMap::default(),
+            facts: FxHashMap::default(),
         }
     }
 
@@ -137,6 +140,39 @@ impl<'a> Symbolizer<'a> {
         let cut = plumbing_len(&frames);
         frames.drain(..cut);
         frames
+    }
+
+    /// The [`Facts`] of the frames of [`stack`](Self::stack)`(addrs)`, into `out`:
+    /// what classifying a stack needs, without building it.
+    pub fn stack_facts(&mut self, addrs: &[u64], user_roots: &[PathBuf], out: &mut Vec<Facts>) {
+        out.clear();
+        for &addr in addrs {
+            if let Some(facts) = self.facts.get(&addr) {
+                out.extend_from_slice(facts);
+                continue;
+            }
+            let frames = self.frames(addr);
+            // A frame inlined into plumbing is plumbing too (see `plumbing_len`).
+            let outer = frames.iter().find(|f| !f.inlined);
+            let inlined_into_plumbing = outer.is_some_and(is_plumbing_frame);
+            let facts: Rc<[Facts]> = frames
+                .iter()
+                .map(|f| {
+                    let mut facts = Facts::of(f, user_roots);
+                    if inlined_into_plumbing {
+                        facts.0 |= Facts::PLUMBING;
+                    }
+                    facts
+                })
+                .collect();
+            out.extend_from_slice(&facts);
+            self.facts.insert(addr, facts);
+        }
+        let cut = leading_plumbing(
+            out.iter()
+                .map(|f| (f.has(Facts::PLUMBING), f.has(Facts::FUNCTION))),
+        );
+        out.drain(..cut);
     }
 
     /// The frames at one return address, innermost (most inlined) first.
@@ -360,26 +396,36 @@ fn path_chars(function: &str) -> impl Iterator<Item = char> + '_ {
 /// of the leading run of plumbing and unknown frames. A frame inlined into a plumbing
 /// function is plumbing too (its DWARF name may be too short to tell).
 fn plumbing_len(frames: &[Frame]) -> usize {
-    let mut cut = 0;
-    for (i, frame) in frames.iter().enumerate() {
+    leading_plumbing(frames.iter().enumerate().map(|(i, frame)| {
         let outer = frames[i..]
             .iter()
             .find(|f| !f.inlined && f.address == frame.address);
-        let plumbing = |f: &Frame| {
-            f.function.as_deref().is_some_and(is_plumbing)
-                || f.file.as_deref().is_some_and(|file| {
-                    file.ends_with("/library/alloc/src/alloc.rs")
-                        || file.ends_with("/library/std/src/alloc.rs")
-                        || is_runtime_source(file)
-                })
-        };
-        if plumbing(frame) || outer.is_some_and(plumbing) {
+        let plumbing = is_plumbing_frame(frame) || outer.is_some_and(is_plumbing_frame);
+        (plumbing, frame.function.is_some())
+    }))
+}
+
+/// [`plumbing_len`] of frames given as `(plumbing or inlined into plumbing, named)`.
+fn leading_plumbing(frames: impl Iterator<Item = (bool, bool)>) -> usize {
+    let mut cut = 0;
+    for (i, (plumbing, named)) in frames.enumerate() {
+        if plumbing {
             cut = i + 1;
-        } else if frame.function.is_some() {
+        } else if named {
             break;
         }
     }
     cut
+}
+
+/// A frame of the allocator's plumbing, by its function or by its file.
+fn is_plumbing_frame(frame: &Frame) -> bool {
+    frame.function.as_deref().is_some_and(is_plumbing)
+        || frame.file.as_deref().is_some_and(|file| {
+            file.ends_with("/library/alloc/src/alloc.rs")
+                || file.ends_with("/library/std/src/alloc.rs")
+                || is_runtime_source(file)
+        })
 }
 
 /// Functions of Rust's standard library, of memscope, and the C runtime's entry points.
@@ -409,6 +455,16 @@ pub fn is_std(frame: &Frame) -> bool {
     }
 }
 
+/// Whether a frame is in the user's own files. memscope's runtime is built from under
+/// the workspace's target directory: its frames are never the user's.
+fn in_user_root(frame: &Frame, user_roots: &[PathBuf]) -> bool {
+    !is_std(frame)
+        && frame.file.as_deref().is_some_and(|file| {
+            user_roots.iter().any(|r| Path::new(file).starts_with(r))
+                && !file.contains("/target/memscope/")
+        })
+}
+
 /// Where a site frame was found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -426,16 +482,7 @@ pub enum SiteOrigin {
 /// The frame that names an allocation's site: the innermost frame in the user's own
 /// files, or else the innermost frame outside the standard library.
 pub fn site_frame(frames: &[Frame], user_roots: &[PathBuf]) -> (Option<usize>, SiteOrigin) {
-    // memscope's runtime is built from under the workspace's target directory: its
-    // frames are never the user's.
-    let in_user_root = |f: &Frame| {
-        !is_std(f)
-            && f.file.as_deref().is_some_and(|file| {
-                user_roots.iter().any(|r| Path::new(file).starts_with(r))
-                    && !file.contains("/target/memscope/")
-            })
-    };
-    if let Some(i) = frames.iter().position(in_user_root) {
+    if let Some(i) = frames.iter().position(|f| in_user_root(f, user_roots)) {
         return (Some(i), SiteOrigin::User);
     }
     if let Some(i) = frames
@@ -457,7 +504,184 @@ pub fn site_frame(frames: &[Frame], user_roots: &[PathBuf]) -> (Option<usize>, S
 
 /// If a stack is the standard library keeping memory for itself until exit, the
 /// evidence for that: the frame that shows it. Decided by function path (generic
-/// arguments removed, so that a user's `BufReader<StdinLock>` is not std's):
+/// arguments removed, so that a user's `BufReader<StdinLock>` is not std's), in this
+/// order (see [`bookkeeping_rule`]):
+/// - the debug information std caches the first time it symbolizes a backtrace (a
+///   panic with `RUST_BACKTRACE` set, `Backtrace::force_capture`): the allocation
+///   comes from `std::backtrace_rs::symbolize` itself, with between it and that frame
+///   only the symbolizer's code, the crates std vendors for it (gimli, addr2line,
+///   object, …), `core` and `alloc` (see [`symbolizer_plumbing`]), so that what a
+///   caller's callback allocates while symbols are resolved (the names kept in a
+///   `std::backtrace::Backtrace`, say) is not taken for the cache;
+/// - a spawned thread's start-up state, while the thread runs: see
+///   [`spawned_thread_state`];
+/// - std's own handles and lists, named in [`named_bookkeeping`];
+/// - libtest's own state (see [`libtest_own`]), which it does not free when it
+///   ends the process with `process::exit` after a failed test: its arguments;
+/// - anything std allocates while starting or shutting down the process: under
+///   `std::rt::lang_start_internal` but not under the user's `main` (which runs inside
+///   `__rust_begin_short_backtrace`).
+pub fn std_bookkeeping(frames: &[Frame], user_roots: &[PathBuf]) -> Option<String> {
+    let facts: Vec<Facts> = frames.iter().map(|f| Facts::of(f, user_roots)).collect();
+    let (at, rule) = bookkeeping_rule(&facts)?;
+    let f = frames[at].function.as_deref().unwrap_or_default();
+    Some(match rule {
+        Bookkeeping::BacktraceCache => format!(
+            "allocated under `{f}`: std's cache of debug information for symbolizing backtraces, kept until exit"
+        ),
+        Bookkeeping::SpawnedThread => {
+            format!("allocated by `{f}`: {}", spawned_thread_state(f).unwrap_or_default())
+        }
+        Bookkeeping::Named => {
+            format!("allocated under `{f}`: {}", named_bookkeeping(f).unwrap_or_default())
+        }
+        Bookkeeping::Libtest => format!(
+            "allocated by libtest's harness under `{f}`, not by a test: libtest's own state (its arguments, its list of tests), kept when it ends the process with `process::exit` after a failed test"
+        ),
+        Bookkeeping::RuntimeSetup => {
+            let by = match site_frame(frames, user_roots) {
+                (Some(i), _) => frames[i].function.as_deref().map(|f| format!(" by `{f}`")),
+                (None, _) => None,
+            };
+            let by = by.unwrap_or_default();
+            format!("allocated{by} under `{f}`, outside the program's `main`: std's runtime set-up")
+        }
+    })
+}
+
+/// [`libtest_own`] of a stack's frames.
+#[cfg(test)]
+fn libtest_harness(frames: &[Frame]) -> bool {
+    let facts: Vec<Facts> = frames.iter().map(|f| Facts::of(f, &[])).collect();
+    libtest_own(&facts).is_some()
+}
+
+/// Whether a stack is libtest's harness at work ([`libtest_own`]) and whether
+/// [`std_bookkeeping`] finds evidence, for a stack
+/// given as the [`Facts`] of its frames ([`Symbolizer::stack_facts`]).
+pub fn harness_and_bookkeeping(facts: &[Facts]) -> (bool, bool) {
+    (
+        libtest_own(facts).is_some(),
+        bookkeeping_rule(facts).is_some(),
+    )
+}
+
+/// What the rules of [`std_bookkeeping`] and [`libtest_own`] ask of one frame,
+/// answered once per frame: a suite's stacks share most of their frames, and every
+/// stack a test allocates with is classified ([`Symbolizer::stack_facts`] keeps them
+/// per return address).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Facts(u16);
+
+impl Facts {
+    const FUNCTION: u16 = 1;
+    /// Allocator plumbing (see [`is_plumbing_frame`]), or inlined into it.
+    const PLUMBING: u16 = 1 << 1;
+    const SYMBOLIZER: u16 = 1 << 2;
+    const SYMBOLIZER_PLUMBING: u16 = 1 << 3;
+    const CORE_OR_ALLOC: u16 = 1 << 4;
+    const SPAWNED_THREAD: u16 = 1 << 5;
+    const NAMED: u16 = 1 << 6;
+    const LIBTEST: u16 = 1 << 7;
+    const RUNS_A_TEST: u16 = 1 << 8;
+    const LANG_START: u16 = 1 << 9;
+    const IN_MAIN: u16 = 1 << 10;
+    const USER: u16 = 1 << 11;
+
+    fn of(frame: &Frame, user_roots: &[PathBuf]) -> Facts {
+        let mut bits = 0;
+        let mut set = |bit: u16, on: bool| {
+            if on {
+                bits |= bit;
+            }
+        };
+        set(Facts::PLUMBING, is_plumbing_frame(frame));
+        set(Facts::SYMBOLIZER_PLUMBING, symbolizer_plumbing(frame));
+        set(Facts::CORE_OR_ALLOC, core_or_alloc(frame));
+        set(Facts::USER, in_user_root(frame, user_roots));
+        if let Some(f) = frame.function.as_deref() {
+            set(Facts::FUNCTION, true);
+            set(
+                Facts::SYMBOLIZER,
+                path_starts_with(f, "std::backtrace_rs::symbolize::"),
+            );
+            set(Facts::SPAWNED_THREAD, spawned_thread_state(f).is_some());
+            set(Facts::NAMED, named_bookkeeping(f).is_some());
+            set(Facts::LIBTEST, path_starts_with(f, "test::"));
+            set(
+                Facts::RUNS_A_TEST,
+                path_starts_with(f, "test::__rust_begin_short_backtrace"),
+            );
+            set(
+                Facts::LANG_START,
+                f.starts_with("std::rt::lang_start_internal"),
+            );
+            set(Facts::IN_MAIN, f.contains("__rust_begin_short_backtrace"));
+        }
+        Facts(bits)
+    }
+
+    fn has(self, bit: u16) -> bool {
+        self.0 & bit != 0
+    }
+}
+
+/// Which rule of [`std_bookkeeping`] a stack meets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bookkeeping {
+    BacktraceCache,
+    SpawnedThread,
+    Named,
+    Libtest,
+    RuntimeSetup,
+}
+
+/// The first rule of [`std_bookkeeping`] that a stack meets, and the frame that
+/// shows it.
+fn bookkeeping_rule(facts: &[Facts]) -> Option<(usize, Bookkeeping)> {
+    let named = |i: &usize| facts[*i].has(Facts::FUNCTION);
+    let mut functions = (0..facts.len()).filter(named);
+    let cache = functions
+        .find(|&i| facts[i].has(Facts::SYMBOLIZER) || !facts[i].has(Facts::SYMBOLIZER_PLUMBING))
+        .filter(|&i| facts[i].has(Facts::SYMBOLIZER));
+    if let Some(i) = cache {
+        return Some((i, Bookkeeping::BacktraceCache));
+    }
+    let spawned = facts
+        .iter()
+        .position(|f| !f.has(Facts::CORE_OR_ALLOC))
+        .filter(|&i| facts[i].has(Facts::SPAWNED_THREAD));
+    if let Some(i) = spawned {
+        return Some((i, Bookkeeping::SpawnedThread));
+    }
+    if let Some(i) = facts.iter().position(|f| f.has(Facts::NAMED)) {
+        return Some((i, Bookkeeping::Named));
+    }
+    if let Some(i) = libtest_own(facts) {
+        return Some((i, Bookkeeping::Libtest));
+    }
+    let in_main = facts
+        .iter()
+        .any(|f| f.has(Facts::IN_MAIN) || f.has(Facts::USER));
+    match facts.iter().position(|f| f.has(Facts::LANG_START)) {
+        Some(i) if !in_main => Some((i, Bookkeeping::RuntimeSetup)),
+        _ => None,
+    }
+}
+
+/// Whether a stack is libtest's harness at work rather than a test, and its innermost
+/// libtest frame: the innermost frame of libtest (the crate `test`) is one of its own
+/// functions, not `test::__rust_begin_short_backtrace`, which calls the test function.
+/// So the block that captures a test's output and the blocks of the channel that
+/// reports its result are the harness's, even on the test's own thread.
+fn libtest_own(facts: &[Facts]) -> Option<usize> {
+    facts
+        .iter()
+        .position(|f| f.has(Facts::LIBTEST))
+        .filter(|&i| !facts[i].has(Facts::RUNS_A_TEST))
+}
+
+/// Where std keeps memory for itself until exit, by function path: what it is.
 /// - the lazily created standard I/O handles (stdin's buffer, stdout's line buffer):
 ///   inside `std::io::stdio::{stdin,stdout,stderr}`;
 /// - the list of thread-local destructors: `std::sys::thread_local::destructors`,
@@ -465,21 +689,8 @@ pub fn site_frame(frames: &[Frame], user_roots: &[PathBuf]) -> (Option<usize>, S
 /// - the current thread's handle and name: `std::thread::current`;
 /// - the stack-overflow handler's per-thread information:
 ///   `std::sys::pal::unix::stack_overflow`;
-/// - thread spawn hooks (`std::thread::spawnhook`), which libtest's harness adds;
-/// - the debug information std caches the first time it symbolizes a backtrace (a
-///   panic with `RUST_BACKTRACE` set, `Backtrace::force_capture`): see
-///   [`backtrace_cache`];
-/// - a spawned thread's start-up state, while the thread runs: see
-///   [`spawned_thread_state`];
-/// - libtest's own state (see [`libtest_harness`]), which it does not free when it
-///   ends the process with `process::exit` after a failed test: its arguments;
-/// - anything std allocates while starting or shutting down the process: under
-///   `std::rt::lang_start_internal` but not under the user's `main` (which runs inside
-///   `__rust_begin_short_backtrace`).
-pub fn std_bookkeeping(frames: &[Frame], user_roots: &[PathBuf]) -> Option<String> {
-    if let Some(evidence) = backtrace_cache(frames).or_else(|| spawned_thread_state(frames)) {
-        return Some(evidence);
-    }
+/// - thread spawn hooks (`std::thread::spawnhook`), which libtest's harness adds.
+fn named_bookkeeping(function: &str) -> Option<&'static str> {
     const PREFIXES: &[(&str, &str)] = &[
         (
             "std::io::stdio::stdin::",
@@ -516,87 +727,16 @@ pub fn std_bookkeeping(frames: &[Frame], user_roots: &[PathBuf]) -> Option<Strin
             "a thread spawn hook, kept in the main thread's list until exit",
         ),
     ];
-    for frame in frames {
-        let Some(f) = frame.function.as_deref() else {
-            continue;
-        };
-        let found = PREFIXES
-            .iter()
-            .find(|(prefix, _)| path_starts_with(f, prefix));
-        if let Some((_, what)) = found {
-            return Some(format!("allocated under `{f}`: {what}"));
-        }
-        if f.contains("register_dtor") {
-            return Some(format!(
-                "allocated under `{f}`: std's list of thread-local destructors"
-            ));
-        }
-    }
-    if let Some(f) = libtest_own(frames) {
-        return Some(format!(
-            "allocated by libtest's harness under `{f}`, not by a test: libtest's own state (its arguments, its list of tests), kept when it ends the process with `process::exit` after a failed test"
-        ));
-    }
-    let names = || frames.iter().filter_map(|f| f.function.as_deref());
-    let in_rt = names().find(|f| f.starts_with("std::rt::lang_start_internal"));
-    let in_main = names().any(|f| f.contains("__rust_begin_short_backtrace"))
-        || site_frame(frames, user_roots).1 == SiteOrigin::User;
-    let by = match site_frame(frames, user_roots) {
-        (Some(i), _) => frames[i].function.as_deref().map(|f| format!(" by `{f}`")),
-        (None, _) => None,
-    };
-    let by = by.unwrap_or_default();
-    match in_rt {
-        Some(f) if !in_main => Some(format!(
-            "allocated{by} under `{f}`, outside the program's `main`: std's runtime set-up"
-        )),
-        _ => None,
-    }
-}
-
-/// Whether a stack is libtest's harness at work rather than a test: the innermost
-/// frame of libtest (the crate `test`) is one of its own functions, not
-/// `test::__rust_begin_short_backtrace`, which calls the test function. So the block
-/// that captures a test's output and the blocks of the channel that reports its result
-/// are the harness's, even on the test's own thread.
-pub fn libtest_harness(frames: &[Frame]) -> bool {
-    libtest_own(frames).is_some()
-}
-
-/// The innermost frame of libtest in a stack of libtest's own work (see
-/// [`libtest_harness`]).
-fn libtest_own(frames: &[Frame]) -> Option<&str> {
-    frames
+    let found = PREFIXES
         .iter()
-        .filter_map(|f| f.function.as_deref())
-        .find(|f| path_starts_with(f, "test::"))
-        .filter(|f| !path_starts_with(f, "test::__rust_begin_short_backtrace"))
-}
-
-/// Whether a block belongs to std's symbolization cache: the mappings and parsed
-/// DWARF that `std::backtrace_rs::symbolize::gimli` keeps in a static for the rest of
-/// the process once it has resolved one frame (tens of megabytes in a debug build).
-/// The allocation must come from the symbolizer itself: between it and the first
-/// `std::backtrace_rs::symbolize` frame only the symbolizer's code, the crates std
-/// vendors for it (gimli, addr2line, object, …), `core` and `alloc`, so that what a
-/// caller's callback allocates while symbols are resolved (the names kept in a
-/// `std::backtrace::Backtrace`, say) is not taken for the cache.
-fn backtrace_cache(frames: &[Frame]) -> Option<String> {
-    const SYMBOLIZER: &str = "std::backtrace_rs::symbolize::";
-    for frame in frames {
-        let Some(f) = frame.function.as_deref() else {
-            continue;
-        };
-        if path_starts_with(f, SYMBOLIZER) {
-            return Some(format!(
-                "allocated under `{f}`: std's cache of debug information for symbolizing backtraces, kept until exit"
-            ));
+        .find(|(prefix, _)| path_starts_with(function, prefix));
+    match found {
+        Some((_, what)) => Some(what),
+        None if function.contains("register_dtor") => {
+            Some("std's list of thread-local destructors")
         }
-        if !symbolizer_plumbing(frame) {
-            return None;
-        }
+        None => None,
     }
-    None
 }
 
 /// A spawned thread's start-up state, which the spawning thread allocates and the
@@ -607,18 +747,14 @@ fn backtrace_cache(frames: &[Frame]) -> Option<String> {
 /// suite leaves a server thread blocked in `accept`): what valgrind calls reachable
 /// from that thread. Decided by the innermost frame outside `core` and `alloc`, so
 /// that what the thread itself allocates (under `spawn_unchecked`'s closures) is not.
-fn spawned_thread_state(frames: &[Frame]) -> Option<String> {
-    let frame = frames.iter().find(|f| !core_or_alloc(f))?;
-    let f = frame.function.as_deref()?;
-    match function_path(f).trim_end_matches("::") {
+fn spawned_thread_state(function: &str) -> Option<&'static str> {
+    match function_path(function).trim_end_matches("::") {
         "std::thread::lifecycle::spawn_unchecked" | "std::thread::Builder::spawn_unchecked_" => {
-            Some(format!(
-                "allocated by `{f}`: std's state for a spawned thread (result packet, closure), kept until the thread ends; live at exit while the thread still runs"
-            ))
+            Some("std's state for a spawned thread (result packet, closure), kept until the thread ends; live at exit while the thread still runs")
         }
-        "test::run_test_in_process" => Some(format!(
-            "allocated by `{f}`: libtest's buffer for a test's captured output, kept until the threads the test spawned end; live at exit while one still runs"
-        )),
+        "test::run_test_in_process" => Some(
+            "libtest's buffer for a test's captured output, kept until the threads the test spawned end; live at exit while one still runs",
+        ),
         _ => None,
     }
 }
