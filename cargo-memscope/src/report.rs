@@ -106,12 +106,19 @@ pub fn write(report: &Report, options: &ReportOptions) -> anyhow::Result<PathBuf
             options.output_dir.display()
         )
     })?;
+    // The two files side by side: each is a good part of what follows the analysis.
     let json_path = options.output_dir.join("report.json");
-    write_json(report, &json_path)
-        .with_context(|| format!("failed to write {}", json_path.display()))?;
-
     let html_path = options.output_dir.join("report.html");
-    crate::html::write(report, &options.user_roots, &html_path)?;
+    std::thread::scope(|scope| {
+        let json = scope.spawn(|| {
+            write_json(report, &json_path)
+                .with_context(|| format!("failed to write {}", json_path.display()))
+        });
+        let html = crate::html::write(report, &options.user_roots, &html_path);
+        json.join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            .and(html)
+    })?;
 
     let text = crate::summary::render(report, &[&json_path, &html_path], options);
     eprint!("{text}");
@@ -1028,11 +1035,16 @@ fn merge(analysed: Vec<Analysed>) -> Report {
     runtime_internal.sort_by_key(|g| std::cmp::Reverse(g.bytes));
 
     let peak = summary.peak_bytes;
+    let mut stacks = stacks;
+    let mut drafts: Vec<Option<SiteDraft>> = merged.into_iter().map(Some).collect();
     let mut sites: Vec<Site> = order
         .iter()
-        .map(|&i| Site {
-            stack: stacks[i].clone(),
-            ..merged[i].site.clone()
+        .filter_map(|&i| {
+            let draft = drafts[i].take()?;
+            Some(Site {
+                stack: std::mem::take(&mut stacks[i]),
+                ..draft.site
+            })
         })
         .collect();
     for (r, s) in sites.iter_mut().enumerate() {
