@@ -36,6 +36,16 @@ fn test<'a>(run: &'a TestRun, name: &str) -> &'a Value {
     run.test(name)
 }
 
+/// What the run's tests leaked, added up.
+fn tests_leaked_bytes(run: &TestRun) -> u64 {
+    run.report["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["leaked_bytes"].as_u64())
+        .sum()
+}
+
 #[test]
 fn a_clean_test_counts_its_one_2048_byte_buffer_and_leaks_nothing() {
     let t = test(plain(), "tests::clean");
@@ -225,13 +235,7 @@ fn test_binaries_count_their_outcomes() {
 #[test]
 fn the_run_leaks_exactly_what_its_tests_leak() {
     let run = plain();
-    let summed: u64 = run.report["tests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|t| t["leaked_bytes"].as_u64())
-        .sum();
-    assert_eq!(summed, LEAKED_BYTES);
+    assert_eq!(tests_leaked_bytes(run), LEAKED_BYTES);
     assert_eq!(run.report["summary"]["leaked_bytes"], LEAKED_BYTES);
     assert_eq!(run.report["summary"]["leaked_blocks"], 8);
     assert!(
@@ -405,12 +409,7 @@ fn a_failing_test_keeps_cargo_tests_exit_code_over_a_failed_gate() {
 #[test]
 fn after_a_failed_test_the_run_still_leaks_exactly_what_its_tests_leak() {
     let run = failing();
-    let summed: u64 = run.report["tests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|t| t["leaked_bytes"].as_u64())
-        .sum();
+    let summed = tests_leaked_bytes(run);
     assert!(summed > 0);
     assert_eq!(run.report["summary"]["leaked_bytes"], summed);
     let libtests = run.report["runtime_internal"]
