@@ -66,6 +66,9 @@ struct Loaded {
     loader: Result<addr2line::Loader, String>,
     has_dwarf: bool,
     frames: RefCell<FxHashMap<u64, Rc<[Frame]>>>,
+    /// The frames' [`Facts`] by address in the file, for the report's user roots (the
+    /// same for every process of one report).
+    facts: RefCell<FxHashMap<u64, Rc<[Facts]>>>,
 }
 
 impl Loaders {
@@ -81,6 +84,7 @@ impl Loaders {
             loader,
             has_dwarf,
             frames: RefCell::default(),
+            facts: RefCell::default(),
         });
         self.0.borrow_mut().insert(path.to_owned(), loaded.clone());
         loaded
@@ -151,6 +155,16 @@ impl<'a> Symbolizer<'a> {
                 out.extend_from_slice(facts);
                 continue;
             }
+            // Another process that loaded the same object file may have asked already.
+            let place = self.locate(addr);
+            let known = place
+                .as_ref()
+                .and_then(|(loaded, probe)| loaded.facts.borrow().get(probe).cloned());
+            if let Some(facts) = known {
+                out.extend_from_slice(&facts);
+                self.facts.insert(addr, facts);
+                continue;
+            }
             let frames = self.frames(addr);
             // A frame inlined into plumbing is plumbing too (see `plumbing_len`).
             let outer = frames.iter().find(|f| !f.inlined);
@@ -166,6 +180,9 @@ impl<'a> Symbolizer<'a> {
                 })
                 .collect();
             out.extend_from_slice(&facts);
+            if let Some((loaded, probe)) = place {
+                loaded.facts.borrow_mut().insert(probe, facts.clone());
+            }
             self.facts.insert(addr, facts);
         }
         let cut = leading_plumbing(
@@ -196,19 +213,9 @@ impl<'a> Symbolizer<'a> {
                 inlined: false,
             }]
         };
-        let pc = addr.saturating_sub(1);
-        let Some(object) = self
-            .modules
-            .iter_mut()
-            .find(|o| o.module.start <= pc && pc < o.module.end)
-        else {
+        let Some((loaded, probe)) = self.locate(addr) else {
             return bare();
         };
-        let probe = pc.wrapping_sub(object.module.bias);
-        let loaded = object
-            .loaded
-            .get_or_insert_with(|| self.loaders.get(&object.module.path))
-            .clone();
         let Ok(loader) = &loaded.loader else {
             return bare();
         };
@@ -267,6 +274,22 @@ impl<'a> Symbolizer<'a> {
             .borrow_mut()
             .insert(probe, out.as_slice().into());
         out
+    }
+
+    /// The object file a return address is in, loaded, and the address to look up in
+    /// it (the call instruction's, in the file's own addresses).
+    fn locate(&mut self, addr: u64) -> Option<(Rc<Loaded>, u64)> {
+        let pc = addr.saturating_sub(1);
+        let object = self
+            .modules
+            .iter_mut()
+            .find(|o| o.module.start <= pc && pc < o.module.end)?;
+        let probe = pc.wrapping_sub(object.module.bias);
+        let loaded = object
+            .loaded
+            .get_or_insert_with(|| self.loaders.get(&object.module.path))
+            .clone();
+        Some((loaded, probe))
     }
 
     /// Where a return address is in its object file (`path+0xoffset`): the same in
@@ -358,6 +381,7 @@ fn is_runtime_source(file: &str) -> bool {
 
 /// A function's path without generic arguments: `<a::B<c::D>>::f::<E>` → `a::B::f::`.
 /// The type of a qualified path (`<a::B as T>::f`) is kept, its generics are not.
+#[cfg(test)]
 fn function_path(function: &str) -> String {
     path_chars(function).collect()
 }
@@ -367,6 +391,13 @@ fn function_path(function: &str) -> String {
 fn path_starts_with(function: &str, prefix: &str) -> bool {
     let mut path = path_chars(function);
     prefix.chars().all(|c| path.next() == Some(c))
+}
+
+/// Whether `function_path(function)` is `path`, up to the `::` its generic arguments
+/// leave at its end.
+fn path_is(function: &str, path: &str) -> bool {
+    let mut chars = path_chars(function);
+    path.chars().all(|c| chars.next() == Some(c)) && chars.all(|c| c == ':')
 }
 
 /// The characters of [`function_path`], as they are found.
@@ -748,14 +779,14 @@ fn named_bookkeeping(function: &str) -> Option<&'static str> {
 /// from that thread. Decided by the innermost frame outside `core` and `alloc`, so
 /// that what the thread itself allocates (under `spawn_unchecked`'s closures) is not.
 fn spawned_thread_state(function: &str) -> Option<&'static str> {
-    match function_path(function).trim_end_matches("::") {
-        "std::thread::lifecycle::spawn_unchecked" | "std::thread::Builder::spawn_unchecked_" => {
-            Some("std's state for a spawned thread (result packet, closure), kept until the thread ends; live at exit while the thread still runs")
-        }
-        "test::run_test_in_process" => Some(
-            "libtest's buffer for a test's captured output, kept until the threads the test spawned end; live at exit while one still runs",
-        ),
-        _ => None,
+    let is = |path| path_is(function, path);
+    if is("std::thread::lifecycle::spawn_unchecked") || is("std::thread::Builder::spawn_unchecked_")
+    {
+        Some("std's state for a spawned thread (result packet, closure), kept until the thread ends; live at exit while the thread still runs")
+    } else if is("test::run_test_in_process") {
+        Some("libtest's buffer for a test's captured output, kept until the threads the test spawned end; live at exit while one still runs")
+    } else {
+        None
     }
 }
 
