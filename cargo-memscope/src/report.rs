@@ -820,7 +820,7 @@ fn threads(
                 live_bytes_at_exit: s.live_bytes,
                 first_event_ns: s.first_ts.and_then(&ns),
                 last_event_ns: s.first_ts.and_then(|_| ns(s.last_ts)),
-                without_harness: without_harness.then(|| ThreadFigures {
+                without_harness: without_harness.then_some(ThreadFigures {
                     allocations: s.kept.allocations,
                     reallocations: s.kept.reallocations,
                     bytes_allocated: s.kept.bytes_allocated,
