@@ -750,7 +750,7 @@ struct HarnessStacks {
     /// Stacks classified so far (the replay keeps what was decided).
     seen: rustc_hash::FxHashSet<u64>,
     libtest: bool,
-    /// The frames' facts of the stack being classified (kept for its allocation).
+    /// The frames' facts of the stack being classified (one buffer, reused).
     facts: Vec<symbols::Facts>,
 }
 
