@@ -771,7 +771,7 @@ impl HarnessStacks {
         symbolizer.stack_facts(addrs, &options.user_roots, &mut self.facts);
         let (libtest, bookkeeping) = symbols::harness_and_bookkeeping(&self.facts);
         self.libtest |= libtest;
-        Some(libtest || bookkeeping)
+        Some(bookkeeping)
     }
 }
 

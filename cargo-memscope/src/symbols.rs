@@ -588,8 +588,8 @@ fn libtest_harness(frames: &[Frame]) -> bool {
 }
 
 /// Whether a stack is libtest's harness at work ([`libtest_own`]) and whether
-/// [`std_bookkeeping`] finds evidence, for a stack
-/// given as the [`Facts`] of its frames ([`Symbolizer::stack_facts`]).
+/// [`std_bookkeeping`] finds evidence (libtest's own work is one of its rules), for a
+/// stack given as the [`Facts`] of its frames ([`Symbolizer::stack_facts`]).
 pub fn harness_and_bookkeeping(facts: &[Facts]) -> (bool, bool) {
     (
         libtest_own(facts).is_some(),
@@ -670,6 +670,8 @@ enum Bookkeeping {
 /// The first rule of [`std_bookkeeping`] that a stack meets, and the frame that
 /// shows it.
 fn bookkeeping_rule(facts: &[Facts]) -> Option<(usize, Bookkeeping)> {
+    // The backtrace cache: the first named frame that is either the symbolizer or
+    // not its plumbing decides.
     let named = |i: &usize| facts[*i].has(Facts::FUNCTION);
     let mut functions = (0..facts.len()).filter(named);
     let cache = functions
