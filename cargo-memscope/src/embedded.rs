@@ -46,6 +46,7 @@ pub const RUNTIME_FILES: &[(&str, &str)] = runtime_files![
     "src/format.rs",
     "src/instrument.rs",
     "src/measure.rs",
+    "src/reach.rs",
     "src/recorder.rs",
     "src/stack.rs",
     "src/sys.rs",

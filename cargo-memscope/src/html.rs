@@ -782,6 +782,8 @@ mod tests {
             leaked_bytes: 4096,
             runtime_internal_blocks: 1,
             runtime_internal_bytes: 544,
+            leak_kinds: Default::default(),
+            leak_scan: None,
             problems: 1,
             events_dropped: 0,
         }
@@ -808,6 +810,7 @@ mod tests {
                 largest_block: s.live_bytes_at_exit,
                 threads: vec![thread.clone()],
                 basis: Basis::Observed,
+                evidence: None,
                 stack: s.stack.clone(),
                 variables: Vec::new(),
             })

@@ -28,6 +28,7 @@
 //! until another thread's event on the address that must have come first arrives.
 //! Only what is still held when the window closes is a problem.
 
+use memscope::format::Reach;
 use rustc_hash::FxHashMap;
 
 use crate::trace::{ClockSample, Event, EventKind};
@@ -695,10 +696,12 @@ impl Timeline {
     }
 }
 
-/// The blocks live at exit of one site.
+/// The blocks live at exit of one site that the exit-time scan found the same about.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeakGroup {
     pub site: SiteId,
+    /// What the exit-time scan found; `None` where it did not run.
+    pub reach: Option<Reach>,
     pub blocks: u64,
     pub bytes: u64,
     pub largest: u64,
@@ -708,16 +711,20 @@ pub struct LeakGroup {
     pub first_ts: u64,
 }
 
-/// Groups the blocks live at exit by site, largest groups first. INTERNAL blocks are
-/// grouped too (their sites are marked `internal`); the caller decides what they are.
-pub fn leaks(snapshot: &Snapshot) -> Vec<LeakGroup> {
+/// Groups the blocks live at exit by site and by what the exit-time scan found about
+/// them (`reach`, by address), largest groups first. INTERNAL blocks are grouped too
+/// (their sites are marked `internal`); the caller decides what they are.
+pub fn leaks(snapshot: &Snapshot, reach: &FxHashMap<u64, Reach>) -> Vec<LeakGroup> {
     /// Per thread of a group: its blocks and bytes.
     type ByThread = FxHashMap<u32, (u64, u64)>;
-    let mut groups: FxHashMap<SiteId, (LeakGroup, ByThread)> = FxHashMap::default();
-    for block in snapshot.live.values() {
-        let (g, threads) = groups.entry(block.site).or_insert_with(|| {
+    let mut groups: FxHashMap<(SiteId, Option<Reach>), (LeakGroup, ByThread)> =
+        FxHashMap::default();
+    for (addr, block) in &snapshot.live {
+        let found = reach.get(addr).copied();
+        let (g, threads) = groups.entry((block.site, found)).or_insert_with(|| {
             let group = LeakGroup {
                 site: block.site,
+                reach: found,
                 blocks: 0,
                 bytes: 0,
                 largest: 0,
@@ -743,7 +750,12 @@ pub fn leaks(snapshot: &Snapshot) -> Vec<LeakGroup> {
             g
         })
         .collect();
-    out.sort_unstable_by(|a, b| b.bytes.cmp(&a.bytes).then(a.site.cmp(&b.site)));
+    out.sort_unstable_by(|a, b| {
+        b.bytes
+            .cmp(&a.bytes)
+            .then(a.site.cmp(&b.site))
+            .then(a.reach.cmp(&b.reach))
+    });
     out
 }
 
@@ -1094,7 +1106,7 @@ mod tests {
             alloc(4, 0x40, 1, 3),
             free(5, 0x40, 1),
         ]);
-        let groups = leaks(&snap);
+        let groups = leaks(&snap, &FxHashMap::default());
         let got: Vec<_> = groups
             .iter()
             .map(|g| (snap.sites[g.site as usize].stack, g.blocks, g.bytes))

@@ -9,12 +9,14 @@
 
 use std::cell::RefCell;
 use std::collections::hash_map::Entry;
+use std::collections::BTreeMap;
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use memscope::format::Reach;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
@@ -207,8 +209,33 @@ pub struct Summary {
     pub leaked_bytes: u64,
     pub runtime_internal_blocks: u64,
     pub runtime_internal_bytes: u64,
+    /// The leaked blocks and bytes of each leak `kind` (every kind of [`LEAK_KINDS`]).
+    #[serde(default)]
+    pub leak_kinds: BTreeMap<String, Amount>,
+    /// What the exit-time scans read, summed over the processes that ran one.
+    #[serde(default)]
+    pub leak_scan: Option<LeakScan>,
     pub problems: u64,
     pub events_dropped: u64,
+}
+
+/// A number of blocks and their bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Amount {
+    pub blocks: u64,
+    pub bytes: u64,
+}
+
+/// What the exit-time scans for pointers read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeakScan {
+    /// Processes whose blocks live at exit were scanned.
+    pub processes: u64,
+    pub static_bytes: u64,
+    pub stack_bytes: u64,
+    pub stacks: u64,
+    /// Bytes that could not be read (unmapped by a thread still running).
+    pub unreadable_bytes: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -276,6 +303,9 @@ pub struct Leak {
     pub largest_block: u64,
     pub threads: Vec<ThreadRef>,
     pub basis: Basis,
+    /// Why `kind` holds, where it is an inference.
+    #[serde(default)]
+    pub evidence: Option<String>,
     pub stack: Stack,
     /// Variables that named these blocks (instrumentation).
     #[serde(default)]
@@ -392,8 +422,8 @@ struct SiteDraft {
     /// processes are put in one table (`merge`).
     frames: Vec<Frame>,
     site: Site,
-    leak_threads: Vec<ThreadRef>,
-    largest_block: u64,
+    /// Its blocks live at exit, by what the exit-time scan found about them.
+    leaked: Vec<LeakDraft>,
     /// Runtime-internal: origin and evidence.
     internal: Option<(&'static str, Basis, String)>,
     /// Allocated by memscope itself: never shown among the sites.
@@ -401,6 +431,61 @@ struct SiteDraft {
     /// Variables naming the site's blocks live at exit.
     leak_variables: Vec<crate::instrument::VarRef>,
 }
+
+/// Blocks live at exit of one site that the exit-time scan found the same about.
+#[derive(Clone, Debug)]
+struct LeakDraft {
+    reach: Option<Reach>,
+    blocks: u64,
+    bytes: u64,
+    largest: u64,
+    threads: Vec<ThreadRef>,
+}
+
+/// The `kind` of leaked blocks the exit-time scan found `reach` about (`None`: it did
+/// not run), and the evidence for it.
+fn leak_kind(reach: Option<Reach>) -> (&'static str, Basis, Option<&'static str>) {
+    let (kind, evidence) = match reach {
+        None => return ("live_at_exit", Basis::Observed, None),
+        Some(Reach::FromStatic) => (
+            "reachable_from_static",
+            "the exit-time scan found a pointer to these blocks (or to a block that leads \
+             to them) in a loaded object's static data",
+        ),
+        Some(Reach::FromStack) => (
+            "reachable_from_stack",
+            "the exit-time scan found a pointer to these blocks (or to a block that leads \
+             to them) on a thread's stack, and none in static data",
+        ),
+        Some(Reach::DefinitelyLost) => (
+            "definitely_lost",
+            "the exit-time scan found no pointer to these blocks in static data, on any \
+             thread's stack or in any other block live at exit",
+        ),
+        Some(Reach::IndirectlyLost) => (
+            "indirectly_lost",
+            "the exit-time scan found pointers to these blocks only in lost blocks, and \
+             they can be reached from a definitely lost one",
+        ),
+        Some(Reach::Cycle) => (
+            "reference_cycle",
+            "the exit-time scan found pointers to these blocks only in lost blocks that \
+             lead back to them, such as Rc values that hold each other (or they are \
+             reachable only from such a cycle)",
+        ),
+    };
+    (kind, Basis::Inferred, Some(evidence))
+}
+
+/// Every `kind` a leak can have, in the order reports list them.
+pub const LEAK_KINDS: [&str; 6] = [
+    "definitely_lost",
+    "indirectly_lost",
+    "reference_cycle",
+    "reachable_from_static",
+    "reachable_from_stack",
+    "live_at_exit",
+];
 
 /// What makes two frames of different processes the same: function, file, line,
 /// whether inlined, and for a frame without a function name its place in its object
@@ -556,17 +641,21 @@ fn analyse(
     };
 
     let mut sites = site_drafts(&snap, &tables, &mut symbolizer, options, pid);
-    for group in replay::leaks(&snap) {
-        let draft = &mut sites[group.site as usize];
-        draft.largest_block = group.largest;
-        draft.leak_threads = group
-            .threads
-            .iter()
-            .map(|&(t, n, bytes)| ThreadRef {
-                bytes,
-                ..thread_ref(t, n)
-            })
-            .collect();
+    for group in replay::leaks(&snap, &trace.meta.reach) {
+        sites[group.site as usize].leaked.push(LeakDraft {
+            reach: group.reach,
+            blocks: group.blocks,
+            bytes: group.bytes,
+            largest: group.largest,
+            threads: group
+                .threads
+                .iter()
+                .map(|&(t, n, bytes)| ThreadRef {
+                    bytes,
+                    ..thread_ref(t, n)
+                })
+                .collect(),
+        });
     }
 
     let peak_time = ns(snap.totals.peak_ts);
@@ -695,8 +784,7 @@ fn site_drafts(
                     stack: Stack::new(),
                     variables: Vec::new(),
                 },
-                leak_threads: Vec::new(),
-                largest_block: 0,
+                leaked: Vec::new(),
                 internal,
                 memscope: s.internal,
                 leak_variables: Vec::new(),
@@ -737,9 +825,33 @@ fn process_summary(
         leaked_bytes: t.live_bytes - internal_bytes,
         runtime_internal_blocks: internal_blocks,
         runtime_internal_bytes: internal_bytes,
+        leak_kinds: leak_kinds(sites),
+        leak_scan: trace.meta.scan.map(|s| LeakScan {
+            processes: 1,
+            static_bytes: s.static_bytes,
+            stack_bytes: s.stack_bytes,
+            stacks: s.stacks,
+            unreadable_bytes: s.unreadable_bytes,
+        }),
         problems,
         events_dropped: trace.meta.end.map_or(0, |e| e.dropped),
     }
+}
+
+/// The leaked blocks and bytes of `sites` by leak kind, every kind listed.
+fn leak_kinds(sites: &[SiteDraft]) -> BTreeMap<String, Amount> {
+    let mut kinds: BTreeMap<String, Amount> = LEAK_KINDS
+        .iter()
+        .map(|k| (k.to_string(), Amount::default()))
+        .collect();
+    for d in sites.iter().filter(|d| !d.memscope && d.internal.is_none()) {
+        for l in &d.leaked {
+            let amount = kinds.entry(leak_kind(l.reach).0.into()).or_default();
+            amount.blocks += l.blocks;
+            amount.bytes += l.bytes;
+        }
+    }
+    kinds
 }
 
 /// Which stacks allocate blocks of libtest's harness or of std's bookkeeping, decided
@@ -1017,18 +1129,24 @@ fn merge(analysed: Vec<Analysed>) -> Report {
                 evidence: evidence.clone(),
                 stack: stacks[i].clone(),
             }),
-            None => leaks.push(Leak {
-                site: rank[i].expect("program sites are ranked"),
-                location,
-                kind: "live_at_exit".into(),
-                blocks: d.site.live_blocks_at_exit,
-                bytes: d.site.live_bytes_at_exit,
-                largest_block: d.largest_block,
-                threads: d.leak_threads.clone(),
-                basis: Basis::Observed,
-                stack: stacks[i].clone(),
-                variables: d.leak_variables.clone(),
-            }),
+            None => {
+                for l in &d.leaked {
+                    let (kind, basis, evidence) = leak_kind(l.reach);
+                    leaks.push(Leak {
+                        site: rank[i].expect("program sites are ranked"),
+                        location: location.clone(),
+                        kind: kind.into(),
+                        blocks: l.blocks,
+                        bytes: l.bytes,
+                        largest_block: l.largest,
+                        threads: l.threads.clone(),
+                        basis,
+                        evidence: evidence.map(String::from),
+                        stack: stacks[i].clone(),
+                        variables: d.leak_variables.clone(),
+                    });
+                }
+            }
         }
     }
     leaks.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.site.cmp(&b.site)));
@@ -1095,8 +1213,7 @@ impl SiteDraft {
                 stack: Stack::new(),
                 variables: Vec::new(),
             },
-            leak_threads: Vec::new(),
-            largest_block: 0,
+            leaked: Vec::new(),
             internal: self.internal.clone(),
             memscope: self.memscope,
             leak_variables: Vec::new(),
@@ -1117,10 +1234,19 @@ fn absorb(into: &mut SiteDraft, from: SiteDraft) {
             a.pids.push(pid);
         }
     }
-    into.leak_threads.extend(from.leak_threads);
+    for leak in from.leaked {
+        match into.leaked.iter_mut().find(|l| l.reach == leak.reach) {
+            Some(l) => {
+                l.blocks += leak.blocks;
+                l.bytes += leak.bytes;
+                l.largest = l.largest.max(leak.largest);
+                l.threads.extend(leak.threads);
+            }
+            None => into.leaked.push(leak),
+        }
+    }
     crate::instrument::merge_refs(&mut into.site.variables, b.variables);
     crate::instrument::merge_refs(&mut into.leak_variables, from.leak_variables);
-    into.largest_block = into.largest_block.max(from.largest_block);
     if into.internal.is_none() {
         into.internal = from.internal;
     }
@@ -1141,6 +1267,19 @@ fn add_summary(into: &mut Summary, s: &Summary) {
     into.leaked_bytes += s.leaked_bytes;
     into.runtime_internal_blocks += s.runtime_internal_blocks;
     into.runtime_internal_bytes += s.runtime_internal_bytes;
+    for (kind, amount) in &s.leak_kinds {
+        let sum = into.leak_kinds.entry(kind.clone()).or_default();
+        sum.blocks += amount.blocks;
+        sum.bytes += amount.bytes;
+    }
+    if let Some(scan) = s.leak_scan {
+        let sum = into.leak_scan.get_or_insert_with(LeakScan::default);
+        sum.processes += scan.processes;
+        sum.static_bytes += scan.static_bytes;
+        sum.stack_bytes += scan.stack_bytes;
+        sum.stacks += scan.stacks;
+        sum.unreadable_bytes += scan.unreadable_bytes;
+    }
     into.problems += s.problems;
     into.events_dropped += s.events_dropped;
 }

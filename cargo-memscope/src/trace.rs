@@ -24,8 +24,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use memscope::format::{
-    self, ChunkHeader, FileHeader, FormatError, Record, StreamDecoder, CHUNK_HEADER_LEN,
-    FILE_HEADER_LEN, META_THREAD,
+    self, ChunkHeader, FileHeader, FormatError, Reach, Record, ScanSummary, StreamDecoder,
+    CHUNK_HEADER_LEN, FILE_HEADER_LEN, META_THREAD,
 };
 use rustc_hash::FxHashMap;
 
@@ -140,6 +140,10 @@ pub struct Meta {
     pub clocks: Vec<ClockSample>,
     pub modules: Vec<Module>,
     pub end: Option<End>,
+    /// What the exit-time scan read, if it ran.
+    pub scan: Option<ScanSummary>,
+    /// What the exit-time scan found, by block address.
+    pub reach: FxHashMap<u64, Reach>,
 }
 
 /// What a thread said about itself.
@@ -343,6 +347,11 @@ impl Trace {
                                     dropped,
                                 })
                             }
+                            Some(Record::Scan(scan)) => self.meta.scan = Some(scan),
+                            Some(Record::Reach { reach, addrs }) => self
+                                .meta
+                                .reach
+                                .extend(addrs.into_iter().map(|a| (a, reach))),
                             _ => {}
                         }
                     }
@@ -561,7 +570,11 @@ impl<'t> Events<'t> {
                     info.os_tid = Some(os_tid);
                 }
                 // Meta records belong to thread 0; elsewhere they carry nothing we use.
-                Record::Clock { .. } | Record::Module { .. } | Record::End { .. } => {}
+                Record::Clock { .. }
+                | Record::Module { .. }
+                | Record::End { .. }
+                | Record::Scan(_)
+                | Record::Reach { .. } => {}
                 Record::Instrumented { .. } | Record::Def { .. } => {
                     self.tables.names.take(&record);
                 }

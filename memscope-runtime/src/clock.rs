@@ -47,6 +47,13 @@ const STRIPES: usize = 1 << 16;
 const STRIPE: AtomicU64 = AtomicU64::new(0);
 static STRIPE_CLOCKS: [AtomicU64; STRIPES] = [STRIPE; STRIPES];
 
+/// Where the stripes lie, `[start, end)`: stamps, not pointers, for the exit-time scan
+/// to leave out.
+pub fn stripes_range() -> (usize, usize) {
+    let start = STRIPE_CLOCKS.as_ptr() as usize;
+    (start, start + std::mem::size_of_val(&STRIPE_CLOCKS))
+}
+
 #[repr(align(64))]
 struct Tick(AtomicU64);
 

@@ -41,7 +41,13 @@
 //!
 //! Extended kinds: `CLOCK` 1 (counter, monotonic ns, unix ns), `MODULE` 2 (load bias,
 //! start, end, path length, path bytes padded to 8), `END` 3 (reason, stamp, events
-//! dropped).
+//! dropped), `SCAN` 4 and `REACH` 5 (the exit-time scan of the blocks still live, in the
+//! meta stream before `END`; see the runtime's `reach.rs`):
+//!
+//! | kind | words |
+//! |---|---|
+//! | `SCAN` 4 | blocks scanned, bytes of static data scanned, bytes of thread stacks scanned, stacks scanned, bytes that could not be read |
+//! | `REACH` 5 | [`Reach`] as a number, then the addresses of the blocks found so |
 //!
 //! Instrumentation kinds (written by `#[memscope::instrument]` and the registration
 //! API through the runtime's `__private::emit`; word 1 is always the event's stamp,
@@ -121,6 +127,8 @@ pub const TAG_EXTENDED: u64 = 15;
 pub const EXT_CLOCK: u64 = 1;
 pub const EXT_MODULE: u64 = 2;
 pub const EXT_END: u64 = 3;
+pub const EXT_SCAN: u64 = 4;
+pub const EXT_REACH: u64 = 5;
 pub const EXT_INSTRUMENTED: u64 = 16;
 pub const EXT_DEF: u64 = 17;
 pub const EXT_ENTER: u64 = 18;
@@ -133,6 +141,50 @@ pub const EXT_TASK_END: u64 = 22;
 pub const OWNS_INTERIOR: u64 = 1;
 /// `OWNS` block flag: a reference-counted block (`Rc`, `Arc`); counts are valid.
 pub const OWNS_REFCOUNTED: u64 = 2;
+
+/// What the exit-time scan found out about a block still live, as written in `REACH`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Reach {
+    /// A pointer to it (or into it) was found in a loaded object's static data, or
+    /// in a block reachable from there.
+    FromStatic = 1,
+    /// Found so from a thread's stack, not from static data.
+    FromStack = 2,
+    /// No pointer to it was found anywhere.
+    DefinitelyLost = 3,
+    /// Pointed to only from lost blocks, and reachable from a definitely lost one.
+    IndirectlyLost = 4,
+    /// Pointed to only from lost blocks that point back to it: a reference cycle, or
+    /// reachable only from one.
+    Cycle = 5,
+}
+
+impl Reach {
+    pub fn from_u64(v: u64) -> Option<Reach> {
+        Some(match v {
+            1 => Reach::FromStatic,
+            2 => Reach::FromStack,
+            3 => Reach::DefinitelyLost,
+            4 => Reach::IndirectlyLost,
+            5 => Reach::Cycle,
+            _ => return None,
+        })
+    }
+}
+
+/// What the exit-time scan read, as written in `SCAN`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScanSummary {
+    /// Blocks live at exit that the scan classified.
+    pub blocks: u64,
+    pub static_bytes: u64,
+    pub stack_bytes: u64,
+    /// Thread stacks scanned (the exiting thread's and those of threads still running).
+    pub stacks: u64,
+    /// Bytes of roots or blocks that could not be read (unmapped meanwhile).
+    pub unreadable_bytes: u64,
+}
 
 /// What a `DEF` record names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -429,6 +481,13 @@ pub enum Record {
         ts: u64,
         dropped: u64,
     },
+    /// What the exit-time scan read.
+    Scan(ScanSummary),
+    /// The exit-time scan found the blocks at `addrs` to be `reach`.
+    Reach {
+        reach: Reach,
+        addrs: Vec<u64>,
+    },
     /// The process uses instrumentation (`version` of the registration API).
     Instrumented {
         ts: u64,
@@ -675,6 +734,17 @@ impl StreamDecoder {
                         reason: w(1) as u8,
                         ts: w(2),
                         dropped: w(3),
+                    }),
+                    EXT_SCAN if n >= 5 => Some(Record::Scan(ScanSummary {
+                        blocks: w(1),
+                        static_bytes: w(2),
+                        stack_bytes: w(3),
+                        stacks: w(4),
+                        unreadable_bytes: w(5),
+                    })),
+                    EXT_REACH if n >= 1 => Reach::from_u64(w(1)).map(|reach| Record::Reach {
+                        reach,
+                        addrs: (2..=n).map(w).collect(),
                     }),
                     EXT_INSTRUMENTED if n >= 2 => Some(Record::Instrumented {
                         ts: w(1),
@@ -923,6 +993,21 @@ impl Encoder {
                 .word(*reason as u64)
                 .word(*ts)
                 .word(*dropped),
+            Record::Scan(scan) => self
+                .word(head(TAG_EXTENDED, EXT_SCAN, 5))
+                .word(scan.blocks)
+                .word(scan.static_bytes)
+                .word(scan.stack_bytes)
+                .word(scan.stacks)
+                .word(scan.unreadable_bytes),
+            Record::Reach { reach, addrs } => {
+                self.word(head(TAG_EXTENDED, EXT_REACH, 1 + addrs.len() as u64))
+                    .word(*reach as u64);
+                for &addr in addrs {
+                    self.word(addr);
+                }
+                self
+            }
             Record::Instrumented { ts, version } => self
                 .word(head(TAG_EXTENDED, EXT_INSTRUMENTED, 2))
                 .word(*ts)
@@ -1050,6 +1135,17 @@ mod tests {
                 reason: 0,
                 ts: 11,
                 dropped: 0,
+            },
+            Record::Scan(ScanSummary {
+                blocks: 3,
+                static_bytes: 4096,
+                stack_bytes: 512,
+                stacks: 1,
+                unreadable_bytes: 0,
+            }),
+            Record::Reach {
+                reach: Reach::IndirectlyLost,
+                addrs: vec![0x5000, 0x5040],
             },
             Record::Instrumented { ts: 12, version: 1 },
             Record::Def {

@@ -32,6 +32,7 @@ mod clock;
 pub mod format;
 mod instrument;
 mod measure;
+mod reach;
 mod recorder;
 mod stack;
 mod sys;

@@ -66,13 +66,16 @@ pub struct ThreadRecord {
     /// `(chunk index << 32) | length` of the last snapshot written (writer and exit
     /// flush only, which hold the file lock).
     snapshotted: AtomicU64,
+    /// The thread's stack, `[stack_low, stack_top)` (0 when unknown): set before the
+    /// record is published, never changed; read by the exit-time scan (`reach.rs`).
+    stack_low: usize,
+    stack_top: usize,
     // Touched only by the owning thread:
     busy: Cell<bool>,
     /// The thread's last timestamp (see `clock.rs`).
     last_stamp: Cell<u64>,
     /// The stamp the stream's next delta is relative to (see `format.rs`).
     stream_clock: Cell<u64>,
-    stack_top: Cell<usize>,
     stack_cache: Cell<*mut u64>,
     /// The thread's previous stack walk (see `stack.rs`); null if it could not be
     /// allocated.
@@ -299,6 +302,7 @@ impl ThreadRecord {
         };
         // SAFETY: non-zero-size layout; the result is checked for null below.
         let cache = unsafe { System.alloc_zeroed(Layout::new::<[u64; STACK_CACHE]>()) } as *mut u64;
+        let (stack_low, stack_top) = sys::stack_bounds();
         let record = ThreadRecord {
             tid: NEXT_TID.fetch_add(1, Ordering::Relaxed),
             gen: AtomicU32::new(0),
@@ -310,7 +314,8 @@ impl ThreadRecord {
             busy: Cell::new(false),
             last_stamp: Cell::new(0),
             stream_clock: Cell::new(0),
-            stack_top: Cell::new(sys::stack_top()),
+            stack_top,
+            stack_low,
             stack_cache: Cell::new(cache),
             // SAFETY: non-zero-size layout; all zeroes is an empty `LastWalk` (plain
             // integers and a bool); null is handled where it is used.
@@ -606,7 +611,7 @@ impl ThreadRecord {
             }
         };
         // SAFETY: `last` holds only this thread's walks.
-        let (len, hash) = unsafe { stack::capture(self.stack_top.get(), last) };
+        let (len, hash) = unsafe { stack::capture(self.stack_top, last) };
         if len == 0 {
             return 0;
         }
@@ -661,6 +666,31 @@ impl ThreadRecord {
         }
         None
     }
+}
+
+/// The calling thread's record, if it is recorded (compare with [`running_stacks`]).
+pub fn current() -> *const ThreadRecord {
+    let rec = CURRENT.with(|c| c.get());
+    if (rec as usize) <= DISABLED {
+        ptr::null()
+    } else {
+        rec
+    }
+}
+
+/// The stacks, `[low, high)`, of the recorded threads still running, but `me`'s; and
+/// `me`'s stack top (0 if unknown). For the exit-time scan.
+pub fn running_stacks(me: *const ThreadRecord) -> (Vec<(usize, usize)>, usize) {
+    let mut stacks = Vec::new();
+    let mut my_top = 0;
+    for_each_record(|r| {
+        if ptr::eq(r, me) {
+            my_top = r.stack_top;
+        } else if r.alive.load(Ordering::Acquire) && r.stack_low < r.stack_top {
+            stacks.push((r.stack_low, r.stack_top));
+        }
+    });
+    (stacks, my_top)
 }
 
 /// Calls `f` for every record of the process.

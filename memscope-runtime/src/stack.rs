@@ -254,7 +254,7 @@ mod tests {
 
     #[test]
     fn a_walk_never_leaves_the_stack_and_sees_nested_calls() {
-        let top = crate::sys::stack_top();
+        let top = crate::sys::stack_bounds().1;
         let mut out = [0; MAX_FRAMES];
         let (len, h) = nested(5, top, &mut fresh(), &mut out);
         // The walk must be safe either way and, when it works, see the nested calls.
@@ -269,7 +269,7 @@ mod tests {
 
     #[test]
     fn a_walk_that_reuses_the_previous_one_finds_what_a_fresh_walk_finds() {
-        let top = crate::sys::stack_top();
+        let top = crate::sys::stack_bounds().1;
         let mut last = fresh();
         // Every walk goes through the same call below, so that the stacks differ only
         // by their depth: (depth, whether the walk may reuse the previous one).
@@ -303,7 +303,7 @@ mod tests {
 
     #[test]
     fn a_second_walk_takes_the_unchanged_outer_frames_from_the_first_and_checks_them() {
-        let top = crate::sys::stack_top();
+        let top = crate::sys::stack_bounds().1;
         let mut last = fresh();
         let mut out = [0; MAX_FRAMES];
         // One call site for every round (see above).
@@ -354,7 +354,7 @@ mod tests {
 
     #[test]
     fn a_walk_through_another_caller_joins_the_previous_walk_above_the_change() {
-        let top = crate::sys::stack_top();
+        let top = crate::sys::stack_bounds().1;
         let mut last = fresh();
         // (through via_b, reusing `last`): via_a, then via_b reusing, then via_b fresh.
         let steps = [(false, true), (true, true), (true, false)];

@@ -45,15 +45,15 @@ pub fn thread_name(out: &mut [u8; 16]) -> usize {
     out.iter().position(|&b| b == 0).unwrap_or(16)
 }
 
-/// Highest address (exclusive) of the calling thread's stack, or 0 when unknown, in
-/// which case no stack is walked.
-pub fn stack_top() -> usize {
+/// The calling thread's stack, `(lowest address, highest address (exclusive))`, or
+/// `(0, 0)` when unknown, in which case no stack is walked.
+pub fn stack_bounds() -> (usize, usize) {
     // SAFETY: pthread_attr_t is plain data; zeroed is a valid "uninitialised" value
     // that pthread_getattr_np initialises.
     let mut attr: libc::pthread_attr_t = unsafe { std::mem::zeroed() };
     // SAFETY: `attr` is writable; on success it is initialised and destroyed below.
     if unsafe { libc::pthread_getattr_np(libc::pthread_self(), &mut attr) } != 0 {
-        return 0;
+        return (0, 0);
     }
     let mut addr: *mut libc::c_void = std::ptr::null_mut();
     let mut size: libc::size_t = 0;
@@ -62,9 +62,59 @@ pub fn stack_top() -> usize {
     // SAFETY: `attr` was initialised above and is not used afterwards.
     unsafe { libc::pthread_attr_destroy(&mut attr) };
     if rc != 0 {
-        return 0;
+        return (0, 0);
     }
-    addr as usize + size
+    (addr as usize, addr as usize + size)
+}
+
+/// The current stack pointer (an address in the calling function's frame).
+#[inline(always)]
+pub fn stack_pointer() -> usize {
+    let here = 0u8;
+    std::hint::black_box(&here) as *const u8 as usize
+}
+
+/// The writable segments (static data) of every loaded object but the C library and
+/// the dynamic loader, `[start, end)`. Allocates; call only from memscope's slow paths.
+pub fn static_data() -> Vec<(usize, usize)> {
+    unsafe extern "C" fn visit(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        data: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: dl_iterate_phdr passes a valid info pointer, and `data` is the
+        // `&mut Vec<(usize, usize)>` given below, alive for the whole iteration.
+        let (info, out) = unsafe { (&*info, &mut *(data as *mut Vec<(usize, usize)>)) };
+        if !info.dlpi_name.is_null() {
+            // SAFETY: non-null `dlpi_name` is a NUL-terminated string.
+            let name = unsafe { CStr::from_ptr(info.dlpi_name) }.to_bytes();
+            let file = name.rsplit(|&b| b == b'/').next().unwrap_or(name);
+            if file.starts_with(b"libc.so")
+                || file.starts_with(b"ld-")
+                || file.starts_with(b"linux-vdso")
+            {
+                return 0;
+            }
+        }
+        for i in 0..info.dlpi_phnum as usize {
+            // SAFETY: `dlpi_phdr` points to `dlpi_phnum` program headers.
+            let ph = unsafe { &*info.dlpi_phdr.add(i) };
+            if ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_W != 0 {
+                let start = (info.dlpi_addr + ph.p_vaddr) as usize;
+                out.push((start, start + ph.p_memsz as usize));
+            }
+        }
+        0
+    }
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    // SAFETY: `visit` matches the callback type and only uses `data` as the Vec above.
+    unsafe {
+        libc::dl_iterate_phdr(
+            Some(visit),
+            &mut out as *mut Vec<(usize, usize)> as *mut libc::c_void,
+        )
+    };
+    out
 }
 
 /// A loaded object file: its path and where it was mapped.

@@ -23,7 +23,7 @@ use crate::buffer::{Buffer, Full, Pool};
 use crate::format::{
     Encoder, EndReason, FileHeader, Record, FLAG_FORKED, FLAG_STACKS, META_THREAD, VERSION,
 };
-use crate::{clock, recorder, sys};
+use crate::{clock, reach, recorder, sys};
 
 /// Buffers that may wait for the writer at once (64 MiB).
 const QUEUE_CAPACITY: usize = 4096;
@@ -36,6 +36,9 @@ struct Shared {
 static INIT: Once = Once::new();
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static STACKS: AtomicBool = AtomicBool::new(true);
+/// Whether blocks live at exit are scanned for pointers (`MEMSCOPE_LEAK_SCAN=0` turns
+/// it off); never in a fork child, whose trace lacks the blocks it inherited.
+static SCAN: AtomicBool = AtomicBool::new(true);
 static SHARED: OnceLock<Shared> = OnceLock::new();
 /// The trace file's descriptor, or -1 before it is opened.
 static FD: AtomicI32 = AtomicI32::new(-1);
@@ -71,6 +74,9 @@ pub fn start() -> bool {
         if let Some(v) = sys::getenv(c"MEMSCOPE_STACKS") {
             STACKS.store(v != b"0", Ordering::Relaxed);
         }
+        if let Some(v) = sys::getenv(c"MEMSCOPE_LEAK_SCAN") {
+            SCAN.store(v != b"0", Ordering::Relaxed);
+        }
         let _ = SHARED.set(Shared {
             pool: Pool::new(),
             full: ArrayQueue::new(QUEUE_CAPACITY),
@@ -102,7 +108,8 @@ fn open_trace_file(forked: bool) -> bool {
     let fd = unsafe {
         libc::open(
             cpath.as_ptr(),
-            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
+            // Read as well: the exit-time scan reads the trace back (see `reach.rs`).
+            libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
             0o644,
         )
     };
@@ -170,6 +177,11 @@ fn meta_chunk(what: Meta) -> Vec<u8> {
             dropped,
         });
     }
+    as_meta_chunk(enc)
+}
+
+/// The next chunk of the meta stream, with the records in `enc`.
+fn as_meta_chunk(enc: Encoder) -> Vec<u8> {
     let header = crate::format::ChunkHeader {
         thread: META_THREAD,
         index: META_INDEX.fetch_add(1, Ordering::Relaxed),
@@ -387,10 +399,15 @@ extern "C" fn exit_flush() {
         };
         with_file(|fd| write_all(fd, full.bytes()));
     });
+    let me = recorder::current();
     // Our own allocations from here on are memscope's, not the program's.
     recorder::disable_current_thread();
     while let Some(full) = shared.full.pop() {
         write_full(shared, full);
+    }
+    if SCAN.load(Ordering::Relaxed) {
+        let scan = scan_live_blocks(me);
+        with_file(|fd| write_all(fd, &scan));
     }
     let meta = meta_chunk(Meta::End);
     with_file(|fd| write_all(fd, &meta));
@@ -403,12 +420,43 @@ extern "C" fn exit_flush() {
     }
 }
 
+/// The exit-time scan of the blocks still live (see `reach.rs`) as a meta chunk, or
+/// nothing if the trace cannot be read back. `me` is the exiting thread's record.
+#[inline(never)]
+fn scan_live_blocks(me: *const recorder::ThreadRecord) -> Vec<u8> {
+    // The exiting thread's stack from this frame up: the frames below are the scan's.
+    let from = sys::stack_pointer();
+    let (mut stacks, mut top) = recorder::running_stacks(me);
+    if top == 0 {
+        top = sys::stack_bounds().1;
+    }
+    if from < top {
+        stacks.push((from, top));
+    }
+    let roots = reach::Roots {
+        statics: sys::static_data(),
+        stacks,
+        skip: vec![clock::stripes_range()],
+    };
+    let mut records = None;
+    with_file(|fd| records = reach::scan(fd, &roots));
+    let Some(records) = records else {
+        return Vec::new();
+    };
+    let mut enc = Encoder::default();
+    for record in &records {
+        enc.record(record);
+    }
+    as_meta_chunk(enc)
+}
+
 /// `pthread_atfork` child handler: a new process gets a new trace file.
 extern "C" fn after_fork_in_child() {
     // Whoever held the lock or ran the writer is not in this process.
     FILE_LOCK.store(false, Ordering::Release);
     WRITER_STARTED.store(false, Ordering::Release);
     META_INDEX.store(0, Ordering::Relaxed);
+    SCAN.store(false, Ordering::Relaxed);
     let fd = FD.swap(-1, Ordering::AcqRel);
     if fd >= 0 {
         // SAFETY: the inherited descriptor of the parent's trace; the child must not

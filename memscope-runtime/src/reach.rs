@@ -1,0 +1,441 @@
+//! At exit: which of the blocks still live can be reached, and from where.
+//!
+//! The hot path keeps no table of live blocks, so at exit the runtime reads its own
+//! trace back: for each address the event with the latest stamp says whether a block
+//! is live there (stamps order each address's events, see `clock.rs`), and how large.
+//! Then, like valgrind's leak check, it looks for pointers:
+//!
+//! - roots: the writable segments of every loaded object (static data: `.data`,
+//!   `.bss`), except the C library's and the dynamic loader's, whose allocator state
+//!   points at free chunks next to live blocks, and except memscope's own clock
+//!   stripes; and thread stacks: the exiting thread's from the exit handler up, and the
+//!   whole stacks of threads still running;
+//! - every aligned word that points at or into a live block is a pointer to it, and
+//!   the blocks reached are scanned in turn.
+//!
+//! Blocks reached from static data are [`Reach::FromStatic`], from stacks only
+//! [`Reach::FromStack`]. Of the others, those no lost block points to are definitely
+//! lost, those reachable from one are indirectly lost, and the rest are pointed to
+//! only from lost blocks that can be followed back to themselves: a cycle.
+//!
+//! Memory is read with `process_vm_readv` on the process itself, which fails instead
+//! of faulting where a thread still running freed and unmapped a block meanwhile.
+//! Like any conservative scan it can take an integer for a pointer (a block then
+//! looks reachable), and it does not see pointers held only in registers of other
+//! threads or in memory the program mapped itself.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use crate::format::{self, ChunkHeader, Reach, Record, ScanSummary, StreamDecoder};
+use crate::format::{CHUNK_HEADER_LEN, FILE_HEADER_LEN, META_THREAD};
+
+/// What the scan starts from.
+pub struct Roots {
+    /// Static data, `[start, end)`.
+    pub statics: Vec<(usize, usize)>,
+    /// Thread stacks, `[low, high)`.
+    pub stacks: Vec<(usize, usize)>,
+    /// Ranges inside `statics` to leave out (memscope's own).
+    pub skip: Vec<(usize, usize)>,
+}
+
+/// The records to append to the trace: a `SCAN` summary and one `REACH` per kind
+/// found (split so that no record grows past a few thousand words); `None` when the
+/// trace could not be read back.
+pub fn scan(fd: i32, roots: &Roots) -> Option<Vec<Record>> {
+    let blocks = live_blocks(fd)?;
+    let mut memory = Memory::default();
+    let reach = classify(&blocks, roots, &mut memory);
+    let mut summary = memory.summary;
+    summary.blocks = blocks.len() as u64;
+    let mut records = vec![Record::Scan(summary)];
+    for kind in [
+        Reach::FromStatic,
+        Reach::FromStack,
+        Reach::DefinitelyLost,
+        Reach::IndirectlyLost,
+        Reach::Cycle,
+    ] {
+        let addrs: Vec<u64> = blocks
+            .iter()
+            .zip(&reach)
+            .filter(|(_, r)| **r == Some(kind))
+            .map(|(b, _)| b.0 as u64)
+            .collect();
+        for part in addrs.chunks(4096) {
+            records.push(Record::Reach {
+                reach: kind,
+                addrs: part.to_vec(),
+            });
+        }
+    }
+    Some(records)
+}
+
+/// Multiply-shift hashing for addresses (SipHash costs more than the rest here).
+#[derive(Default)]
+struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (n ^ (n >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// The latest event seen at an address: its stamp, and the block's size if it is an
+/// allocation (0 for a free).
+type Latest = HashMap<u64, (u64, u64), BuildHasherDefault<AddrHasher>>;
+
+/// The blocks live at the end of the trace in `fd`, `(start, size)` sorted by start.
+fn live_blocks(fd: i32) -> Option<Vec<(usize, usize)>> {
+    let mut latest = Latest::default();
+    let mut note = |ts: u64, addr: u64, size: u64| {
+        let slot = latest.entry(addr).or_insert((0, 0));
+        if ts >= slot.0 {
+            *slot = (ts, size);
+        }
+    };
+    let mut decoder = StreamDecoder::default();
+    let mut payload = Vec::new();
+    let mut pos = FILE_HEADER_LEN as u64;
+    loop {
+        let mut head = [0u8; CHUNK_HEADER_LEN];
+        if !read_file_at(fd, pos, &mut head) {
+            break;
+        }
+        let Ok(header) = ChunkHeader::decode(&head) else {
+            break;
+        };
+        payload.resize(header.len as usize, 0);
+        if !read_file_at(fd, pos + CHUNK_HEADER_LEN as u64, &mut payload)
+            || format::checksum(&payload) != header.checksum
+        {
+            break;
+        }
+        pos += (CHUNK_HEADER_LEN + payload.len()) as u64;
+        if header.thread == META_THREAD {
+            continue;
+        }
+        // Every chunk opens with a `STAMP` (see `format.rs`), so one decoder serves all
+        // the streams; copies of a chunk repeat its events, which changes nothing here.
+        let mut at = 0;
+        while at < payload.len() {
+            let Ok((record, next)) = decoder.decode(&payload, at) else {
+                break;
+            };
+            at = next;
+            match record {
+                Some(Record::Alloc { ts, addr, size, .. }) => note(ts, addr, size.max(1)),
+                Some(Record::Free { ts, addr }) => note(ts, addr, 0),
+                Some(Record::Realloc {
+                    ts_before,
+                    ts_after,
+                    old_addr,
+                    new_addr,
+                    new_size,
+                    ..
+                }) => {
+                    note(ts_before, old_addr, 0);
+                    note(ts_after, new_addr, new_size.max(1));
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut blocks: Vec<(usize, usize)> = latest
+        .into_iter()
+        .filter(|(_, (_, size))| *size > 0)
+        .map(|(addr, (_, size))| (addr as usize, size as usize))
+        .collect();
+    blocks.sort_unstable();
+    Some(blocks)
+}
+
+fn read_file_at(fd: i32, pos: u64, out: &mut [u8]) -> bool {
+    let mut done = 0;
+    while done < out.len() {
+        // SAFETY: writes at most `out.len() - done` bytes into `out` behind `done`.
+        let n = unsafe {
+            libc::pread(
+                fd,
+                out[done..].as_mut_ptr() as *mut libc::c_void,
+                out.len() - done,
+                (pos + done as u64) as libc::off_t,
+            )
+        };
+        if n <= 0 {
+            return false;
+        }
+        done += n as usize;
+    }
+    true
+}
+
+/// Reads this process's memory without faulting, counting what was read.
+#[derive(Default)]
+struct Memory {
+    buf: Vec<u8>,
+    summary: ScanSummary,
+}
+
+/// Bytes read at once.
+const PIECE: usize = 1 << 20;
+const PAGE: usize = 4096;
+
+impl Memory {
+    /// Calls `f` with the readable contents of `[start, start + len)` in pieces, each
+    /// with its address; returns the bytes read. Unreadable pages are skipped.
+    fn visit(&mut self, start: usize, len: usize, mut f: impl FnMut(usize, &[u8])) -> u64 {
+        let mut read = 0;
+        let mut at = start;
+        let end = start.saturating_add(len);
+        while at < end {
+            let n = (end - at).min(PIECE);
+            self.buf.resize(n, 0);
+            let got = read_self(at, &mut self.buf[..n]);
+            if got > 0 {
+                f(at, &self.buf[..got]);
+                read += got as u64;
+                at += got;
+                continue;
+            }
+            // Not readable from `at`: skip to the next page.
+            let next = ((at / PAGE) + 1) * PAGE;
+            self.summary.unreadable_bytes += (next.min(end) - at) as u64;
+            at = next;
+        }
+        read
+    }
+}
+
+/// Copies this process's memory at `addr` into `out`; returns how many bytes could be
+/// read (fewer when a page on the way is not mapped).
+fn read_self(addr: usize, out: &mut [u8]) -> usize {
+    let local = libc::iovec {
+        iov_base: out.as_mut_ptr() as *mut libc::c_void,
+        iov_len: out.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: out.len(),
+    };
+    // SAFETY: `local` describes `out`, which is writable; the kernel reads `remote`
+    // from this process's address space and reports a fault instead of raising one.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    n.max(0) as usize
+}
+
+/// The block containing `addr`, by index into `blocks` (sorted by start).
+fn block_at(blocks: &[(usize, usize)], addr: usize) -> Option<usize> {
+    let i = blocks.partition_point(|b| b.0 <= addr).checked_sub(1)?;
+    let (start, size) = blocks[i];
+    (addr < start + size).then_some(i)
+}
+
+/// Calls `f` with the index of every block some aligned word of `bytes` (read at
+/// `at`) points at or into.
+fn pointers(blocks: &[(usize, usize)], at: usize, bytes: &[u8], mut f: impl FnMut(usize)) {
+    let (Some(&(lo, _)), Some(&(hi_start, hi_size))) = (blocks.first(), blocks.last()) else {
+        return;
+    };
+    let hi = hi_start + hi_size;
+    let skip = (8 - at % 8) % 8;
+    for word in bytes.get(skip..).unwrap_or_default().chunks_exact(8) {
+        let value = usize::from_le_bytes(word.try_into().unwrap_or_default());
+        if value >= lo && value < hi {
+            if let Some(i) = block_at(blocks, value) {
+                f(i);
+            }
+        }
+    }
+}
+
+/// The kind of each block (by index); `None` for none (only when nothing was read).
+fn classify(blocks: &[(usize, usize)], roots: &Roots, memory: &mut Memory) -> Vec<Option<Reach>> {
+    let mut reach: Vec<Option<Reach>> = vec![None; blocks.len()];
+    let mut work = Vec::new();
+
+    // Reachable: from static data first, then from stacks.
+    for (ranges, kind) in [
+        (without(&roots.statics, &roots.skip), Reach::FromStatic),
+        (roots.stacks.clone(), Reach::FromStack),
+    ] {
+        for (start, end) in ranges {
+            let read = memory.visit(start, end - start, |at, bytes| {
+                pointers(blocks, at, bytes, |i| {
+                    if reach[i].is_none() {
+                        reach[i] = Some(kind);
+                        work.push(i);
+                    }
+                })
+            });
+            match kind {
+                Reach::FromStatic => memory.summary.static_bytes += read,
+                _ => {
+                    memory.summary.stack_bytes += read;
+                    memory.summary.stacks += 1;
+                }
+            }
+        }
+        while let Some(b) = work.pop() {
+            let (start, size) = blocks[b];
+            memory.visit(start, size, |at, bytes| {
+                pointers(blocks, at, bytes, |i| {
+                    if reach[i].is_none() {
+                        reach[i] = Some(kind);
+                        work.push(i);
+                    }
+                })
+            });
+        }
+    }
+
+    // The rest is lost: follow the pointers among lost blocks.
+    let lost: Vec<usize> = (0..blocks.len()).filter(|&i| reach[i].is_none()).collect();
+    let mut edges: Vec<Vec<u32>> = vec![Vec::new(); blocks.len()];
+    let mut pointed_to = vec![false; blocks.len()];
+    for &b in &lost {
+        let (start, size) = blocks[b];
+        let out = &mut edges[b];
+        memory.visit(start, size, |at, bytes| {
+            pointers(blocks, at, bytes, |i| {
+                if i != b && reach[i].is_none() {
+                    pointed_to[i] = true;
+                    out.push(i as u32);
+                }
+            })
+        });
+    }
+    for &b in &lost {
+        if !pointed_to[b] {
+            reach[b] = Some(Reach::DefinitelyLost);
+            work.push(b);
+        }
+    }
+    while let Some(b) = work.pop() {
+        for &i in &edges[b] {
+            let i = i as usize;
+            if reach[i].is_none() {
+                reach[i] = Some(Reach::IndirectlyLost);
+                work.push(i);
+            }
+        }
+    }
+    for &b in &lost {
+        if reach[b].is_none() {
+            reach[b] = Some(Reach::Cycle);
+        }
+    }
+    reach
+}
+
+/// `ranges` with the parts in `skip` cut out.
+fn without(ranges: &[(usize, usize)], skip: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    for &(mut start, end) in ranges {
+        let mut cuts: Vec<&(usize, usize)> =
+            skip.iter().filter(|s| s.0 < end && s.1 > start).collect();
+        cuts.sort_unstable();
+        for &(cut_start, cut_end) in cuts {
+            if cut_start > start {
+                out.push((start, cut_start));
+            }
+            start = start.max(cut_end);
+        }
+        if start < end {
+            out.push((start, end));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Blocks made by hand in one buffer: their contents are the test's to set.
+    fn heap(words: usize) -> Vec<u64> {
+        vec![0u64; words]
+    }
+
+    fn kinds(blocks: &[(usize, usize)], roots: &Roots) -> Vec<Option<Reach>> {
+        classify(blocks, roots, &mut Memory::default())
+    }
+
+    #[test]
+    fn blocks_are_told_apart_by_who_points_at_them() {
+        // Six blocks of four words each; block i starts at word 4 * i.
+        let mut mem = heap(24);
+        let base = mem.as_ptr() as usize;
+        let addr = |i: usize| (base + 32 * i) as u64;
+        let blocks: Vec<(usize, usize)> = (0..6).map(|i| (addr(i) as usize, 32)).collect();
+        // A static points into block 0, which points at block 1.
+        let statics = [addr(0) + 8];
+        mem[0] = addr(1);
+        // Block 2 is pointed to by nothing and points at block 3.
+        mem[8] = addr(3);
+        // Blocks 4 and 5 point at each other.
+        mem[16] = addr(5);
+        mem[20] = addr(4);
+        let roots = Roots {
+            statics: vec![(statics.as_ptr() as usize, statics.as_ptr() as usize + 8)],
+            stacks: Vec::new(),
+            skip: Vec::new(),
+        };
+        assert_eq!(
+            kinds(&blocks, &roots),
+            vec![
+                Some(Reach::FromStatic),
+                Some(Reach::FromStatic),
+                Some(Reach::DefinitelyLost),
+                Some(Reach::IndirectlyLost),
+                Some(Reach::Cycle),
+                Some(Reach::Cycle),
+            ]
+        );
+        drop(mem);
+    }
+
+    #[test]
+    fn a_pointer_in_a_skipped_range_reaches_nothing() {
+        let mem = heap(4);
+        let block = (mem.as_ptr() as usize, 32);
+        let statics = [block.0 as u64, 0];
+        let start = statics.as_ptr() as usize;
+        let roots = Roots {
+            statics: vec![(start, start + 16)],
+            stacks: Vec::new(),
+            skip: vec![(start, start + 8)],
+        };
+        assert_eq!(kinds(&[block], &roots), vec![Some(Reach::DefinitelyLost)]);
+        drop(mem);
+    }
+
+    #[test]
+    fn unmapped_memory_is_skipped_and_counted() {
+        let mut memory = Memory::default();
+        // The zero page is never mapped.
+        let read = memory.visit(0, 2 * PAGE, |_, _| panic!("nothing is readable there"));
+        assert_eq!(
+            (read, memory.summary.unreadable_bytes),
+            (0, 2 * PAGE as u64)
+        );
+    }
+
+    #[test]
+    fn cutting_ranges_keeps_what_is_outside_the_cuts() {
+        assert_eq!(
+            without(&[(0, 100)], &[(10, 20), (50, 60), (90, 200)]),
+            vec![(0, 10), (20, 50), (60, 90)]
+        );
+    }
+}

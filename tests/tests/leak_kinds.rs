@@ -1,0 +1,166 @@
+//! Leak kinds from the exit-time scan (`fixtures/leak-kinds`), checked two ways: the
+//! blocks of each kind the fixture makes by construction, and valgrind's leak check
+//! of the same program, untracked, as an independent oracle.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use memscope_e2e::Fixture;
+use serde_json::Value;
+
+/// `cargo memscope run` on the fixture, with `env`; its report.
+fn report(fixture: &Fixture, env: &[(&str, &str)]) -> Value {
+    let out = fixture.path().join("report-out");
+    let mut command = fixture.memscope(&["run", "-q", "--output-dir", out.to_str().unwrap()]);
+    for (key, value) in env {
+        command = command.env(key, value);
+    }
+    let output = command.run();
+    assert_eq!(output.code, Some(0), "{output:#?}");
+    let json = std::fs::read_to_string(out.join("report.json")).expect("report.json");
+    serde_json::from_str(&json).expect("valid JSON")
+}
+
+/// `summary.leak_kinds` as `kind → (blocks, bytes)`.
+fn kinds(report: &Value) -> BTreeMap<String, (u64, u64)> {
+    report["summary"]["leak_kinds"]
+        .as_object()
+        .expect("summary.leak_kinds")
+        .iter()
+        .map(|(kind, a)| {
+            let n = |f: &str| a[f].as_u64().unwrap();
+            (kind.clone(), (n("blocks"), n("bytes")))
+        })
+        .collect()
+}
+
+/// The report's leaks as `(line, kind, blocks, bytes)`, sorted.
+fn leaks(report: &Value) -> Vec<(u64, String, u64, u64)> {
+    let mut out: Vec<_> = report["leaks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["location"]["line"].as_u64().unwrap(),
+                l["kind"].as_str().unwrap().to_string(),
+                l["blocks"].as_u64().unwrap(),
+                l["bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn each_leaked_block_is_classified_by_who_points_at_it() {
+    let fixture = Fixture::shared("leak-kinds");
+    let report = report(&fixture, &[]);
+
+    let expected: BTreeMap<String, (u64, u64)> = [
+        ("definitely_lost", (2, 2016)),
+        ("indirectly_lost", (2, 600)),
+        ("reference_cycle", (2, 96)),
+        ("reachable_from_static", (3, 1524)),
+        ("reachable_from_stack", (0, 0)),
+        ("live_at_exit", (0, 0)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(kinds(&report), expected);
+    let s = |k: &str| k.to_string();
+    assert_eq!(
+        leaks(&report),
+        vec![
+            (26, s("reachable_from_static"), 1, 1000),
+            (27, s("reachable_from_static"), 1, 24),
+            (27, s("reachable_from_static"), 1, 500),
+            (29, s("definitely_lost"), 1, 2000),
+            (30, s("definitely_lost"), 1, 16),
+            (30, s("indirectly_lost"), 2, 600),
+            (32, s("reference_cycle"), 1, 48),
+            (36, s("reference_cycle"), 1, 48),
+        ]
+    );
+    for leak in report["leaks"].as_array().unwrap() {
+        assert_eq!(leak["basis"], "inferred", "{leak}");
+        assert!(
+            leak["evidence"].as_str().is_some_and(|e| !e.is_empty()),
+            "{leak}"
+        );
+    }
+    // The kinds split the leaked figures, which stay what they were.
+    assert_eq!(report["summary"]["leaked_blocks"], 9);
+    assert_eq!(report["summary"]["leaked_bytes"], 4236);
+    let scan = &report["summary"]["leak_scan"];
+    assert_eq!(scan["processes"], 1);
+    assert!(scan["static_bytes"].as_u64().unwrap() > 0, "{scan}");
+}
+
+#[test]
+fn valgrind_finds_as_much_lost_and_still_reachable_as_the_scan() {
+    let fixture = Fixture::shared("leak-kinds");
+    let report = report(&fixture, &[]);
+    let target = fixture.target_dir().join("plain");
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "-q", "--target-dir"])
+        .arg(&target)
+        .current_dir(fixture.path())
+        .env_remove("RUSTFLAGS")
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building the fixture plainly failed");
+    let out = Command::new("valgrind")
+        .args(["--leak-check=full", "--show-leak-kinds=all"])
+        .arg(target.join("debug/leak-kinds"))
+        .output()
+        .expect("valgrind runs (.ci/run installs it)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let bytes = |what: &str| -> u64 {
+        let line = stderr
+            .lines()
+            .find_map(|l| l.split_once(&format!("{what}: ")).map(|(_, rest)| rest))
+            .unwrap_or_else(|| panic!("no '{what}' in valgrind's output:\n{stderr}"));
+        line.split(" bytes")
+            .next()
+            .unwrap()
+            .replace(',', "")
+            .trim()
+            .parse()
+            .unwrap()
+    };
+
+    let ours = kinds(&report);
+    let lost = ours["definitely_lost"].1 + ours["indirectly_lost"].1 + ours["reference_cycle"].1;
+    // valgrind names one block of a cycle definitely lost and the others indirectly.
+    assert_eq!(
+        lost,
+        bytes("definitely lost") + bytes("indirectly lost"),
+        "{stderr}"
+    );
+    assert_eq!(bytes("possibly lost"), 0, "{stderr}");
+    // Still reachable: the program's blocks a static holds, and std's own.
+    let internal = report["summary"]["runtime_internal_bytes"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        ours["reachable_from_static"].1 + internal,
+        bytes("still reachable"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn with_the_scan_off_leaks_are_only_observed_live_at_exit() {
+    let fixture = Fixture::shared("leak-kinds");
+    let report = report(&fixture, &[("MEMSCOPE_LEAK_SCAN", "0")]);
+
+    assert_eq!(kinds(&report)["live_at_exit"], (9, 4236));
+    assert!(report["summary"]["leak_scan"].is_null());
+    for leak in report["leaks"].as_array().unwrap() {
+        assert_eq!(leak["kind"], "live_at_exit", "{leak}");
+        assert_eq!(leak["basis"], "observed", "{leak}");
+    }
+}
