@@ -25,7 +25,7 @@ use crate::symbols::{self, Frame, ModuleStatus, SiteOrigin, Symbolizer};
 use crate::trace::{EventKind, Tables, Trace};
 
 /// The version of the JSON schema; bumped on any incompatible change.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// How to turn traces into reports.
 #[derive(Debug, Clone)]
@@ -1379,7 +1379,7 @@ mod tests {
         let trace = program(Some(60)).write(dir.path(), "p.mstrace");
         let report = generate(&[trace], &options(dir.path())).unwrap();
         let json = read_json(dir.path());
-        assert_eq!(json["schema_version"], 2);
+        assert_eq!(json["schema_version"], 3);
         let s = &json["summary"];
         let field = |name: &str| s[name].as_u64().unwrap();
         assert_eq!(field("allocations"), 2);

@@ -64,6 +64,25 @@ pub fn render(report: &Report, paths: &[&Path], options: &ReportOptions) -> Stri
         bytes(s.runtime_internal_bytes),
         plural(s.runtime_internal_blocks, "block"),
     );
+    if s.leak_scan.is_some() && s.leaked_blocks > 0 {
+        let kinds: Vec<String> = crate::report::LEAK_KINDS
+            .iter()
+            .filter_map(|kind| {
+                let a = s.leak_kinds.get(*kind).filter(|a| a.blocks > 0)?;
+                Some(format!(
+                    "{} {} in {}",
+                    bytes(a.bytes),
+                    kind_text(kind),
+                    plural(a.blocks, "block")
+                ))
+            })
+            .collect();
+        let _ = writeln!(
+            w,
+            "  leaked, by what a scan for pointers at exit found [inferred]: {}",
+            kinds.join(", ")
+        );
+    }
     if report.processes.len() > 1 {
         let _ = writeln!(
             w,
@@ -102,9 +121,14 @@ pub fn render(report: &Report, paths: &[&Path], options: &ReportOptions) -> Stri
                 .iter()
                 .map(|t| t.name.clone().unwrap_or_else(|| format!("#{}", t.thread)))
                 .collect();
+            let kind = if leak.kind == "live_at_exit" {
+                String::new()
+            } else {
+                format!("  {}{}", kind_text(&leak.kind), tag(leak.basis))
+            };
             let _ = writeln!(
                 w,
-                "  {:>12} in {:>10}  {}  [thread {}]",
+                "  {:>12} in {:>10}  {}{kind}  [thread {}]",
                 bytes_short(leak.bytes),
                 plural(leak.blocks, "block"),
                 place(leak.location.as_ref(), roots),
@@ -126,7 +150,7 @@ pub fn render(report: &Report, paths: &[&Path], options: &ReportOptions) -> Stri
             }
         }
         if report.leaks.len() > TOP {
-            let _ = writeln!(w, "  … and {} more sites", report.leaks.len() - TOP);
+            let _ = writeln!(w, "  … and {} more", report.leaks.len() - TOP);
         }
     }
 
@@ -297,6 +321,14 @@ fn declared_at(location: Option<&Location>) -> String {
 }
 
 /// ` [inferred]` for a name the analysis deduced.
+/// A leak kind as words: `definitely_lost` → `definitely lost`.
+fn kind_text(kind: &str) -> String {
+    match kind {
+        "reference_cycle" => "in a reference cycle".into(),
+        other => other.replace('_', " "),
+    }
+}
+
 fn tag(basis: Basis) -> &'static str {
     if basis == Basis::Inferred {
         " [inferred]"

@@ -807,6 +807,68 @@ impl StreamDecoder {
         Ok(record)
     }
 
+    /// Calls `f(stamp, address, Some(size))` for each allocation and `f(stamp, address,
+    /// None)` for each free (a reallocation is both) in one chunk's `payload`, without
+    /// building [`Record`]s: the exit-time scan reads a whole trace back this way.
+    /// Stops at the first malformed record.
+    pub fn block_events(&mut self, payload: &[u8], mut f: impl FnMut(u64, u64, Option<u64>)) {
+        let mut pos = 0;
+        while pos + 8 <= payload.len() {
+            let w = |i: usize| u64_at_checked(payload, pos + 8 * i);
+            let Ok(w0) = w(0) else { return };
+            let (small, wide) = ((w0 >> 4) & 0xfff, w0 >> 16);
+            let step = match w0 & 0xf {
+                TAG_ALLOC => {
+                    let Ok(w1) = w(1) else { return };
+                    f(self.advance(small), wide, Some(w1 & MAX_SIZE));
+                    2
+                }
+                TAG_FREE => {
+                    f(self.advance(small), wide, None);
+                    1
+                }
+                TAG_REALLOC => {
+                    let (Ok(w1), Ok(w2)) = (w(1), w(2)) else {
+                        return;
+                    };
+                    f(self.advance(small), wide, None);
+                    f(
+                        self.advance((w1 >> 4) & 0xfff),
+                        w1 >> 16,
+                        Some(w2 & MAX_SIZE),
+                    );
+                    3
+                }
+                TAG_REALLOC_WIDE => {
+                    let (Ok(w1), Ok(w2), Ok(w3), Ok(w4)) = (w(1), w(2), w(3), w(4)) else {
+                        return;
+                    };
+                    f(w3, wide, None);
+                    f(w4, w1 & ADDR_MASK, Some(w2 & MAX_SIZE));
+                    self.clock = w4;
+                    5
+                }
+                TAG_STAMP => {
+                    let Ok(w1) = w(1) else { return };
+                    self.clock = w1;
+                    2
+                }
+                TAG_SCOPE => {
+                    self.advance(small);
+                    1
+                }
+                _ => match self.decode(payload, pos) {
+                    Ok((_, next)) => {
+                        pos = next;
+                        continue;
+                    }
+                    Err(_) => return,
+                },
+            };
+            pos += 8 * step;
+        }
+    }
+
     fn advance(&mut self, delta: u64) -> u64 {
         self.clock = self.clock.wrapping_add(delta);
         self.clock
@@ -1252,6 +1314,41 @@ mod tests {
             enc.record(&r);
         }
         assert_eq!(decode_all(&enc.bytes).unwrap(), all_kinds());
+    }
+
+    #[test]
+    fn block_events_are_the_allocations_and_frees_that_decode_reads() {
+        let mut enc = Encoder::default();
+        for r in all_kinds() {
+            enc.record(&r);
+        }
+        let mut expected = Vec::new();
+        for r in decode_all(&enc.bytes).unwrap() {
+            match r {
+                Record::Alloc { ts, addr, size, .. } => expected.push((ts, addr, Some(size))),
+                Record::Free { ts, addr } => expected.push((ts, addr, None)),
+                Record::Realloc {
+                    ts_before,
+                    ts_after,
+                    old_addr,
+                    new_addr,
+                    new_size,
+                    ..
+                } => {
+                    expected.push((ts_before, old_addr, None));
+                    expected.push((ts_after, new_addr, Some(new_size)));
+                }
+                _ => {}
+            }
+        }
+        let mut got = Vec::new();
+        StreamDecoder::default()
+            .block_events(&enc.bytes, |ts, addr, size| got.push((ts, addr, size)));
+        assert!(
+            expected.len() >= 4,
+            "the sample has block events: {expected:?}"
+        );
+        assert_eq!(got, expected);
     }
 
     #[test]

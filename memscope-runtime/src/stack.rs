@@ -184,8 +184,61 @@ pub unsafe fn capture(stack_top: usize, last: &mut LastWalk) -> (usize, u64) {
     (last.len, stack_finish(h, last.len))
 }
 
+/// Where the live frames of whoever called `exit` begin, seen from the `atexit`
+/// handler's frame at `frame` (the stack ends at `top`); `None` after a return from
+/// `main`.
+///
+/// The C library's `exit` keeps no frame pointer, so the chain breaks there, but it
+/// saves the one it was called with among its registers, on the stack between the
+/// handler's frame and its caller's. So the first word above the handler's frame that
+/// starts a chain of at least two frames whose return addresses lie in the loaded
+/// objects is taken for the caller's frame: after `process::exit`, the frame of std's
+/// `exit`, with the program's frames above it. After a return from `main` the C
+/// library's start-up code calls `exit` with no frame pointer of a live frame, and
+/// `exit`'s frames hold whatever the returned frames left, which must not count.
+pub fn caller_of_exit(frame: usize, top: usize, modules: &[crate::sys::Module]) -> Option<usize> {
+    // No frame pointer (the runtime built without them): nothing to start from.
+    if frame == 0 || !frame.is_multiple_of(8) || frame >= top {
+        return None;
+    }
+    let in_module = |ret: u64| modules.iter().any(|m| m.start <= ret && ret < m.end);
+    let readable = |at: usize| {
+        at.is_multiple_of(8) && at > frame && at.checked_add(16).is_some_and(|end| end <= top)
+    };
+    let chain_from = |start: usize| -> Option<usize> {
+        let mut fp = start;
+        let mut links = 0;
+        loop {
+            if !readable(fp) {
+                return None;
+            }
+            // SAFETY: `fp` lies in `(frame, top - 16]`, the live part of this thread's
+            // stack above the handler's frame, and is 8-aligned.
+            let (next, ret) = unsafe { (*(fp as *const usize), *((fp + 8) as *const u64)) };
+            if ret == 0 || !in_module(ret) {
+                return (links >= 2).then_some(start);
+            }
+            links += 1;
+            if next <= fp || links >= MAX_FRAMES {
+                return (links >= 2).then_some(start);
+            }
+            fp = next;
+        }
+    };
+    // The handler's own saved frame pointer first (a C library that keeps frame
+    // pointers), then the words above its frame, up to a few pages.
+    let end = top.min(frame.saturating_add(16 * 1024));
+    (frame..end).step_by(8).find_map(|slot| {
+        // SAFETY: `slot` is 8-aligned (`frame` is, checked above) and in `[frame, top)`,
+        // the live part of this thread's stack from the handler's frame up.
+        let word = unsafe { *(slot as *const usize) };
+        (word > slot).then(|| chain_from(word)).flatten()
+    })
+}
+
+/// The frame pointer and stack pointer of the calling function.
 #[inline(always)]
-fn registers() -> (usize, usize) {
+pub(crate) fn registers() -> (usize, usize) {
     let fp: usize;
     let sp: usize;
     #[cfg(target_arch = "x86_64")]

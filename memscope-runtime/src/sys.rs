@@ -67,13 +67,6 @@ pub fn stack_bounds() -> (usize, usize) {
     (addr as usize, addr as usize + size)
 }
 
-/// The current stack pointer (an address in the calling function's frame).
-#[inline(always)]
-pub fn stack_pointer() -> usize {
-    let here = 0u8;
-    std::hint::black_box(&here) as *const u8 as usize
-}
-
 /// The writable segments (static data) of every loaded object but the C library and
 /// the dynamic loader, `[start, end)`. Allocates; call only from memscope's slow paths.
 pub fn static_data() -> Vec<(usize, usize)> {

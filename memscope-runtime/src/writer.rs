@@ -385,6 +385,7 @@ fn write_all(fd: i32, bytes: &[u8]) {
 
 /// `atexit` handler: the end of the trace.
 extern "C" fn exit_flush() {
+    let (frame, _) = crate::stack::registers();
     let Some(shared) = SHARED.get() else { return };
     EXITING.store(true, Ordering::Release);
     let Some(scratch) = shared.pool.take() else {
@@ -406,7 +407,7 @@ extern "C" fn exit_flush() {
         write_full(shared, full);
     }
     if SCAN.load(Ordering::Relaxed) {
-        let scan = scan_live_blocks(me);
+        let scan = scan_live_blocks(me, frame);
         with_file(|fd| write_all(fd, &scan));
     }
     let meta = meta_chunk(Meta::End);
@@ -421,17 +422,16 @@ extern "C" fn exit_flush() {
 }
 
 /// The exit-time scan of the blocks still live (see `reach.rs`) as a meta chunk, or
-/// nothing if the trace cannot be read back. `me` is the exiting thread's record.
+/// nothing if the trace cannot be read back. `me` is the exiting thread's record, and
+/// `frame` the frame address of the `atexit` handler.
 #[inline(never)]
-fn scan_live_blocks(me: *const recorder::ThreadRecord) -> Vec<u8> {
-    // The exiting thread's stack from this frame up: the frames below are the scan's.
-    let from = sys::stack_pointer();
+fn scan_live_blocks(me: *const recorder::ThreadRecord, frame: usize) -> Vec<u8> {
     let (mut stacks, mut top) = recorder::running_stacks(me);
     if top == 0 {
         top = sys::stack_bounds().1;
     }
-    if from < top {
-        stacks.push((from, top));
+    if let Some(caller) = crate::stack::caller_of_exit(frame, top, &sys::modules()) {
+        stacks.push((caller, top));
     }
     let roots = reach::Roots {
         statics: sys::static_data(),

@@ -33,16 +33,13 @@ fn run(fixture: &Fixture) -> PathBuf {
 
 /// The top-level `summary` of a `report.json`: `(field, value)` pairs as written.
 fn json_summary(json: &str) -> Vec<(String, String)> {
-    let start = json.find("\"summary\": {").expect("a summary") + "\"summary\": {".len();
-    let body = &json[start..][..json[start..].find('}').expect("the summary ends")];
-    body.split(',')
-        .filter_map(|pair| {
-            let (key, value) = pair.split_once(':')?;
-            Some((
-                key.trim().trim_matches('"').to_string(),
-                value.trim().to_string(),
-            ))
-        })
+    let report: serde_json::Value = serde_json::from_str(json).expect("valid JSON");
+    report["summary"]
+        .as_object()
+        .expect("a summary")
+        .iter()
+        .filter(|(_, value)| !value.is_object())
+        .map(|(key, value)| (key.clone(), value.to_string()))
         .collect()
 }
 
