@@ -117,7 +117,7 @@ const SLOTS: usize = 4096 / GRANULE as usize;
 
 impl Latest {
     fn note(&mut self, ts: u64, addr: u64, size: u64) {
-        let slot = if addr % GRANULE == 0 {
+        let slot = if addr.is_multiple_of(GRANULE) {
             let page = addr / 4096;
             if self.recent.is_empty() {
                 self.recent = vec![(u64::MAX, 0); RECENT];
