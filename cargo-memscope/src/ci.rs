@@ -10,11 +10,43 @@ use serde_json::json;
 use crate::report::{Leak, Report};
 use crate::summary::{bytes_short as bytes, plural};
 
+/// The leaks of one site (a site's blocks of different kinds are separate `leaks`).
+struct SiteLeaks<'r> {
+    /// The site's largest entry: its site, location.
+    leak: &'r Leak,
+    blocks: u64,
+    bytes: u64,
+    /// `(kind, blocks)`, largest entry first.
+    kinds: Vec<(&'r str, u64)>,
+}
+
+/// `leaks` (largest first) gathered by site, in the order of each site's largest.
+fn by_site<'r>(leaks: &[&'r Leak]) -> Vec<SiteLeaks<'r>> {
+    let mut sites: Vec<SiteLeaks> = Vec::new();
+    for &leak in leaks {
+        match sites.iter_mut().find(|s| s.leak.site == leak.site) {
+            Some(s) => {
+                s.blocks += leak.blocks;
+                s.bytes += leak.bytes;
+                s.kinds.push((&leak.kind, leak.blocks));
+            }
+            None => sites.push(SiteLeaks {
+                leak,
+                blocks: leak.blocks,
+                bytes: leak.bytes,
+                kinds: vec![(&leak.kind, leak.blocks)],
+            }),
+        }
+    }
+    sites
+}
+
 /// One `::error` line per leak site.
 pub fn annotations(report: &Report, leaks: &[&Leak], workspace: &Path) -> String {
     let mut out = String::new();
-    for leak in leaks {
-        let message = escape_data(&message(report, leak));
+    for site in by_site(leaks) {
+        let leak = site.leak;
+        let message = escape_data(&message(report, &site));
         match place(leak, workspace) {
             Some((file, Some(line))) => out.push_str(&format!(
                 "::error file={},line={line},title=memscope leak::{message}\n",
@@ -38,7 +70,8 @@ fn place(leak: &Leak, workspace: &Path) -> Option<(String, Option<u32>)> {
     Some((relative.to_string_lossy().into_owned(), location.line))
 }
 
-fn message(report: &Report, leak: &Leak) -> String {
+fn message(report: &Report, site: &SiteLeaks) -> String {
+    let leak = site.leak;
     let function = leak
         .location
         .as_ref()
@@ -55,10 +88,21 @@ fn message(report: &Report, leak: &Leak) -> String {
     } else {
         format!(" (test {})", tests.join(", "))
     };
+    let kinds: Vec<String> = site
+        .kinds
+        .iter()
+        .filter(|(kind, _)| *kind != "live_at_exit")
+        .map(|(kind, blocks)| format!("{blocks} {}", kind.replace('_', " ")))
+        .collect();
+    let kinds = if kinds.is_empty() {
+        String::new()
+    } else {
+        format!(", by a scan for pointers at exit: {}", kinds.join(", "))
+    };
     format!(
-        "{} ({}) allocated in {function} still live at exit{by}",
-        plural(leak.blocks, "block"),
-        bytes(leak.bytes)
+        "{} ({}) allocated in {function} still live at exit{kinds}{by}",
+        plural(site.blocks, "block"),
+        bytes(site.bytes)
     )
 }
 
@@ -81,14 +125,25 @@ pub fn write_sarif(
     leaks: &[&Leak],
     workspace: &Path,
 ) -> anyhow::Result<()> {
-    let results: Vec<serde_json::Value> = leaks
+    let results: Vec<serde_json::Value> = by_site(leaks)
         .iter()
-        .map(|leak| {
+        .map(|site| {
+            let leak = site.leak;
+            let kinds: serde_json::Map<String, serde_json::Value> = site
+                .kinds
+                .iter()
+                .map(|(kind, blocks)| (kind.to_string(), json!(blocks)))
+                .collect();
             let mut result = json!({
                 "ruleId": "memscope/leak",
                 "level": "error",
-                "message": { "text": message(report, leak) },
-                "properties": { "blocks": leak.blocks, "bytes": leak.bytes, "site": leak.site },
+                "message": { "text": message(report, site) },
+                "properties": {
+                    "blocks": site.blocks,
+                    "bytes": site.bytes,
+                    "site": leak.site,
+                    "kinds": kinds,
+                },
             });
             if let Some((file, line)) = place(leak, workspace) {
                 let mut region = json!({});

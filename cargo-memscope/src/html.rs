@@ -988,6 +988,7 @@ mod tests {
             leaked_bytes: Some(4096),
             harness: None,
             leaks: vec![TestLeak {
+                kind: "definitely_lost".into(),
                 site: 0,
                 location,
                 blocks: 1,

@@ -117,6 +117,8 @@ pub struct TestLeak {
     /// Index into `leaks[].site` / `sites[].id`.
     pub site: usize,
     pub location: Option<Location>,
+    /// As in `leaks[].kind` (what the exit-time scan found).
+    pub kind: String,
     pub blocks: u64,
     pub bytes: u64,
     pub basis: Basis,
@@ -291,7 +293,8 @@ fn attribute_binary(report: &Report, info: &BinaryInfo) -> (TestBinary, Vec<Test
 }
 
 /// Leaked blocks and bytes per thread of process `pid`, by site.
-type Leaked<'r> = FxHashMap<u32, Vec<(usize, Option<&'r Location>, u64, u64)>>;
+/// Per thread: the site, location, kind, blocks and bytes of its leaks.
+type Leaked<'r> = FxHashMap<u32, Vec<(usize, Option<&'r Location>, &'r str, u64, u64)>>;
 
 fn leaked_by_thread(report: &Report, pid: u32) -> Leaked<'_> {
     let mut leaked: Leaked = FxHashMap::default();
@@ -300,6 +303,7 @@ fn leaked_by_thread(report: &Report, pid: u32) -> Leaked<'_> {
             leaked.entry(t.thread).or_default().push((
                 leak.site,
                 leak.location.as_ref(),
+                &leak.kind,
                 t.blocks,
                 t.bytes,
             ));
@@ -318,7 +322,7 @@ impl Figures {
     }
 
     fn add_leaks(&mut self, t: &Thread, leaked: &Leaked) {
-        for &(_, _, blocks, bytes) in leaked.get(&t.thread).into_iter().flatten() {
+        for &(_, _, _, blocks, bytes) in leaked.get(&t.thread).into_iter().flatten() {
             self.leaked_blocks += blocks;
             self.leaked_bytes += bytes;
         }
@@ -671,13 +675,13 @@ fn with_figures(
         figures.reallocations += own.reallocations;
         figures.bytes_allocated += own.bytes_allocated;
         figures.add_leaks(t, leaked);
-        for &(site, location, blocks, bytes) in leaked.get(&t.thread).into_iter().flatten() {
+        for &(site, location, kind, blocks, bytes) in leaked.get(&t.thread).into_iter().flatten() {
             let basis = if c.basis == Basis::Observed {
                 Basis::Observed
             } else {
                 Basis::Inferred
             };
-            match sites.iter_mut().find(|s| s.site == site) {
+            match sites.iter_mut().find(|s| s.site == site && s.kind == kind) {
                 Some(s) => {
                     s.blocks += blocks;
                     s.bytes += bytes;
@@ -688,6 +692,7 @@ fn with_figures(
                 None => sites.push(TestLeak {
                     site,
                     location: location.cloned(),
+                    kind: kind.to_owned(),
                     blocks,
                     bytes,
                     basis,
