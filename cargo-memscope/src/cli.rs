@@ -165,6 +165,10 @@ pub struct TestSelection {
     pub no_fail_fast: bool,
 }
 
+/// The leak kinds that count (`--leak-kinds`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeakKinds(pub Vec<&'static str>);
+
 /// Thresholds that turn findings into exit code 3 (for `run` and `test`).
 #[derive(Debug, Args, Default, Clone)]
 #[command(next_help_heading = "Gates (exit code 3 when one fails)")]
@@ -173,6 +177,13 @@ pub struct GateArgs {
     /// and suppressed leaks excepted)
     #[arg(long)]
     pub fail_on_leaks: bool,
+
+    /// Which leak kinds the gates, annotations and SARIF count: `all` (the default),
+    /// `lost` (definitely_lost, indirectly_lost, reference_cycle and unclassified
+    /// live_at_exit: not what a static or a stack still reaches), or a comma-separated
+    /// list of kinds
+    #[arg(long, value_name = "KINDS", value_parser = crate::gate::parse_leak_kinds)]
+    pub leak_kinds: Option<LeakKinds>,
 
     /// Fail if more than N bytes leak (sizes like 4096, 64KiB, 1MB)
     #[arg(long, value_name = "N", value_parser = crate::gate::parse_size)]

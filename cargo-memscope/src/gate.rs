@@ -20,9 +20,41 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use crate::cli::GateArgs;
-use crate::report::{Leak, Report};
+use crate::cli::{GateArgs, LeakKinds};
+use crate::report::{Leak, Report, LEAK_KINDS};
 use crate::symbols::Frame;
+
+/// Parses `--leak-kinds`: `all`, `lost`, or kinds separated by commas.
+pub fn parse_leak_kinds(text: &str) -> Result<LeakKinds, String> {
+    match text {
+        "all" => return Ok(LeakKinds(LEAK_KINDS.to_vec())),
+        "lost" => {
+            return Ok(LeakKinds(vec![
+                "definitely_lost",
+                "indirectly_lost",
+                "reference_cycle",
+                "live_at_exit",
+            ]))
+        }
+        _ => {}
+    }
+    text.split(',')
+        .map(|kind| {
+            LEAK_KINDS
+                .iter()
+                .copied()
+                .find(|k| *k == kind.trim())
+                .ok_or_else(|| {
+                    format!(
+                        "unknown leak kind `{}`: expected all, lost, or kinds among {}",
+                        kind.trim(),
+                        LEAK_KINDS.join(", ")
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(LeakKinds)
+}
 
 /// Parses `4096`, `64KiB`, `1.5MB`, `2g`: decimal units (KB, MB, GB) are powers of
 /// 1000, binary ones (KiB, MiB, GiB) powers of 1024; `K`, `M`, `G` alone are binary.
@@ -228,16 +260,27 @@ impl Gates {
         a.fail_on_leaks || a.max_leaked_bytes.is_some() || a.max_peak.is_some()
     }
 
-    /// The leaks that count: those no suppression rule matches.
+    /// Whether leaks of `kind` count (`--leak-kinds`).
+    fn counts(&self, kind: &str) -> bool {
+        self.args
+            .leak_kinds
+            .as_ref()
+            .is_none_or(|kinds| kinds.0.contains(&kind))
+    }
+
+    /// Whether a suppression rule matches `leak`.
+    fn suppressed(&self, report: &Report, leak: &Leak, workspace: &Path) -> bool {
+        self.suppressions
+            .matching(report.frames_of(&leak.stack), workspace)
+            .is_some()
+    }
+
+    /// The leaks that count: of the kinds asked for, and no suppression rule matches.
     pub fn kept_leaks<'r>(&self, report: &'r Report, workspace: &Path) -> Vec<&'r Leak> {
         report
             .leaks
             .iter()
-            .filter(|leak| {
-                self.suppressions
-                    .matching(report.frames_of(&leak.stack), workspace)
-                    .is_none()
-            })
+            .filter(|leak| self.counts(&leak.kind) && !self.suppressed(report, leak, workspace))
             .collect()
     }
 
@@ -251,7 +294,13 @@ impl Gates {
         color: bool,
     ) -> anyhow::Result<u8> {
         let kept = self.kept_leaks(report, workspace);
-        let suppressed = report.leaks.len() - kept.len();
+        let suppressed = report
+            .leaks
+            .iter()
+            .filter(|leak| self.suppressed(report, leak, workspace))
+            .map(|leak| leak.site)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
         if std::env::var_os("GITHUB_ACTIONS").is_some_and(|v| v == "true") {
             print!("{}", crate::ci::annotations(report, &kept, workspace));
         }
@@ -297,15 +346,12 @@ impl Gates {
             for test in &report.tests {
                 let (mut blocks, mut bytes) = (0, 0);
                 for leak in &test.leaks {
-                    let counted = report
-                        .leaks
-                        .iter()
-                        .find(|l| l.site == leak.site)
-                        .is_none_or(|l| {
-                            self.suppressions
-                                .matching(report.frames_of(&l.stack), workspace)
-                                .is_none()
-                        });
+                    let counted = self.counts(&leak.kind)
+                        && report
+                            .leaks
+                            .iter()
+                            .find(|l| l.site == leak.site)
+                            .is_none_or(|l| !self.suppressed(report, l, workspace));
                     if counted {
                         blocks += leak.blocks;
                         bytes += leak.bytes;
