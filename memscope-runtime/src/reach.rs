@@ -42,11 +42,14 @@ pub struct Roots {
 
 /// The records to append to the trace: a `SCAN` summary and one `REACH` per kind
 /// found (split so that no record grows past a few thousand words); `None` when the
-/// trace could not be read back.
+/// trace could not be read back or the kernel refused to read memory.
 pub fn scan(fd: i32, roots: &Roots) -> Option<Vec<Record>> {
     let blocks = live_blocks(fd)?;
     let mut memory = Memory::default();
     let reach = classify(&blocks, roots, &mut memory);
+    if memory.refused {
+        return None;
+    }
     let mut summary = memory.summary;
     summary.blocks = blocks.len() as u64;
     let mut records = vec![Record::Scan(summary)];
@@ -223,6 +226,9 @@ fn read_file_at(fd: i32, pos: u64, out: &mut [u8]) -> bool {
 struct Memory {
     buf: Vec<u8>,
     summary: ScanSummary,
+    /// Reading failed for another reason than an unmapped page (`process_vm_readv`
+    /// refused, say, by a sandbox): nothing the scan found can be trusted.
+    refused: bool,
 }
 
 /// Bytes read at once.
@@ -239,7 +245,13 @@ impl Memory {
         while at < end {
             let n = (end - at).min(PIECE);
             self.buf.resize(n, 0);
-            let got = read_self(at, &mut self.buf[..n]);
+            let got = match read_self(at, &mut self.buf[..n]) {
+                Ok(got) => got,
+                Err(_) => {
+                    self.refused = true;
+                    return read;
+                }
+            };
             if got > 0 {
                 f(at, &self.buf[..got]);
                 read += got as u64;
@@ -256,8 +268,9 @@ impl Memory {
 }
 
 /// Copies this process's memory at `addr` into `out`; returns how many bytes could be
-/// read (fewer when a page on the way is not mapped).
-fn read_self(addr: usize, out: &mut [u8]) -> usize {
+/// read (fewer, or 0, when a page on the way is not mapped), or the error when the
+/// kernel refused for another reason.
+fn read_self(addr: usize, out: &mut [u8]) -> Result<usize, std::io::Error> {
     let local = libc::iovec {
         iov_base: out.as_mut_ptr() as *mut libc::c_void,
         iov_len: out.len(),
@@ -269,7 +282,14 @@ fn read_self(addr: usize, out: &mut [u8]) -> usize {
     // SAFETY: `local` describes `out`, which is writable; the kernel reads `remote`
     // from this process's address space and reports a fault instead of raising one.
     let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-    n.max(0) as usize
+    if n >= 0 {
+        return Ok(n as usize);
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EFAULT) => Ok(0),
+        _ => Err(err),
+    }
 }
 
 /// The block containing `addr`, by index into `blocks` (sorted by start).
