@@ -88,16 +88,21 @@ fn message(report: &Report, site: &SiteLeaks) -> String {
     } else {
         format!(" (test {})", tests.join(", "))
     };
+    // The kinds the exit-time scan inferred: `[definitely lost]`, or with counts
+    // when the site's blocks are of several kinds.
     let kinds: Vec<String> = site
         .kinds
         .iter()
         .filter(|(kind, _)| *kind != "live_at_exit")
-        .map(|(kind, blocks)| format!("{blocks} {}", kind.replace('_', " ")))
+        .map(|(kind, blocks)| match site.kinds.len() {
+            1 => kind.replace('_', " "),
+            _ => format!("{blocks} {}", kind.replace('_', " ")),
+        })
         .collect();
     let kinds = if kinds.is_empty() {
         String::new()
     } else {
-        format!(", by a scan for pointers at exit: {}", kinds.join(", "))
+        format!(" [{}]", kinds.join(", "))
     };
     format!(
         "{} ({}) allocated in {function} still live at exit{kinds}{by}",

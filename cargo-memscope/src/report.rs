@@ -1240,7 +1240,21 @@ fn absorb(into: &mut SiteDraft, from: SiteDraft) {
                 l.blocks += leak.blocks;
                 l.bytes += leak.bytes;
                 l.largest = l.largest.max(leak.largest);
-                l.threads.extend(leak.threads);
+                for t in leak.threads {
+                    match l
+                        .threads
+                        .iter_mut()
+                        .find(|u| u.pid == t.pid && u.thread == t.thread)
+                    {
+                        Some(u) => {
+                            u.blocks += t.blocks;
+                            u.bytes += t.bytes;
+                        }
+                        None => l.threads.push(t),
+                    }
+                }
+                l.threads
+                    .sort_by(|a, b| b.blocks.cmp(&a.blocks).then(a.thread.cmp(&b.thread)));
             }
             None => into.leaked.push(leak),
         }

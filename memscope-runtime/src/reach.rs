@@ -8,8 +8,9 @@
 //! - roots: the writable segments of every loaded object (static data: `.data`,
 //!   `.bss`), except the C library's and the dynamic loader's, whose allocator state
 //!   points at free chunks next to live blocks, and except memscope's own clock
-//!   stripes; and thread stacks: the exiting thread's from the exit handler up, and the
-//!   whole stacks of threads still running;
+//!   stripes; and thread stacks: the exiting thread's from the frame of whoever called
+//!   `exit` (none of it after a return from `main`, see `stack::caller_of_exit`), and
+//!   the whole stacks of threads still running;
 //! - every aligned word that points at or into a live block is a pointer to it, and
 //!   the blocks reached are scanned in turn.
 //!
@@ -177,6 +178,11 @@ fn live_blocks(fd: i32) -> Option<Vec<(usize, usize)>> {
     loop {
         let mut head = [0u8; CHUNK_HEADER_LEN];
         if !read_file_at(fd, pos, &mut head) {
+            // The file opens with the meta stream's first chunk: if even that cannot
+            // be read, nothing can.
+            if pos == FILE_HEADER_LEN as u64 {
+                return None;
+            }
             break;
         }
         let Ok(header) = ChunkHeader::decode(&head) else {

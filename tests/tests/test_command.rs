@@ -257,7 +257,7 @@ fn under_github_actions_each_leak_site_is_an_error_annotation_at_its_line() {
     assert_eq!(annotations.len(), 8, "one per leak site: {annotations:#?}");
     let buffer_line = line_of("src/lib.rs", "vec![0; n]");
     let forgets = format!(
-        "::error file=src/lib.rs,line={buffer_line},title=memscope leak::1 block (4.0 KiB) allocated in test_basic::buffer still live at exit (test tests::forgets_4096_bytes)"
+        "::error file=src/lib.rs,line={buffer_line},title=memscope leak::1 block (4.0 KiB) allocated in test_basic::buffer still live at exit [definitely lost] (test tests::forgets_4096_bytes)"
     );
     assert!(annotations.contains(&forgets.as_str()), "{annotations:#?}");
     let own = format!(
