@@ -112,7 +112,14 @@ struct Latest {
     odd: HashMap<u64, (u64, u64), BuildHasherDefault<AddrHasher>>,
     /// Recent pages and their leaves, by page modulo [`RECENT`] (`u64::MAX`: none).
     recent: Vec<(u64, usize)>,
+    /// The tables outgrew [`MAX_TABLE_BYTES`]: the scan gives up.
+    too_big: bool,
 }
+
+/// The most memory the tables of latest events may take (leaves of 4 KiB, entries of
+/// the plain table counted as 48 bytes): a program whose heap spans more addresses
+/// than that at exit gets no leak kinds rather than a large allocation at exit.
+const MAX_TABLE_BYTES: usize = 256 << 20;
 
 const RECENT: usize = 256;
 
@@ -121,6 +128,13 @@ const SLOTS: usize = 4096 / GRANULE as usize;
 
 impl Latest {
     fn note(&mut self, ts: u64, addr: u64, size: u64) {
+        if self.too_big {
+            return;
+        }
+        if self.leaves.len() * 4096 + self.odd.len() * 48 > MAX_TABLE_BYTES {
+            self.too_big = true;
+            return;
+        }
         let slot = if addr.is_multiple_of(GRANULE) {
             let page = addr / 4096;
             if self.recent.is_empty() {
@@ -204,7 +218,7 @@ fn live_blocks(fd: i32) -> Option<Vec<(usize, usize)>> {
             latest.note(ts, addr, size.map_or(0, |size| size.max(1)));
         });
     }
-    Some(latest.live())
+    (!latest.too_big).then(|| latest.live())
 }
 
 fn read_file_at(fd: i32, pos: u64, out: &mut [u8]) -> bool {

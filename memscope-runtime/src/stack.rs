@@ -185,8 +185,8 @@ pub unsafe fn capture(stack_top: usize, last: &mut LastWalk) -> (usize, u64) {
 }
 
 /// Where the live frames of whoever called `exit` begin, seen from the `atexit`
-/// handler's frame at `frame` (the stack ends at `top`); `None` after a return from
-/// `main`.
+/// handler's frame: `(frame pointer, stack pointer)` (the stack ends at `top`); `None`
+/// after a return from `main`.
 ///
 /// The C library's `exit` keeps no frame pointer, so the chain breaks there, but it
 /// saves the one it was called with among its registers, on the stack between the
@@ -196,9 +196,14 @@ pub unsafe fn capture(stack_top: usize, last: &mut LastWalk) -> (usize, u64) {
 /// `exit`, with the program's frames above it. After a return from `main` the C
 /// library's start-up code calls `exit` with no frame pointer of a live frame, and
 /// `exit`'s frames hold whatever the returned frames left, which must not count.
-pub fn caller_of_exit(frame: usize, top: usize, modules: &[crate::sys::Module]) -> Option<usize> {
-    // No frame pointer (the runtime built without them): nothing to start from.
-    if frame == 0 || !frame.is_multiple_of(8) || frame >= top {
+pub fn caller_of_exit(
+    (frame, sp): (usize, usize),
+    top: usize,
+    modules: &[crate::sys::Module],
+) -> Option<usize> {
+    // Without frame pointers (the runtime built without them) the register holds
+    // anything: it must be in the live stack, `[sp, top)`, to be read from.
+    if frame < sp || !frame.is_multiple_of(8) || frame >= top {
         return None;
     }
     let in_module = |ret: u64| modules.iter().any(|m| m.start <= ret && ret < m.end);

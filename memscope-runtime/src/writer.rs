@@ -385,7 +385,7 @@ fn write_all(fd: i32, bytes: &[u8]) {
 
 /// `atexit` handler: the end of the trace.
 extern "C" fn exit_flush() {
-    let (frame, _) = crate::stack::registers();
+    let frame = crate::stack::registers();
     let Some(shared) = SHARED.get() else { return };
     EXITING.store(true, Ordering::Release);
     let Some(scratch) = shared.pool.take() else {
@@ -423,9 +423,9 @@ extern "C" fn exit_flush() {
 
 /// The exit-time scan of the blocks still live (see `reach.rs`) as a meta chunk, or
 /// nothing if the trace cannot be read back. `me` is the exiting thread's record, and
-/// `frame` the frame address of the `atexit` handler.
+/// `frame` the frame and stack pointers of the `atexit` handler.
 #[inline(never)]
-fn scan_live_blocks(me: *const recorder::ThreadRecord, frame: usize) -> Vec<u8> {
+fn scan_live_blocks(me: *const recorder::ThreadRecord, frame: (usize, usize)) -> Vec<u8> {
     let (mut stacks, mut top) = recorder::running_stacks(me);
     if top == 0 {
         top = sys::stack_bounds().1;
