@@ -41,11 +41,12 @@ pub struct Roots {
     pub skip: Vec<(usize, usize)>,
 }
 
-/// The records to append to the trace: a `SCAN` summary and one `REACH` per kind
-/// found (split so that no record grows past a few thousand words); `None` when the
-/// trace could not be read back or the kernel refused to read memory.
-pub fn scan(fd: i32, roots: &Roots) -> Option<Vec<Record>> {
-    let blocks = live_blocks(fd)?;
+/// The records to append to the trace whose first `len` bytes are in `fd`: a `SCAN`
+/// summary and one `REACH` per kind found (split so that no record grows past a few
+/// thousand words); `None` when the trace could not be read back or the kernel refused
+/// to read memory.
+pub fn scan(fd: i32, len: u64, roots: &Roots) -> Option<Vec<Record>> {
+    let blocks = live_blocks(fd, len)?;
     let mut memory = Memory::default();
     let reach = classify(&blocks, roots, &mut memory);
     if memory.refused {
@@ -183,15 +184,16 @@ impl Latest {
     }
 }
 
-/// The blocks live at the end of the trace in `fd`, `(start, size)` sorted by start.
-fn live_blocks(fd: i32) -> Option<Vec<(usize, usize)>> {
+/// The blocks live at the end of the trace in the first `len` bytes of `fd`, `(start,
+/// size)` sorted by start.
+fn live_blocks(fd: i32, len: u64) -> Option<Vec<(usize, usize)>> {
     let mut latest = Latest::default();
     let mut decoder = StreamDecoder::default();
     let mut payload = Vec::new();
     let mut pos = FILE_HEADER_LEN as u64;
     loop {
         let mut head = [0u8; CHUNK_HEADER_LEN];
-        if !read_file_at(fd, pos, &mut head) {
+        if pos + CHUNK_HEADER_LEN as u64 > len || !read_file_at(fd, pos, &mut head) {
             // The file opens with the meta stream's first chunk: if even that cannot
             // be read, nothing can.
             if pos == FILE_HEADER_LEN as u64 {
@@ -202,6 +204,9 @@ fn live_blocks(fd: i32) -> Option<Vec<(usize, usize)>> {
         let Ok(header) = ChunkHeader::decode(&head) else {
             break;
         };
+        if pos + (CHUNK_HEADER_LEN as u64) + u64::from(header.len) > len {
+            break;
+        }
         payload.resize(header.len as usize, 0);
         // No checksum: this process wrote the file, and the decoder checks bounds.
         if !read_file_at(fd, pos + CHUNK_HEADER_LEN as u64, &mut payload) {
@@ -249,7 +254,15 @@ struct Memory {
     /// Reading failed for another reason than an unmapped page (`process_vm_readv`
     /// refused, say, by a sandbox): nothing the scan found can be trusted.
     refused: bool,
+    /// Aligned windows of memory read so far, by index: their readable prefix. Most
+    /// blocks are small and near each other: one system call reads many.
+    windows: HashMap<usize, Vec<u8>, BuildHasherDefault<AddrHasher>>,
+    pid: libc::pid_t,
 }
+
+/// Size of a window of [`Memory`], and how many are kept (4 MiB).
+const WINDOW: usize = 64 << 10;
+const MAX_WINDOWS: usize = 64;
 
 /// Bytes read at once.
 const PIECE: usize = 1 << 20;
@@ -259,13 +272,22 @@ impl Memory {
     /// Calls `f` with the readable contents of `[start, start + len)` in pieces, each
     /// with its address; returns the bytes read. Unreadable pages are skipped.
     fn visit(&mut self, start: usize, len: usize, mut f: impl FnMut(usize, &[u8])) -> u64 {
+        if self.pid == 0 {
+            // SAFETY: getpid cannot fail.
+            self.pid = unsafe { libc::getpid() };
+        }
+        if len <= WINDOW {
+            if let Some(read) = self.visit_windows(start, len, &mut f) {
+                return read;
+            }
+        }
         let mut read = 0;
         let mut at = start;
         let end = start.saturating_add(len);
         while at < end {
             let n = (end - at).min(PIECE);
             self.buf.resize(n, 0);
-            let got = match read_self(at, &mut self.buf[..n]) {
+            let got = match read_self(self.pid, at, &mut self.buf[..n]) {
                 Ok(got) => got,
                 Err(_) => {
                     self.refused = true;
@@ -285,12 +307,50 @@ impl Memory {
         }
         read
     }
+
+    /// [`visit`](Self::visit) of a short range from the windows it lies in, read as
+    /// needed; `None` if their readable part does not cover it.
+    fn visit_windows(
+        &mut self,
+        start: usize,
+        len: usize,
+        f: &mut impl FnMut(usize, &[u8]),
+    ) -> Option<u64> {
+        let end = start.checked_add(len)?;
+        let (first, last) = (start / WINDOW, end.saturating_sub(1) / WINDOW);
+        if self.windows.len() + 2 > MAX_WINDOWS {
+            self.windows.clear();
+        }
+        for w in first..=last {
+            if !self.windows.contains_key(&w) {
+                let mut bytes = vec![0u8; WINDOW];
+                let got = match read_self(self.pid, w * WINDOW, &mut bytes) {
+                    Ok(got) => got,
+                    Err(_) => {
+                        self.refused = true;
+                        return Some(0);
+                    }
+                };
+                bytes.truncate(got);
+                self.windows.insert(w, bytes);
+            }
+            if self.windows[&w].len() < end.min((w + 1) * WINDOW) - w * WINDOW {
+                return None;
+            }
+        }
+        for w in first..=last {
+            let base = w * WINDOW;
+            let (from, to) = (start.max(base), end.min(base + WINDOW));
+            f(from, &self.windows[&w][from - base..to - base]);
+        }
+        Some(len as u64)
+    }
 }
 
 /// Copies this process's memory at `addr` into `out`; returns how many bytes could be
 /// read (fewer, or 0, when a page on the way is not mapped), or the error when the
 /// kernel refused for another reason.
-fn read_self(addr: usize, out: &mut [u8]) -> Result<usize, std::io::Error> {
+fn read_self(pid: libc::pid_t, addr: usize, out: &mut [u8]) -> Result<usize, std::io::Error> {
     let local = libc::iovec {
         iov_base: out.as_mut_ptr() as *mut libc::c_void,
         iov_len: out.len(),
@@ -301,7 +361,7 @@ fn read_self(addr: usize, out: &mut [u8]) -> Result<usize, std::io::Error> {
     };
     // SAFETY: `local` describes `out`, which is writable; the kernel reads `remote`
     // from this process's address space and reports a fault instead of raising one.
-    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
     if n >= 0 {
         return Ok(n as usize);
     }
@@ -507,6 +567,26 @@ mod tests {
             (read, memory.summary.unreadable_bytes),
             (0, 2 * PAGE as u64)
         );
+    }
+
+    #[test]
+    fn a_range_across_two_windows_is_read_whole_and_in_order() {
+        let data: Vec<u8> = (0..3 * WINDOW).map(|i| (i % 251) as u8).collect();
+        let base = data.as_ptr() as usize;
+        // A range across the boundary between the second and third windows that `data`
+        // covers whole (the windows before and after it are readable).
+        let boundary = (base / WINDOW + 2) * WINDOW;
+        let (start, len) = (boundary - 40, 100);
+        let mut pieces = Vec::new();
+        let read =
+            Memory::default().visit(start, len, |at, bytes| pieces.push((at, bytes.to_vec())));
+
+        assert_eq!(read, len as u64);
+        assert_eq!(pieces.len(), 2, "one piece per window");
+        assert_eq!(pieces[0].0, start);
+        assert_eq!(pieces[1].0, boundary);
+        let whole: Vec<u8> = pieces.into_iter().flat_map(|(_, b)| b).collect();
+        assert_eq!(whole, data[start - base..start - base + len]);
     }
 
     #[test]

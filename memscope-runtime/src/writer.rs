@@ -438,9 +438,19 @@ fn scan_live_blocks(me: *const recorder::ThreadRecord, frame: (usize, usize)) ->
         stacks,
         skip: vec![clock::stripes_range()],
     };
-    let mut records = None;
-    with_file(|fd| records = reach::scan(fd, &roots));
-    let Some(records) = records else {
+    // What is in the file now is whole (writes happen under the file lock); the scan
+    // reads that much without holding the lock, which the writer thread would wait
+    // for, spinning, all along.
+    let mut file = None;
+    with_file(|fd| {
+        // SAFETY: `stat` is plain data that fstat fills in.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `fd` is the open trace file; `stat` is writable.
+        if unsafe { libc::fstat(fd, &mut stat) } == 0 {
+            file = Some((fd, stat.st_size as u64));
+        }
+    });
+    let Some(records) = file.and_then(|(fd, len)| reach::scan(fd, len, &roots)) else {
         return Vec::new();
     };
     let mut enc = Encoder::default();
