@@ -1116,6 +1116,33 @@ mod tests {
     }
 
     #[test]
+    fn a_sites_blocks_are_grouped_apart_by_what_the_exit_scan_found() {
+        let snap = replay(vec![
+            alloc(1, 0x10, 8, 1),
+            alloc(2, 0x20, 8, 1),
+            alloc(3, 0x30, 8, 1),
+        ]);
+        let reach: FxHashMap<u64, Reach> =
+            [(0x10, Reach::FromStatic), (0x20, Reach::DefinitelyLost)]
+                .into_iter()
+                .collect();
+        let got: Vec<_> = leaks(&snap, &reach)
+            .iter()
+            .map(|g| (g.reach, g.blocks, g.bytes))
+            .collect();
+        // 0x30 was not in the scan's records: its kind is not known.
+        let mut expected = vec![
+            (Some(Reach::FromStatic), 1, 8),
+            (Some(Reach::DefinitelyLost), 1, 8),
+            (None, 1, 8),
+        ];
+        expected.sort_by_key(|e| e.0);
+        let mut got = got;
+        got.sort_by_key(|e| e.0);
+        assert_eq!(got, expected);
+    }
+
+    #[test]
     fn the_timeline_stays_bounded_and_keeps_the_peak() {
         let mut events = Vec::new();
         for i in 0..100_000u64 {

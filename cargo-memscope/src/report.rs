@@ -459,8 +459,8 @@ fn leak_kind(reach: Option<Reach>) -> (&'static str, Basis, Option<&'static str>
         ),
         Some(Reach::DefinitelyLost) => (
             "definitely_lost",
-            "the exit-time scan found no pointer to these blocks in static data, on any \
-             thread's stack or in any other block live at exit",
+            "the exit-time scan found no pointer to these blocks in static data, on the \
+             thread stacks it read or in any other block live at exit",
         ),
         Some(Reach::IndirectlyLost) => (
             "indirectly_lost",
