@@ -397,10 +397,22 @@ fn pointers(blocks: &[(usize, usize)], at: usize, bytes: &[u8], mut f: impl FnMu
     }
 }
 
-/// The kind of each block (by index); `None` for none (only when nothing was read).
+/// The kind of each block, by index (every block gets one).
 fn classify(blocks: &[(usize, usize)], roots: &Roots, memory: &mut Memory) -> Vec<Option<Reach>> {
     let mut reach: Vec<Option<Reach>> = vec![None; blocks.len()];
     let mut work = Vec::new();
+    // Reads `[start, start + len)` and gives `kind` to the blocks it points to that
+    // have none yet, queueing them to be read in turn; returns the bytes read.
+    let mut mark = |memory: &mut Memory, start, len, kind, work: &mut Vec<usize>| {
+        memory.visit(start, len, |at, bytes| {
+            pointers(blocks, at, bytes, |i| {
+                if reach[i].is_none() {
+                    reach[i] = Some(kind);
+                    work.push(i);
+                }
+            })
+        })
+    };
 
     // Reachable: from static data first, then from stacks.
     for (ranges, kind) in [
@@ -408,14 +420,7 @@ fn classify(blocks: &[(usize, usize)], roots: &Roots, memory: &mut Memory) -> Ve
         (roots.stacks.clone(), Reach::FromStack),
     ] {
         for (start, end) in ranges {
-            let read = memory.visit(start, end - start, |at, bytes| {
-                pointers(blocks, at, bytes, |i| {
-                    if reach[i].is_none() {
-                        reach[i] = Some(kind);
-                        work.push(i);
-                    }
-                })
-            });
+            let read = mark(memory, start, end - start, kind, &mut work);
             match kind {
                 Reach::FromStatic => memory.summary.static_bytes += read,
                 _ => {
@@ -426,14 +431,7 @@ fn classify(blocks: &[(usize, usize)], roots: &Roots, memory: &mut Memory) -> Ve
         }
         while let Some(b) = work.pop() {
             let (start, size) = blocks[b];
-            memory.visit(start, size, |at, bytes| {
-                pointers(blocks, at, bytes, |i| {
-                    if reach[i].is_none() {
-                        reach[i] = Some(kind);
-                        work.push(i);
-                    }
-                })
-            });
+            mark(memory, start, size, kind, &mut work);
         }
     }
 
