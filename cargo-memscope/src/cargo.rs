@@ -3,7 +3,7 @@
 //! JSON messages name the executable).
 
 use std::ffi::{OsStr, OsString};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -594,42 +594,136 @@ impl TestBuild<'_> {
             .stdout(Stdio::piped());
         let mut executables = Vec::new();
         let (status, foreign_allocator) = stream_build(command, self.progress, |artifact| {
-            if let (true, Some(executable)) = (artifact.profile.test, &artifact.executable) {
-                let manifest = artifact.manifest_path.as_std_path();
-                let package = self
-                    .ws
-                    .members
-                    .iter()
-                    .find(|m| {
-                        m.manifest.strip_prefix(&self.ws.root).ok()
-                            == manifest.strip_prefix(self.scratch).ok()
-                    })
-                    .map_or_else(|| artifact.target.name.clone(), |m| m.name.clone());
-                executables.push(TestExecutable {
-                    package,
-                    target: artifact.target.name.clone(),
-                    kind: artifact
-                        .target
-                        .kind
-                        .first()
-                        .map(|k| k.to_string())
-                        .unwrap_or_default(),
-                    src_path: artifact.target.src_path.clone().into(),
-                    executable: executable.clone().into(),
-                });
-            }
+            executables.extend(self.executable(artifact));
         })?;
         if let Some(crates) = foreign_allocator {
-            bail!(
-                "`{crates}` (a dependency outside the workspace) declares its own #[global_allocator], \
-                 which memscope cannot wrap; build without it (e.g. behind a cargo feature) to track these tests"
-            );
+            bail!(foreign_allocator_error(&crates));
         }
         if !status.success() {
             bail!("the build of the tests failed; cargo's messages above say why");
         }
         Ok(executables)
     }
+
+    /// Runs `command` (this build's `cargo test`, with a runner added) with
+    /// `harness_args` after `--`: cargo builds the tests, showing its own progress and
+    /// messages, then runs them, their output passed through as it comes. One cargo
+    /// invocation instead of a build and a run: cargo's start and its check that
+    /// everything is fresh happen once. Returns the executables built and cargo's
+    /// status; a build failure is an error, as in [`build`](Self::build).
+    pub fn build_and_run(
+        &self,
+        mut command: Command,
+        harness_args: &[OsString],
+    ) -> anyhow::Result<(Vec<TestExecutable>, std::process::ExitStatus)> {
+        command
+            .args(["--message-format", "json-render-diagnostics", "--"])
+            .args(harness_args)
+            .stdout(Stdio::piped());
+        let mut child = command.spawn().context("failed to run cargo")?;
+        let mut reader = BufReader::new(child.stdout.take().expect("stdout is piped"));
+        let mut executables = Vec::new();
+        let mut built = false;
+        let mut line = String::new();
+        while !built {
+            line.clear();
+            if reader
+                .read_line(&mut line)
+                .context("failed to read cargo's build messages")?
+                == 0
+            {
+                break;
+            }
+            match serde_json::from_str::<Message>(&line) {
+                Ok(Message::CompilerArtifact(artifact)) => {
+                    executables.extend(self.executable(&artifact));
+                }
+                Ok(Message::BuildFinished(finished)) => built = finished.success,
+                Ok(_) => {}
+                Err(_) => eprint!("{line}"),
+            }
+        }
+        // What follows the build is the tests' own output.
+        let mut out = std::io::stdout();
+        let mut buf = [0u8; 8192];
+        loop {
+            match std::io::Read::read(&mut reader, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let _ = out.write_all(&buf[..n]);
+                    let _ = out.flush();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        let status = child.wait().context("failed to wait for cargo")?;
+        if !built {
+            // cargo has shown why; a global allocator outside the workspace needs
+            // saying what to do, which only the build's JSON messages tell.
+            let mut quiet = self.command()?;
+            quiet
+                .args(["--no-run", "--message-format", "json"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null());
+            if let Some(crates) = quiet.output().ok().and_then(|out| {
+                Message::parse_stream(&out.stdout[..]).find_map(|m| match m {
+                    Ok(Message::CompilerMessage(m)) => allocator_conflict(&m.message.message),
+                    _ => None,
+                })
+            }) {
+                bail!(foreign_allocator_error(&crates));
+            }
+            bail!("the build of the tests failed; cargo's messages above say why");
+        }
+        Ok((executables, status))
+    }
+
+    /// The test executable an artifact of this build is, if it is one.
+    fn executable(&self, artifact: &cargo_metadata::Artifact) -> Option<TestExecutable> {
+        let executable = artifact
+            .executable
+            .as_ref()
+            .filter(|_| artifact.profile.test)?;
+        let manifest = artifact.manifest_path.as_std_path();
+        let package = self
+            .ws
+            .members
+            .iter()
+            .find(|m| {
+                m.manifest.strip_prefix(&self.ws.root).ok()
+                    == manifest.strip_prefix(self.scratch).ok()
+            })
+            .map_or_else(|| artifact.target.name.clone(), |m| m.name.clone());
+        Some(TestExecutable {
+            package,
+            target: artifact.target.name.clone(),
+            kind: artifact
+                .target
+                .kind
+                .first()
+                .map(|k| k.to_string())
+                .unwrap_or_default(),
+            src_path: artifact.target.src_path.clone().into(),
+            executable: executable.clone().into(),
+        })
+    }
+}
+
+/// The crates rustc names in a global-allocator conflict, if `message` is one.
+fn allocator_conflict(message: &str) -> Option<String> {
+    let crates = message
+        .split("conflicts with global allocator in: ")
+        .nth(1)?;
+    Some(crates.trim().to_owned())
+}
+
+fn foreign_allocator_error(crates: &str) -> String {
+    format!(
+        "`{crates}` (a dependency outside the workspace) declares its own #[global_allocator], \
+         which memscope cannot wrap; build without it (e.g. behind a cargo feature) to track these tests"
+    )
 }
 
 /// Runs a cargo build command whose stdout is JSON messages: prints the compiler's
@@ -667,9 +761,8 @@ fn stream_build(
                 on_artifact(&artifact);
             }
             Message::CompilerMessage(message) => {
-                let text = &message.message.message;
-                if let Some(crates) = text.split("conflicts with global allocator in: ").nth(1) {
-                    foreign_allocator = Some(crates.trim().to_owned());
+                if let Some(crates) = allocator_conflict(&message.message.message) {
+                    foreign_allocator = Some(crates);
                 }
                 if let Some(rendered) = &message.message.rendered {
                     print_above(spinner.as_ref(), rendered.trim_end());

@@ -57,14 +57,27 @@ pub fn generate(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<R
 
 /// Reads the traces and analyses them into the report model.
 pub fn build(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<Report> {
+    build_with(traces, options, Ahead::none())
+}
+
+/// [`build`], taking the traces [`Ahead`] analysed already as they are.
+pub fn build_with(
+    traces: &[PathBuf],
+    options: &ReportOptions,
+    mut ahead: AnalysedAhead,
+) -> anyhow::Result<Report> {
     anyhow::ensure!(!traces.is_empty(), "no trace to analyse");
-    let mut opened = Vec::with_capacity(traces.len());
-    for path in traces {
-        opened.push(Trace::open(path)?);
+    let mut processes: Vec<Option<Analysed>> = traces.iter().map(|_| None).collect();
+    let mut opened = Vec::new();
+    for (i, path) in traces.iter().enumerate() {
+        match ahead.0.remove(path) {
+            Some(analysed) => processes[i] = Some(analysed),
+            None => opened.push((i, Trace::open(path)?)),
+        }
     }
     let progress = Progress::new(
         options.progress,
-        opened.iter().map(Trace::event_bytes).sum(),
+        opened.iter().map(|(_, trace)| trace.event_bytes()).sum(),
     );
     // Traces are analysed side by side, one per core (a test suite writes one per
     // test binary, or per test under nextest); the results keep the traces' order.
@@ -72,17 +85,16 @@ pub fn build(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<Repo
         .map_or(1, |n| n.get())
         .min(opened.len());
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut processes: Vec<Option<Analysed>> = opened.iter().map(|_| None).collect();
     std::thread::scope(|scope| {
         let work = || {
             let mut done = Vec::new();
             let loaders = symbols::Loaders::default();
             loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(trace) = opened.get(i) else {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((i, trace)) = opened.get(n) else {
                     return done;
                 };
-                done.push((i, analyse(trace, options, &loaders, &progress)));
+                done.push((*i, analyse(trace, options, &loaders, &progress)));
             }
         };
         let workers: Vec<_> = (0..workers).map(|_| scope.spawn(work)).collect();
@@ -97,6 +109,83 @@ pub fn build(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<Repo
     });
     progress.finish();
     Ok(merge(processes.into_iter().flatten().collect()))
+}
+
+/// Analyses the traces of processes that have ended while the rest of a run goes on
+/// (a suite's test binaries run one after another), on one thread at low priority
+/// (nice 10), so that the traced program keeps the CPU it wants: [`build_with`] then
+/// analyses only what is left, once the run is over.
+pub struct Ahead {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<AnalysedAhead>,
+}
+
+/// The traces [`Ahead`] analysed, by path.
+#[derive(Default)]
+pub struct AnalysedAhead(FxHashMap<PathBuf, Analysed>);
+
+impl Ahead {
+    /// Nothing analysed ahead.
+    pub fn none() -> AnalysedAhead {
+        AnalysedAhead::default()
+    }
+
+    /// Starts analysing the traces `ended` hands out, each once (it is asked again
+    /// whenever it has nothing new).
+    pub fn start(
+        options: &ReportOptions,
+        mut ended: impl FnMut() -> Vec<PathBuf> + Send + 'static,
+    ) -> Ahead {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let options = ReportOptions {
+            progress: false,
+            ..options.clone()
+        };
+        let thread = std::thread::spawn(move || {
+            lower_priority();
+            let loaders = symbols::Loaders::default();
+            let progress = Progress::new(false, 0);
+            let mut done = AnalysedAhead::default();
+            let mut queue = std::collections::VecDeque::new();
+            while !stopped.load(std::sync::atomic::Ordering::Acquire) {
+                queue.extend(ended());
+                let Some(path) = queue.pop_front() else {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    continue;
+                };
+                // A trace that cannot be read, or not yet in full (a process it forked
+                // may still write), is left to `build_with`, which says what is wrong.
+                let Ok(trace) = Trace::open(&path) else {
+                    continue;
+                };
+                let analysed = analyse(&trace, &options, &loaders, &progress);
+                if analysed.process.complete {
+                    done.0.insert(path, analysed);
+                }
+            }
+            done
+        });
+        Ahead { stop, thread }
+    }
+
+    /// Stops (after the trace being analysed, if any) and hands over what is done.
+    pub fn finish(self) -> AnalysedAhead {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        // A panic is raised again where `build_with` analyses the same trace.
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// Lowers the calling thread's scheduling priority (and that of the threads it
+/// starts), where the system has per-thread priorities.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority only changes the scheduling priority of the calling thread
+    // (on Linux, `who` 0 names the calling thread); it touches no memory of ours.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+    }
 }
 
 /// Writes the reports of `report` and prints the terminal summary; returns the path of
@@ -1445,6 +1534,38 @@ mod tests {
         assert_eq!(json["sites"][0]["bytes_allocated"], 2 * 4096);
         assert_eq!(json["sites"][0]["peak_share"], 4096.0 / 4396.0);
         assert_eq!(json["leaks"][0]["blocks"], 2);
+    }
+
+    #[test]
+    fn traces_analysed_ahead_give_the_same_report_and_incomplete_ones_are_left_for_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let running = program(Some(60)).write(dir.path(), "a.mstrace");
+        let unfinished = program(None).write(dir.path(), "b.mstrace");
+        let ended = program(Some(90)).write(dir.path(), "c.mstrace");
+        let traces = [running, unfinished.clone(), ended.clone()];
+        let options = options(dir.path());
+
+        // `ended` is asked again only once what it handed out has been analysed.
+        let (all_analysed, analysed) = std::sync::mpsc::channel();
+        let mut handed = vec![ended.clone(), unfinished.clone()];
+        let ahead = Ahead::start(&options, move || {
+            if handed.is_empty() {
+                let _ = all_analysed.send(());
+            }
+            std::mem::take(&mut handed)
+        });
+        analysed.recv().unwrap();
+        let ahead = ahead.finish();
+        assert!(ahead.0.contains_key(&ended));
+        assert!(!ahead.0.contains_key(&unfinished), "read again at the end");
+
+        let with = build_with(&traces, &options, ahead).unwrap();
+        let without = build(&traces, &options).unwrap();
+        assert_eq!(
+            serde_json::to_value(&with).unwrap(),
+            serde_json::to_value(&without).unwrap()
+        );
+        assert_eq!(with.processes.len(), 3);
     }
 
     #[test]

@@ -153,6 +153,44 @@ fn fresh_dir(root: &Path) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// Watches a run's directory while the run goes on: which test executables have
+/// ended (their `run.json` is written last), for analysis to start on their traces.
+#[derive(Default)]
+pub struct Finished {
+    /// Directories whose run has been seen to end.
+    ended: rustc_hash::FxHashSet<PathBuf>,
+}
+
+impl Finished {
+    /// The traces of the runs under `root` that ended since the last call (none of a
+    /// `--list` run), in the order the runs started.
+    pub fn poll(&mut self, root: &Path) -> Vec<PathBuf> {
+        let Ok(entries) = fs::read_dir(root) else {
+            return Vec::new();
+        };
+        let mut dirs: Vec<PathBuf> = entries
+            .filter_map(|e| Some(e.ok()?.path()))
+            .filter(|p| !self.ended.contains(p))
+            .collect();
+        dirs.sort();
+        let mut traces = Vec::new();
+        for dir in dirs {
+            // Read while being written, or not there yet: the run has not ended.
+            let Some(run) = fs::read(dir.join("run.json"))
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<BinaryRun>(&bytes).ok())
+            else {
+                continue;
+            };
+            if !run.listing {
+                traces.extend(crate::run::trace_files(&dir).unwrap_or_default());
+            }
+            self.ended.insert(dir);
+        }
+        traces
+    }
+}
+
 /// The runs recorded under `root`, in the order they started.
 pub fn collect(root: &Path) -> anyhow::Result<Vec<(PathBuf, Option<BinaryRun>)>> {
     let mut dirs: Vec<PathBuf> = fs::read_dir(root)

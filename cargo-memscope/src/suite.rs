@@ -63,8 +63,6 @@ pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
         color: options.color,
         progress: options.progress && !args.cargo.quiet,
     };
-    let executables = build.build()?;
-
     let trace_dir = layout.new_trace_dir()?;
     let mut command = if args.nextest {
         build.nextest_command()?
@@ -82,26 +80,36 @@ pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
     if args.no_stacks {
         command.env("MEMSCOPE_STACKS", "0");
     }
-    if args.nextest {
-        // nextest takes the name filter itself, and emulates harness arguments.
-        command.args(&args.filter);
-        command.arg("--");
+    // Each binary's trace is analysed as soon as it has ended, while the next ones run.
+    let mut finished = runner::Finished::default();
+    let watched = trace_dir.clone();
+    let ahead = report::Ahead::start(&options, move || finished.poll(&watched));
+    let ran = if args.nextest {
+        // nextest builds first (`--no-run`), then takes the name filter itself and
+        // emulates harness arguments.
+        build.build().and_then(|executables| {
+            command
+                .args(&args.filter)
+                .arg("--")
+                .args(&args.harness_args);
+            let status = command
+                .status()
+                .context("failed to run `cargo nextest run`")?;
+            Ok((executables, status))
+        })
     } else {
-        command.arg("--");
-        command.args(&args.filter);
-    }
-    command.args(&args.harness_args);
-    let status = command.status().with_context(|| {
-        let tool = if args.nextest {
-            "cargo nextest run"
-        } else {
-            "cargo test"
-        };
-        format!("failed to run `{tool}`")
+        let harness: Vec<OsString> = (args.filter.iter().map(OsString::from))
+            .chain(args.harness_args.iter().cloned())
+            .collect();
+        build.build_and_run(command, &harness)
+    };
+    let ahead = ahead.finish();
+    let (executables, status) = ran.inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&trace_dir);
     })?;
     let code = run::exit_code(status);
 
-    let outcome = report_tests(&trace_dir, &layout, &executables, &options, args);
+    let outcome = report_tests(&trace_dir, &layout, &executables, &options, args, ahead);
     match outcome {
         Ok(report) => gates.verdict(code, &report, &ws.root, options.color),
         Err(err) if code != 0 => {
@@ -203,6 +211,7 @@ fn report_tests(
     executables: &[TestExecutable],
     options: &report::ReportOptions,
     args: &TestArgs,
+    ahead: report::AnalysedAhead,
 ) -> anyhow::Result<Report> {
     let runs = runner::collect(trace_dir)?;
     let mut traces = Vec::new();
@@ -220,7 +229,8 @@ fn report_tests(
     let runs: Vec<&BinaryRun> = runs.iter().filter_map(|(_, run)| run.as_ref()).collect();
     let filtered = args.filter.is_some() || !args.harness_args.is_empty();
     let infos = binaries(&runs, layout, executables, args.nextest, filtered);
-    let mut report = report::build(&traces, options).context("failed to build the report")?;
+    let mut report =
+        report::build_with(&traces, options, ahead).context("failed to build the report")?;
     let (binaries, tests) = pertest::attribute(&report, &infos);
     report.test_binaries = binaries;
     report.tests = tests;

@@ -126,6 +126,18 @@ fn build_failure_is_a_one_line_error_after_the_compiler_messages() {
         output.stderr.contains("mismatched types"),
         "rustc's message reaches the user: {output:#?}"
     );
+
+    let output = broken.memscope(&["test"]).run();
+    assert_error(&output, "the build of the tests failed", false);
+    assert_eq!(
+        output.stderr.matches("mismatched types").count(),
+        1,
+        "rustc's message reaches the user once: {output:#?}"
+    );
+    assert!(
+        output.stdout.is_empty(),
+        "no build message on stdout: {output:#?}"
+    );
 }
 
 #[test]
@@ -340,6 +352,15 @@ fn allocator_declared_outside_the_workspace_is_a_one_line_error() {
     assert_error(
         &output,
         "`foreign` (a dependency outside the workspace) declares its own #[global_allocator]",
+        false,
+    );
+
+    let output = fixture
+        .memscope_in(&fixture.path().join("app"), &["test"])
+        .run();
+    assert_error(
+        &output,
+        "`foreign` (a dependency outside the workspace) declares its own #[global_allocator], which memscope cannot wrap; build without it (e.g. behind a cargo feature) to track these tests",
         false,
     );
 }
