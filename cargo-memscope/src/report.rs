@@ -646,14 +646,19 @@ fn analyse(
     // Decoding, merging and classifying (here) overlap with the replay (on a thread of
     // its own), which gets the events in batches with the stacks classified meanwhile.
     let (batches, received) = std::sync::mpsc::sync_channel::<Batch>(4);
+    // Emptied batches come back to be filled again: their memory stays mapped.
+    let (spare, emptied) = std::sync::mpsc::channel::<Vec<crate::trace::Event>>();
     let tests = options.tests;
     let mut snap = std::thread::scope(|scope| {
         let replayer = scope.spawn(move || {
             let drops: RefCell<FxHashMap<u64, bool>> = RefCell::default();
-            let stream = received.into_iter().flat_map(|batch| {
-                drops.borrow_mut().extend(batch.classified);
-                batch.events
-            });
+            let stream = Received {
+                batches: received,
+                spare,
+                events: Vec::new(),
+                next: 0,
+                drops: &drops,
+            };
             if tests {
                 let drop = |stack| drops.borrow().get(&stack).copied().unwrap_or(false);
                 replay::replay_without(stream, drop)
@@ -661,7 +666,7 @@ fn analyse(
                 replay::replay(stream)
             }
         });
-        let mut batch = Batch::default();
+        let mut batch = Batch::new(Vec::with_capacity(Batch::EVENTS));
         while let Some(e) = events.next() {
             collector.observe(&e);
             if tests {
@@ -675,10 +680,16 @@ fn analyse(
                 }
             }
             batch.events.push(e);
-            if batch.events.len() == Batch::EVENTS
-                && batches.send(std::mem::take(&mut batch)).is_err()
-            {
-                break; // the replay panicked: its panic is raised below
+            if batch.events.len() == Batch::EVENTS {
+                let next = emptied
+                    .try_recv()
+                    .unwrap_or_else(|_| Vec::with_capacity(Batch::EVENTS));
+                if batches
+                    .send(std::mem::replace(&mut batch, Batch::new(next)))
+                    .is_err()
+                {
+                    break; // the replay panicked: its panic is raised below
+                }
             }
         }
         let _ = batches.send(batch);
@@ -978,7 +989,6 @@ impl HarnessStacks {
 
 /// Events on their way from the decoding thread to the replay, with the stacks
 /// classified while they were decoded (see [`HarnessStacks`]).
-#[derive(Default)]
 struct Batch {
     events: Vec<crate::trace::Event>,
     classified: Vec<(u64, bool)>,
@@ -986,6 +996,44 @@ struct Batch {
 
 impl Batch {
     const EVENTS: usize = 4096;
+
+    fn new(events: Vec<crate::trace::Event>) -> Batch {
+        Batch {
+            events,
+            classified: Vec::new(),
+        }
+    }
+}
+
+/// The replay's side of the batches: their events one by one, with what was
+/// classified meanwhile put into `drops` first; each emptied batch goes back.
+struct Received<'a> {
+    batches: std::sync::mpsc::Receiver<Batch>,
+    spare: std::sync::mpsc::Sender<Vec<crate::trace::Event>>,
+    events: Vec<crate::trace::Event>,
+    next: usize,
+    drops: &'a RefCell<FxHashMap<u64, bool>>,
+}
+
+impl Iterator for Received<'_> {
+    type Item = crate::trace::Event;
+
+    fn next(&mut self) -> Option<crate::trace::Event> {
+        loop {
+            if let Some(&e) = self.events.get(self.next) {
+                self.next += 1;
+                return Some(e);
+            }
+            let batch = self.batches.recv().ok()?;
+            self.drops.borrow_mut().extend(batch.classified);
+            let mut used = std::mem::replace(&mut self.events, batch.events);
+            self.next = 0;
+            if used.capacity() >= Batch::EVENTS {
+                used.clear();
+                let _ = self.spare.send(used);
+            }
+        }
+    }
 }
 
 fn threads(
@@ -1111,6 +1159,18 @@ fn share(part: u64, whole: u64) -> f64 {
 // ---------------------------------------------------------------------------------
 // All processes.
 
+/// A frame by the addresses of its strings: equal for copies of one frame.
+fn frame_identity(f: &Frame) -> [usize; 5] {
+    let at = |name: Option<&symbols::Name>| name.map_or(0, |n| n.as_ptr() as usize);
+    [
+        at(Some(&f.address)),
+        at(f.function.as_ref()),
+        at(f.file.as_ref()),
+        f.line.map_or(0, |l| l as usize + 1),
+        usize::from(f.inlined),
+    ]
+}
+
 fn merge(analysed: Vec<Analysed>) -> Report {
     let mut summary = Summary {
         complete: true,
@@ -1181,24 +1241,39 @@ fn merge(analysed: Vec<Analysed>) -> Report {
         p.site = p.site.and_then(|s| rank[s]);
     }
 
-    // One table of distinct frames; stacks become indexes into it.
+    // One table of distinct frames; stacks become indexes into it. Most frames are
+    // copies sharing their strings with one seen before (a process's sites repeat
+    // its frames): those are found by the strings' addresses, the rest by content.
     let mut frames = Vec::new();
     let mut frame_ids: FxHashMap<Frame, usize> = FxHashMap::default();
+    let mut by_identity: FxHashMap<[usize; 5], usize> = FxHashMap::default();
+    // The frames whose addresses `by_identity` holds, kept so that none is reused.
+    let mut seen = Vec::new();
     let stacks: Vec<Stack> = merged
         .iter_mut()
         .map(|d| {
             std::mem::take(&mut d.frames)
                 .into_iter()
-                .map(|f| match frame_ids.entry(f) {
-                    Entry::Occupied(at) => *at.get(),
-                    Entry::Vacant(slot) => {
-                        frames.push(slot.key().clone());
-                        *slot.insert(frames.len() - 1)
+                .map(|f| {
+                    let identity = frame_identity(&f);
+                    if let Some(&id) = by_identity.get(&identity) {
+                        return id;
                     }
+                    let id = match frame_ids.entry(f.clone()) {
+                        Entry::Occupied(at) => *at.get(),
+                        Entry::Vacant(slot) => {
+                            frames.push(slot.key().clone());
+                            *slot.insert(frames.len() - 1)
+                        }
+                    };
+                    by_identity.insert(identity, id);
+                    seen.push(f);
+                    id
                 })
                 .collect()
         })
         .collect();
+    drop(seen);
 
     let mut leaks = Vec::new();
     let mut runtime_internal = Vec::new();
