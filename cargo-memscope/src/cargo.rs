@@ -617,32 +617,23 @@ impl TestBuild<'_> {
         harness_args: &[OsString],
     ) -> anyhow::Result<(Vec<TestExecutable>, std::process::ExitStatus)> {
         command
-            .args(["--message-format", "json-render-diagnostics", "--"])
+            .arg("--message-format")
+            .arg(if self.color {
+                "json-diagnostic-rendered-ansi"
+            } else {
+                "json"
+            })
+            // The compiler's messages are printed here, between cargo's own lines:
+            // a progress bar would be drawn over them.
+            .args(["--config", "term.progress.when=\"never\"", "--"])
             .args(harness_args)
             .stdout(Stdio::piped());
         let mut child = command.spawn().context("failed to run cargo")?;
         let mut reader = BufReader::new(child.stdout.take().expect("stdout is piped"));
         let mut executables = Vec::new();
-        let mut built = false;
-        let mut line = String::new();
-        while !built {
-            line.clear();
-            if reader
-                .read_line(&mut line)
-                .context("failed to read cargo's build messages")?
-                == 0
-            {
-                break;
-            }
-            match serde_json::from_str::<Message>(&line) {
-                Ok(Message::CompilerArtifact(artifact)) => {
-                    executables.extend(self.executable(&artifact));
-                }
-                Ok(Message::BuildFinished(finished)) => built = finished.success,
-                Ok(_) => {}
-                Err(_) => eprint!("{line}"),
-            }
-        }
+        let outcome = read_build_messages(&mut reader, None, |artifact| {
+            executables.extend(self.executable(artifact));
+        })?;
         // What follows the build is the tests' own output.
         let mut out = std::io::stdout();
         let mut buf = [0u8; 8192];
@@ -658,23 +649,10 @@ impl TestBuild<'_> {
             }
         }
         let status = child.wait().context("failed to wait for cargo")?;
-        if !built {
-            // cargo has shown why; a global allocator outside the workspace needs
-            // saying what to do, which only the build's JSON messages tell.
-            let mut quiet = self.command()?;
-            quiet
-                .args(["--no-run", "--message-format", "json"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null());
-            if let Some(crates) = quiet.output().ok().and_then(|out| {
-                Message::parse_stream(&out.stdout[..]).find_map(|m| match m {
-                    Ok(Message::CompilerMessage(m)) => allocator_conflict(&m.message.message),
-                    _ => None,
-                })
-            }) {
-                bail!(foreign_allocator_error(&crates));
-            }
+        if let Some(crates) = outcome.foreign_allocator {
+            bail!(foreign_allocator_error(&crates));
+        }
+        if outcome.built != Some(true) {
             bail!("the build of the tests failed; cargo's messages above say why");
         }
         Ok((executables, status))
@@ -732,7 +710,7 @@ fn foreign_allocator_error(crates: &str) -> String {
 fn stream_build(
     mut command: Command,
     progress: bool,
-    mut on_artifact: impl FnMut(&cargo_metadata::Artifact),
+    on_artifact: impl FnMut(&cargo_metadata::Artifact),
 ) -> anyhow::Result<(std::process::ExitStatus, Option<String>)> {
     let spinner = progress.then(spinner);
     command.stderr(if spinner.is_some() {
@@ -750,28 +728,11 @@ fn stream_build(
         })
     });
 
-    let mut foreign_allocator = None;
-    let stdout = child.stdout.take().expect("stdout is piped");
-    for message in Message::parse_stream(BufReader::new(stdout)) {
-        match message.context("failed to read cargo's build messages")? {
-            Message::CompilerArtifact(artifact) => {
-                if let (Some(spinner), false) = (&spinner, artifact.fresh) {
-                    spinner.set_message(artifact.target.name.clone());
-                }
-                on_artifact(&artifact);
-            }
-            Message::CompilerMessage(message) => {
-                if let Some(crates) = allocator_conflict(&message.message.message) {
-                    foreign_allocator = Some(crates);
-                }
-                if let Some(rendered) = &message.message.rendered {
-                    print_above(spinner.as_ref(), rendered.trim_end());
-                }
-            }
-            Message::TextLine(line) => print_above(spinner.as_ref(), &line),
-            _ => {}
-        }
-    }
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
+    let outcome = read_build_messages(&mut stdout, spinner.as_ref(), on_artifact)?;
+    // Nothing is expected after `build-finished`; whatever comes is not left to fill
+    // the pipe while cargo is waited for.
+    let _ = std::io::copy(&mut stdout, &mut std::io::sink());
     let status = child.wait().context("failed to wait for cargo")?;
     if let Some(relay) = stderr_relay {
         let _ = relay.join();
@@ -779,7 +740,59 @@ fn stream_build(
     if let Some(spinner) = spinner {
         spinner.finish_and_clear();
     }
-    Ok((status, foreign_allocator))
+    Ok((status, outcome.foreign_allocator))
+}
+
+/// What a build's JSON messages said.
+struct BuildOutcome {
+    /// The crates named by a global-allocator conflict.
+    foreign_allocator: Option<String>,
+    /// `build-finished`: whether the build succeeded; `None` if cargo ended first.
+    built: Option<bool>,
+}
+
+/// Reads cargo's JSON messages up to `build-finished` (or the end): prints the
+/// compiler's messages (above `spinner`), passes each artifact to `on_artifact`.
+fn read_build_messages(
+    reader: &mut impl BufRead,
+    spinner: Option<&ProgressBar>,
+    mut on_artifact: impl FnMut(&cargo_metadata::Artifact),
+) -> anyhow::Result<BuildOutcome> {
+    let mut outcome = BuildOutcome {
+        foreign_allocator: None,
+        built: None,
+    };
+    let mut line = String::new();
+    while outcome.built.is_none() {
+        line.clear();
+        let read = reader
+            .read_line(&mut line)
+            .context("failed to read cargo's build messages")?;
+        if read == 0 {
+            break;
+        }
+        let line = line.trim_end();
+        match serde_json::from_str::<Message>(line) {
+            Ok(Message::CompilerArtifact(artifact)) => {
+                if let (Some(spinner), false) = (spinner, artifact.fresh) {
+                    spinner.set_message(artifact.target.name.clone());
+                }
+                on_artifact(&artifact);
+            }
+            Ok(Message::CompilerMessage(message)) => {
+                if let Some(crates) = allocator_conflict(&message.message.message) {
+                    outcome.foreign_allocator = Some(crates);
+                }
+                if let Some(rendered) = &message.message.rendered {
+                    print_above(spinner, rendered.trim_end());
+                }
+            }
+            Ok(Message::BuildFinished(finished)) => outcome.built = Some(finished.success),
+            Ok(_) => {}
+            Err(_) => print_above(spinner, line),
+        }
+    }
+    Ok(outcome)
 }
 
 /// Frame pointers make call stacks cheap to record. `RUSTFLAGS` (or its encoded form)
