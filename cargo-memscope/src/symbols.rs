@@ -480,7 +480,8 @@ pub fn is_std(frame: &Frame) -> bool {
         "<memscope::",
     ];
     match (&frame.function, &frame.file) {
-        (_, Some(file)) if file.starts_with("/rustc/") => true,
+        // The standard library's sources, and the crates it vendors (hashbrown, …).
+        (_, Some(file)) if file.starts_with("/rustc/") || file.starts_with("/rust/deps/") => true,
         (Some(f), _) => PREFIXES.iter().any(|p| f.starts_with(p)) || f.starts_with("__"),
         (None, _) => false,
     }
@@ -504,33 +505,57 @@ pub enum SiteOrigin {
     User,
     /// The first frame outside the standard library (a dependency, usually).
     Library,
-    /// Only standard-library frames: the innermost `std::` function.
+    /// Only frames of the Rust distribution: the innermost function of libtest
+    /// (`test::`), else of `std::`.
     Std,
     /// No frame has a name.
     Unknown,
 }
 
 /// The frame that names an allocation's site: the innermost frame in the user's own
-/// files, or else the innermost frame outside the standard library.
+/// files, or else the innermost frame outside the standard library (neither of them
+/// the `main` rustc generates for a test binary).
 pub fn site_frame(frames: &[Frame], user_roots: &[PathBuf]) -> (Option<usize>, SiteOrigin) {
-    if let Some(i) = frames.iter().position(|f| in_user_root(f, user_roots)) {
+    if let Some(i) = (0..frames.len())
+        .find(|&i| in_user_root(&frames[i], user_roots) && !generated_test_main(frames, i))
+    {
         return (Some(i), SiteOrigin::User);
     }
-    if let Some(i) = frames
-        .iter()
-        .position(|f| f.function.is_some() && !is_std(f))
-    {
+    if let Some(i) = (0..frames.len()).find(|&i| {
+        frames[i].function.is_some() && !is_std(&frames[i]) && !generated_test_main(frames, i)
+    }) {
         return (Some(i), SiteOrigin::Library);
     }
-    let std_fn = |f: &Frame| {
-        f.function
-            .as_deref()
-            .is_some_and(|n| n.starts_with("std::") || n.starts_with("<std::"))
+    // libtest's frames say more of what its own allocations are for than the std
+    // collections it calls.
+    let in_crate = |krate: &'static str| {
+        move |f: &Frame| {
+            f.function.as_deref().is_some_and(|n| {
+                n.strip_prefix('<')
+                    .unwrap_or(n)
+                    .strip_prefix(krate)
+                    .is_some_and(|rest| rest.starts_with("::"))
+            })
+        }
     };
-    match frames.iter().position(std_fn) {
+    match (frames.iter().position(in_crate("test")))
+        .or_else(|| frames.iter().position(in_crate("std")))
+    {
         Some(i) => (Some(i), SiteOrigin::Std),
         None => (None, SiteOrigin::Unknown),
     }
+}
+
+/// Whether `frames[i]` is the `main` rustc generates for a test binary: it sits in the
+/// crate's root file (line 1), so among the user's files, but all it does is call
+/// libtest, whose own allocations are not the user's code's.
+fn generated_test_main(frames: &[Frame], i: usize) -> bool {
+    let named = |f: &Frame, p: fn(&str) -> bool| f.function.as_deref().is_some_and(p);
+    i > 0
+        && named(&frames[i], |f| {
+            f.ends_with("::main") && f.matches("::").count() == 1
+        })
+        && named(&frames[i - 1], |f| f.starts_with("test::test_main_static"))
 }
 
 /// If a stack is the standard library keeping memory for itself until exit, the
@@ -944,6 +969,36 @@ mod tests {
         };
         let std_only = [frames[0].clone(), init, c_main];
         assert_eq!(site_frame(&std_only, &roots), (Some(1), SiteOrigin::Std));
+    }
+
+    #[test]
+    fn the_main_rustc_generates_for_tests_and_std_s_vendored_crates_are_not_sites() {
+        let roots = vec![PathBuf::from("/home/u/app")];
+        let harness = vec![
+            frame(
+                "hashbrown::raw::alloc::inner::do_alloc",
+                "/rust/deps/hashbrown-0.16.1/src/raw/alloc.rs",
+            ),
+            frame(
+                "test::console::run_tests_console",
+                "/rustc/abc/library/test/src/console.rs",
+            ),
+            frame(
+                "std::collections::hash::map::HashMap::insert",
+                "/rustc/abc/library/std/src/collections/hash/map.rs",
+            ),
+            frame(
+                "test::test_main_static",
+                "/rustc/abc/library/test/src/lib.rs",
+            ),
+            frame("app::main", "/home/u/app/src/lib.rs"),
+        ];
+        assert_eq!(site_frame(&harness, &roots), (Some(1), SiteOrigin::Std));
+
+        // A user's `main` that calls something else is the user's.
+        let mut own = harness.clone();
+        own[3] = frame("app::run", "/home/u/app/src/lib.rs");
+        assert_eq!(site_frame(&own, &roots), (Some(3), SiteOrigin::User));
     }
 
     #[test]
