@@ -57,7 +57,7 @@ pub fn generate(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<R
 
 /// Reads the traces and analyses them into the report model.
 pub fn build(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<Report> {
-    build_with(traces, options, Ahead::none())
+    build_with(traces, options, AnalysedAhead::default())
 }
 
 /// [`build`], taking the traces [`Ahead`] analysed already as they are.
@@ -76,7 +76,7 @@ pub fn build_with(
         }
     }
     let progress = Progress::new(
-        options.progress,
+        options.progress && !opened.is_empty(),
         opened.iter().map(|(_, trace)| trace.event_bytes()).sum(),
     );
     // Traces are analysed side by side, one per core (a test suite writes one per
@@ -125,11 +125,6 @@ pub struct Ahead {
 pub struct AnalysedAhead(FxHashMap<PathBuf, Analysed>);
 
 impl Ahead {
-    /// Nothing analysed ahead.
-    pub fn none() -> AnalysedAhead {
-        AnalysedAhead::default()
-    }
-
     /// Starts analysing the traces `ended` hands out, each once (it is asked again
     /// whenever it has nothing new).
     pub fn start(

@@ -175,11 +175,8 @@ impl Finished {
         dirs.sort();
         let mut traces = Vec::new();
         for dir in dirs {
-            // Read while being written, or not there yet: the run has not ended.
-            let Some(run) = fs::read(dir.join("run.json"))
-                .ok()
-                .and_then(|bytes| serde_json::from_slice::<BinaryRun>(&bytes).ok())
-            else {
+            // Not there yet, or read while being written: the run has not ended.
+            let Some(run) = read_run(&dir) else {
                 continue;
             };
             if !run.listing {
@@ -202,10 +199,14 @@ pub fn collect(root: &Path) -> anyhow::Result<Vec<(PathBuf, Option<BinaryRun>)>>
     Ok(dirs
         .into_iter()
         .map(|dir| {
-            let run = fs::read(dir.join("run.json"))
-                .ok()
-                .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+            let run = read_run(&dir);
             (dir, run)
         })
         .collect())
+}
+
+/// What `run.json` in `dir` says, if it is there and whole.
+fn read_run(dir: &Path) -> Option<BinaryRun> {
+    let bytes = fs::read(dir.join("run.json")).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
