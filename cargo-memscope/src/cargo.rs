@@ -3,7 +3,7 @@
 //! JSON messages name the executable).
 
 use std::ffi::{OsStr, OsString};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -635,19 +635,7 @@ impl TestBuild<'_> {
             executables.extend(self.executable(artifact));
         })?;
         // What follows the build is the tests' own output.
-        let mut out = std::io::stdout();
-        let mut buf = [0u8; 8192];
-        loop {
-            match std::io::Read::read(&mut reader, &mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    let _ = out.write_all(&buf[..n]);
-                    let _ = out.flush();
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
+        crate::runner::relay_stdout(&mut reader, true, None);
         let status = child.wait().context("failed to wait for cargo")?;
         if let Some(crates) = outcome.foreign_allocator {
             bail!(foreign_allocator_error(&crates));

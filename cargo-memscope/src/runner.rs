@@ -88,22 +88,7 @@ fn run_child(
     let _signals = crate::run::signals::Relay::install(pid);
     let mut stdout = child.stdout.take().expect("stdout is piped");
     let mut kept = Vec::new();
-    let mut buf = [0u8; 8192];
-    let mut out = std::io::stdout();
-    loop {
-        match stdout.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                if pass_through {
-                    let _ = out.write_all(&buf[..n]);
-                    let _ = out.flush();
-                }
-                kept.extend_from_slice(&buf[..n]);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
-    }
+    relay_stdout(&mut stdout, pass_through, Some(&mut kept));
     let status = child
         .wait()
         .context("failed to wait for the test executable")?;
@@ -122,6 +107,34 @@ fn run_child(
     fs::write(dir.join("run.json"), json)
         .with_context(|| format!("failed to write {}", dir.join("run.json").display()))?;
     Ok((record, status))
+}
+
+/// Reads `from` to its end, writing what comes to stdout as it comes when
+/// `pass_through` (flushed at once: a test's progress shows before its line ends), and
+/// keeping a copy in `kept`.
+pub(crate) fn relay_stdout(
+    from: &mut impl Read,
+    pass_through: bool,
+    mut kept: Option<&mut Vec<u8>>,
+) {
+    let mut buf = [0u8; 8192];
+    let mut out = std::io::stdout();
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if pass_through {
+                    let _ = out.write_all(&buf[..n]);
+                    let _ = out.flush();
+                }
+                if let Some(kept) = kept.as_deref_mut() {
+                    kept.extend_from_slice(&buf[..n]);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
 }
 
 /// After terse output (`-q`), which names only failed tests: asks the harness, with the
