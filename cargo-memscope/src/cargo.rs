@@ -13,6 +13,7 @@ use cargo_metadata::{DependencyKind, Message, MetadataCommand, TargetKind};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cli::CargoArgs;
+use crate::lockfile::LockCheck;
 
 /// The user's workspace as `cargo metadata` describes it (paths in the user's tree).
 #[derive(Debug)]
@@ -108,9 +109,8 @@ pub fn cargo() -> OsString {
 }
 
 /// Locates the manifest like cargo does and reads the workspace it belongs to. Uses
-/// `--no-deps`, so the user's `Cargo.lock` is never written; with `--locked` or
-/// `--frozen`, resolves the dependencies instead, which checks that `Cargo.lock` is up
-/// to date (cargo only reads it then), as the user's own `cargo run --locked` would.
+/// `--no-deps`, so nothing is resolved and the user's `Cargo.lock` is never written;
+/// `--locked` is checked by [`crate::lockfile`].
 pub fn load_workspace(args: &CargoArgs) -> anyhow::Result<Workspace> {
     let cwd = std::env::current_dir().context("failed to read the current directory")?;
     let manifest = locate_manifest(&cwd, args.manifest_path.as_deref())?;
@@ -118,35 +118,15 @@ pub fn load_workspace(args: &CargoArgs) -> anyhow::Result<Workspace> {
     for value in &args.config {
         options.extend(["--config".to_owned(), value.clone()]);
     }
-    let mut command = MetadataCommand::new();
-    command
+    let metadata = MetadataCommand::new()
         .cargo_path(cargo())
         .manifest_path(&manifest)
-        .current_dir(&cwd);
-    let locked = args.is_locked();
-    if locked {
-        options.extend(
-            args.resolution_flags()
-                .into_iter()
-                .map(|flag| flag.to_string_lossy().into_owned()),
-        );
-    } else {
-        command.no_deps();
-    }
-    let metadata = command
+        .current_dir(&cwd)
+        .no_deps()
         .other_options(options)
         .exec()
-        .map_err(|err| match err {
-            cargo_metadata::Error::CargoMetadata { stderr } => {
-                anyhow::anyhow!(cargo_error_line(&stderr))
-            }
-            other => anyhow::Error::new(other),
-        })
-        .context(if locked {
-            "failed to read the workspace with `cargo metadata`, or its Cargo.lock does not match the manifests (--locked)"
-        } else {
-            "failed to read the workspace with `cargo metadata`"
-        })?;
+        .map_err(metadata_error)
+        .context("failed to read the workspace with `cargo metadata`")?;
 
     let members: Vec<Member> = metadata
         .workspace_packages()
@@ -233,6 +213,16 @@ fn locate_manifest(cwd: &Path, explicit: Option<&Path>) -> anyhow::Result<PathBu
                 cwd.display()
             )
         })
+}
+
+/// A failed `cargo metadata`, with cargo's error output reduced to one line.
+pub fn metadata_error(err: cargo_metadata::Error) -> anyhow::Error {
+    match err {
+        cargo_metadata::Error::CargoMetadata { stderr } => {
+            anyhow::anyhow!(cargo_error_line(&stderr))
+        }
+        other => anyhow::Error::new(other),
+    }
 }
 
 /// Cargo's error output reduced to one line: the first `error:` and its first cause.
@@ -374,6 +364,8 @@ pub struct Build<'a> {
     pub ws: &'a Workspace,
     pub program: &'a Program,
     pub args: &'a CargoArgs,
+    /// Adds `--locked` when the scratch copy's lock file is vouched for.
+    pub lock: &'a LockCheck,
     pub scratch: &'a Path,
     /// `CARGO_TARGET_DIR` for the build, apart from the user's own.
     pub build_dir: &'a Path,
@@ -403,6 +395,7 @@ impl Build<'_> {
             })
             .args(["--color", if self.color { "always" } else { "never" }])
             .args(self.args.build_flags())
+            .args(self.lock.scratch_flags())
             .args(self.profile_config())
             .current_dir(self.working_dir())
             .env("CARGO_TARGET_DIR", self.build_dir)
@@ -539,6 +532,8 @@ pub struct TestBuild<'a> {
     pub args: &'a CargoArgs,
     /// `cargo test`'s own flags: package and target selection, `--no-fail-fast`.
     pub test_flags: &'a [OsString],
+    /// Adds `--locked` when the scratch copy's lock file is vouched for.
+    pub lock: &'a LockCheck,
     pub scratch: &'a Path,
     pub build_dir: &'a Path,
     pub color: bool,
@@ -571,6 +566,7 @@ impl TestBuild<'_> {
             .args(self.test_flags)
             .args(["--color", if self.color { "always" } else { "never" }])
             .args(build_flags)
+            .args(self.lock.scratch_flags())
             .args(profile_config(self.ws, self.args))
             .current_dir(working_dir(self.ws, self.scratch))
             .env("CARGO_TARGET_DIR", self.build_dir);

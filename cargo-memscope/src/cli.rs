@@ -361,7 +361,7 @@ impl CargoArgs {
 
     /// The resolution flags for cargo in the scratch copy, whose lock file must gain
     /// memscope's runtime: `--locked` is left out and `--frozen` becomes `--offline`
-    /// (the user's own lock file was checked when the workspace was read).
+    /// (`lockfile.rs` checks the user's own lock file, and adds `--locked` back when it can).
     fn scratch_resolution_flags(&self) -> Vec<OsString> {
         self.resolution([false, self.offline || self.frozen, false])
     }

@@ -10,6 +10,7 @@ mod gate;
 mod html;
 mod instrument;
 mod libtest;
+mod lockfile;
 mod modules;
 mod pertest;
 mod replay;

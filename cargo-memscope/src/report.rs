@@ -146,7 +146,8 @@ impl Ahead {
             while !stopped.load(std::sync::atomic::Ordering::Acquire) {
                 queue.extend(ended());
                 let Some(path) = queue.pop_front() else {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    // Woken early by `finish`.
+                    std::thread::park_timeout(std::time::Duration::from_millis(5));
                     continue;
                 };
                 // A trace that cannot be read, or not yet in full (a process it forked
@@ -167,6 +168,7 @@ impl Ahead {
     /// Stops (after the trace being analysed, if any) and hands over what is done.
     pub fn finish(self) -> AnalysedAhead {
         self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.thread.thread().unpark();
         // A panic is raised again where `build_with` analyses the same trace.
         self.thread.join().unwrap_or_default()
     }

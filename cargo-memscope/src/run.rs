@@ -14,6 +14,7 @@ use anyhow::{bail, Context};
 
 use crate::cargo::{self, Workspace};
 use crate::cli::{OutputArgs, ReportArgs, RunArgs};
+use crate::lockfile::LockCheck;
 use crate::report::{self, ReportOptions};
 use crate::{embedded, gate, rewrite, scratch};
 
@@ -112,7 +113,7 @@ impl Layout {
 }
 
 /// FNV-1a, 64-bit: a hash that stays the same across Rust versions.
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
         (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
     })
@@ -136,17 +137,21 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
     if args.cargo.verbose > 0 {
         rewrite.describe();
     }
+    let lock = LockCheck::run(&ws, &args.cargo, &layout.scratch, &runtime)?;
     let options = layout.report_options(&ws, &args.output);
     let executable = cargo::Build {
         ws: &ws,
         program: &program,
         args: &args.cargo,
+        lock: &lock,
         scratch: &layout.scratch,
         build_dir: &layout.build(),
         color: options.color,
         progress: options.progress && !args.cargo.quiet,
     }
-    .run()?;
+    .run();
+    lock.built(executable.is_ok());
+    let executable = executable?;
 
     let trace_dir = layout.new_trace_dir()?;
     let status = run_program(&executable, &args.program_args, &trace_dir, args.no_stacks)?;

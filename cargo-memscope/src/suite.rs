@@ -16,6 +16,7 @@ use anyhow::{bail, Context};
 use crate::cargo::{self, TestExecutable, Workspace};
 use crate::cli::TestArgs;
 use crate::libtest;
+use crate::lockfile::LockCheck;
 use crate::pertest::{self, BinaryInfo, ProcessInfo};
 use crate::report::{self, Report, ReportOptions};
 use crate::rewrite::{self, CrateRoot};
@@ -49,6 +50,7 @@ pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
     if args.cargo.verbose > 0 {
         rewrite.describe();
     }
+    let lock = LockCheck::run(&ws, &args.cargo, &layout.scratch, &runtime)?;
     let options = ReportOptions {
         tests: true,
         ..layout.report_options(&ws, &args.output)
@@ -58,6 +60,7 @@ pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
         ws: &ws,
         args: &args.cargo,
         test_flags: &flags,
+        lock: &lock,
         scratch: &layout.scratch,
         build_dir: &layout.build(),
         color: options.color,
@@ -103,6 +106,7 @@ pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
             .collect();
         build.build_and_run(command, &harness)
     };
+    lock.built(ran.is_ok());
     let ahead = ahead.finish();
     let (executables, status) = ran.inspect_err(|_| {
         let _ = std::fs::remove_dir_all(&trace_dir);

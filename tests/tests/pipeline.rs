@@ -417,6 +417,44 @@ fn locked_run_keeps_the_user_lock_file_and_still_links_the_runtime() {
 }
 
 #[test]
+fn a_locked_run_checks_the_lock_file_again_once_a_manifest_changed_since_the_last_one() {
+    let fixture = Fixture::from_files(
+        "relocked",
+        &[
+            (
+                "Cargo.toml",
+                "[package]\nname = \"relocked\"\nversion = \"0.1.0\"\nedition = \"2021\"\n[workspace]\n",
+            ),
+            ("Cargo.lock", lock_file_of("relocked").as_str()),
+            ("src/main.rs", "fn main() { println!(\"relocked\"); }\n"),
+            (
+                "helper/Cargo.toml",
+                "[package]\nname = \"helper\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
+            ),
+            ("helper/src/lib.rs", "pub fn help() {}\n"),
+        ],
+    );
+    // The second run relies on what the first one checked.
+    for _ in 0..2 {
+        let output = fixture.memscope(&["run", "--locked"]).run();
+        assert_eq!(output.stdout, "relocked\n", "{output:#?}");
+    }
+    // A dependency the lock file lacks: cargo would have to add it.
+    std::fs::write(
+        fixture.path().join("Cargo.toml"),
+        "[package]\nname = \"relocked\"\nversion = \"0.1.0\"\nedition = \"2021\"\n[workspace]\n\
+         [dependencies]\nhelper = { path = \"helper\" }\n",
+    )
+    .unwrap();
+    let before = fixture.files();
+    for command in ["run", "test"] {
+        let output = fixture.memscope(&[command, "--locked"]).run();
+        assert_one_line_error(&output, "--locked");
+        assert_eq!(fixture.files(), before, "{command}");
+    }
+}
+
+#[test]
 fn a_locked_run_whose_lock_file_is_out_of_date_is_a_one_line_error_and_changes_nothing() {
     // The lock file lacks the path dependency `helper`: cargo would have to add it.
     let lock = lock_file_of("stale");
