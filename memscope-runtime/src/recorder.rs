@@ -237,6 +237,13 @@ fn emit_with(kind: u64, payload: &[u64], stamp: impl FnOnce(&ThreadRecord) -> u6
     done
 }
 
+/// The stack slot of a stack hash: its top 12 bits (slot 0 means "no stack"; slot 1
+/// takes its share).
+#[inline(always)]
+fn slot_of(hash: u64) -> u64 {
+    (hash >> 52).max(1)
+}
+
 #[inline(always)]
 fn align_log2(layout: Layout) -> u64 {
     layout.align().trailing_zeros() as u64
@@ -598,9 +605,31 @@ impl ThreadRecord {
     }
 
     /// [`stack_slot`](Self::stack_slot) with stacks on: out of line, so that the
-    /// events' own path keeps a small frame when stacks are off.
+    /// events' own path keeps a small frame when stacks are off. The common case, the
+    /// thread's previous stack again and already written, needs a few registers; the
+    /// rest ([`record_stack`](Self::record_stack)) a large frame.
     #[inline(never)]
     fn walk_stack(&self) -> u64 {
+        let start = stack::registers();
+        if let Some(last) = NonNull::new(self.last_walk.get()) {
+            // SAFETY: allocated in `create` for this thread, used only by it; `start`
+            // is this function's frame.
+            if let Some((_, hash)) = unsafe { stack::again(last.as_ref(), start.0) } {
+                let slot = slot_of(hash);
+                let cache = self.stack_cache.get();
+                // SAFETY: `cache` has STACK_CACHE entries and `slot < STACK_CACHE`.
+                if !cache.is_null() && unsafe { *cache.add(slot as usize) } == hash {
+                    return slot;
+                }
+            }
+        }
+        self.record_stack(start)
+    }
+
+    /// Walks the stack from the frame `start` of [`walk_stack`](Self::walk_stack), which
+    /// is waiting for this to return; writes it if its slot does not hold it yet.
+    #[inline(never)]
+    fn record_stack(&self, start: (usize, usize)) -> u64 {
         let mut spare;
         let last = match NonNull::new(self.last_walk.get()) {
             // SAFETY: allocated in `create` for this thread, used only by it.
@@ -610,12 +639,16 @@ impl ThreadRecord {
                 &mut spare
             }
         };
-        // SAFETY: `last` holds only this thread's walks.
-        let (len, hash) = unsafe { stack::capture(self.stack_top, last) };
+        // SAFETY: `last` holds only this thread's walks. `start` is the frame and stack
+        // pointer of `walk_stack`, which waits for us to return; or, if it jumped here
+        // (a tail call), of the frame this function then built in its place, at the
+        // same address with the same saved frame pointer and return address. Either
+        // way both lie in the live part of this thread's stack.
+        let (len, hash) = unsafe { stack::capture_from(start, self.stack_top, last) };
         if len == 0 {
             return 0;
         }
-        let slot = hash % (STACK_SLOTS as u64 - 1) + 1;
+        let slot = slot_of(hash);
         let cache = self.stack_cache.get();
         if !cache.is_null() {
             // SAFETY: `cache` has STACK_CACHE entries and `slot < STACK_CACHE`.

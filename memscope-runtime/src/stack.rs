@@ -22,6 +22,11 @@
 //!
 //! The stack's hash (`format::stack_hash`) folds the frames from the outermost in, so
 //! the hash of the reused part is kept with it and only the new frames are mixed in.
+//!
+//! Most often the walk would start at the very frame the previous one started at (the
+//! same place allocating again) and nothing it read has changed: then it *is* the
+//! previous walk ([`again`]), found with one accumulated comparison of all its words
+//! (one 16-byte load, XOR and OR per level) and no walking at all.
 
 use crate::format::{stack_finish, stack_mix, MAX_FRAMES};
 
@@ -42,6 +47,8 @@ pub struct LastWalk {
     /// The walk stopped because the frame at level 0's saved frame pointer has return
     /// address 0.
     top_ret_zero: bool,
+    /// The finished hash of the whole walk (`stack_finish` over all levels).
+    whole: u64,
 }
 
 /// `[fp]` and `[fp + 8]` as one value.
@@ -59,6 +66,7 @@ impl LastWalk {
         words: [0; MAX_FRAMES],
         hash: [0; MAX_FRAMES],
         top_ret_zero: false,
+        whole: 0,
     };
 
     /// The return address of frame `i`, innermost first.
@@ -77,14 +85,9 @@ impl LastWalk {
     /// so that every `fp[k]`, `k <= level`, lies in its live part.
     #[inline(always)]
     unsafe fn holding(&self, level: usize) -> usize {
-        if self.top_ret_zero {
-            let top_next = self.words[0] as usize;
-            // SAFETY: the walk read this word: level 0's saved frame pointer passed
-            // the bounds checks then, above `fp[0]`, inside the stack.
-            let top_ret = unsafe { *((top_next + 8) as *const u64) };
-            if top_ret != 0 {
-                return 0;
-            }
+        // SAFETY: as the caller guarantees.
+        if !unsafe { self.top_still_ends() } {
+            return 0;
         }
         let mut first_changed = level + 1;
         for k in (0..=level).rev() {
@@ -98,6 +101,68 @@ impl LastWalk {
         }
         first_changed
     }
+    /// Whether a walk that stopped at a return address of 0 above level 0 still would.
+    ///
+    /// # Safety
+    /// As for [`holding`](Self::holding).
+    #[inline(always)]
+    unsafe fn top_still_ends(&self) -> bool {
+        if !self.top_ret_zero {
+            return true;
+        }
+        let top_next = self.words[0] as usize;
+        // SAFETY: the walk read this word: level 0's saved frame pointer passed the
+        // bounds checks then, above `fp[0]`, inside the stack.
+        unsafe { *((top_next + 8) as *const u64) == 0 }
+    }
+
+    /// Whether every word the walk read is unchanged: [`holding`](Self::holding) of the
+    /// innermost level, answered with one accumulated comparison instead of one per
+    /// level (the common case: the same place allocating again).
+    ///
+    /// # Safety
+    /// The walk's innermost frame, `fp[len - 1]`, must be at or above the current
+    /// frame, inside the thread's stack.
+    #[inline(always)]
+    unsafe fn all_hold(&self) -> bool {
+        let len = self.len.min(MAX_FRAMES);
+        #[cfg(target_arch = "x86_64")]
+        let same = {
+            use core::arch::x86_64::{
+                __m128i, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_setzero_si128,
+                _mm_xor_si128,
+            };
+            // SSE2, which every x86_64 CPU has: one 16-byte load, one XOR and one OR
+            // per level (two of each as 64-bit halves otherwise).
+            // SAFETY: SSE2 is part of x86_64. Each `fp[k] >= fp[len - 1]` lies in the
+            // live stack, as the caller guarantees, with `fp[k] + 16 <= stack top`
+            // (see `holding`); `words` has `MAX_FRAMES >= len` entries. Unaligned loads.
+            unsafe {
+                let mut diff = _mm_setzero_si128();
+                for k in 0..len {
+                    let now = _mm_loadu_si128(self.fp[k] as *const __m128i);
+                    let then = _mm_loadu_si128(self.words.as_ptr().add(k) as *const __m128i);
+                    diff = _mm_or_si128(diff, _mm_xor_si128(now, then));
+                }
+                _mm_movemask_epi8(core::arch::x86_64::_mm_cmpeq_epi8(
+                    diff,
+                    _mm_setzero_si128(),
+                )) == 0xffff
+            }
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let same = {
+            let mut diff = 0u128;
+            for k in 0..len {
+                // SAFETY: as above.
+                let now = unsafe { (self.fp[k] as *const u128).read_unaligned() };
+                diff |= now ^ self.words[k];
+            }
+            diff == 0
+        };
+        // SAFETY: as the caller guarantees.
+        same && unsafe { self.top_still_ends() }
+    }
 }
 
 /// Walks the frame-pointer chain of the calling thread, whose stack ends (grows down
@@ -108,9 +173,43 @@ impl LastWalk {
 ///
 /// # Safety
 /// `last` must have been filled only by walks of the calling thread.
+#[cfg(test)]
 #[inline(always)]
-pub unsafe fn capture(stack_top: usize, last: &mut LastWalk) -> (usize, u64) {
-    let (mut fp, lo) = registers();
+unsafe fn capture(stack_top: usize, last: &mut LastWalk) -> (usize, u64) {
+    // SAFETY: the current frame and stack pointer; as the caller guarantees.
+    unsafe { capture_from(registers(), stack_top, last) }
+}
+
+/// The previous walk again, when a walk from frame `fp` would be the same: it started
+/// there too and nothing it read changed. Its frame count and hash, or `None`.
+///
+/// # Safety
+/// `last` must have been filled only by walks of the calling thread, and `fp` must be
+/// the frame pointer of a live frame of that thread's (the caller's, or one above it).
+#[inline(always)]
+pub unsafe fn again(last: &LastWalk, fp: usize) -> Option<(usize, u64)> {
+    // SAFETY: `fp` is live, and the previous walk's innermost frame.
+    (last.reusable && last.len > 0 && last.fp[last.len - 1] == fp && unsafe { last.all_hold() })
+        .then_some((last.len, last.whole))
+}
+
+/// [`capture`] from the frame `fp`, with `lo` the stack pointer of a live frame at or
+/// below it: what [`registers`] read in the caller, or in a function that is waiting
+/// for the caller to return.
+///
+/// # Safety
+/// As for [`again`], and `lo` must be a stack pointer of that thread, at or below `fp`,
+/// whose frame is live.
+#[inline(always)]
+pub unsafe fn capture_from(
+    (mut fp, lo): (usize, usize),
+    stack_top: usize,
+    last: &mut LastWalk,
+) -> (usize, u64) {
+    // SAFETY: as the caller guarantees.
+    if let Some(same) = unsafe { again(last, fp) } {
+        return same;
+    }
     // What this walk reads itself, innermost first: frame addresses and their words.
     let mut fps = [std::mem::MaybeUninit::<usize>::uninit(); MAX_FRAMES];
     let mut words = [std::mem::MaybeUninit::<u128>::uninit(); MAX_FRAMES];
@@ -181,7 +280,8 @@ pub unsafe fn capture(stack_top: usize, last: &mut LastWalk) -> (usize, u64) {
         last.hash[level] = h;
     }
     last.len = above + n;
-    (last.len, stack_finish(h, last.len))
+    last.whole = stack_finish(h, last.len);
+    (last.len, last.whole)
 }
 
 /// Where the live frames of whoever called `exit` begin, seen from the `atexit`
@@ -372,8 +472,10 @@ mod tests {
             }
             match round {
                 0 => {
-                    // Marks the kept hash states: a walk that reuses them shows it.
+                    // Marks the kept hash states (and the whole walk's hash, which
+                    // the same walk again returns): a walk that reuses them shows it.
                     last.hash.iter_mut().for_each(|h| *h ^= 1);
+                    last.whole ^= 1;
                 }
                 1 => {
                     assert_ne!(
