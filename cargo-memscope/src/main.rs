@@ -22,6 +22,7 @@ mod scratch;
 mod suite;
 mod summary;
 mod symbols;
+mod symcache;
 mod trace;
 
 use std::process::ExitCode;

@@ -45,6 +45,9 @@ pub struct ReportOptions {
     /// The traces are of test executables: also work out each thread's figures
     /// without the blocks of libtest's harness (`Thread::without_harness`).
     pub tests: bool,
+    /// Where what addresses of object files were found to be is kept between runs
+    /// (`symcache.rs`); `None`: not kept.
+    pub symbol_cache: Option<PathBuf>,
 }
 
 /// Reads the traces, analyses them, writes the reports and prints the terminal summary.
@@ -88,7 +91,7 @@ pub fn build_with(
     std::thread::scope(|scope| {
         let work = || {
             let mut done = Vec::new();
-            let loaders = symbols::Loaders::default();
+            let loaders = symbols::Loaders::cached(options.symbol_cache.clone());
             loop {
                 let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some((i, trace)) = opened.get(n) else {
@@ -139,7 +142,7 @@ impl Ahead {
         };
         let thread = std::thread::spawn(move || {
             lower_priority();
-            let loaders = symbols::Loaders::default();
+            let loaders = symbols::Loaders::cached(options.symbol_cache.clone());
             let progress = Progress::new(false, 0);
             let mut done = AnalysedAhead::default();
             let mut queue = std::collections::VecDeque::new();
@@ -1509,6 +1512,7 @@ mod tests {
             color: false,
             progress: false,
             tests: true,
+            symbol_cache: None,
         }
     }
 

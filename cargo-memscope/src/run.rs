@@ -108,6 +108,7 @@ impl Layout {
             color: output.color.enabled(),
             progress: std::io::stderr().is_terminal(),
             tests: false,
+            symbol_cache: Some(self.root.join("symbols")),
         }
     }
 }
@@ -240,6 +241,7 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<()> {
             color: args.output.color.enabled(),
             progress: std::io::stderr().is_terminal(),
             tests: true,
+            symbol_cache: None,
         },
     };
     generate(&traces, &options, args.output.open).map(drop)

@@ -5,21 +5,22 @@
 //! looked up at `r - 1 - bias` (the call instruction, in the file's own addresses) in
 //! its DWARF line tables, inlined frames expanded innermost first, and falls back to
 //! the symbol table when there is no DWARF. Rust names are demangled without their
-//! hash suffix. Results are cached per address, and per address in its object file
-//! for the other processes an analysing thread reads; object files are loaded on
-//! first use.
+//! hash suffix. Results are cached per address, per address in its object file for
+//! the other processes an analysing thread reads, and between runs for object files
+//! with a build id (`symcache.rs`); object files are loaded on first need.
 //!
 //! On top of that, decisions made by frame name: which frames are the allocator's
 //! plumbing (trimmed from the top of every stack), which frame is an allocation's
 //! *site*, and which stacks are the standard library's own bookkeeping.
 
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
+use crate::symcache::{ObjectCache, RawFrame};
 use crate::trace::Module;
 
 /// A string of a frame, shared: a trace's sites repeat the same frames tens of
@@ -56,15 +57,22 @@ pub struct ModuleStatus {
 /// The object files opened for symbolization, kept across the traces that one thread
 /// analyses: a test suite's processes load the same few files (under nextest, one
 /// process per test), and reading an object's debug information is most of the cost.
+/// With a cache directory, what was found is also kept between runs (`symcache.rs`),
+/// and an object file is only opened for addresses no earlier run looked up.
 #[derive(Default)]
-pub struct Loaders(RefCell<FxHashMap<String, Rc<Loaded>>>);
+pub struct Loaders {
+    loaded: RefCell<FxHashMap<String, Rc<Loaded>>>,
+    cache_dir: Option<PathBuf>,
+}
 
-/// An object file's loader and whether it has DWARF line tables, or why it could not
-/// be opened; and the frames found so far, by address in the file (every process
-/// that loads the file shares them, wherever it was mapped).
+/// An object file: its loader (opened on first need) and whether it has DWARF line
+/// tables, or why it could not be opened; and the frames found so far, by address in
+/// the file (every process that loads the file shares them, wherever it was mapped).
 struct Loaded {
-    loader: Result<addr2line::Loader, String>,
-    has_dwarf: bool,
+    path: String,
+    loader: OnceCell<Result<addr2line::Loader, String>>,
+    /// What earlier runs found in this very file, and what this one adds.
+    cache: RefCell<Option<ObjectCache>>,
     frames: RefCell<FxHashMap<u64, Rc<[Frame]>>>,
     /// The frames' [`Facts`] by address in the file, for the report's user roots (the
     /// same for every process of one report).
@@ -72,22 +80,128 @@ struct Loaded {
 }
 
 impl Loaders {
+    /// Loaders that keep what they find in `cache_dir` between runs.
+    pub fn cached(cache_dir: Option<PathBuf>) -> Loaders {
+        Loaders {
+            loaded: RefCell::default(),
+            cache_dir,
+        }
+    }
+
     fn get(&self, path: &str) -> Rc<Loaded> {
-        if let Some(loaded) = self.0.borrow().get(path) {
+        if let Some(loaded) = self.loaded.borrow().get(path) {
             return loaded.clone();
         }
-        let loader = addr2line::Loader::new(path).map_err(|e| e.to_string());
-        let has_dwarf = loader
-            .as_ref()
-            .is_ok_and(|l| l.get_section_range(b".debug_line").is_some());
+        let cache = self
+            .cache_dir
+            .as_deref()
+            .and_then(|dir| ObjectCache::open(dir, Path::new(path)));
         let loaded = Rc::new(Loaded {
-            loader,
-            has_dwarf,
+            path: path.to_owned(),
+            loader: OnceCell::new(),
+            cache: RefCell::new(cache),
             frames: RefCell::default(),
             facts: RefCell::default(),
         });
-        self.0.borrow_mut().insert(path.to_owned(), loaded.clone());
+        self.loaded
+            .borrow_mut()
+            .insert(path.to_owned(), loaded.clone());
         loaded
+    }
+}
+
+impl Drop for Loaders {
+    /// Keeps what this thread found for the next run.
+    fn drop(&mut self) {
+        for loaded in self.loaded.borrow().values() {
+            if let Some(cache) = loaded.cache.borrow().as_ref() {
+                cache.save();
+            }
+        }
+    }
+}
+
+impl Loaded {
+    fn loader(&self) -> &Result<addr2line::Loader, String> {
+        self.loader.get_or_init(|| {
+            let loader = addr2line::Loader::new(&self.path).map_err(|e| e.to_string());
+            if let (Ok(l), Some(cache)) = (&loader, self.cache.borrow_mut().as_mut()) {
+                cache.set_has_dwarf(l.get_section_range(b".debug_line").is_some());
+            }
+            loader
+        })
+    }
+
+    /// Whether the file has DWARF line tables, or why it could not be opened: from an
+    /// earlier run when it knows, else from the file.
+    fn status(&self) -> Result<bool, String> {
+        if self.loader.get().is_none() {
+            if let Some(known) = self
+                .cache
+                .borrow()
+                .as_ref()
+                .and_then(ObjectCache::has_dwarf)
+            {
+                return Ok(known);
+            }
+        }
+        match self.loader() {
+            Ok(l) => Ok(l.get_section_range(b".debug_line").is_some()),
+            Err(e) => Err(e.clone()),
+        }
+    }
+
+    /// The frames at `probe` as the file names them: from the cache, or looked up (and
+    /// then cached); `None` when the file cannot be opened.
+    fn raw_frames(&self, probe: u64) -> Option<Rc<[RawFrame]>> {
+        if let Some(known) = self.cache.borrow().as_ref().and_then(|c| c.get(probe)) {
+            return Some(known);
+        }
+        let Ok(loader) = self.loader() else {
+            return None;
+        };
+        let mut out = Vec::new();
+        if let Ok(mut iter) = loader.find_frames(probe) {
+            while let Ok(Some(frame)) = iter.next() {
+                let function = frame
+                    .function
+                    .as_ref()
+                    .and_then(|f| f.raw_name().ok())
+                    .map(|n| demangle(&n));
+                let (file, line) = match &frame.location {
+                    Some(loc) => (loc.file.map(str::to_owned), loc.line),
+                    None => (None, None),
+                };
+                out.push(RawFrame {
+                    function,
+                    file,
+                    line,
+                    inlined: true,
+                });
+            }
+        }
+        // DWARF may name functions by their short name only (`on_alloc`); the
+        // symbol table has the full path of the outermost one.
+        let symbol = loader.find_symbol(probe).map(demangle);
+        match out.last_mut() {
+            Some(outer) => {
+                outer.inlined = false;
+                if symbol.is_some() {
+                    outer.function = symbol;
+                }
+            }
+            None => out.push(RawFrame {
+                function: symbol,
+                file: None,
+                line: None,
+                inlined: false,
+            }),
+        }
+        let out: Rc<[RawFrame]> = out.into();
+        if let Some(cache) = self.cache.borrow_mut().as_mut() {
+            cache.insert(probe, out.clone());
+        }
+        Some(out)
     }
 }
 
@@ -216,9 +330,6 @@ impl<'a> Symbolizer<'a> {
         let Some((loaded, probe)) = self.locate(addr) else {
             return bare();
         };
-        let Ok(loader) = &loaded.loader else {
-            return bare();
-        };
         if let Some(known) = loaded.frames.borrow().get(&probe) {
             let at = |f: &Frame| Frame {
                 address: address.clone(),
@@ -226,49 +337,22 @@ impl<'a> Symbolizer<'a> {
             };
             return known.iter().map(at).collect();
         }
-
-        let mut out = Vec::new();
-        if let Ok(mut iter) = loader.find_frames(probe) {
-            while let Ok(Some(frame)) = iter.next() {
-                let function = frame
-                    .function
-                    .as_ref()
-                    .and_then(|f| f.raw_name().ok())
-                    .map(|n| Name::from(demangle(&n)));
-                let (file, line) = match &frame.location {
-                    Some(loc) => (
-                        loc.file.map(|f| Name::from(map_path(&self.path_map, f))),
-                        loc.line,
-                    ),
-                    None => (None, None),
-                };
-                out.push(Frame {
-                    address: address.clone(),
-                    function,
-                    file,
-                    line,
-                    inlined: true,
-                });
-            }
-        }
-        // DWARF may name functions by their short name only (`on_alloc`); the
-        // symbol table has the full path of the outermost one.
-        let symbol = loader.find_symbol(probe).map(|n| Name::from(demangle(n)));
-        match out.last_mut() {
-            Some(outer) => {
-                outer.inlined = false;
-                if symbol.is_some() {
-                    outer.function = symbol;
-                }
-            }
-            None => out.push(Frame {
+        let Some(raw) = loaded.raw_frames(probe) else {
+            return bare();
+        };
+        let out: Vec<Frame> = raw
+            .iter()
+            .map(|f| Frame {
                 address: address.clone(),
-                function: symbol,
-                file: None,
-                line: None,
-                inlined: false,
-            }),
-        }
+                function: f.function.as_deref().map(Name::from),
+                file: f
+                    .file
+                    .as_deref()
+                    .map(|file| Name::from(map_path(&self.path_map, file))),
+                line: f.line,
+                inlined: f.inlined,
+            })
+            .collect();
         loaded
             .frames
             .borrow_mut()
@@ -315,13 +399,13 @@ impl<'a> Symbolizer<'a> {
             .enumerate()
             .filter_map(|(i, o)| {
                 let loaded = o.loaded.as_ref()?;
-                let (status, detail) = match &loaded.loader {
-                    Ok(_) if loaded.has_dwarf => ("symbolized", None),
-                    Ok(_) => (
+                let (status, detail) = match loaded.status() {
+                    Ok(true) => ("symbolized", None),
+                    Ok(false) => (
                         "no_debug_info",
                         Some("no DWARF line tables: function names only".into()),
                     ),
-                    Err(e) => ("unreadable", Some(e.clone())),
+                    Err(e) => ("unreadable", Some(e)),
                 };
                 Some(ModuleStatus {
                     path: o.module.path.clone(),
@@ -1258,7 +1342,7 @@ mod tests {
         let mut second = Symbolizer::new(&[module], &[], &loaders);
         first.stack(&[0x1500]);
         second.stack(&[0x1600]);
-        assert_eq!(loaders.0.borrow().len(), 1);
+        assert_eq!(loaders.loaded.borrow().len(), 1);
         let loaded = |s: &Symbolizer| s.modules[0].loaded.clone().unwrap();
         assert!(Rc::ptr_eq(&loaded(&first), &loaded(&second)));
     }
@@ -1272,8 +1356,9 @@ mod tests {
         assert_eq!(s.status()[0].status, "unreadable");
     }
 
-    #[test]
-    fn this_test_binary_symbolizes_its_own_function() {
+    /// This test binary as a module of a trace, and a return address inside one of
+    /// its functions (named `here`); `None` when its mappings cannot be read.
+    fn this_binary_and_an_address_in_it() -> Option<(Module, u64)> {
         #[inline(never)]
         fn here() -> u64 {
             // A return address inside this function: the address after a call.
@@ -1304,13 +1389,19 @@ mod tests {
             }
             end = end.max(hi);
         }
-        let Some(bias) = bias else { return };
-        let module = (bias, end);
-        let m = Module {
+        let module = Module {
             path: exe.to_string_lossy().into(),
-            bias: module.0,
-            start: module.0,
-            end: module.1,
+            bias: bias?,
+            start: bias?,
+            end,
+        };
+        Some((module, addr))
+    }
+
+    #[test]
+    fn this_test_binary_symbolizes_its_own_function() {
+        let Some((m, addr)) = this_binary_and_an_address_in_it() else {
+            return;
         };
         let loaders = Loaders::default();
         let mut s = Symbolizer::new(&[m], &[], &loaders);
@@ -1320,5 +1411,30 @@ mod tests {
             .and_then(|f| f.function.clone())
             .unwrap_or_default();
         assert!(name.contains("here"), "{frames:?}");
+    }
+
+    #[test]
+    fn a_later_run_takes_an_unchanged_executables_frames_from_the_cache_without_opening_it() {
+        let Some((m, addr)) = this_binary_and_an_address_in_it() else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let first = {
+            let loaders = Loaders::cached(Some(dir.path().into()));
+            let mut s = Symbolizer::new(std::slice::from_ref(&m), &[], &loaders);
+            s.stack(&[addr])
+        };
+        let loaders = Loaders::cached(Some(dir.path().into()));
+        let mut s = Symbolizer::new(std::slice::from_ref(&m), &[], &loaders);
+        assert_eq!(s.stack(&[addr]), first);
+        let loaded = s.modules[0].loaded.clone().unwrap();
+        // Linked with a build id (the default here): cached.
+        if loaded.cache.borrow().is_some() {
+            assert!(
+                loaded.loader.get().is_none(),
+                "the executable was opened again"
+            );
+            assert_eq!(s.status()[0].status, "symbolized");
+        }
     }
 }

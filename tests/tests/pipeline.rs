@@ -275,6 +275,52 @@ fn second_run_does_not_recompile_the_program() {
 }
 
 #[test]
+fn a_second_run_of_an_unchanged_program_symbolizes_it_the_same_from_the_symbol_cache() {
+    let fixture = Fixture::shared("hello-leak");
+    let cache = fixture.target_dir().join("memscope/symbols");
+    let _ = std::fs::remove_dir_all(&cache);
+    let report = || {
+        let out = tempfile::tempdir().unwrap();
+        let output = fixture
+            .memscope(&["run", "-q", "--output-dir", out.path().to_str().unwrap()])
+            .run();
+        assert_eq!(output.code, Some(0), "{output:#?}");
+        let json = std::fs::read_to_string(out.path().join("report.json")).unwrap();
+        serde_json::from_str::<Value>(&json).unwrap()
+    };
+    let cold = report();
+    let cached = std::fs::read_dir(&cache)
+        .map(|files| files.count())
+        .unwrap_or(0);
+    assert!(cached > 0, "nothing was cached in {}", cache.display());
+    let warm = report();
+    // Sites, their stacks and the frames they index are the same (addresses aside,
+    // which ASLR moves), and so are the leaks.
+    let unplaced = |r: &Value| {
+        let mut frames = r["frames"].clone();
+        for f in frames.as_array_mut().unwrap() {
+            f.as_object_mut().unwrap().remove("address");
+        }
+        frames
+    };
+    assert_eq!(unplaced(&warm), unplaced(&cold));
+    let placed = |r: &Value| {
+        r["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s["location"].clone(), s["stack"].clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(placed(&warm), placed(&cold));
+    assert_eq!(warm["leaks"][0]["location"], cold["leaks"][0]["location"]);
+    assert_eq!(
+        warm["processes"][0]["symbols"],
+        cold["processes"][0]["symbols"]
+    );
+}
+
+#[test]
 fn program_with_its_own_allocator_is_wrapped_not_replaced() {
     let fixture = Fixture::shared("pipeline-own-allocator");
     let output = fixture.memscope(&["run", "-v"]).run();
