@@ -33,7 +33,10 @@ Columns:
   with: trace written, stdout kept); traces are written to the work directory.
 - `cargo test s` / `cargo memscope test s`: median wall time of the whole commands
   with everything already built: cargo's own start-up on both sides, and on
-  memscope's the scratch copy's sync and the analysis and reports as well.
+  memscope's the scratch copy's sync and the analysis and reports as well. memscope
+  keeps what it found in each executable's debug information between runs
+  (`target/memscope/symbols/`), so this is a rerun with nothing rebuilt; `cold s` is
+  the same command with that cache emptied first, as after a rebuild.
 - `nextest s` / `memscope nextest s`: the same for `cargo nextest run` and
   `cargo memscope nextest` (one process per test), when cargo-nextest is installed.
 """
@@ -211,7 +214,7 @@ def timing(src, plain_exes, tracked_exes, scratch_pkg, memscope, work, reps):
     runner; the whole commands, `cargo test --tests` and `cargo memscope test`, with
     everything already built (the latter includes the analysis and reports); and, when
     cargo-nextest is installed, `cargo nextest run` and `cargo memscope nextest`."""
-    plain, tracked, cargo_plain, cargo_tracked = [], [], [], []
+    plain, tracked, cargo_plain, cargo_tracked, cargo_cold = [], [], [], [], []
     nextest_plain, nextest_tracked = [], []
     nextest = subprocess.run(["cargo", "nextest", "--version"], capture_output=True).returncode == 0
     out = work / "timing-report"
@@ -229,6 +232,12 @@ def timing(src, plain_exes, tracked_exes, scratch_pkg, memscope, work, reps):
         tracked.append(sum(timed([memscope, "__runner", exe], scratch_pkg, tenv) for exe in tracked_exes))
         shutil.rmtree(runs_dir, ignore_errors=True)
         cargo_plain.append(timed(["cargo", "test", "--tests", *locked(src)], src, os.environ))
+        # Cold: with the symbolization cache emptied, as after the executables were
+        # rebuilt; then warm, as on a rerun with nothing rebuilt.
+        shutil.rmtree(src / "target" / "memscope" / "symbols", ignore_errors=True)
+        cargo_cold.append(
+            timed([memscope, "memscope", "test", *locked(src), "--output-dir", str(out)], src, os.environ)
+        )
         cargo_tracked.append(
             timed([memscope, "memscope", "test", *locked(src), "--output-dir", str(out)], src, os.environ)
         )
@@ -240,7 +249,7 @@ def timing(src, plain_exes, tracked_exes, scratch_pkg, memscope, work, reps):
         # Each `cargo memscope test` keeps its traces: only the latest run is needed.
         for old in sorted(glob.glob(str(src / "target" / "memscope" / "traces" / "*")))[:-1]:
             shutil.rmtree(old, ignore_errors=True)
-    series = (plain, tracked, cargo_plain, cargo_tracked, nextest_plain, nextest_tracked)
+    series = (plain, tracked, cargo_plain, cargo_tracked, cargo_cold, nextest_plain, nextest_tracked)
     return tuple(statistics.median(t) if t else 0.0 for t in series)
 
 
@@ -315,9 +324,9 @@ def main():
 
     header = ("crate", "tests plain p/f/i", "tests tracked p/f/i", "memscope leaked", "valgrind lost",
               "valgrind reachable", "plain s", "tracked s", "ratio", "cargo test s", "cargo memscope test s",
-              "ratio", "nextest s", "memscope nextest s", "ratio")
+              "ratio", "cold s", "ratio", "nextest s", "memscope nextest s", "ratio")
     table = [header]
-    for name, version, pc, pcode, tr, lost, reach, (tp, tt, cp, ct, np, nt) in rows:
+    for name, version, pc, pcode, tr, lost, reach, (tp, tt, cp, ct, cc, np, nt) in rows:
         table.append((
             f"{name} {version}",
             pf(pc) + ("" if pcode == 0 else f" (exit {pcode})"),
@@ -331,6 +340,8 @@ def main():
             f"{cp:.2f}",
             f"{ct:.2f}",
             ratio(cp, ct),
+            f"{cc:.2f}",
+            ratio(cp, cc),
             f"{np:.2f}" if np else "-",
             f"{nt:.2f}" if nt else "-",
             ratio(np, nt),
