@@ -167,9 +167,9 @@ impl Loaded {
                     .function
                     .as_ref()
                     .and_then(|f| f.raw_name().ok())
-                    .map(|n| demangle(&n));
+                    .map(|n| Name::from(demangle(&n)));
                 let (file, line) = match &frame.location {
-                    Some(loc) => (loc.file.map(str::to_owned), loc.line),
+                    Some(loc) => (loc.file.map(Name::from), loc.line),
                     None => (None, None),
                 };
                 out.push(RawFrame {
@@ -182,7 +182,7 @@ impl Loaded {
         }
         // DWARF may name functions by their short name only (`on_alloc`); the
         // symbol table has the full path of the outermost one.
-        let symbol = loader.find_symbol(probe).map(demangle);
+        let symbol = loader.find_symbol(probe).map(|n| Name::from(demangle(n)));
         match out.last_mut() {
             Some(outer) => {
                 outer.inlined = false;
@@ -344,7 +344,7 @@ impl<'a> Symbolizer<'a> {
             .iter()
             .map(|f| Frame {
                 address: address.clone(),
-                function: f.function.as_deref().map(Name::from),
+                function: f.function.clone(),
                 file: f
                     .file
                     .as_deref()

@@ -18,22 +18,27 @@ use std::rc::Rc;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
+use crate::symbols::Name;
+
 /// Version of the cache files' layout; files of another version are ignored.
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// Cache files kept: the least recently written beyond this are removed.
 const KEPT_FILES: usize = 256;
 
 /// One frame found at an address, as the object file names it (its source path before
 /// a report's path map); inlined calls are frames of their own, innermost first.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Names are shared between the frames that repeat them.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RawFrame {
-    pub function: Option<String>,
-    pub file: Option<String>,
+    pub function: Option<Name>,
+    pub file: Option<Name>,
     pub line: Option<u32>,
     pub inlined: bool,
 }
 
-/// What the cache knows of one object file.
+/// What the cache knows of one object file, as stored: each distinct function name
+/// and file once, in `strings`; a frame is `[function, file, line, inlined]` with 0
+/// for none and `i + 1` for `strings[i]` or for line `i`.
 #[derive(Default, Serialize, Deserialize)]
 struct Stored {
     version: u32,
@@ -41,8 +46,33 @@ struct Stored {
     size: u64,
     /// Whether the file has DWARF line tables (otherwise only function names).
     has_dwarf: Option<bool>,
+    strings: Vec<Name>,
     /// Frames by address in the file.
-    frames: Vec<(u64, Vec<RawFrame>)>,
+    frames: Vec<(u64, Vec<StoredFrame>)>,
+}
+
+/// `[function, file, line, inlined]`, numbered as [`Stored`] says.
+type StoredFrame = (u32, u32, u32, bool);
+
+impl Stored {
+    fn frames(&self) -> impl Iterator<Item = (u64, Rc<[RawFrame]>)> + '_ {
+        let string = |i: u32| match i {
+            0 => None,
+            i => self.strings.get(i as usize - 1).cloned(),
+        };
+        self.frames.iter().map(move |(probe, frames)| {
+            let frames = frames
+                .iter()
+                .map(|&(function, file, line, inlined)| RawFrame {
+                    function: string(function),
+                    file: string(file),
+                    line: line.checked_sub(1),
+                    inlined,
+                })
+                .collect();
+            (*probe, frames)
+        })
+    }
 }
 
 /// The cache of one object file, read on first use and written back when it learnt
@@ -69,11 +99,7 @@ impl ObjectCache {
             build_id,
             size,
             has_dwarf: stored.has_dwarf,
-            frames: stored
-                .frames
-                .into_iter()
-                .map(|(probe, frames)| (probe, frames.into()))
-                .collect(),
+            frames: stored.frames().collect(),
             learnt: false,
         })
     }
@@ -106,19 +132,43 @@ impl ObjectCache {
         if !self.learnt {
             return;
         }
-        let mut frames: FxHashMap<u64, Vec<RawFrame>> = read(&self.path, &self.build_id, self.size)
-            .map(|s| s.frames.into_iter().collect())
-            .unwrap_or_default();
+        let mut frames: FxHashMap<u64, Rc<[RawFrame]>> =
+            read(&self.path, &self.build_id, self.size)
+                .map(|s| s.frames().collect())
+                .unwrap_or_default();
         for (probe, found) in &self.frames {
-            frames.entry(*probe).or_insert_with(|| found.to_vec());
+            frames.entry(*probe).or_insert_with(|| found.clone());
         }
-        let mut frames: Vec<(u64, Vec<RawFrame>)> = frames.into_iter().collect();
+        let mut frames: Vec<(u64, Rc<[RawFrame]>)> = frames.into_iter().collect();
         frames.sort_by_key(|(probe, _)| *probe);
+        let mut strings: Vec<Name> = Vec::new();
+        let mut index: FxHashMap<Name, u32> = FxHashMap::default();
+        let mut number = |name: &Option<Name>| match name {
+            None => 0,
+            Some(name) => *index.entry(name.clone()).or_insert_with(|| {
+                strings.push(name.clone());
+                strings.len() as u32
+            }),
+        };
+        let frames = frames
+            .iter()
+            .map(|(probe, found)| {
+                let found = found
+                    .iter()
+                    .map(|f| {
+                        let line = f.line.map_or(0, |l| l.saturating_add(1));
+                        (number(&f.function), number(&f.file), line, f.inlined)
+                    })
+                    .collect();
+                (*probe, found)
+            })
+            .collect();
         let stored = Stored {
             version: VERSION,
             build_id: self.build_id.clone(),
             size: self.size,
             has_dwarf: self.has_dwarf,
+            strings,
             frames,
         };
         let Some(dir) = self.path.parent() else {
@@ -208,6 +258,30 @@ mod tests {
     }
 
     #[test]
+    fn frames_keep_every_field_through_the_file_and_share_repeated_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::env::current_exe().unwrap();
+        let Some(mut cache) = ObjectCache::open(dir.path(), &me) else {
+            return;
+        };
+        let bare = RawFrame {
+            function: None,
+            file: None,
+            line: None,
+            inlined: true,
+        };
+        cache.insert(1, vec![frame("f", 0), bare.clone(), frame("f", 9)].into());
+        cache.insert(2, vec![frame("f", 3)].into());
+        cache.save();
+        let read = ObjectCache::open(dir.path(), &me).unwrap();
+        let one = read.get(1).unwrap();
+        assert_eq!(&one[..], &[frame("f", 0), bare, frame("f", 9)][..]);
+        let two = read.get(2).unwrap();
+        let (a, b) = (one[0].function.as_ref(), two[0].function.as_ref());
+        assert!(std::sync::Arc::ptr_eq(a.unwrap(), b.unwrap()));
+    }
+
+    #[test]
     fn what_one_run_found_at_an_address_the_next_run_reads_back() {
         let dir = tempfile::tempdir().unwrap();
         let me = std::env::current_exe().unwrap();
@@ -254,7 +328,8 @@ mod tests {
             build_id: id.clone(),
             size: size + 1,
             has_dwarf: Some(true),
-            frames: vec![(1, vec![frame("stale", 1)])],
+            strings: vec!["stale".into()],
+            frames: vec![(1, vec![(1, 0, 2, false)])],
         };
         fs::write(
             dir.path().join(format!("{id}.json")),
