@@ -121,12 +121,16 @@ impl Drop for Loaders {
     }
 }
 
+fn has_line_tables(loader: &addr2line::Loader) -> bool {
+    loader.get_section_range(b".debug_line").is_some()
+}
+
 impl Loaded {
     fn loader(&self) -> &Result<addr2line::Loader, String> {
         self.loader.get_or_init(|| {
             let loader = addr2line::Loader::new(&self.path).map_err(|e| e.to_string());
             if let (Ok(l), Some(cache)) = (&loader, self.cache.borrow_mut().as_mut()) {
-                cache.set_has_dwarf(l.get_section_range(b".debug_line").is_some());
+                cache.set_has_dwarf(has_line_tables(l));
             }
             loader
         })
@@ -146,7 +150,7 @@ impl Loaded {
             }
         }
         match self.loader() {
-            Ok(l) => Ok(l.get_section_range(b".debug_line").is_some()),
+            Ok(l) => Ok(has_line_tables(l)),
             Err(e) => Err(e.clone()),
         }
     }
