@@ -305,7 +305,7 @@ impl Trace {
         };
         let (_, chunks) = self.streams.remove(at);
         let mut payload = Vec::new();
-        let mut decoder = StreamDecoder::default();
+        let mut decoder = StreamDecoder::new(self.header.version);
         for chunk in chunks {
             payload.resize(chunk.len as usize, 0);
             read_exact_at(&self.file, chunk.offset, &mut payload)?;
@@ -388,7 +388,7 @@ impl Trace {
                     next_chunk: 0,
                     buf: Vec::new(),
                     pos: 0,
-                    decoder: StreamDecoder::default(),
+                    decoder: StreamDecoder::new(self.header.version),
                     pending: None,
                     queued: VecDeque::new(),
                     head: None,

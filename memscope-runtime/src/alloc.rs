@@ -2,7 +2,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 
-use crate::{measure, recorder};
+use crate::recorder;
 
 /// A global allocator that records every event of the allocator `A` it wraps.
 ///
@@ -86,14 +86,12 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Alloc<A> {
 
 #[inline(never)]
 fn after_alloc(ptr: *mut u8, layout: Layout, zeroed: bool) {
-    measure::on_alloc(layout.size());
     recorder::on_alloc(ptr, layout, zeroed);
 }
 
 #[inline(never)]
 fn before_free(ptr: *mut u8, layout: Layout) {
-    measure::on_free(layout.size());
-    recorder::on_free(ptr);
+    recorder::on_free(ptr, layout.size());
 }
 
 #[inline(never)]
@@ -103,7 +101,6 @@ fn before_realloc(ptr: *mut u8) -> u64 {
 
 #[inline(never)]
 fn after_realloc(ptr: *mut u8, new: *mut u8, layout: Layout, new_size: usize, ts_before: u64) {
-    measure::on_realloc(layout.size(), new_size);
     recorder::on_realloc(ptr, new, layout, new_size, ts_before);
 }
 

@@ -10,9 +10,9 @@
 //! stamp = max(this thread's last stamp + 1, the address stripe's last stamp + 1, TICK)
 //! ```
 //!
-//! - `TICK` is a coarse physical clock: the writer thread stores the time-stamp
-//!   counter into it about every millisecond (until it runs, each event reads the
-//!   counter itself). So stamps stay within about a millisecond of real time.
+//! - `TICK` is a coarse physical clock: the trace's start and then the writer thread
+//!   store the time-stamp counter into it, the writer about every millisecond. So
+//!   stamps stay within about a millisecond of real time.
 //! - Each address maps to one of [`STRIPES`] counters. The stamp is written back to
 //!   the stripe if it raises it. A free is stamped *before* the inner allocator gets
 //!   the block and an allocation *after* the inner allocator returned it; the
@@ -36,7 +36,6 @@
 //! pairs a free with the wrong allocation; `Clock` records in the trace map stamps to
 //! nanoseconds.
 
-use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Number of address stripes (a power of two): 512 KiB of counters, touched sparsely.
@@ -57,22 +56,17 @@ pub fn stripes_range() -> (usize, usize) {
 #[repr(align(64))]
 struct Tick(AtomicU64);
 
-/// The coarse physical clock, in counter units; 0 until the writer thread runs.
+/// The coarse physical clock, in counter units; 0 until the trace starts.
 static TICK: Tick = Tick(AtomicU64::new(0));
 
-/// Stamps an event on `addr` for a thread whose last stamp is in `last`.
+/// The stamp of an event on `addr` for a thread whose last stamp is `last` (which
+/// the caller then sets to it).
 #[inline(always)]
-pub fn stamp(last: &Cell<u64>, addr: usize) -> u64 {
-    let mut now = TICK.0.load(Ordering::Relaxed);
-    if now == 0 {
-        now = counter();
-    }
-    let base = now.max(last.get() + 1);
+pub fn stamp(last: u64, addr: usize) -> u64 {
+    let base = TICK.0.load(Ordering::Relaxed).max(last + 1);
     let stripe = &STRIPE_CLOCKS[stripe_of(addr)];
-    let seen = stripe.load(Ordering::Relaxed);
-    let stamp = base.max(seen + 1);
+    let stamp = base.max(stripe.load(Ordering::Relaxed) + 1);
     stripe.store(stamp, Ordering::Relaxed);
-    last.set(stamp);
     stamp
 }
 
@@ -85,26 +79,24 @@ pub fn stamp(last: &Cell<u64>, addr: usize) -> u64 {
 /// its blocks at the same offsets in each arena. Without the hash those blocks would
 /// share stripes, and every event would move a cache line between cores. (XOR with a
 /// per-region constant maps each aligned group of 8 stripes, one cache line, onto
-/// another, so neighbours stay together.)
+/// another, so neighbours stay together. The constant must move the high bits of the
+/// index too: arenas are usually 64 MiB apart, and XOR with their plain region numbers
+/// only shuffles lines within a thread's own range, which another thread's overlaps.)
 #[inline(always)]
 fn stripe_of(addr: usize) -> usize {
     let region = ((addr >> 26) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 48;
     ((addr >> 6) ^ region as usize) & (STRIPES - 1)
 }
 
-/// Stamps a thread-local event (no address): later than the thread's last stamp.
-#[inline]
-pub fn stamp_thread(last: &Cell<u64>) -> u64 {
-    let mut now = TICK.0.load(Ordering::Relaxed);
-    if now == 0 {
-        now = counter();
-    }
-    let stamp = now.max(last.get() + 1);
-    last.set(stamp);
-    stamp
+/// The stamp of a thread-local event (no address): later than the thread's last
+/// stamp, `last`.
+#[inline(always)]
+pub fn stamp_thread(last: u64) -> u64 {
+    TICK.0.load(Ordering::Relaxed).max(last + 1)
 }
 
-/// Advances the coarse clock; called by the writer thread.
+/// Advances the coarse clock: when the trace starts, then from the writer thread (and
+/// at buffer hand-overs, for a process whose writer thread could not start).
 pub fn tick() {
     TICK.0.fetch_max(counter(), Ordering::Relaxed);
 }
@@ -152,11 +144,11 @@ mod tests {
 
     #[test]
     fn stamps_on_one_thread_strictly_increase() {
-        let last = Cell::new(0);
-        let a = stamp(&last, 0x1000);
-        let b = stamp(&last, 0x2000);
-        let c = stamp(&last, 0x1000);
-        assert!(a < b && b < c);
+        let a = stamp(0, 0x1000);
+        let b = stamp(a, 0x2000);
+        let c = stamp(b, 0x1000);
+        let d = stamp_thread(c);
+        assert!(a < b && b < c && c < d);
     }
 
     #[test]
@@ -170,11 +162,9 @@ mod tests {
 
     #[test]
     fn a_later_event_on_the_same_address_gets_a_larger_stamp_on_any_thread() {
-        let freed = stamp(&Cell::new(0), 0xdead_0000);
+        let freed = stamp(0, 0xdead_0000);
         // A thread whose own clock is far behind still stamps after the free.
-        let reused = std::thread::spawn(|| stamp(&Cell::new(0), 0xdead_0000))
-            .join()
-            .unwrap();
+        let reused = std::thread::spawn(|| stamp(0, 0xdead_0000)).join().unwrap();
         assert!(reused > freed);
     }
 }

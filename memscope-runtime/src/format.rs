@@ -1,4 +1,4 @@
-//! The memscope trace format, version 2: the one description shared by the writer in
+//! The memscope trace format, version 3: the one description shared by the writer in
 //! this crate and the reader in `cargo-memscope`.
 //!
 //! A trace file is one process's record of allocation events:
@@ -37,7 +37,17 @@
 //! | `THREAD` 6 | name length | 0 | OS thread id, name bytes padded to 8 |
 //! | `REALLOC_WIDE` 7 | 0 | old address | new address, `ALLOC`'s word 1, free-half stamp, alloc-half stamp |
 //! | `SCOPE` 8 | stamp delta | `id << 1 \| exit` | — (version 2: a scope entered or left on this thread, as `ENTER` / `EXIT` below in one word) |
+//! | `ALLOC_NEAR` 9 | — | — | — (version 3: an allocation in one word, see below) |
 //! | `EXTENDED` 15 | kind | word count n | n words; kinds below, unknown kinds are skipped |
+//!
+//! `ALLOC_NEAR` packs a common allocation into one word, `tag:4 | stamp delta:6 |
+//! slot:12 | size:12 | log2(align):3 | offset:27`, where the address is the *near
+//! address* plus `offset` bytes (a signed 27-bit number). The near address is that of
+//! the stream's latest `ALLOC` record in the same chunk (0 at the start of every
+//! chunk). It is neither zeroed nor internal. The runtime writes it whenever the
+//! allocation fits, and a full `ALLOC` otherwise: most allocations of a thread lie
+//! within 64 MiB of each other (one malloc arena), so a small-object workload writes
+//! 16 instead of 24 bytes per allocation and free.
 //!
 //! Extended kinds: `CLOCK` 1 (counter, monotonic ns, unix ns), `MODULE` 2 (load bias,
 //! start, end, path length, path bytes padded to 8), `END` 3 (reason, stamp, events
@@ -51,7 +61,7 @@
 //!
 //! Instrumentation kinds (written by `#[memscope::instrument]` and the registration
 //! API through the runtime's `__private::emit`; word 1 is always the event's stamp,
-//! which does not move the stream clock):
+//! which since version 3 also sets the stream clock, as `STAMP` does):
 //!
 //! | kind | words after the stamp |
 //! |---|---|
@@ -90,8 +100,9 @@
 /// Bytes that open every trace file.
 pub const MAGIC: &[u8; 8] = b"MEMSCOPE";
 /// The version written in the file header. Version 2 added the `SCOPE` record;
-/// readers take versions 1 and 2 and reject others.
-pub const VERSION: u32 = 2;
+/// version 3 the `ALLOC_NEAR` record, and instrumentation records' stamps set the
+/// stream clock. Readers take versions 1 to 3 and reject others.
+pub const VERSION: u32 = 3;
 /// Size of the file header.
 pub const FILE_HEADER_LEN: usize = 32;
 /// Size of a chunk header.
@@ -122,6 +133,7 @@ pub const TAG_STACK: u64 = 5;
 pub const TAG_THREAD: u64 = 6;
 pub const TAG_REALLOC_WIDE: u64 = 7;
 pub const TAG_SCOPE: u64 = 8;
+pub const TAG_ALLOC_NEAR: u64 = 9;
 pub const TAG_EXTENDED: u64 = 15;
 
 pub const EXT_CLOCK: u64 = 1;
@@ -286,6 +298,40 @@ pub const fn head(tag: u64, small: u64, wide: u64) -> u64 {
 pub const fn size_word(size: u64, align_log2: u64, slot: u64, zeroed: bool, internal: bool) -> u64 {
     let size = if size > MAX_SIZE { MAX_SIZE } else { size };
     size | (align_log2 << 40) | (slot << 46) | ((zeroed as u64) << 58) | ((internal as u64) << 59)
+}
+
+/// Bits of `ALLOC_NEAR`'s offset field.
+const NEAR_BITS: u32 = 27;
+
+/// The `ALLOC_NEAR` word for an allocation of `size` bytes at `addr`, stamped `delta`
+/// after the stream clock, when the stream's near address is `near`; `None` when it
+/// does not fit one word (a full `ALLOC` is written instead).
+#[inline(always)]
+pub const fn alloc_near(
+    delta: u64,
+    addr: u64,
+    near: u64,
+    size: u64,
+    align_log2: u64,
+    slot: u64,
+) -> Option<u64> {
+    let offset = addr.wrapping_sub(near);
+    // Every condition as bits that must be zero, tested at once.
+    let misfit = (size >> 12)
+        | (delta >> 6)
+        | (align_log2 >> 3)
+        | (offset.wrapping_add(1 << (NEAR_BITS - 1)) >> NEAR_BITS);
+    if misfit != 0 {
+        return None;
+    }
+    Some(
+        TAG_ALLOC_NEAR
+            | (delta << 4)
+            | (slot << 10)
+            | (size << 22)
+            | (align_log2 << 34)
+            | (offset << (64 - NEAR_BITS)),
+    )
 }
 
 /// Why a process's trace ended, as written in `END`.
@@ -535,6 +581,22 @@ pub enum Record {
     },
 }
 
+impl Record {
+    /// The stamp of an instrumentation record, which sets the stream clock.
+    fn instrumentation_stamp(&self) -> Option<u64> {
+        match self {
+            Record::Instrumented { ts, .. }
+            | Record::Def { ts, .. }
+            | Record::Enter { ts, .. }
+            | Record::Exit { ts, .. }
+            | Record::Owns { ts, .. }
+            | Record::Task { ts, .. }
+            | Record::TaskEnd { ts, .. } => Some(*ts),
+            _ => None,
+        }
+    }
+}
+
 /// What can be wrong with trace bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FormatError {
@@ -568,29 +630,44 @@ impl std::error::Error for FormatError {}
 /// Decodes one thread's stream, record by record, across its chunks in order.
 #[derive(Clone, Debug)]
 pub struct StreamDecoder {
+    /// The trace's format version.
+    version: u32,
     clock: u64,
+    /// The near address of `ALLOC_NEAR` records.
+    near: u64,
     slots: Vec<u64>,
 }
 
 impl Default for StreamDecoder {
+    /// A decoder for this version's traces.
     fn default() -> Self {
-        StreamDecoder {
-            clock: 0,
-            slots: vec![0; STACK_SLOTS],
-        }
+        StreamDecoder::new(VERSION)
     }
 }
 
 impl StreamDecoder {
-    /// Decodes the record at byte offset `pos` of `payload` (one chunk's payload);
-    /// returns it and the offset of the next record. `Ok(None, next)` is a record
-    /// that only updates the decoder (a `STAMP`) or that this version does not know
-    /// (an unknown extended kind).
+    /// A decoder for a trace of format `version` (from its file header).
+    pub fn new(version: u32) -> StreamDecoder {
+        StreamDecoder {
+            version,
+            clock: 0,
+            near: 0,
+            slots: vec![0; STACK_SLOTS],
+        }
+    }
+
+    /// Decodes the record at byte offset `pos` of `payload` (one chunk's payload;
+    /// offset 0 starts the chunk); returns it and the offset of the next record.
+    /// `Ok(None, next)` is a record that only updates the decoder (a `STAMP`) or that
+    /// this version does not know (an unknown extended kind).
     pub fn decode(
         &mut self,
         payload: &[u8],
         pos: usize,
     ) -> Result<(Option<Record>, usize), FormatError> {
+        if pos == 0 {
+            self.near = 0;
+        }
         let words = |n: usize| -> Result<usize, FormatError> {
             let end = n
                 .checked_mul(8)
@@ -611,6 +688,7 @@ impl StreamDecoder {
                 let end = words(2)?;
                 let ts = self.advance(small);
                 let (size, align, stack, zeroed, internal) = self.size_word(w(1))?;
+                self.near = wide;
                 (
                     Some(Record::Alloc {
                         internal,
@@ -620,6 +698,22 @@ impl StreamDecoder {
                         size,
                         align,
                         stack,
+                    }),
+                    end,
+                )
+            }
+            TAG_ALLOC_NEAR => {
+                let end = words(1)?;
+                let (ts, addr, size, align_log2, slot) = self.alloc_near(w0);
+                (
+                    Some(Record::Alloc {
+                        internal: false,
+                        zeroed: false,
+                        ts,
+                        addr,
+                        size,
+                        align: 1 << align_log2,
+                        stack: self.slots[slot],
                     }),
                     end,
                 )
@@ -800,6 +894,9 @@ impl StreamDecoder {
                     }),
                     _ => None,
                 };
+                if small >= EXT_INSTRUMENTED && n >= 1 && self.version >= 3 {
+                    self.clock = w(1);
+                }
                 (record, end)
             }
             tag => return Err(FormatError::UnknownTag(tag as u8)),
@@ -812,6 +909,7 @@ impl StreamDecoder {
     /// building [`Record`]s: the exit-time scan reads a whole trace back this way.
     /// Stops at the first malformed record.
     pub fn block_events(&mut self, payload: &[u8], mut f: impl FnMut(u64, u64, Option<u64>)) {
+        self.near = 0;
         let mut pos = 0;
         while pos + 8 <= payload.len() {
             let w = |i: usize| u64_at_checked(payload, pos + 8 * i);
@@ -821,7 +919,13 @@ impl StreamDecoder {
                 TAG_ALLOC => {
                     let Ok(w1) = w(1) else { return };
                     f(self.advance(small), wide, Some(w1 & MAX_SIZE));
+                    self.near = wide;
                     2
+                }
+                TAG_ALLOC_NEAR => {
+                    let (ts, addr, size, _, _) = self.alloc_near(w0);
+                    f(ts, addr, Some(size));
+                    1
                 }
                 TAG_FREE => {
                     f(self.advance(small), wide, None);
@@ -867,6 +971,15 @@ impl StreamDecoder {
             };
             pos += 8 * step;
         }
+    }
+
+    /// An `ALLOC_NEAR` word's stamp, address, size, log2 of alignment and slot.
+    fn alloc_near(&mut self, w0: u64) -> (u64, u64, u64, u64, usize) {
+        let ts = self.advance((w0 >> 4) & 0x3f);
+        let offset = (w0 as i64) >> (64 - NEAR_BITS);
+        let addr = self.near.wrapping_add(offset as u64);
+        let slot = ((w0 >> 10) & 0xfff) as usize;
+        (ts, addr, (w0 >> 22) & 0xfff, (w0 >> 34) & 7, slot)
     }
 
     fn advance(&mut self, delta: u64) -> u64 {
@@ -917,9 +1030,23 @@ pub struct Encoder {
     pub bytes: Vec<u8>,
     clock: u64,
     slots: Vec<u64>,
+    /// Whether allocations that fit are written as `ALLOC_NEAR`; see [`Encoder::chunk`].
+    near_records: bool,
+    near: u64,
 }
 
 impl Encoder {
+    /// An encoder of one chunk's payload that writes `ALLOC_NEAR` records where they
+    /// fit, as the runtime does. (Their near address starts again with every chunk,
+    /// so an encoder whose bytes are cut into several chunks must not write them:
+    /// [`Encoder::default`] does not.)
+    pub fn chunk() -> Encoder {
+        Encoder {
+            near_records: true,
+            ..Encoder::default()
+        }
+    }
+
     pub fn word(&mut self, w: u64) -> &mut Self {
         self.bytes.extend_from_slice(&w.to_le_bytes());
         self
@@ -957,6 +1084,14 @@ impl Encoder {
     }
 
     pub fn record(&mut self, record: &Record) -> &mut Self {
+        self.encode(record);
+        if let Some(ts) = record.instrumentation_stamp() {
+            self.clock = ts;
+        }
+        self
+    }
+
+    fn encode(&mut self, record: &Record) -> &mut Self {
         let log2 = |align: u64| align.trailing_zeros() as u64;
         match record {
             Record::Alloc {
@@ -969,7 +1104,14 @@ impl Encoder {
                 stack,
             } => {
                 let d = self.delta(*ts);
-                let sw = size_word(*size, log2(*align), self.slot(*stack), *zeroed, *internal);
+                let slot = self.slot(*stack);
+                let near = alloc_near(d, *addr, self.near, *size, log2(*align), slot)
+                    .filter(|_| self.near_records && !zeroed && !internal);
+                if let Some(word) = near {
+                    return self.word(word);
+                }
+                self.near = *addr;
+                let sw = size_word(*size, log2(*align), slot, *zeroed, *internal);
                 self.word(head(TAG_ALLOC, d, *addr)).word(sw)
             }
             Record::Realloc {
@@ -1288,11 +1430,124 @@ mod tests {
         }
         .encode();
         assert_eq!(FileHeader::decode(&h).unwrap().version, 1);
-        h[8] = 3;
+        h[8] = 4;
         assert!(matches!(
             FileHeader::decode(&h),
-            Err(FormatError::Version(3))
+            Err(FormatError::Version(4))
         ));
+    }
+
+    #[test]
+    fn instrumentation_stamps_set_the_stream_clock_from_version_3_only() {
+        let words = [
+            head(TAG_STAMP, 0, 0),
+            100,
+            head(TAG_EXTENDED, EXT_ENTER, 2),
+            500,
+            7,
+            head(TAG_FREE, 2, 0x1000),
+        ];
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let free_at = |version| {
+            let mut dec = StreamDecoder::new(version);
+            let (mut pos, mut last) = (0, None);
+            while pos < bytes.len() {
+                let (r, next) = dec.decode(&bytes, pos).unwrap();
+                last = r.or(last);
+                pos = next;
+            }
+            last
+        };
+        assert_eq!(
+            free_at(3),
+            Some(Record::Free {
+                ts: 502,
+                addr: 0x1000
+            })
+        );
+        assert_eq!(
+            free_at(2),
+            Some(Record::Free {
+                ts: 102,
+                addr: 0x1000
+            })
+        );
+    }
+
+    /// Allocations of one chunk, most of them near each other.
+    fn allocations_near_and_far() -> Vec<Record> {
+        let alloc = |ts, addr, size, align| Record::Alloc {
+            internal: false,
+            zeroed: false,
+            ts,
+            addr,
+            size,
+            align,
+            stack: 0,
+        };
+        vec![
+            alloc(10, 0x7f00_1000_0000, 32, 8),
+            // Below and above the near address, at the edges of the offset's range.
+            alloc(11, 0x7f00_1000_0000 - (1 << 26), 4095, 16),
+            alloc(12, 0x7f00_1000_0000 + (1 << 26) - 4, 4, 128),
+            // Too far, too large, too aligned, too late: full records.
+            alloc(13, 0x7f00_1000_0000 + (1 << 26), 8, 8),
+            alloc(14, 0x7f00_1400_0000, 4096, 8),
+            alloc(15, 0x7f00_1400_0040, 64, 256),
+            alloc(16 + 64, 0x7f00_1400_0100, 64, 8),
+            // Near the last full record, not the first.
+            alloc(81, 0x7f00_1400_0203, 3, 1),
+            Record::Free {
+                ts: 82,
+                addr: 0x7f00_1400_0203,
+            },
+        ]
+    }
+
+    #[test]
+    fn allocations_near_the_last_full_one_take_one_word_and_decode_to_the_same_records() {
+        let mut enc = Encoder::chunk();
+        for r in allocations_near_and_far() {
+            enc.record(&r);
+        }
+        // 3 near records, 5 full ones and a free.
+        assert_eq!(enc.bytes.len(), 8 * (3 + 5 * 2 + 1));
+        let near = enc
+            .bytes
+            .chunks(8)
+            .filter(|w| u64::from_le_bytes((*w).try_into().unwrap()) & 0xf == TAG_ALLOC_NEAR)
+            .count();
+        assert_eq!(near, 3);
+        assert_eq!(decode_all(&enc.bytes).unwrap(), allocations_near_and_far());
+        let mut events = Vec::new();
+        StreamDecoder::default()
+            .block_events(&enc.bytes, |ts, addr, size| events.push((ts, addr, size)));
+        let expected: Vec<_> = allocations_near_and_far()
+            .iter()
+            .map(|r| match *r {
+                Record::Alloc { ts, addr, size, .. } => (ts, addr, Some(size)),
+                Record::Free { ts, addr } => (ts, addr, None),
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(events, expected);
+    }
+
+    #[test]
+    fn the_near_address_starts_again_with_every_chunk() {
+        let mut enc = Encoder::chunk();
+        for r in &allocations_near_and_far()[..2] {
+            enc.record(r);
+        }
+        // The second allocation, as the first record of a later chunk, has no near
+        // address to be relative to: decoded alone, it is somewhere else.
+        let near_word = &enc.bytes[16..24];
+        let mut dec = StreamDecoder::default();
+        dec.decode(&enc.bytes, 0).unwrap();
+        let (record, _) = dec.decode(near_word, 0).unwrap();
+        assert!(
+            matches!(record, Some(Record::Alloc { addr, .. }) if addr != 0x7f00_1000_0000 - (1 << 26))
+        );
     }
 
     fn decode_all(bytes: &[u8]) -> Result<Vec<Record>, FormatError> {

@@ -2,7 +2,9 @@
 //! tests: `memscope::measure(|| work())`.
 //!
 //! While a measurement is open on a thread, the allocator hook adds each event of that
-//! thread to the measurement's counters (one thread-local pointer; null otherwise).
+//! thread to the measurement's counters (one thread-local pointer; null otherwise), on
+//! its slow path: an open measurement closes the thread's record to the hot path
+//! (see `recorder.rs`).
 //! Measurements nest: an inner one's figures count towards the outer one too. It works
 //! whenever [`crate::Alloc`] is the global allocator, with or without a trace being
 //! written, and says so when it is not installed.
@@ -62,10 +64,12 @@ pub fn measure<R>(f: impl FnOnce() -> R) -> Result<HeapStats, NotTracking> {
 pub fn measure_value<R>(f: impl FnOnce() -> R) -> (R, Result<HeapStats, NotTracking>) {
     let mut counters = Counters::default();
     let outer = OPEN.with(|o| o.replace(&mut counters));
+    crate::recorder::reopen_current();
     let installed = probe(&counters);
     counters.stats = HeapStats::default();
     let value = f();
     OPEN.with(|o| o.set(outer));
+    crate::recorder::reopen_current();
     let stats = counters.stats;
     if !outer.is_null() {
         // SAFETY: `outer` is the counters of an enclosing `measure_value` on this
@@ -108,6 +112,12 @@ fn probe(counters: &Counters) -> bool {
     }
     // The counters are written through the thread-local pointer by the hook.
     std::hint::black_box(counters).stats.allocations > 0
+}
+
+/// Whether a measurement is open on this thread.
+#[inline]
+pub(crate) fn is_open() -> bool {
+    OPEN.with(|o| !o.get().is_null())
 }
 
 #[inline(always)]

@@ -2,14 +2,21 @@
 //!
 //! Each thread owns a [`ThreadRecord`] found through a const thread-local pointer
 //! (no destructor, so it stays readable while the thread's other thread-locals are
-//! being destroyed). An event is a few words appended to the thread's current
+//! being destroyed). An event is a word or two appended to the thread's current
 //! buffer; nothing is locked, allocated or asked of the kernel. When the buffer is
 //! full it is handed to the writer (see `writer.rs`) and a fresh one taken from the
-//! pool: that is the only slow path.
+//! pool: that, and whatever else needs more than an append, is the slow path.
+//!
+//! Before it appends, the hot path checks one thing: that the record is *open*, that
+//! is, that `end` (where the buffer's room ends) is set. The record is closed (`end`
+//! null) while memscope itself is at work on the thread, while a
+//! [`measure`](crate::measure) is open there (its counters are kept on the slow
+//! path), and once the thread has exited. So a free is: find the record, stamp,
+//! check the room, store one word.
 //!
 //! A re-entrancy flag (`busy`) makes allocations done by memscope itself, while it is
-//! recording, pass straight through. It is set and cleared around each event, so it
-//! resets itself.
+//! at work, pass straight through unrecorded. The slow paths set and clear it, so it
+//! resets itself; the hot path calls nothing that allocates.
 //!
 //! Handing a buffer over is guarded by a sequence counter (`gen`, a seqlock: odd
 //! while the buffer is being swapped, `gen / 2` = index of the chunk in the current
@@ -23,16 +30,14 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{
-    fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering,
-};
+use std::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
-use crate::buffer::{Buffer, PAYLOAD_BYTES};
+use crate::buffer::{Buffer, PAYLOAD_BYTES, PAYLOAD_WORDS};
 use crate::format::{
-    head, size_word, MAX_DELTA, MAX_FRAMES, STACK_SLOTS, TAG_ALLOC, TAG_EXTENDED, TAG_FREE,
-    TAG_REALLOC, TAG_REALLOC_WIDE, TAG_SCOPE, TAG_STACK, TAG_STAMP, TAG_THREAD,
+    alloc_near, head, size_word, MAX_DELTA, MAX_FRAMES, STACK_SLOTS, TAG_ALLOC, TAG_EXTENDED,
+    TAG_FREE, TAG_REALLOC, TAG_REALLOC_WIDE, TAG_SCOPE, TAG_STACK, TAG_STAMP, TAG_THREAD,
 };
-use crate::{clock, stack, sys, writer};
+use crate::{clock, measure, stack, sys, writer};
 
 /// Entries of the per-thread cache of stacks already written: one per stack slot.
 const STACK_CACHE: usize = STACK_SLOTS;
@@ -40,6 +45,8 @@ const STACK_CACHE: usize = STACK_SLOTS;
 const INITIALIZING: usize = 1;
 /// `CURRENT` of a thread that is never recorded (memscope's writer, or tracking off).
 const DISABLED: usize = 2;
+/// The most words an allocation event takes (`REALLOC_WIDE`).
+const MAX_EVENT_WORDS: usize = 5;
 
 thread_local! {
     static CURRENT: Cell<*const ThreadRecord> = const { Cell::new(ptr::null()) };
@@ -52,14 +59,32 @@ static RECORDS: AtomicPtr<ThreadRecord> = AtomicPtr::new(ptr::null_mut());
 static NEXT_TID: AtomicU32 = AtomicU32::new(1);
 
 /// What one thread records into.
+#[repr(C)]
 pub struct ThreadRecord {
+    // The hot path's fields first, together in one cache line.
+    /// Where the next record goes in the current buffer (null while there is none).
+    /// Stored with Release after each record: a snapshot that reads it sees the
+    /// records before it.
+    cursor: AtomicPtr<u64>,
+    /// Where the current buffer's room ends while the record is open; null while it
+    /// is closed (see the module documentation and [`reopen`](Self::reopen)).
+    end: Cell<*mut u64>,
+    /// The thread's last stamp (see `clock.rs`), which is also its stream's clock:
+    /// every stamped record moves the stream clock to its stamp (see `format.rs`).
+    clock: Cell<u64>,
+    /// The near address of `ALLOC_NEAR` records: that of the last full `ALLOC` of
+    /// the current chunk, 0 at its start.
+    near: Cell<u64>,
+    stack_cache: Cell<*mut u64>,
+    /// The thread's previous stack walk (see `stack.rs`); null if it could not be
+    /// allocated.
+    last_walk: Cell<*mut stack::LastWalk>,
+    busy: Cell<bool>,
     pub tid: u32,
     /// Seqlock counter; see the module documentation.
     gen: AtomicU32,
     /// Current buffer; null once the thread has exited.
     buf: AtomicPtr<Buffer>,
-    /// Bytes of the current buffer's payload that are complete.
-    len: AtomicUsize,
     /// False once the thread flushed its last buffer at exit.
     alive: AtomicBool,
     next: AtomicPtr<ThreadRecord>,
@@ -71,15 +96,6 @@ pub struct ThreadRecord {
     stack_low: usize,
     stack_top: usize,
     // Touched only by the owning thread:
-    busy: Cell<bool>,
-    /// The thread's last timestamp (see `clock.rs`).
-    last_stamp: Cell<u64>,
-    /// The stamp the stream's next delta is relative to (see `format.rs`).
-    stream_clock: Cell<u64>,
-    stack_cache: Cell<*mut u64>,
-    /// The thread's previous stack walk (see `stack.rs`); null if it could not be
-    /// allocated.
-    last_walk: Cell<*mut stack::LastWalk>,
     name: Cell<[u8; 16]>,
     /// The thread's id in the OS, and whether it is the process's main thread: read
     /// once (and again in a fork child), not at every name check.
@@ -93,9 +109,23 @@ pub struct ThreadRecord {
 // record (the one whose `CURRENT` points to it); other threads touch only the atomics.
 unsafe impl Sync for ThreadRecord {}
 
-/// Runs `f` with the calling thread's record, unless the thread is not recorded or
-/// memscope is already recording on it (re-entrant allocation).
+/// The calling thread's record, if it is open for the hot path (see the module
+/// documentation).
 #[inline(always)]
+fn open_record() -> Option<&'static ThreadRecord> {
+    let rec = CURRENT.with(|c| c.get());
+    if (rec as usize) <= DISABLED {
+        return None;
+    }
+    // SAFETY: a pointer above DISABLED in CURRENT is a record created by
+    // `start_thread`, which is never freed.
+    let rec = unsafe { &*rec };
+    (!rec.end.get().is_null()).then_some(rec)
+}
+
+/// Runs `f` with the calling thread's record held (closed to the hot path, `busy`
+/// set), unless the thread is not recorded or memscope is already at work on it
+/// (re-entrant allocation). For the slow paths.
 fn with_record(f: impl FnOnce(&ThreadRecord)) {
     let mut rec = CURRENT.with(|c| c.get());
     if (rec as usize) <= DISABLED {
@@ -110,19 +140,89 @@ fn with_record(f: impl FnOnce(&ThreadRecord)) {
     // SAFETY: a pointer above DISABLED in CURRENT is a record created by
     // `start_thread`, which is never freed.
     let rec = unsafe { &*rec };
-    if rec.busy.replace(true) {
-        return;
+    if rec.hold() {
+        f(rec);
+        rec.release();
     }
-    f(rec);
-    rec.busy.set(false);
 }
 
 /// Records an allocation that the inner allocator just returned.
 #[inline(always)]
 pub fn on_alloc(addr: *mut u8, layout: Layout, zeroed: bool) {
+    // Every path ends in a return or a tail call, so the hot one saves no registers.
+    let Some(rec) = open_record() else {
+        return alloc_slow(addr as u64, layout, zeroed);
+    };
+    if writer::stacks_enabled() {
+        rec.alloc_with_stack(addr as u64, layout, zeroed)
+    } else {
+        rec.append_alloc(addr as u64, layout, zeroed, 0)
+    }
+}
+
+/// Records a free of a block of `size` bytes that is about to be passed to the inner
+/// allocator.
+#[inline(always)]
+pub fn on_free(addr: *mut u8, size: usize) {
+    let Some(rec) = open_record() else {
+        return free_slow(addr as u64, size);
+    };
+    let ts = clock::stamp(rec.clock.get(), addr as usize);
+    rec.append(ts, |d| [head(TAG_FREE, d, addr as u64)]);
+}
+
+/// Stamps the free half of a reallocation, before the inner allocator is called;
+/// 0 when the thread is not recorded. (The thread's clock moves to the stamps when
+/// [`on_realloc`] records both halves.)
+#[inline(always)]
+pub fn before_realloc(old: *mut u8) -> u64 {
+    match open_record() {
+        Some(rec) => clock::stamp(rec.clock.get(), old as usize),
+        None => before_realloc_slow(old as usize),
+    }
+}
+
+/// Records a reallocation whose free half was stamped `ts_before`.
+#[inline(always)]
+pub fn on_realloc(old: *mut u8, new: *mut u8, layout: Layout, new_size: usize, ts_before: u64) {
+    let event = Realloc {
+        old: old as u64,
+        new: new as u64,
+        old_size: layout.size(),
+        new_size,
+        align_log2: align_log2(layout),
+        ts_before,
+    };
+    match open_record() {
+        Some(rec) if ts_before != 0 => {
+            let slot = rec.stack_slot();
+            let (ts, words, n) = rec.realloc_record(&event, slot);
+            rec.append_words(ts, &words[..n]);
+        }
+        _ => realloc_slow(&event),
+    }
+}
+
+/// A reallocation's figures, from the hook to its record.
+struct Realloc {
+    old: u64,
+    new: u64,
+    old_size: usize,
+    new_size: usize,
+    align_log2: u64,
+    ts_before: u64,
+}
+
+// The slow paths of the events: the thread is not recorded yet (or never), memscope
+// is at work on it, a measurement is open, or it has exited.
+
+#[cold]
+#[inline(never)]
+fn alloc_slow(addr: u64, layout: Layout, zeroed: bool) {
+    measure::on_alloc(layout.size());
     with_record(|rec| {
         let slot = rec.stack_slot();
-        let ts = clock::stamp(&rec.last_stamp, addr as usize);
+        let ts = clock::stamp(rec.clock.get(), addr as usize);
         let sw = size_word(
             layout.size() as u64,
             align_log2(layout),
@@ -130,63 +230,41 @@ pub fn on_alloc(addr: *mut u8, layout: Layout, zeroed: bool) {
             zeroed,
             false,
         );
-        rec.push_stamped(ts, |d| [head(TAG_ALLOC, d, addr as u64), sw]);
+        rec.push_event(ts, |d| [head(TAG_ALLOC, d, addr), sw]);
+        rec.near.set(addr);
     });
 }
 
-/// Records a free that is about to be passed to the inner allocator.
-#[inline(always)]
-pub fn on_free(addr: *mut u8) {
+#[cold]
+#[inline(never)]
+fn free_slow(addr: u64, size: usize) {
+    measure::on_free(size);
     with_record(|rec| {
-        let ts = clock::stamp(&rec.last_stamp, addr as usize);
-        rec.push_stamped(ts, |d| [head(TAG_FREE, d, addr as u64)]);
+        let ts = clock::stamp(rec.clock.get(), addr as usize);
+        rec.push_event(ts, |d| [head(TAG_FREE, d, addr)]);
     });
 }
 
-/// Stamps the free half of a reallocation, before the inner allocator is called;
-/// 0 when the thread is not recorded.
-#[inline(always)]
-pub fn before_realloc(old: *mut u8) -> u64 {
+#[cold]
+#[inline(never)]
+fn before_realloc_slow(old: usize) -> u64 {
     let mut ts = 0;
-    with_record(|rec| ts = clock::stamp(&rec.last_stamp, old as usize));
+    with_record(|rec| ts = clock::stamp(rec.clock.get(), old));
     ts
 }
 
-/// Records a reallocation whose free half was stamped `ts_before`.
-#[inline(always)]
-pub fn on_realloc(old: *mut u8, new: *mut u8, layout: Layout, new_size: usize, ts_before: u64) {
-    if ts_before == 0 {
+#[cold]
+#[inline(never)]
+fn realloc_slow(event: &Realloc) {
+    measure::on_realloc(event.old_size, event.new_size);
+    if event.ts_before == 0 {
         return;
     }
     with_record(|rec| {
         let slot = rec.stack_slot();
-        let ts_after = clock::stamp(&rec.last_stamp, new as usize);
-        let sw = size_word(new_size as u64, align_log2(layout), slot, false, false);
-        let base = rec.stream_clock.get();
-        let before = ts_before.wrapping_sub(base);
-        let after = ts_after - ts_before;
-        if ts_before >= base && before <= MAX_DELTA && after <= MAX_DELTA {
-            rec.push_fixed(
-                [
-                    head(TAG_REALLOC, before, old as u64),
-                    head(0, after, new as u64),
-                    sw,
-                ],
-                base,
-            );
-        } else {
-            rec.push_fixed(
-                [
-                    head(TAG_REALLOC_WIDE, 0, old as u64),
-                    new as u64,
-                    sw,
-                    ts_before,
-                    ts_after,
-                ],
-                base,
-            );
-        }
-        rec.stream_clock.set(ts_after);
+        let (ts, words, n) = rec.realloc_record(event, slot);
+        rec.push(&words[..n]);
+        rec.clock.set(ts);
     });
 }
 
@@ -195,13 +273,21 @@ pub fn on_realloc(old: *mut u8, new: *mut u8, layout: Layout, new_size: usize, t
 /// below 2^47 (they count up from 1 in each process).
 #[inline(always)]
 pub fn scope_event(id: u64, exit: bool) -> bool {
-    let mut done = false;
-    with_record(|rec| {
-        let ts = clock::stamp_thread(&rec.last_stamp);
-        rec.push_stamped(ts, |d| [head(TAG_SCOPE, d, id << 1 | u64::from(exit))]);
-        done = true;
-    });
-    done
+    let word = |d| [head(TAG_SCOPE, d, id << 1 | u64::from(exit))];
+    match open_record() {
+        Some(rec) => {
+            rec.append(clock::stamp_thread(rec.clock.get()), word);
+            true
+        }
+        None => {
+            let mut done = false;
+            with_record(|rec| {
+                rec.push_event(clock::stamp_thread(rec.clock.get()), word);
+                done = true;
+            });
+            done
+        }
+    }
 }
 
 /// Largest payload of an extended record that [`emit`] takes, in words.
@@ -211,7 +297,7 @@ const MAX_EXTENDED: usize = 256;
 /// false if the thread is not recorded. Payloads are limited to 256 words. The stamp
 /// orders the record among this thread's events only.
 pub fn emit(kind: u64, payload: &[u64]) -> bool {
-    emit_with(kind, payload, |rec| clock::stamp_thread(&rec.last_stamp))
+    emit_with(kind, payload, |rec| clock::stamp_thread(rec.clock.get()))
 }
 
 /// As [`emit`], stamped after every earlier record emitted with the same `key` on any
@@ -219,7 +305,7 @@ pub fn emit(kind: u64, payload: &[u64]) -> bool {
 /// and its end, which executors move between threads.
 pub fn emit_after(kind: u64, payload: &[u64], key: u64) -> bool {
     emit_with(kind, payload, |rec| {
-        clock::stamp(&rec.last_stamp, (key as usize) << 4)
+        clock::stamp(rec.clock.get(), (key as usize) << 4)
     })
 }
 
@@ -231,7 +317,9 @@ fn emit_with(kind: u64, payload: &[u64], stamp: impl FnOnce(&ThreadRecord) -> u6
     let mut done = false;
     with_record(|rec| {
         let head = head(TAG_EXTENDED, kind, 1 + payload.len() as u64);
-        rec.push_extended(head, stamp(rec), payload);
+        let ts = stamp(rec);
+        rec.push_extended(head, ts, payload);
+        rec.clock.set(ts);
         done = true;
     });
     done
@@ -249,10 +337,35 @@ fn align_log2(layout: Layout) -> u64 {
     layout.align().trailing_zeros() as u64
 }
 
+/// Where the payload of `buf` ends.
+#[inline(always)]
+fn payload_end(buf: *mut Buffer) -> *mut u64 {
+    // SAFETY: `buf` points to a live `Buffer`; one past the end of its `words` array
+    // is in bounds of the same allocation.
+    unsafe { (*buf).words.as_mut_ptr().add(PAYLOAD_WORDS) }
+}
+
+/// Where the payload of `buf` starts.
+#[inline(always)]
+fn payload_start(buf: *mut Buffer) -> *mut u64 {
+    // SAFETY: `buf` points to a live `Buffer`.
+    unsafe { (*buf).words.as_mut_ptr() }
+}
+
 /// Marks the calling thread as never recorded from now on (the exiting thread, once
 /// the trace is ending).
 pub fn disable_current_thread() {
     CURRENT.with(|c| c.set(DISABLED as *const ThreadRecord));
+}
+
+/// Opens or closes the calling thread's record for the hot path after a
+/// [`measure`](crate::measure) opened or closed on it.
+pub fn reopen_current() {
+    let rec = CURRENT.with(|c| c.get());
+    if (rec as usize) > DISABLED {
+        // SAFETY: see `with_record`.
+        unsafe { &*rec }.reopen();
+    }
 }
 
 /// First event of a thread: creates and registers its record.
@@ -272,13 +385,14 @@ fn start_thread() -> *const ThreadRecord {
     CURRENT.with(|c| c.set(rec));
     // SAFETY: `rec` was just created and is never freed.
     let r = unsafe { &*rec };
-    r.busy.set(true);
-    // Registering the guard's destructor may allocate; `busy` lets that through.
-    // `try_with` fails only when the thread-locals are already being destroyed, and
-    // then there is no later point to hand the buffer over: the process-exit flush
-    // copies it instead.
-    let _ = EXIT.try_with(|_| ());
-    r.busy.set(false);
+    // Registering the guard's destructor may allocate; holding the record lets that
+    // through. `try_with` fails only when the thread-locals are already being
+    // destroyed, and then there is no later point to hand the buffer over: the
+    // process-exit flush copies it instead.
+    if r.hold() {
+        let _ = EXIT.try_with(|_| ());
+        r.release();
+    }
     rec
 }
 
@@ -293,9 +407,11 @@ impl Drop for ExitGuard {
         }
         // SAFETY: see `with_record`.
         let rec = unsafe { &*rec };
-        rec.busy.set(true);
+        let held = rec.hold();
         rec.finish();
-        rec.busy.set(false);
+        if held {
+            rec.release();
+        }
     }
 }
 
@@ -311,18 +427,10 @@ impl ThreadRecord {
         let cache = unsafe { System.alloc_zeroed(Layout::new::<[u64; STACK_CACHE]>()) } as *mut u64;
         let (stack_low, stack_top) = sys::stack_bounds();
         let record = ThreadRecord {
-            tid: NEXT_TID.fetch_add(1, Ordering::Relaxed),
-            gen: AtomicU32::new(0),
-            buf: AtomicPtr::new(buf.as_ptr()),
-            len: AtomicUsize::new(0),
-            alive: AtomicBool::new(true),
-            next: AtomicPtr::new(ptr::null_mut()),
-            snapshotted: AtomicU64::new(0),
-            busy: Cell::new(false),
-            last_stamp: Cell::new(0),
-            stream_clock: Cell::new(0),
-            stack_top,
-            stack_low,
+            cursor: AtomicPtr::new(payload_start(buf.as_ptr())),
+            end: Cell::new(ptr::null_mut()),
+            clock: Cell::new(0),
+            near: Cell::new(0),
             stack_cache: Cell::new(cache),
             // SAFETY: non-zero-size layout; all zeroes is an empty `LastWalk` (plain
             // integers and a bool); null is handled where it is used.
@@ -330,6 +438,15 @@ impl ThreadRecord {
                 unsafe { System.alloc_zeroed(Layout::new::<stack::LastWalk>()) }
                     as *mut stack::LastWalk,
             ),
+            busy: Cell::new(false),
+            tid: NEXT_TID.fetch_add(1, Ordering::Relaxed),
+            gen: AtomicU32::new(0),
+            buf: AtomicPtr::new(buf.as_ptr()),
+            alive: AtomicBool::new(true),
+            next: AtomicPtr::new(ptr::null_mut()),
+            snapshotted: AtomicU64::new(0),
+            stack_top,
+            stack_low,
             name: Cell::new([0; 16]),
             os_tid: Cell::new(0),
             is_main: Cell::new(false),
@@ -360,64 +477,226 @@ impl ThreadRecord {
         rec
     }
 
-    /// Appends an event stamped `ts`, built from its stamp delta; writes a `STAMP`
-    /// record first when the delta does not fit.
-    #[inline(always)]
-    fn push_stamped<const N: usize>(&self, ts: u64, event: impl FnOnce(u64) -> [u64; N]) {
-        let base = self.stream_clock.get();
-        let delta = ts.wrapping_sub(base);
-        if ts >= base && delta <= MAX_DELTA {
-            self.push_fixed(event(delta), base);
-        } else {
-            self.push_fixed([head(TAG_STAMP, 0, 0), ts], base);
-            self.push_fixed(event(0), ts);
+    /// Closes the record while memscope works on this thread (see the module
+    /// documentation); false if it already is at work (a re-entrant allocation).
+    fn hold(&self) -> bool {
+        if self.busy.replace(true) {
+            return false;
         }
-        self.stream_clock.set(ts);
+        self.end.set(ptr::null_mut());
+        true
     }
 
-    /// [`push`](Self::push) for a record built in registers: its words are stored
-    /// into the buffer one by one. (Left to itself, the compiler spills the words to
-    /// the stack and copies them with one 16-byte load, which store forwarding cannot
-    /// serve from two 8-byte stores: a stall of a dozen cycles on every event. The
-    /// volatile stores keep them apart.)
-    #[inline(always)]
-    fn push_fixed<const N: usize>(&self, words: [u64; N], base: u64) {
-        let len = self.len.load(Ordering::Relaxed);
+    /// Ends a [`hold`](Self::hold).
+    fn release(&self) {
+        self.busy.set(false);
+        self.reopen();
+    }
+
+    /// Opens the record to the hot path, unless memscope is at work on the thread, a
+    /// measurement is open on it, or it has no buffer (it exited).
+    fn reopen(&self) {
         let buf = self.buf.load(Ordering::Relaxed);
-        if len + N * 8 > PAYLOAD_BYTES || buf.is_null() {
-            return self.push_slow(&words, base);
+        let open = !self.busy.get() && !buf.is_null() && !measure::is_open();
+        self.end.set(if open {
+            payload_end(buf)
+        } else {
+            ptr::null_mut()
+        });
+    }
+
+    /// Appends the event `event(delta)` stamped `ts`: the hot path's append. Falls
+    /// back to [`append_slow`](Self::append_slow) when the buffer is full or the
+    /// stamp's delta does not fit.
+    #[inline(always)]
+    fn append<const N: usize>(&self, ts: u64, event: impl FnOnce(u64) -> [u64; N]) {
+        let delta = ts - self.clock.get();
+        let cur = self.cursor.load(Ordering::Relaxed);
+        if delta <= MAX_DELTA && self.has_room(cur, N) {
+            self.store(cur, event(delta), ts);
+        } else {
+            self.append_slow(ts, event(0));
         }
-        // SAFETY: as in `push`: this thread's own buffer, with room for N words behind
-        // the `len` committed bytes.
-        unsafe {
-            let dst = (*buf).words.as_mut_ptr().add(len / 8);
-            for (i, word) in words.into_iter().enumerate() {
-                dst.add(i).write_volatile(word);
+    }
+
+    /// Appends the record `words` (deltas relative to the stream clock) stamped `ts`,
+    /// on the hot path, falling back to a held [`push`](Self::push).
+    #[inline(always)]
+    fn append_words(&self, ts: u64, words: &[u64]) {
+        let cur = self.cursor.load(Ordering::Relaxed);
+        if self.has_room(cur, words.len()) {
+            // SAFETY: as in `store`.
+            unsafe {
+                for (i, &word) in words.iter().enumerate() {
+                    cur.add(i).write_volatile(word);
+                }
+            }
+            self.commit(cur, words.len(), ts);
+        } else {
+            self.push_held(words, ts);
+        }
+    }
+
+    /// [`append_alloc`](Self::append_alloc) with the allocation's stack: out of line,
+    /// so that the path without stacks keeps a small frame.
+    #[inline(never)]
+    fn alloc_with_stack(&self, addr: u64, layout: Layout, zeroed: bool) {
+        let slot = self.walk_stack();
+        self.append_alloc(addr, layout, zeroed, slot);
+    }
+
+    /// Appends an allocation: one `ALLOC_NEAR` word where it fits, else an `ALLOC`.
+    #[inline(always)]
+    fn append_alloc(&self, addr: u64, layout: Layout, zeroed: bool, slot: u64) {
+        let (size, align) = (layout.size() as u64, align_log2(layout));
+        let last = self.clock.get();
+        let ts = clock::stamp(last, addr as usize);
+        let delta = ts - last;
+        let cur = self.cursor.load(Ordering::Relaxed);
+        if self.has_room(cur, 2) {
+            // A zeroed allocation does not fit either: as if its alignment were too large.
+            let near_align = align | u64::from(zeroed) << 3;
+            if let Some(word) = alloc_near(delta, addr, self.near.get(), size, near_align, slot) {
+                return self.store(cur, [word], ts);
+            }
+            if delta <= MAX_DELTA {
+                let sw = size_word(size, align, slot, zeroed, false);
+                self.store(cur, [head(TAG_ALLOC, delta, addr), sw], ts);
+                return self.near.set(addr);
             }
         }
-        self.len.store(len + N * 8, Ordering::Release);
+        self.append_alloc_slow(ts, addr, size_word(size, align, slot, zeroed, false))
     }
 
-    /// Appends one record whose stamp deltas are relative to `base`. The words must
-    /// fit an empty buffer.
+    /// [`append_alloc`](Self::append_alloc)'s full `ALLOC` when it does not fit the
+    /// buffer or its stamp is too far from the clock.
+    #[cold]
+    #[inline(never)]
+    fn append_alloc_slow(&self, ts: u64, addr: u64, size_word: u64) {
+        self.append_slow(ts, [head(TAG_ALLOC, 0, addr), size_word]);
+        self.near.set(addr);
+    }
+
+    /// Whether `words` more words fit behind `cur` in the open record's buffer (never
+    /// when it is closed).
     #[inline(always)]
-    fn push(&self, words: &[u64], base: u64) {
-        let len = self.len.load(Ordering::Relaxed);
-        let buf = self.buf.load(Ordering::Relaxed);
-        if len + words.len() * 8 > PAYLOAD_BYTES || buf.is_null() {
-            return self.push_slow(words, base);
-        }
-        // SAFETY: `buf` is this thread's current buffer, owned by it; the record fits
-        // behind the `len` committed bytes (checked above), and `len` is a multiple of 8.
+    fn has_room(&self, cur: *mut u64, words: usize) -> bool {
+        (cur as usize) + words * 8 <= self.end.get() as usize
+    }
+
+    /// Stores the record `words` at `cur`, which [`has_room`](Self::has_room) for
+    /// them, and moves the cursor and the clock (to `ts`) past it.
+    ///
+    /// The words are stored one by one: left to itself, the compiler spills them to
+    /// the stack and copies them with one 16-byte load, which store forwarding cannot
+    /// serve from two 8-byte stores: a stall of a dozen cycles on every event. The
+    /// volatile stores keep them apart.
+    #[inline(always)]
+    fn store<const N: usize>(&self, cur: *mut u64, words: [u64; N], ts: u64) {
+        // SAFETY: `cur` is this thread's cursor in its own buffer, and `has_room`
+        // found room for N words behind it (`end` is that buffer's).
         unsafe {
-            ptr::copy_nonoverlapping(
-                words.as_ptr(),
-                (*buf).words.as_mut_ptr().add(len / 8),
-                words.len(),
-            )
-        };
-        // Release: a snapshot that reads the new length also sees the words.
-        self.len.store(len + words.len() * 8, Ordering::Release);
+            for (i, word) in words.into_iter().enumerate() {
+                cur.add(i).write_volatile(word);
+            }
+        }
+        self.commit(cur, N, ts);
+    }
+
+    /// Moves the cursor past the `words` words just stored at `cur`, and the clock to
+    /// their stamp `ts`.
+    #[inline(always)]
+    fn commit(&self, cur: *mut u64, words: usize, ts: u64) {
+        // Release: a snapshot that reads the new cursor also sees the words.
+        self.cursor
+            .store(cur.wrapping_add(words), Ordering::Release);
+        self.clock.set(ts);
+    }
+
+    /// [`append`](Self::append) when the record does not fit the buffer or its stamp
+    /// is too far from the clock: `words` (stamp delta 0) behind a `STAMP` of `ts`.
+    /// (The words are taken by value, so that the hot path can jump here.)
+    #[cold]
+    #[inline(never)]
+    fn append_slow<const N: usize>(&self, ts: u64, words: [u64; N]) {
+        let mut record = [0u64; 2 + MAX_EVENT_WORDS];
+        record[0] = head(TAG_STAMP, 0, 0);
+        record[1] = ts;
+        record[2..2 + N].copy_from_slice(&words);
+        self.push_held(&record[..2 + N], ts);
+    }
+
+    /// Pushes `words` and moves the clock to `ts`, holding the record meanwhile (the
+    /// hot path's fallback).
+    #[cold]
+    #[inline(never)]
+    fn push_held(&self, words: &[u64], ts: u64) {
+        let held = self.hold();
+        self.push(words);
+        self.clock.set(ts);
+        if held {
+            self.release();
+        }
+    }
+
+    /// Appends the event `event(delta)` stamped `ts` on a slow path (the record held):
+    /// behind a `STAMP` when the delta does not fit.
+    fn push_event<const N: usize>(&self, ts: u64, event: impl FnOnce(u64) -> [u64; N]) {
+        let delta = ts - self.clock.get();
+        if delta <= MAX_DELTA {
+            self.push(&event(delta));
+        } else {
+            self.push(&[head(TAG_STAMP, 0, 0), ts]);
+            self.clock.set(ts);
+            self.push(&event(0));
+        }
+        self.clock.set(ts);
+    }
+
+    /// The record of a reallocation whose alloc half has stack `slot`: its stamp
+    /// (the alloc half's), its words and how many there are.
+    #[inline(always)]
+    fn realloc_record(&self, r: &Realloc, slot: u64) -> (u64, [u64; MAX_EVENT_WORDS], usize) {
+        let ts_after = clock::stamp(r.ts_before, r.new as usize);
+        let sw = size_word(r.new_size as u64, r.align_log2, slot, false, false);
+        let base = self.clock.get();
+        let before = r.ts_before.wrapping_sub(base);
+        let after = ts_after - r.ts_before;
+        if r.ts_before >= base && before <= MAX_DELTA && after <= MAX_DELTA {
+            let words = [
+                head(TAG_REALLOC, before, r.old),
+                head(0, after, r.new),
+                sw,
+                0,
+                0,
+            ];
+            (ts_after, words, 3)
+        } else {
+            let words = [
+                head(TAG_REALLOC_WIDE, 0, r.old),
+                r.new,
+                sw,
+                r.ts_before,
+                ts_after,
+            ];
+            (ts_after, words, 5)
+        }
+    }
+
+    /// Appends one record whose stamp deltas are relative to the stream clock, on a
+    /// slow path (the record held). The words must fit an empty buffer.
+    fn push(&self, words: &[u64]) {
+        let buf = self.buf.load(Ordering::Relaxed);
+        let cur = self.cursor.load(Ordering::Relaxed);
+        if buf.is_null() || (cur as usize) + words.len() * 8 > payload_end(buf) as usize {
+            return self.push_slow(words);
+        }
+        // SAFETY: `cur` is this thread's cursor in its own buffer `buf`, with room for
+        // the record behind it (checked above).
+        unsafe { ptr::copy_nonoverlapping(words.as_ptr(), cur, words.len()) };
+        // Release: a snapshot that reads the new cursor also sees the words.
+        self.cursor
+            .store(cur.wrapping_add(words.len()), Ordering::Release);
     }
 
     /// Appends the extended record `[head, stamp, payload…]` (see [`emit`]) straight
@@ -427,24 +706,24 @@ impl ThreadRecord {
     #[inline(always)]
     fn push_extended(&self, head: u64, stamp: u64, payload: &[u64]) {
         let words = 2 + payload.len();
-        let len = self.len.load(Ordering::Relaxed);
         let buf = self.buf.load(Ordering::Relaxed);
-        if len + words * 8 > PAYLOAD_BYTES || buf.is_null() {
+        let cur = self.cursor.load(Ordering::Relaxed);
+        if buf.is_null() || (cur as usize) + words * 8 > payload_end(buf) as usize {
             return self.push_extended_slow(head, stamp, payload);
         }
-        // SAFETY: as in `push`: `buf` is this thread's current buffer, and the record's
-        // `words` words fit behind the `len` committed bytes (checked above).
+        // SAFETY: as in `push`: `cur` is this thread's cursor in its own buffer, and
+        // the record's `words` words fit behind it (checked above).
         unsafe {
-            let dst = (*buf).words.as_mut_ptr().add(len / 8);
-            dst.write(head);
-            dst.add(1).write(stamp);
+            cur.write(head);
+            cur.add(1).write(stamp);
             match payload {
-                [word] => dst.add(2).write(*word),
-                _ => ptr::copy_nonoverlapping(payload.as_ptr(), dst.add(2), payload.len()),
+                [word] => cur.add(2).write(*word),
+                _ => ptr::copy_nonoverlapping(payload.as_ptr(), cur.add(2), payload.len()),
             }
         }
-        // Release: a snapshot that reads the new length also sees the words.
-        self.len.store(len + words * 8, Ordering::Release);
+        // Release: a snapshot that reads the new cursor also sees the words.
+        self.cursor
+            .store(cur.wrapping_add(words), Ordering::Release);
     }
 
     /// [`push_extended`](Self::push_extended) when the record does not fit: staged, then
@@ -464,14 +743,16 @@ impl ThreadRecord {
         let record = unsafe {
             &*(&words[..2 + payload.len()] as *const [std::mem::MaybeUninit<u64>] as *const [u64])
         };
-        self.push(record, self.stream_clock.get());
+        self.push(record);
     }
 
     /// The buffer is full (or gone): hand it over and start the next chunk with the
     /// stream clock, so that every chunk decodes on its own.
     #[cold]
     #[inline(never)]
-    fn push_slow(&self, words: &[u64], base: u64) {
+    fn push_slow(&self, words: &[u64]) {
+        let held = self.hold();
+        let base = self.clock.get();
         if self.alive.load(Ordering::Relaxed) {
             self.hand_over(true);
             // The name is asked of the kernel (a system call) at the first hand-overs,
@@ -482,24 +763,39 @@ impl ThreadRecord {
             if n.is_power_of_two() || n.is_multiple_of(16) {
                 self.note_name();
             }
-            self.push(&[head(TAG_STAMP, 0, 0), base], base);
-            self.push(words, base);
+            self.push(&[head(TAG_STAMP, 0, 0), base]);
+            self.push(words);
         } else {
             // After the thread's exit flush: one chunk per event.
-            let Some(buf) = writer::pool().and_then(|p| p.take()) else {
-                return writer::dropped(1);
-            };
-            let gen = self.gen.fetch_add(2, Ordering::Relaxed);
-            let stamp = [head(TAG_STAMP, 0, 0), base];
-            // SAFETY: the buffer was just taken from the pool and is ours; the two
-            // records fit easily.
-            unsafe {
-                let dst = (*buf.as_ptr()).words.as_mut_ptr();
-                ptr::copy_nonoverlapping(stamp.as_ptr(), dst, 2);
-                ptr::copy_nonoverlapping(words.as_ptr(), dst.add(2), words.len());
+            match writer::pool().and_then(|p| p.take()) {
+                Some(buf) => {
+                    let gen = self.gen.fetch_add(2, Ordering::Relaxed);
+                    let stamp = [head(TAG_STAMP, 0, 0), base];
+                    // SAFETY: the buffer was just taken from the pool and is ours; the
+                    // two records fit easily.
+                    unsafe {
+                        let dst = payload_start(buf.as_ptr());
+                        ptr::copy_nonoverlapping(stamp.as_ptr(), dst, 2);
+                        ptr::copy_nonoverlapping(words.as_ptr(), dst.add(2), words.len());
+                    }
+                    writer::submit(buf, self.tid, gen / 2, (2 + words.len()) * 8);
+                }
+                None => writer::dropped(1),
             }
-            writer::submit(buf, self.tid, gen / 2, (2 + words.len()) * 8);
         }
+        if held {
+            self.release();
+        }
+    }
+
+    /// Bytes of records in the current buffer.
+    fn len(&self) -> usize {
+        let buf = self.buf.load(Ordering::Relaxed);
+        if buf.is_null() {
+            return 0;
+        }
+        let cur = self.cursor.load(Ordering::Relaxed);
+        (cur as usize).wrapping_sub(payload_start(buf) as usize)
     }
 
     /// Copies the buffer's records into a pool buffer for the writer and empties it;
@@ -510,7 +806,7 @@ impl ThreadRecord {
     /// to storing every event into memory that another core read last.
     fn hand_over(&self, keep: bool) {
         let Some(pool) = writer::pool() else { return };
-        let len = self.len.load(Ordering::Relaxed);
+        let len = self.len();
         if keep && len == 0 {
             return;
         }
@@ -536,13 +832,17 @@ impl ThreadRecord {
                 None => writer::dropped(1),
             }
         }
-        if !keep {
+        if keep {
+            self.cursor.store(payload_start(own), Ordering::Relaxed);
+        } else {
             self.buf.store(ptr::null_mut(), Ordering::Relaxed);
+            self.cursor.store(ptr::null_mut(), Ordering::Relaxed);
             if let Some(own) = NonNull::new(own) {
                 pool.give_back(own);
             }
         }
-        self.len.store(0, Ordering::Relaxed);
+        // The next chunk's `ALLOC_NEAR` records are relative to its own `ALLOC`s.
+        self.near.set(0);
         self.gen.store(gen + 2, Ordering::Release);
     }
 
@@ -591,7 +891,7 @@ impl ThreadRecord {
         words[1] = os_tid;
         words[2] = u64::from_le_bytes(name[0..8].try_into().unwrap_or_default());
         words[3] = u64::from_le_bytes(name[8..16].try_into().unwrap_or_default());
-        self.push(&words[..2 + len.div_ceil(8)], self.stream_clock.get());
+        self.push(&words[..2 + len.div_ceil(8)]);
     }
 
     /// The slot of the current call stack in this thread's stream, writing the stack
@@ -604,16 +904,16 @@ impl ThreadRecord {
         self.walk_stack()
     }
 
-    /// [`stack_slot`](Self::stack_slot) with stacks on: out of line, so that the
-    /// events' own path keeps a small frame when stacks are off. The common case, the
-    /// thread's previous stack again and already written, needs a few registers; the
-    /// rest ([`record_stack`](Self::record_stack)) a large frame.
-    #[inline(never)]
+    /// [`stack_slot`](Self::stack_slot) with stacks on, inlined into its caller (the
+    /// walk starts at the caller's frame): the common case, the thread's previous
+    /// stack again and already written, needs a few registers; the rest
+    /// ([`record_stack`](Self::record_stack)) a large frame, out of line.
+    #[inline(always)]
     fn walk_stack(&self) -> u64 {
         let start = stack::registers();
         if let Some(last) = NonNull::new(self.last_walk.get()) {
             // SAFETY: allocated in `create` for this thread, used only by it; `start`
-            // is this function's frame.
+            // is the frame of the function this is inlined into.
             if let Some((_, hash)) = unsafe { stack::again(last.as_ref(), start.0) } {
                 let slot = slot_of(hash);
                 let cache = self.stack_cache.get();
@@ -626,8 +926,9 @@ impl ThreadRecord {
         self.record_stack(start)
     }
 
-    /// Walks the stack from the frame `start` of [`walk_stack`](Self::walk_stack), which
-    /// is waiting for this to return; writes it if its slot does not hold it yet.
+    /// Walks the stack from the frame `start` of the function
+    /// [`walk_stack`](Self::walk_stack) is inlined into, which is waiting for this to
+    /// return; writes it if its slot does not hold it yet.
     #[inline(never)]
     fn record_stack(&self, start: (usize, usize)) -> u64 {
         let mut spare;
@@ -640,7 +941,7 @@ impl ThreadRecord {
             }
         };
         // SAFETY: `last` holds only this thread's walks. `start` is the frame and stack
-        // pointer of `walk_stack`, which waits for us to return; or, if it jumped here
+        // pointer of `walk_stack`'s caller, which waits for us to return; or, if it jumped here
         // (a tail call), of the frame this function then built in its place, at the
         // same address with the same saved frame pointer and return address. Either
         // way both lie in the live part of this thread's stack.
@@ -663,7 +964,7 @@ impl ThreadRecord {
         for (i, word) in words[1..=len].iter_mut().enumerate() {
             *word = last.frame(i);
         }
-        self.push(&words[..=len], self.stream_clock.get());
+        self.push(&words[..=len]);
         slot
     }
 
@@ -677,8 +978,17 @@ impl ThreadRecord {
                 continue;
             }
             let buf = self.buf.load(Ordering::Relaxed);
-            let len = self.len.load(Ordering::Acquire).min(PAYLOAD_BYTES);
-            if buf.is_null() || len == 0 {
+            let cur = self.cursor.load(Ordering::Acquire);
+            if buf.is_null() || cur.is_null() {
+                return None;
+            }
+            // The cursor lies in `buf` unless a hand-over is under way; then `gen`
+            // tells, below, and the length only has to stay in bounds.
+            let len = (cur as usize)
+                .wrapping_sub(payload_start(buf) as usize)
+                .min(PAYLOAD_BYTES)
+                & !7;
+            if len == 0 {
                 return None;
             }
             // SAFETY: buffers are never freed while the process runs (they return to
@@ -745,10 +1055,12 @@ pub fn flush_all(scratch: NonNull<Buffer>, write: impl FnMut(u32, u32, usize)) {
     if (me as usize) > DISABLED {
         // SAFETY: see `with_record`.
         let me = unsafe { &*me };
-        let was_busy = me.busy.replace(true);
+        let held = me.hold();
         me.note_name();
         me.hand_over(true);
-        me.busy.set(was_busy);
+        if held {
+            me.release();
+        }
     }
     snapshot_running(scratch, write);
 }
@@ -786,9 +1098,13 @@ pub fn reset_after_fork() {
     if (me as usize) > DISABLED {
         // SAFETY: see `with_record`; this thread owns `me`.
         let me = unsafe { &*me };
-        me.len.store(0, Ordering::Relaxed);
+        let buf = me.buf.load(Ordering::Relaxed);
+        if !buf.is_null() {
+            me.cursor.store(payload_start(buf), Ordering::Relaxed);
+        }
         me.gen.store(0, Ordering::Relaxed);
-        me.stream_clock.set(0);
+        me.clock.set(0);
+        me.near.set(0);
         me.name.set([0; 16]);
         me.note_os_thread();
         let cache = me.stack_cache.get();
@@ -797,10 +1113,9 @@ pub fn reset_after_fork() {
             // (they went to the parent's trace).
             unsafe { ptr::write_bytes(cache, 0, STACK_CACHE) };
         }
-        if !me.busy.get() {
-            me.busy.set(true);
+        if me.hold() {
             me.note_name();
-            me.busy.set(false);
+            me.release();
         }
     }
 }

@@ -71,6 +71,7 @@ pub fn dropped(n: u64) {
 /// Sets up tracking for the process once; false if it is off (no trace file).
 pub fn start() -> bool {
     INIT.call_once(|| {
+        clock::tick();
         if let Some(v) = sys::getenv(c"MEMSCOPE_STACKS") {
             STACKS.store(v != b"0", Ordering::Relaxed);
         }
@@ -211,6 +212,8 @@ pub fn submit(buf: NonNull<Buffer>, thread: u32, index: u32, len: usize) {
             Err(full) => write_full(shared, full),
         }
     } else {
+        // No writer thread to advance the coarse clock: the hand-overs do.
+        clock::tick();
         write_full(shared, full);
     }
 }
