@@ -6,7 +6,9 @@
 //!
 //! The variants are built here with frame pointers on (as `cargo memscope` builds
 //! programs) into `target/bench`, so the comparison is like for like. Arguments
-//! (`--help`): `--runs N` (default 5), `--no-dhat`, and workload names to run only those.
+//! (`--help`): `--runs N` (default 5), `--repeat K` (default 3: each run does the
+//! workload K times in one process and keeps the fastest, the least disturbed by the
+//! rest of the machine), `--no-dhat`, and workload names to run only those.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -50,6 +52,9 @@ struct Args {
     /// Runs of each variant (the median is shown).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     runs: u32,
+    /// Times each run does the workload in one process; the fastest counts.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
     /// Skip the dhat-rs variant (the slowest by far).
     #[arg(long)]
     no_dhat: bool,
@@ -70,7 +75,10 @@ fn main() {
 
     let bin_dir = build_variants();
     let trace_dir = std::env::temp_dir().join(format!("memscope-bench-{}", std::process::id()));
-    println!("runs per variant: {runs} (median shown); ratios are to the untracked run");
+    println!(
+        "runs per variant: {runs} (median shown), each the fastest of {} in one process; ratios are to the untracked run",
+        args.repeat
+    );
     println!("wall: elapsed time; cpu: CPU time of all the process's threads (memscope's writer included)\n");
     println!(
         "{:<18} {:<22} {:>12} {:>8} {:>12} {:>8}",
@@ -85,7 +93,7 @@ fn main() {
         let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
         for _ in 0..runs {
             for (i, v) in variants.iter().enumerate() {
-                let (wall, cpu) = run_once(&bin_dir, v, workload, &trace_dir);
+                let (wall, cpu) = run_once(&bin_dir, v, workload, args.repeat, &trace_dir);
                 walls[i].push(wall);
                 cpus[i].push(cpu);
             }
@@ -133,12 +141,19 @@ fn build_variants() -> PathBuf {
     target.join("release")
 }
 
-/// One run of a variant: its wall and CPU nanoseconds.
-fn run_once(bin_dir: &Path, variant: &Variant, workload: &str, trace_dir: &Path) -> (f64, f64) {
+/// One run of a variant (the fastest of `repeat` in one process): its wall and CPU
+/// nanoseconds.
+fn run_once(
+    bin_dir: &Path,
+    variant: &Variant,
+    workload: &str,
+    repeat: u32,
+    trace_dir: &Path,
+) -> (f64, f64) {
     let _ = std::fs::remove_dir_all(trace_dir);
     std::fs::create_dir_all(trace_dir).expect("failed to create the trace directory");
     let mut command = Command::new(bin_dir.join(variant.binary));
-    command.arg(workload);
+    command.arg(workload).arg(repeat.to_string());
     // Only the tracked variant runs as under `cargo memscope`: the untracked one is an
     // ordinary build (instrumented code there must see no memscope at all).
     if variant.binary == "bench-tracked" {
