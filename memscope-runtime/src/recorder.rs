@@ -146,17 +146,18 @@ fn with_record(f: impl FnOnce(&ThreadRecord)) {
     }
 }
 
-/// Records an allocation that the inner allocator just returned.
+/// Records an allocation (`ZEROED`: a zeroed one) that the inner allocator just
+/// returned.
 #[inline(always)]
-pub fn on_alloc(addr: *mut u8, layout: Layout, zeroed: bool) {
+pub fn on_alloc<const ZEROED: bool>(addr: *mut u8, layout: Layout) {
     // Every path ends in a return or a tail call, so the hot one saves no registers.
     let Some(rec) = open_record() else {
-        return alloc_slow(addr as u64, layout, zeroed);
+        return alloc_slow(addr as u64, layout, ZEROED);
     };
     if writer::stacks_enabled() {
-        rec.alloc_with_stack(addr as u64, layout, zeroed)
+        rec.alloc_with_stack::<ZEROED>(addr as u64, layout)
     } else {
-        rec.append_alloc(addr as u64, layout, zeroed, 0)
+        rec.append_alloc(addr as u64, layout, ZEROED, 0)
     }
 }
 
@@ -540,9 +541,9 @@ impl ThreadRecord {
     /// [`append_alloc`](Self::append_alloc) with the allocation's stack: out of line,
     /// so that the path without stacks keeps a small frame.
     #[inline(never)]
-    fn alloc_with_stack(&self, addr: u64, layout: Layout, zeroed: bool) {
+    fn alloc_with_stack<const ZEROED: bool>(&self, addr: u64, layout: Layout) {
         let slot = self.walk_stack();
-        self.append_alloc(addr, layout, zeroed, slot);
+        self.append_alloc(addr, layout, ZEROED, slot);
     }
 
     /// Appends an allocation: one `ALLOC_NEAR` word where it fits, else an `ALLOC`.
