@@ -257,6 +257,8 @@ struct Memory {
     /// Aligned windows of memory read so far, by index: their readable prefix. Most
     /// blocks are small and near each other: one system call reads many.
     windows: HashMap<usize, Vec<u8>, BuildHasherDefault<AddrHasher>>,
+    /// Buffers of windows dropped from `windows`, for the next ones.
+    spare: Vec<Vec<u8>>,
     pid: libc::pid_t,
 }
 
@@ -319,11 +321,14 @@ impl Memory {
         let end = start.checked_add(len)?;
         let (first, last) = (start / WINDOW, end.saturating_sub(1) / WINDOW);
         if self.windows.len() + 2 > MAX_WINDOWS {
-            self.windows.clear();
+            self.spare
+                .extend(self.windows.drain().map(|(_, bytes)| bytes));
         }
         for w in first..=last {
             if !self.windows.contains_key(&w) {
-                let mut bytes = vec![0u8; WINDOW];
+                // A spare buffer is not zeroed again: only what is read is kept.
+                let mut bytes = self.spare.pop().unwrap_or_default();
+                bytes.resize(WINDOW, 0);
                 let got = match read_self(self.pid, w * WINDOW, &mut bytes) {
                     Ok(got) => got,
                     Err(_) => {
@@ -372,25 +377,88 @@ fn read_self(pid: libc::pid_t, addr: usize, out: &mut [u8]) -> Result<usize, std
     }
 }
 
-/// The block containing `addr`, by index into `blocks` (sorted by start).
-fn block_at(blocks: &[(usize, usize)], addr: usize) -> Option<usize> {
-    let i = blocks.partition_point(|b| b.0 <= addr).checked_sub(1)?;
-    let (start, size) = blocks[i];
-    (addr < start + size).then_some(i)
+/// The blocks (sorted by start, disjoint) and, for finding the one an address points
+/// into, the 64 KiB pages they start on: a search among the few blocks of one page,
+/// found in a small table, instead of one among all blocks, most of whose steps miss
+/// the cache (the scan looks up every word that could be a pointer).
+struct BlockIndex<'b> {
+    blocks: &'b [(usize, usize)],
+    /// `(page, first block starting on it, one past the last)`, sorted by page.
+    pages: Vec<(usize, u32, u32)>,
+    /// Where the first block starts and the last ends.
+    lo: usize,
+    hi: usize,
 }
 
-/// Calls `f` with the index of every block some aligned word of `bytes` (read at
-/// `at`) points at or into.
-fn pointers(blocks: &[(usize, usize)], at: usize, bytes: &[u8], mut f: impl FnMut(usize)) {
-    let (Some(&(lo, _)), Some(&(hi_start, hi_size))) = (blocks.first(), blocks.last()) else {
-        return;
-    };
-    let hi = hi_start + hi_size;
-    let skip = (8 - at % 8) % 8;
-    for word in bytes.get(skip..).unwrap_or_default().chunks_exact(8) {
-        let value = usize::from_le_bytes(word.try_into().unwrap_or_default());
-        if value >= lo && value < hi {
-            if let Some(i) = block_at(blocks, value) {
+/// log2 of [`BlockIndex`]'s page size.
+const INDEX_PAGE_BITS: u32 = 16;
+
+impl<'b> BlockIndex<'b> {
+    fn new(blocks: &'b [(usize, usize)]) -> BlockIndex<'b> {
+        let mut pages: Vec<(usize, u32, u32)> = Vec::new();
+        for (i, &(start, _)) in blocks.iter().enumerate() {
+            let page = start >> INDEX_PAGE_BITS;
+            match pages.last_mut() {
+                Some(entry) if entry.0 == page => entry.2 = i as u32 + 1,
+                _ => pages.push((page, i as u32, i as u32 + 1)),
+            }
+        }
+        let (lo, hi) = match (blocks.first(), blocks.last()) {
+            (Some(first), Some(last)) => (first.0, last.0 + last.1),
+            _ => (0, 0),
+        };
+        BlockIndex {
+            blocks,
+            pages,
+            lo,
+            hi,
+        }
+    }
+
+    /// The block containing `addr`, by index into `blocks`.
+    #[inline]
+    fn block_at(&self, addr: usize) -> Option<usize> {
+        if addr < self.lo || addr >= self.hi {
+            return None;
+        }
+        let page = addr >> INDEX_PAGE_BITS;
+        // The last page at or before `addr`'s that blocks start on: the block holding
+        // `addr` starts there, or is the last one before it (a large block).
+        let at = self.pages.partition_point(|p| p.0 <= page).checked_sub(1)?;
+        let (_, first, end) = self.pages[at];
+        let (first, end) = (first as usize, end as usize);
+        let i = first + self.blocks[first..end].partition_point(|b| b.0 <= addr);
+        let i = i.checked_sub(1)?;
+        let (start, size) = self.blocks[i];
+        (addr >= start && addr < start + size).then_some(i)
+    }
+
+    /// Calls `f` with the index of every block some aligned word of `bytes` (read at
+    /// `at`) points at or into. (Neighbouring words often point into the same block,
+    /// or the next one: an array of pointers to blocks allocated one after the other.
+    /// Those two are tried before the index.)
+    fn pointers(&self, at: usize, bytes: &[u8], mut f: impl FnMut(usize)) {
+        let skip = (8 - at % 8) % 8;
+        let mut last = 0;
+        for word in bytes.get(skip..).unwrap_or_default().chunks_exact(8) {
+            let value = usize::from_le_bytes(word.try_into().unwrap_or_default());
+            if value < self.lo || value >= self.hi {
+                continue;
+            }
+            let holds = |i: usize| {
+                self.blocks
+                    .get(i)
+                    .is_some_and(|&(start, size)| value >= start && value < start + size)
+            };
+            let found = if holds(last) {
+                Some(last)
+            } else if holds(last + 1) {
+                Some(last + 1)
+            } else {
+                self.block_at(value)
+            };
+            if let Some(i) = found {
+                last = i;
                 f(i);
             }
         }
@@ -399,13 +467,14 @@ fn pointers(blocks: &[(usize, usize)], at: usize, bytes: &[u8], mut f: impl FnMu
 
 /// The kind of each block, by index (every block gets one).
 fn classify(blocks: &[(usize, usize)], roots: &Roots, memory: &mut Memory) -> Vec<Option<Reach>> {
+    let index = BlockIndex::new(blocks);
     let mut reach: Vec<Option<Reach>> = vec![None; blocks.len()];
     let mut work = Vec::new();
     // Reads `[start, start + len)` and gives `kind` to the blocks it points to that
     // have none yet, queueing them to be read in turn; returns the bytes read.
     let mut mark = |memory: &mut Memory, start, len, kind, work: &mut Vec<usize>| {
         memory.visit(start, len, |at, bytes| {
-            pointers(blocks, at, bytes, |i| {
+            index.pointers(at, bytes, |i| {
                 if reach[i].is_none() {
                     reach[i] = Some(kind);
                     work.push(i);
@@ -443,7 +512,7 @@ fn classify(blocks: &[(usize, usize)], roots: &Roots, memory: &mut Memory) -> Ve
         let (start, size) = blocks[b];
         let out = &mut edges[b];
         memory.visit(start, size, |at, bytes| {
-            pointers(blocks, at, bytes, |i| {
+            index.pointers(at, bytes, |i| {
                 if i != b && reach[i].is_none() {
                     pointed_to[i] = true;
                     out.push(i as u32);
@@ -585,6 +654,34 @@ mod tests {
         assert_eq!(pieces[1].0, boundary);
         let whole: Vec<u8> = pieces.into_iter().flat_map(|(_, b)| b).collect();
         assert_eq!(whole, data[start - base..start - base + len]);
+    }
+
+    #[test]
+    fn the_block_index_finds_the_block_holding_an_address_as_a_search_of_all_would() {
+        // Small blocks on shared pages, a large one over several pages, gaps.
+        let page = 1usize << INDEX_PAGE_BITS;
+        let base = 0x7f00_0000_0000usize;
+        let blocks = vec![
+            (base + 16, 32),
+            (base + 64, 8),
+            (base + page - 16, 48),
+            (base + 3 * page + 100, 5 * page),
+            (base + 9 * page, 1),
+            (base + 9 * page + 1, 15),
+        ];
+        let index = BlockIndex::new(&blocks);
+        let by_search = |addr: usize| {
+            blocks
+                .iter()
+                .position(|&(start, size)| addr >= start && addr < start + size)
+        };
+        let probes = (0..12 * page)
+            .step_by(4)
+            .map(|o| base + o)
+            .chain([0, usize::MAX]);
+        for addr in probes {
+            assert_eq!(index.block_at(addr), by_search(addr), "at {addr:#x}");
+        }
     }
 
     #[test]
