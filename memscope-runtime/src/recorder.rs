@@ -101,7 +101,7 @@ pub struct ThreadRecord {
     /// once (and again in a fork child), not at every name check.
     os_tid: Cell<u64>,
     is_main: Cell<bool>,
-    /// Hand-overs so far: the name is checked at some of them (see `hand_over_named`).
+    /// Hand-overs so far: the name is checked at some of them (see `push_slow`).
     hand_overs: Cell<u32>,
 }
 
