@@ -768,7 +768,7 @@ fn analyse(
             .timeline
             .iter()
             .map(|&(ts, bytes)| Point {
-                t: ns(ts).unwrap_or(ts - snap.first_ts.unwrap_or(0)),
+                t: ns(ts).unwrap_or(ts.saturating_sub(snap.first_ts.unwrap_or(0))),
                 bytes,
             })
             .collect(),
@@ -1663,6 +1663,29 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("no end record"));
+    }
+
+    #[test]
+    fn stamps_that_go_back_in_a_trace_without_clock_samples_still_give_a_timeline() {
+        // Without clock samples the timeline is in ticks from the first event; a
+        // stream whose stamps go back (a trace from a misbehaving writer) must not
+        // make that negative.
+        let dir = tempfile::tempdir().unwrap();
+        let trace = TraceBytes::new()
+            .chunk(
+                1,
+                0,
+                &[thread("main"), alloc(100, 0xa0, 8, 0), free(50, 0xa0)],
+            )
+            .write(dir.path(), "p.mstrace");
+        generate(&[trace], &options(dir.path())).unwrap();
+        let json = read_json(dir.path());
+        assert_eq!(json["timeline"][0]["unit"], "ticks");
+        let points = json["timeline"][0]["points"].as_array().unwrap();
+        assert!(
+            points.iter().all(|p| p["t"].as_u64().is_some()),
+            "{points:?}"
+        );
     }
 
     #[test]
