@@ -11,12 +11,15 @@
 //! is, that `end` (where the buffer's room ends) is set. The record is closed (`end`
 //! null) while memscope itself is at work on the thread, while a
 //! [`measure`](crate::measure) is open there (its counters are kept on the slow
-//! path), and once the thread has exited. So a free is: find the record, stamp,
-//! check the room, store one word.
+//! path), and once the thread has exited. So a free is: find the record, mark it as
+//! appending, stamp, check the room, store one word, open it again.
 //!
 //! A re-entrancy flag (`busy`) makes allocations done by memscope itself, while it is
 //! at work, pass straight through unrecorded. The slow paths set and clear it, so it
-//! resets itself; the hot path calls nothing that allocates.
+//! resets itself. The hot path calls nothing that allocates, but a signal handler
+//! that allocates can interrupt it: while it appends, `end` is [`APPENDING`], so such
+//! an event takes the slow path, which drops it instead of writing over the record
+//! being appended (as memscope's own allocations are dropped).
 //!
 //! Handing a buffer over is guarded by a sequence counter (`gen`, a seqlock: odd
 //! while the buffer is being swapped, `gen / 2` = index of the chunk in the current
@@ -109,10 +112,14 @@ pub struct ThreadRecord {
 // record (the one whose `CURRENT` points to it); other threads touch only the atomics.
 unsafe impl Sync for ThreadRecord {}
 
+/// `end` of a record the hot path is appending to: closed, and not to be held by a
+/// slow path (which drops its event instead; see the module documentation).
+const APPENDING: *mut u64 = ptr::without_provenance_mut(1);
+
 /// The calling thread's record, if it is open for the hot path (see the module
-/// documentation).
+/// documentation), and where its room ends.
 #[inline(always)]
-fn open_record() -> Option<&'static ThreadRecord> {
+fn open_record() -> Option<(&'static ThreadRecord, *mut u64)> {
     let rec = CURRENT.with(|c| c.get());
     if (rec as usize) <= DISABLED {
         return None;
@@ -120,7 +127,136 @@ fn open_record() -> Option<&'static ThreadRecord> {
     // SAFETY: a pointer above DISABLED in CURRENT is a record created by
     // `start_thread`, which is never freed.
     let rec = unsafe { &*rec };
-    (!rec.end.get().is_null()).then_some(rec)
+    let end = rec.end.get();
+    ((end as usize) > APPENDING as usize).then_some((rec, end))
+}
+
+/// The calling thread's open record, marked as appending until [`Hot::done`] or a
+/// fallback opens it again.
+#[inline(always)]
+fn hot_record() -> Option<Hot> {
+    let (rec, end) = open_record()?;
+    rec.end.set(APPENDING);
+    Some(Hot { rec, end })
+}
+
+/// A record the hot path is appending to, and where its buffer's room ends.
+struct Hot {
+    rec: &'static ThreadRecord,
+    end: *mut u64,
+}
+
+impl Hot {
+    /// Appends the event `event(delta)` stamped `ts`: the hot path's append. Falls
+    /// back to [`ThreadRecord::append_slow`] when the buffer is full or the stamp's
+    /// delta does not fit.
+    #[inline(always)]
+    fn append<const N: usize>(self, ts: u64, event: impl FnOnce(u64) -> [u64; N]) {
+        let delta = ts - self.rec.clock.get();
+        let cur = self.rec.cursor.load(Ordering::Relaxed);
+        if delta <= MAX_DELTA && self.has_room(cur, N) {
+            self.store(cur, event(delta), ts);
+        } else {
+            self.done();
+            self.rec.append_slow(ts, event(0));
+        }
+    }
+
+    /// Appends the record `words` (deltas relative to the stream clock) stamped `ts`,
+    /// on the hot path, falling back to a held [`ThreadRecord::push`].
+    #[inline(always)]
+    fn append_words(self, ts: u64, words: &[u64]) {
+        let cur = self.rec.cursor.load(Ordering::Relaxed);
+        if self.has_room(cur, words.len()) {
+            // SAFETY: as in `store`.
+            unsafe {
+                for (i, &word) in words.iter().enumerate() {
+                    cur.add(i).write_volatile(word);
+                }
+            }
+            self.commit(cur, words.len(), ts);
+        } else {
+            self.done();
+            self.rec.push_held(words, ts, None);
+        }
+    }
+
+    /// [`append_alloc`](Self::append_alloc) with the allocation's stack: out of line,
+    /// so that the path without stacks keeps a small frame.
+    #[inline(never)]
+    fn alloc_with_stack<const ZEROED: bool>(self, addr: u64, layout: Layout) {
+        let slot = self.rec.walk_stack();
+        self.append_alloc(addr, layout, ZEROED, slot);
+    }
+
+    /// Appends an allocation: one `ALLOC_NEAR` word where it fits, else an `ALLOC`.
+    #[inline(always)]
+    fn append_alloc(self, addr: u64, layout: Layout, zeroed: bool, slot: u64) {
+        let rec = self.rec;
+        let (size, align) = (layout.size() as u64, align_log2(layout));
+        let last = rec.clock.get();
+        let ts = clock::stamp(last, addr as usize);
+        let delta = ts - last;
+        let cur = rec.cursor.load(Ordering::Relaxed);
+        if self.has_room(cur, 2) {
+            // A zeroed allocation does not fit either: as if its alignment were too large.
+            let near_align = align | u64::from(zeroed) << 3;
+            if let Some(word) = alloc_near(delta, addr, rec.near.get(), size, near_align, slot) {
+                return self.store(cur, [word], ts);
+            }
+            if delta <= MAX_DELTA {
+                let sw = size_word(size, align, slot, zeroed, false);
+                rec.near.set(addr);
+                return self.store(cur, [head(TAG_ALLOC, delta, addr), sw], ts);
+            }
+        }
+        self.done();
+        rec.append_alloc_slow(ts, addr, size_word(size, align, slot, zeroed, false))
+    }
+
+    /// Whether `words` more words fit behind `cur` in the record's buffer.
+    #[inline(always)]
+    fn has_room(&self, cur: *mut u64, words: usize) -> bool {
+        (cur as usize) + words * 8 <= self.end as usize
+    }
+
+    /// Stores the record `words` at `cur`, which [`has_room`](Self::has_room) for
+    /// them, moves the cursor and the clock (to `ts`) past it, and opens the record
+    /// again.
+    ///
+    /// The words are stored one by one: left to itself, the compiler spills them to
+    /// the stack and copies them with one 16-byte load, which store forwarding cannot
+    /// serve from two 8-byte stores: a stall of a dozen cycles on every event. The
+    /// volatile stores keep them apart.
+    #[inline(always)]
+    fn store<const N: usize>(self, cur: *mut u64, words: [u64; N], ts: u64) {
+        // SAFETY: `cur` is this thread's cursor in its own buffer, and `has_room`
+        // found room for N words behind it (`end` is that buffer's).
+        unsafe {
+            for (i, word) in words.into_iter().enumerate() {
+                cur.add(i).write_volatile(word);
+            }
+        }
+        self.commit(cur, N, ts);
+    }
+
+    /// Moves the cursor past the `words` words just stored at `cur` and the clock to
+    /// their stamp `ts`, and opens the record again.
+    #[inline(always)]
+    fn commit(self, cur: *mut u64, words: usize, ts: u64) {
+        // Release: a snapshot that reads the new cursor also sees the words.
+        self.rec
+            .cursor
+            .store(cur.wrapping_add(words), Ordering::Release);
+        self.rec.clock.set(ts);
+        self.done();
+    }
+
+    /// Opens the record again.
+    #[inline(always)]
+    fn done(&self) {
+        self.rec.end.set(self.end);
+    }
 }
 
 /// Runs `f` with the calling thread's record held (closed to the hot path, `busy`
@@ -150,14 +286,14 @@ fn with_record(f: impl FnOnce(&ThreadRecord)) {
 /// returned.
 #[inline(always)]
 pub fn on_alloc<const ZEROED: bool>(addr: *mut u8, layout: Layout) {
-    // Every path ends in a return or a tail call, so the hot one saves no registers.
-    let Some(rec) = open_record() else {
+    // Every path ends in a return or a tail call, so the hot one saves few registers.
+    let Some(hot) = hot_record() else {
         return alloc_slow(addr as u64, layout, ZEROED);
     };
     if writer::stacks_enabled() {
-        rec.alloc_with_stack::<ZEROED>(addr as u64, layout)
+        hot.alloc_with_stack::<ZEROED>(addr as u64, layout)
     } else {
-        rec.append_alloc(addr as u64, layout, ZEROED, 0)
+        hot.append_alloc(addr as u64, layout, ZEROED, 0)
     }
 }
 
@@ -165,11 +301,11 @@ pub fn on_alloc<const ZEROED: bool>(addr: *mut u8, layout: Layout) {
 /// allocator.
 #[inline(always)]
 pub fn on_free(addr: *mut u8, size: usize) {
-    let Some(rec) = open_record() else {
+    let Some(hot) = hot_record() else {
         return free_slow(addr as u64, size);
     };
-    let ts = clock::stamp(rec.clock.get(), addr as usize);
-    rec.append(ts, |d| [head(TAG_FREE, d, addr as u64)]);
+    let ts = clock::stamp(hot.rec.clock.get(), addr as usize);
+    hot.append(ts, |d| [head(TAG_FREE, d, addr as u64)]);
 }
 
 /// Stamps the free half of a reallocation, before the inner allocator is called;
@@ -178,7 +314,7 @@ pub fn on_free(addr: *mut u8, size: usize) {
 #[inline(always)]
 pub fn before_realloc(old: *mut u8) -> u64 {
     match open_record() {
-        Some(rec) => clock::stamp(rec.clock.get(), old as usize),
+        Some((rec, _)) => clock::stamp(rec.clock.get(), old as usize),
         None => before_realloc_slow(old as usize),
     }
 }
@@ -194,13 +330,17 @@ pub fn on_realloc(old: *mut u8, new: *mut u8, layout: Layout, new_size: usize, t
         align_log2: align_log2(layout),
         ts_before,
     };
-    match open_record() {
-        Some(rec) if ts_before != 0 => {
-            let slot = rec.stack_slot();
-            let (ts, words, n) = rec.realloc_record(&event, slot);
-            rec.append_words(ts, &words[..n]);
+    match hot_record() {
+        Some(hot) if ts_before != 0 => {
+            let slot = hot.rec.stack_slot();
+            let (ts, words, n) = hot.rec.realloc_record(&event, slot);
+            hot.append_words(ts, &words[..n]);
         }
-        _ => realloc_slow(&event),
+        Some(hot) => {
+            hot.done();
+            realloc_slow(&event)
+        }
+        None => realloc_slow(&event),
     }
 }
 
@@ -275,9 +415,10 @@ fn realloc_slow(event: &Realloc) {
 #[inline(always)]
 pub fn scope_event(id: u64, exit: bool) -> bool {
     let word = |d| [head(TAG_SCOPE, d, id << 1 | u64::from(exit))];
-    match open_record() {
-        Some(rec) => {
-            rec.append(clock::stamp_thread(rec.clock.get()), word);
+    match hot_record() {
+        Some(hot) => {
+            let ts = clock::stamp_thread(hot.rec.clock.get());
+            hot.append(ts, word);
             true
         }
         None => {
@@ -365,7 +506,10 @@ pub fn reopen_current() {
     let rec = CURRENT.with(|c| c.get());
     if (rec as usize) > DISABLED {
         // SAFETY: see `with_record`.
-        unsafe { &*rec }.reopen();
+        let rec = unsafe { &*rec };
+        if rec.end.get() != APPENDING {
+            rec.reopen();
+        }
     }
 }
 
@@ -479,11 +623,14 @@ impl ThreadRecord {
     }
 
     /// Closes the record while memscope works on this thread (see the module
-    /// documentation); false if it already is at work (a re-entrant allocation).
+    /// documentation); false if it already is at work (a re-entrant allocation) or
+    /// the hot path is appending (the stack walk's slow part, or an allocation in a
+    /// signal handler that interrupted it).
     fn hold(&self) -> bool {
-        if self.busy.replace(true) {
+        if self.busy.get() || self.end.get() == APPENDING {
             return false;
         }
+        self.busy.set(true);
         self.end.set(ptr::null_mut());
         true
     }
@@ -506,116 +653,22 @@ impl ThreadRecord {
         });
     }
 
-    /// Appends the event `event(delta)` stamped `ts`: the hot path's append. Falls
-    /// back to [`append_slow`](Self::append_slow) when the buffer is full or the
-    /// stamp's delta does not fit.
-    #[inline(always)]
-    fn append<const N: usize>(&self, ts: u64, event: impl FnOnce(u64) -> [u64; N]) {
-        let delta = ts - self.clock.get();
-        let cur = self.cursor.load(Ordering::Relaxed);
-        if delta <= MAX_DELTA && self.has_room(cur, N) {
-            self.store(cur, event(delta), ts);
-        } else {
-            self.append_slow(ts, event(0));
-        }
-    }
-
-    /// Appends the record `words` (deltas relative to the stream clock) stamped `ts`,
-    /// on the hot path, falling back to a held [`push`](Self::push).
-    #[inline(always)]
-    fn append_words(&self, ts: u64, words: &[u64]) {
-        let cur = self.cursor.load(Ordering::Relaxed);
-        if self.has_room(cur, words.len()) {
-            // SAFETY: as in `store`.
-            unsafe {
-                for (i, &word) in words.iter().enumerate() {
-                    cur.add(i).write_volatile(word);
-                }
-            }
-            self.commit(cur, words.len(), ts);
-        } else {
-            self.push_held(words, ts);
-        }
-    }
-
-    /// [`append_alloc`](Self::append_alloc) with the allocation's stack: out of line,
-    /// so that the path without stacks keeps a small frame.
-    #[inline(never)]
-    fn alloc_with_stack<const ZEROED: bool>(&self, addr: u64, layout: Layout) {
-        let slot = self.walk_stack();
-        self.append_alloc(addr, layout, ZEROED, slot);
-    }
-
-    /// Appends an allocation: one `ALLOC_NEAR` word where it fits, else an `ALLOC`.
-    #[inline(always)]
-    fn append_alloc(&self, addr: u64, layout: Layout, zeroed: bool, slot: u64) {
-        let (size, align) = (layout.size() as u64, align_log2(layout));
-        let last = self.clock.get();
-        let ts = clock::stamp(last, addr as usize);
-        let delta = ts - last;
-        let cur = self.cursor.load(Ordering::Relaxed);
-        if self.has_room(cur, 2) {
-            // A zeroed allocation does not fit either: as if its alignment were too large.
-            let near_align = align | u64::from(zeroed) << 3;
-            if let Some(word) = alloc_near(delta, addr, self.near.get(), size, near_align, slot) {
-                return self.store(cur, [word], ts);
-            }
-            if delta <= MAX_DELTA {
-                let sw = size_word(size, align, slot, zeroed, false);
-                self.store(cur, [head(TAG_ALLOC, delta, addr), sw], ts);
-                return self.near.set(addr);
-            }
-        }
-        self.append_alloc_slow(ts, addr, size_word(size, align, slot, zeroed, false))
-    }
-
-    /// [`append_alloc`](Self::append_alloc)'s full `ALLOC` when it does not fit the
-    /// buffer or its stamp is too far from the clock.
+    /// [`Hot::append_alloc`]'s full `ALLOC` when it does not fit the buffer or its
+    /// stamp is too far from the clock.
     #[cold]
     #[inline(never)]
     fn append_alloc_slow(&self, ts: u64, addr: u64, size_word: u64) {
-        self.append_slow(ts, [head(TAG_ALLOC, 0, addr), size_word]);
-        self.near.set(addr);
+        let record = [
+            head(TAG_STAMP, 0, 0),
+            ts,
+            head(TAG_ALLOC, 0, addr),
+            size_word,
+        ];
+        self.push_held(&record, ts, Some(addr));
     }
 
-    /// Whether `words` more words fit behind `cur` in the open record's buffer (never
-    /// when it is closed).
-    #[inline(always)]
-    fn has_room(&self, cur: *mut u64, words: usize) -> bool {
-        (cur as usize) + words * 8 <= self.end.get() as usize
-    }
-
-    /// Stores the record `words` at `cur`, which [`has_room`](Self::has_room) for
-    /// them, and moves the cursor and the clock (to `ts`) past it.
-    ///
-    /// The words are stored one by one: left to itself, the compiler spills them to
-    /// the stack and copies them with one 16-byte load, which store forwarding cannot
-    /// serve from two 8-byte stores: a stall of a dozen cycles on every event. The
-    /// volatile stores keep them apart.
-    #[inline(always)]
-    fn store<const N: usize>(&self, cur: *mut u64, words: [u64; N], ts: u64) {
-        // SAFETY: `cur` is this thread's cursor in its own buffer, and `has_room`
-        // found room for N words behind it (`end` is that buffer's).
-        unsafe {
-            for (i, word) in words.into_iter().enumerate() {
-                cur.add(i).write_volatile(word);
-            }
-        }
-        self.commit(cur, N, ts);
-    }
-
-    /// Moves the cursor past the `words` words just stored at `cur`, and the clock to
-    /// their stamp `ts`.
-    #[inline(always)]
-    fn commit(&self, cur: *mut u64, words: usize, ts: u64) {
-        // Release: a snapshot that reads the new cursor also sees the words.
-        self.cursor
-            .store(cur.wrapping_add(words), Ordering::Release);
-        self.clock.set(ts);
-    }
-
-    /// [`append`](Self::append) when the record does not fit the buffer or its stamp
-    /// is too far from the clock: `words` (stamp delta 0) behind a `STAMP` of `ts`.
+    /// [`Hot::append`] when the record does not fit the buffer or its stamp is too far
+    /// from the clock: `words` (stamp delta 0) behind a `STAMP` of `ts`.
     /// (The words are taken by value, so that the hot path can jump here.)
     #[cold]
     #[inline(never)]
@@ -624,17 +677,22 @@ impl ThreadRecord {
         record[0] = head(TAG_STAMP, 0, 0);
         record[1] = ts;
         record[2..2 + N].copy_from_slice(&words);
-        self.push_held(&record[..2 + N], ts);
+        self.push_held(&record[..2 + N], ts, None);
     }
 
-    /// Pushes `words` and moves the clock to `ts`, holding the record meanwhile (the
-    /// hot path's fallback).
+    /// Pushes `words`, moves the clock to `ts` and, for a full `ALLOC`, the near
+    /// address to `near`, holding the record meanwhile (the hot path's fallback). All
+    /// of it before the release: a signal handler may append as soon as the record is
+    /// open again, and its own `ALLOC` moves the near address.
     #[cold]
     #[inline(never)]
-    fn push_held(&self, words: &[u64], ts: u64) {
+    fn push_held(&self, words: &[u64], ts: u64, near: Option<u64>) {
         let held = self.hold();
         self.push(words);
         self.clock.set(ts);
+        if let Some(addr) = near {
+            self.near.set(addr);
+        }
         if held {
             self.release();
         }
