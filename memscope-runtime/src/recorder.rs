@@ -158,7 +158,7 @@ impl Hot {
             self.store(cur, event(delta), ts);
         } else {
             self.done();
-            self.rec.append_slow(ts, event(0));
+            self.rec.append_slow(ts, event(0), None);
         }
     }
 
@@ -211,7 +211,8 @@ impl Hot {
             }
         }
         self.done();
-        rec.append_alloc_slow(ts, addr, size_word(size, align, slot, zeroed, false))
+        let sw = size_word(size, align, slot, zeroed, false);
+        rec.append_slow(ts, [head(TAG_ALLOC, 0, addr), sw], Some(addr))
     }
 
     /// Whether `words` more words fit behind `cur` in the record's buffer.
@@ -653,31 +654,18 @@ impl ThreadRecord {
         });
     }
 
-    /// [`Hot::append_alloc`]'s full `ALLOC` when it does not fit the buffer or its
-    /// stamp is too far from the clock.
+    /// The hot path's event when it does not fit the buffer or its stamp is too far
+    /// from the clock: `words` (stamp delta 0) behind a `STAMP` of `ts`; `near` is the
+    /// address of a full `ALLOC`. (The words are taken by value, so that the hot path
+    /// can jump here.)
     #[cold]
     #[inline(never)]
-    fn append_alloc_slow(&self, ts: u64, addr: u64, size_word: u64) {
-        let record = [
-            head(TAG_STAMP, 0, 0),
-            ts,
-            head(TAG_ALLOC, 0, addr),
-            size_word,
-        ];
-        self.push_held(&record, ts, Some(addr));
-    }
-
-    /// [`Hot::append`] when the record does not fit the buffer or its stamp is too far
-    /// from the clock: `words` (stamp delta 0) behind a `STAMP` of `ts`.
-    /// (The words are taken by value, so that the hot path can jump here.)
-    #[cold]
-    #[inline(never)]
-    fn append_slow<const N: usize>(&self, ts: u64, words: [u64; N]) {
+    fn append_slow<const N: usize>(&self, ts: u64, words: [u64; N], near: Option<u64>) {
         let mut record = [0u64; 2 + MAX_EVENT_WORDS];
         record[0] = head(TAG_STAMP, 0, 0);
         record[1] = ts;
         record[2..2 + N].copy_from_slice(&words);
-        self.push_held(&record[..2 + N], ts, None);
+        self.push_held(&record[..2 + N], ts, near);
     }
 
     /// Pushes `words`, moves the clock to `ts` and, for a full `ALLOC`, the near
