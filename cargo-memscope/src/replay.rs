@@ -642,23 +642,22 @@ impl<L: FnMut(u64) -> bool> State<L> {
 #[derive(Default)]
 struct Timeline {
     t0: u64,
-    /// Bucket width in ticks, a power of two once started.
-    width: u64,
-    /// Per bucket: the tick and value of its maximum.
+    /// log2 of the bucket width in ticks (a shift, not a division, for every event).
+    shift: u32,
+    /// Per bucket: the tick and value of its maximum; empty until the first event.
     buckets: Vec<Option<(u64, u64)>>,
 }
 
 impl Timeline {
     fn record(&mut self, ts: u64, bytes: u64) {
-        if self.width == 0 {
+        if self.buckets.is_empty() {
             self.t0 = ts;
-            self.width = 1;
             self.buckets = vec![None; TIMELINE_POINTS];
         }
-        let mut i = ts.saturating_sub(self.t0) / self.width;
+        let mut i = ts.saturating_sub(self.t0) >> self.shift;
         while i >= TIMELINE_POINTS as u64 {
             self.halve();
-            i = ts.saturating_sub(self.t0) / self.width;
+            i = ts.saturating_sub(self.t0) >> self.shift;
         }
         let slot = &mut self.buckets[i as usize];
         match slot {
@@ -679,7 +678,7 @@ impl Timeline {
         for slot in &mut self.buckets[TIMELINE_POINTS / 2..] {
             *slot = None;
         }
-        self.width *= 2;
+        self.shift += 1;
     }
 
     /// The bucket maxima, plus the final value at the last event.
