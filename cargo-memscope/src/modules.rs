@@ -8,6 +8,8 @@
 use std::fs;
 use std::path::{Component, Path, PathBuf};
 
+use proc_macro2::{Delimiter, TokenStream, TokenTree};
+
 /// Line (1-based) and column (0-based, in characters), as proc-macro2 reports them.
 pub type LineColumn = (usize, usize);
 
@@ -24,9 +26,9 @@ pub struct SourceFile {
 pub enum Parse<'a> {
     /// Every file (to find functions to instrument).
     Every,
-    /// Only files that may declare a module in a file of its own (their text holds
-    /// `mod name;`) or contain this word; the others get an empty `syntax`. Parsing is
-    /// most of the cost, and most files, large generated ones above all, have neither.
+    /// Only files that contain this word; the others get an empty `syntax`. Parsing is
+    /// most of the cost, and most files have no use for it: the modules a file
+    /// declares are read from its tokens, lexed only when its text may declare one.
     Containing(&'a str),
 }
 
@@ -34,13 +36,13 @@ impl Parse<'_> {
     fn wants(self, text: &str) -> bool {
         match self {
             Parse::Every => true,
-            Parse::Containing(word) => declares_module_file(text) || text.contains(word),
+            Parse::Containing(word) => text.contains(word),
         }
     }
 }
 
 /// Whether `text` has `mod`, white space, a name and `;`: the only way to declare a
-/// module whose items are in another file (a false positive only costs a parse).
+/// module whose items are in another file (a false positive only costs lexing).
 fn declares_module_file(text: &str) -> bool {
     let bytes = text.as_bytes();
     let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80;
@@ -72,8 +74,18 @@ pub fn crate_files(root: &Path, parse: Parse) -> Vec<SourceFile> {
         let Ok(text) = fs::read_to_string(&path) else {
             continue;
         };
-        let syntax = if parse.wants(&text) {
-            let Ok(syntax) = syn::parse_file(&text) else {
+        let full = parse.wants(&text);
+        // Most files declare no module in a file of its own: not even lexed.
+        let tokens = if full || declares_module_file(&text) {
+            let Ok(tokens) = without_shebang(&text).parse::<TokenStream>() else {
+                continue;
+            };
+            tokens
+        } else {
+            TokenStream::new()
+        };
+        let syntax = if full {
+            let Ok(syntax) = syn::parse2::<syn::File>(tokens.clone()) else {
                 continue;
             };
             syntax
@@ -94,13 +106,7 @@ pub fn crate_files(root: &Path, parse: Parse) -> Vec<SourceFile> {
             file_dir.join(path.file_stem().unwrap_or_default())
         };
         let mut children = Vec::new();
-        declared_files(
-            &syntax.items,
-            &file_dir,
-            &module_dir,
-            &module,
-            &mut children,
-        );
+        declared_files(tokens, &file_dir, &module_dir, &module, &mut children);
         // Popped from the end: reversed, the files come in declaration order.
         queue.extend(children.into_iter().rev());
         files.push(SourceFile {
@@ -112,43 +118,83 @@ pub fn crate_files(root: &Path, parse: Parse) -> Vec<SourceFile> {
     files
 }
 
-/// The module files that `items` declare with `mod name;`: (path, whether children
-/// live beside it like a `mod.rs`'s, module path).
+/// `text` without a byte order mark and a first line `#!…` that is not an inner
+/// attribute (what `syn::parse_file` skips); lines keep their numbers.
+fn without_shebang(text: &str) -> &str {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    match text.strip_prefix("#!") {
+        Some(rest) if !rest.trim_start().starts_with('[') => &text[text.find('\n').unwrap_or(text.len())..],
+        _ => text,
+    }
+}
+
+/// The module files that the items in `tokens` declare with `mod name;`: (path,
+/// whether children live beside it like a `mod.rs`'s, module path). Read from tokens,
+/// not a syntax tree: at an item's level `mod` can only start a module (it is a
+/// keyword), and what a file declares is all that is needed of most files.
 fn declared_files(
-    items: &[syn::Item],
+    tokens: TokenStream,
     file_dir: &Path,
     module_dir: &Path,
     module: &[String],
     out: &mut Vec<(PathBuf, bool, Vec<String>)>,
 ) {
-    for item in items {
-        let syn::Item::Mod(m) = item else { continue };
-        let name = m.ident.to_string();
-        let mut child = module.to_vec();
-        child.push(name.clone());
-        let explicit = path_attribute(&m.attrs);
-        match (&m.content, explicit) {
-            (None, Some(path)) => out.push((file_dir.join(path), true, child)),
-            (None, None) => {
-                let flat = module_dir.join(format!("{name}.rs"));
-                if flat.exists() {
-                    out.push((flat, false, child));
-                } else {
-                    out.push((module_dir.join(&name).join("mod.rs"), true, child));
+    // The `#[path = "…"]` among the outer attributes of the item being read.
+    let mut explicit: Option<String> = None;
+    let mut tokens = tokens.into_iter();
+    while let Some(token) = tokens.next() {
+        match token {
+            TokenTree::Punct(p) if p.as_char() == '#' => match tokens.next() {
+                Some(TokenTree::Group(attr)) => {
+                    explicit = path_attribute(attr.stream()).or(explicit);
+                }
+                // `#![…]` is the enclosing module's.
+                _ => {
+                    tokens.next();
+                }
+            },
+            // The end of an item: its attributes are done with.
+            TokenTree::Punct(p) if p.as_char() == ';' => explicit = None,
+            TokenTree::Group(g) if g.delimiter() == Delimiter::Brace => explicit = None,
+            TokenTree::Ident(keyword) if keyword == "mod" => {
+                let path = explicit.take();
+                let Some(TokenTree::Ident(name)) = tokens.next() else {
+                    continue;
+                };
+                let name = name.to_string();
+                let name = name.strip_prefix("r#").unwrap_or(&name).to_owned();
+                let mut child = module.to_vec();
+                child.push(name.clone());
+                match (tokens.next(), path) {
+                    (Some(TokenTree::Punct(p)), Some(path)) if p.as_char() == ';' => {
+                        out.push((file_dir.join(path), true, child));
+                    }
+                    (Some(TokenTree::Punct(p)), None) if p.as_char() == ';' => {
+                        let flat = module_dir.join(format!("{name}.rs"));
+                        if flat.exists() {
+                            out.push((flat, false, child));
+                        } else {
+                            out.push((module_dir.join(&name).join("mod.rs"), true, child));
+                        }
+                    }
+                    (Some(TokenTree::Group(inner)), path)
+                        if inner.delimiter() == Delimiter::Brace =>
+                    {
+                        let nested = module_dir.join(path.unwrap_or(name));
+                        declared_files(inner.stream(), file_dir, &nested, &child, out);
+                    }
+                    _ => {}
                 }
             }
-            (Some((_, inner)), explicit) => {
-                let nested = module_dir.join(explicit.unwrap_or(name));
-                declared_files(inner, file_dir, &nested, &child, out);
-            }
+            _ => {}
         }
     }
 }
 
-/// The value of a `#[path = "…"]` attribute.
-fn path_attribute(attrs: &[syn::Attribute]) -> Option<String> {
-    attrs.iter().find_map(|attr| match &attr.meta {
-        syn::Meta::NameValue(nv) if nv.path.is_ident("path") => match &nv.value {
+/// The value of an attribute `path = "…"` (the tokens inside `#[…]`).
+fn path_attribute(attr: TokenStream) -> Option<String> {
+    match syn::parse2::<syn::Meta>(attr).ok()? {
+        syn::Meta::NameValue(nv) if nv.path.is_ident("path") => match nv.value {
             syn::Expr::Lit(syn::ExprLit {
                 lit: syn::Lit::Str(s),
                 ..
@@ -156,7 +202,7 @@ fn path_attribute(attrs: &[syn::Attribute]) -> Option<String> {
             _ => None,
         },
         _ => None,
-    })
+    }
 }
 
 /// Resolves `.` and `..` without touching the file system.
@@ -223,7 +269,7 @@ mod tests {
     }
 
     #[test]
-    fn only_files_that_may_declare_modules_or_hold_the_word_are_parsed() {
+    fn only_files_that_hold_the_word_are_parsed_and_the_others_still_declare_their_modules() {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("src");
         write(&src.join("lib.rs"), "mod tables;\nmod alloc;\n");
@@ -242,10 +288,52 @@ mod tests {
                 .map(|f| (f.module.join("::"), f.syntax.items.len()))
                 .collect();
 
-        let expected = [("", 2), ("tables", 0), ("alloc", 1)];
+        let expected = [("", 0), ("tables", 0), ("alloc", 1)];
         let expected: Vec<(String, usize)> =
             expected.iter().map(|(m, n)| (m.to_string(), *n)).collect();
         assert_eq!(items, expected);
+    }
+
+    #[test]
+    fn module_declarations_are_read_from_tokens_as_rustc_reads_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        write(
+            &src.join("main.rs"),
+            "#!/usr/bin/env run-cargo-script\n\
+             #![allow(dead_code)]\n\
+             #[cfg(test)]\n#[path = \"t/x.rs\"] pub(crate) mod r#type;\n\
+             fn f() { mod in_block { } }\n\
+             macro_rules! m { () => { mod from_macro; } }\n\
+             #[path = \"elsewhere\"]\nmod inline { mod deep; }\n\
+             const S: &str = \"mod not_code;\";\n\
+             // mod commented;\n\
+             mod plain;\n",
+        );
+        for file in ["t/x.rs", "elsewhere/deep.rs", "plain.rs"] {
+            write(&src.join(file), "");
+        }
+
+        let files: Vec<(String, String)> =
+            crate_files(&src.join("main.rs"), Parse::Containing("global_allocator"))
+                .into_iter()
+                .map(|f| {
+                    let path = f.path.strip_prefix(&src).unwrap().display().to_string();
+                    (path, f.module.join("::"))
+                })
+                .collect();
+
+        let expected = [
+            ("main.rs", ""),
+            ("t/x.rs", "type"),
+            ("elsewhere/deep.rs", "inline::deep"),
+            ("plain.rs", "plain"),
+        ];
+        let expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(p, m)| (p.to_string(), m.to_string()))
+            .collect();
+        assert_eq!(files, expected);
     }
 
     #[test]
