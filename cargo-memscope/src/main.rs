@@ -9,6 +9,7 @@ mod embedded;
 mod gate;
 mod html;
 mod instrument;
+mod json_layout;
 mod libtest;
 mod lockfile;
 mod modules;

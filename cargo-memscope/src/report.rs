@@ -219,7 +219,7 @@ pub fn write(report: &Report, options: &ReportOptions) -> anyhow::Result<PathBuf
 
 fn write_json(report: &Report, path: &Path) -> anyhow::Result<()> {
     let mut out = BufWriter::new(fs::File::create(path)?);
-    serde_json::to_writer_pretty(&mut out, report)?;
+    crate::json_layout::write(&mut out, report)?;
     out.write_all(b"\n")?;
     out.flush()?;
     Ok(())
