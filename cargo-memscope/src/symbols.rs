@@ -214,6 +214,8 @@ pub struct Symbolizer<'a> {
     modules: Vec<Object>,
     loaders: &'a Loaders,
     path_map: Vec<(PathBuf, PathBuf)>,
+    /// Each compiled file name through `path_map`, once: frames share the result.
+    mapped: FxHashMap<Name, Name>,
     cache: FxHashMap<u64, Rc<[Frame]>>,
     /// The [`Facts`] of the frames at each return address asked of [`stack_facts`](Self::stack_facts).
     facts: FxHashMap<u64, Rc<[Facts]>>,
@@ -245,6 +247,7 @@ impl<'a> Symbolizer<'a> {
             modules: objects,
             loaders,
             path_map: path_map.to_vec(),
+            mapped: FxHashMap::default(),
             cache: FxHashMap::default(),
             facts: FxHashMap::default(),
         }
@@ -344,15 +347,18 @@ impl<'a> Symbolizer<'a> {
         let Some(raw) = loaded.raw_frames(probe) else {
             return bare();
         };
+        let (path_map, mapped) = (&self.path_map, &mut self.mapped);
         let out: Vec<Frame> = raw
             .iter()
             .map(|f| Frame {
                 address: address.clone(),
                 function: f.function.clone(),
-                file: f
-                    .file
-                    .as_deref()
-                    .map(|file| Name::from(map_path(&self.path_map, file))),
+                file: f.file.as_ref().map(|file| {
+                    mapped
+                        .entry(file.clone())
+                        .or_insert_with(|| map_path(path_map, file).into())
+                        .clone()
+                }),
                 line: f.line,
                 inlined: f.inlined,
             })
