@@ -337,12 +337,14 @@ impl<'a> Page<'a> {
             site_frames: BTreeMap::new(),
             frames: Vec::new(),
         };
-        let mut index: FxHashMap<&Frame, usize> = FxHashMap::default();
+        // The page's frame of each frame of the report's table (whose frames are
+        // distinct), by index in that table.
+        let mut index: FxHashMap<usize, usize> = FxHashMap::default();
         let table = self.frames;
         let mut add_stack =
             |data: &mut ScriptData<'a>, id: usize, stack: &'a [usize], at: Option<&Location>| {
-                let stack: Vec<&'a Frame> = stack.iter().map(|&i| &table[i]).collect();
-                if let Some(i) = at.and_then(|at| stack.iter().position(|f| names(f, at))) {
+                if let Some(i) = at.and_then(|at| stack.iter().position(|&f| names(&table[f], at)))
+                {
                     data.site_frames.entry(id).or_insert(i);
                 }
                 data.stacks.entry(id).or_insert_with(|| {
@@ -351,7 +353,7 @@ impl<'a> Page<'a> {
                         .iter()
                         .map(|&f| {
                             *index.entry(f).or_insert_with(|| {
-                                data.frames.push(FrameData::new(f, user_roots));
+                                data.frames.push(FrameData::new(&table[f], user_roots));
                                 data.frames.len() - 1
                             })
                         })
