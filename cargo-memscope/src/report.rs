@@ -579,7 +579,7 @@ pub const LEAK_KINDS: [&str; 6] = [
 /// What makes two frames of different processes the same: function, file, line,
 /// whether inlined, and for a frame without a function name its place in its object
 /// file, not its address, which ASLR changes from one process to the next.
-#[derive(PartialEq, Eq, Hash)]
+#[derive(PartialEq, Eq)]
 struct FrameKey<'a>(
     Option<&'a str>,
     Option<&'a str>,
@@ -606,10 +606,25 @@ impl SiteDraft {
         })
     }
 
+    /// A hash of [`key`](Self::key) that reads only the ends of its strings (a function
+    /// name's last bytes tell it from others best): the names of a suite's frames are
+    /// hundreds of megabytes in all. Equal keys still hash equal; [`same_site`](Self::same_site)
+    /// compares them in full.
     fn key_hash(&self) -> u64 {
+        fn tail(s: Option<&str>, hasher: &mut impl Hasher) {
+            let bytes = s.map_or(&[][..], str::as_bytes);
+            hasher.write_usize(bytes.len());
+            hasher.write(&bytes[bytes.len().saturating_sub(16)..]);
+        }
         let mut hasher = rustc_hash::FxHasher::default();
         self.memscope.hash(&mut hasher);
-        self.key().for_each(|k| k.hash(&mut hasher));
+        for FrameKey(function, file, line, inlined, place) in self.key() {
+            tail(function, &mut hasher);
+            tail(file, &mut hasher);
+            line.hash(&mut hasher);
+            inlined.hash(&mut hasher);
+            tail(place, &mut hasher);
+        }
         hasher.finish()
     }
 
