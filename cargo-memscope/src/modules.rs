@@ -123,7 +123,9 @@ pub fn crate_files(root: &Path, parse: Parse) -> Vec<SourceFile> {
 fn without_shebang(text: &str) -> &str {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     match text.strip_prefix("#!") {
-        Some(rest) if !rest.trim_start().starts_with('[') => &text[text.find('\n').unwrap_or(text.len())..],
+        Some(rest) if !rest.trim_start().starts_with('[') => {
+            &text[text.find('\n').unwrap_or(text.len())..]
+        }
         _ => text,
     }
 }
@@ -224,6 +226,24 @@ pub fn normalize(path: &Path) -> PathBuf {
 mod tests {
     use super::*;
 
+    /// The files found from `src/main.rs`, relative to `src`, with their module paths.
+    fn found(src: &Path, parse: Parse) -> Vec<(String, String)> {
+        crate_files(&src.join("main.rs"), parse)
+            .into_iter()
+            .map(|f| {
+                let path = f.path.strip_prefix(src).unwrap().display().to_string();
+                (path, f.module.join("::"))
+            })
+            .collect()
+    }
+
+    fn owned(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(p, m)| (p.to_string(), m.to_string()))
+            .collect()
+    }
+
     fn write(path: &Path, contents: &str) {
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         fs::write(path, contents).unwrap();
@@ -244,13 +264,7 @@ mod tests {
         write(&src.join("inline/deep.rs"), "");
         write(&src.join("other/x.rs"), "");
 
-        let files: Vec<(String, String)> = crate_files(&src.join("main.rs"), Parse::Every)
-            .into_iter()
-            .map(|f| {
-                let path = f.path.strip_prefix(&src).unwrap().display().to_string();
-                (path, f.module.join("::"))
-            })
-            .collect();
+        let files = found(&src, Parse::Every);
 
         let expected = [
             ("main.rs", ""),
@@ -261,11 +275,7 @@ mod tests {
             ("inline/deep.rs", "inline::deep"),
             ("other/x.rs", "renamed"),
         ];
-        let expected: Vec<(String, String)> = expected
-            .iter()
-            .map(|(p, m)| (p.to_string(), m.to_string()))
-            .collect();
-        assert_eq!(files, expected);
+        assert_eq!(files, owned(&expected));
     }
 
     #[test]
@@ -314,14 +324,7 @@ mod tests {
             write(&src.join(file), "");
         }
 
-        let files: Vec<(String, String)> =
-            crate_files(&src.join("main.rs"), Parse::Containing("global_allocator"))
-                .into_iter()
-                .map(|f| {
-                    let path = f.path.strip_prefix(&src).unwrap().display().to_string();
-                    (path, f.module.join("::"))
-                })
-                .collect();
+        let files = found(&src, Parse::Containing("global_allocator"));
 
         let expected = [
             ("main.rs", ""),
@@ -329,11 +332,7 @@ mod tests {
             ("elsewhere/deep.rs", "inline::deep"),
             ("plain.rs", "plain"),
         ];
-        let expected: Vec<(String, String)> = expected
-            .iter()
-            .map(|(p, m)| (p.to_string(), m.to_string()))
-            .collect();
-        assert_eq!(files, expected);
+        assert_eq!(files, owned(&expected));
     }
 
     #[test]
