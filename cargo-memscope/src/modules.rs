@@ -195,6 +195,11 @@ fn declared_files(
 
 /// The value of an attribute `path = "…"` (the tokens inside `#[…]`).
 fn path_attribute(attr: TokenStream) -> Option<String> {
+    // Most attributes are doc comments, `derive`s and `cfg`s: not parsed.
+    match attr.clone().into_iter().next() {
+        Some(TokenTree::Ident(name)) if name == "path" => {}
+        _ => return None,
+    }
     match syn::parse2::<syn::Meta>(attr).ok()? {
         syn::Meta::NameValue(nv) if nv.path.is_ident("path") => match nv.value {
             syn::Expr::Lit(syn::ExprLit {
