@@ -608,8 +608,8 @@ impl SiteDraft {
 
     /// A hash of [`key`](Self::key) that reads only the ends of its strings (a function
     /// name's last bytes tell it from others best): the function and file names of
-    /// regex-syntax's 27,000 sites' frames add up to 147 MB. Equal keys still hash equal, and
-    /// [`same_site`](Self::same_site) compares keys in full.
+    /// regex-syntax's 27,000 sites' frames add up to 147 MB. Equal keys still hash
+    /// equal, and [`same_site`](Self::same_site) compares keys in full.
     fn key_hash(&self) -> u64 {
         fn tail(s: Option<&str>, hasher: &mut impl Hasher) {
             let bytes = s.map_or(&[][..], str::as_bytes);
