@@ -106,6 +106,9 @@ pub struct ThreadRecord {
     is_main: Cell<bool>,
     /// Hand-overs so far: the name is checked at some of them (see `push_slow`).
     hand_overs: Cell<u32>,
+    /// The walk before `last_walk` that started at another frame (see
+    /// `stack::capture_beside`); null if it could not be allocated.
+    other_walk: Cell<*mut stack::LastWalk>,
 }
 
 // SAFETY: the `Cell` fields are read and written only by the thread that owns the
@@ -561,6 +564,13 @@ impl Drop for ExitGuard {
     }
 }
 
+/// A new, empty stack walk from `System` (null if that fails, which the walks allow).
+fn empty_walk() -> *mut stack::LastWalk {
+    // SAFETY: non-zero-size layout; all zeroes is an empty `LastWalk` (plain integers
+    // and bools).
+    unsafe { System.alloc_zeroed(Layout::new::<stack::LastWalk>()) as *mut stack::LastWalk }
+}
+
 impl ThreadRecord {
     fn create() -> *const ThreadRecord {
         let Some(pool) = writer::pool() else {
@@ -578,12 +588,7 @@ impl ThreadRecord {
             clock: Cell::new(0),
             near: Cell::new(0),
             stack_cache: Cell::new(cache),
-            // SAFETY: non-zero-size layout; all zeroes is an empty `LastWalk` (plain
-            // integers and a bool); null is handled where it is used.
-            last_walk: Cell::new(
-                unsafe { System.alloc_zeroed(Layout::new::<stack::LastWalk>()) }
-                    as *mut stack::LastWalk,
-            ),
+            last_walk: Cell::new(empty_walk()),
             busy: Cell::new(false),
             tid: NEXT_TID.fetch_add(1, Ordering::Relaxed),
             gen: AtomicU32::new(0),
@@ -597,6 +602,7 @@ impl ThreadRecord {
             os_tid: Cell::new(0),
             is_main: Cell::new(false),
             hand_overs: Cell::new(0),
+            other_walk: Cell::new(empty_walk()),
         };
         // SAFETY: non-zero-size layout.
         let rec = unsafe { System.alloc(Layout::new::<ThreadRecord>()) } as *mut ThreadRecord;
@@ -906,10 +912,12 @@ impl ThreadRecord {
             // SAFETY: allocated in `create` with this layout; no longer referenced.
             unsafe { System.dealloc(cache as *mut u8, Layout::new::<[u64; STACK_CACHE]>()) };
         }
-        let last = self.last_walk.replace(ptr::null_mut());
-        if !last.is_null() {
-            // SAFETY: allocated in `create` with this layout; no longer referenced.
-            unsafe { System.dealloc(last as *mut u8, Layout::new::<stack::LastWalk>()) };
+        for walk in [&self.last_walk, &self.other_walk] {
+            let walk = walk.replace(ptr::null_mut());
+            if !walk.is_null() {
+                // SAFETY: allocated by `empty_walk` with this layout; no longer referenced.
+                unsafe { System.dealloc(walk as *mut u8, Layout::new::<stack::LastWalk>()) };
+            }
         }
     }
 
@@ -979,20 +987,46 @@ impl ThreadRecord {
     #[inline(never)]
     fn record_stack(&self, start: (usize, usize)) -> u64 {
         let mut spare;
-        let last = match NonNull::new(self.last_walk.get()) {
-            // SAFETY: allocated in `create` for this thread, used only by it.
-            Some(last) => unsafe { &mut *last.as_ptr() },
-            None => {
+        // SAFETY (all three walks): `start` is the frame and stack pointer of
+        // `walk_stack`'s caller, which waits for us to return; or, if it jumped here (a
+        // tail call), of the frame this function then built in its place, at the same
+        // address with the same saved frame pointer and return address. Either way both
+        // lie in the live part of this thread's stack. The thread's walks hold only its
+        // own; they were allocated in `create` for it and are used only by it.
+        let (len, hash, last) = match (
+            NonNull::new(self.last_walk.get()),
+            NonNull::new(self.other_walk.get()),
+        ) {
+            (Some(mut latest), Some(mut other)) => {
+                // SAFETY: see above.
+                let (latest, other) = unsafe { (latest.as_mut(), other.as_mut()) };
+                // The latest walk again (its stack's slot in the cache was taken).
+                // SAFETY: see above.
+                match unsafe { stack::again(latest, start.0) } {
+                    Some((len, hash)) => (len, hash, &*latest),
+                    None => {
+                        // SAFETY: see above.
+                        let (len, hash) =
+                            unsafe { stack::capture_beside(start, self.stack_top, latest, other) };
+                        self.other_walk.swap(&self.last_walk);
+                        (len, hash, &*other)
+                    }
+                }
+            }
+            (Some(mut latest), None) => {
+                // SAFETY: see above.
+                let latest = unsafe { latest.as_mut() };
+                // SAFETY: see above.
+                let (len, hash) = unsafe { stack::capture_from(start, self.stack_top, latest) };
+                (len, hash, &*latest)
+            }
+            _ => {
                 spare = stack::LastWalk::EMPTY;
-                &mut spare
+                // SAFETY: see above.
+                let (len, hash) = unsafe { stack::capture_from(start, self.stack_top, &mut spare) };
+                (len, hash, &spare)
             }
         };
-        // SAFETY: `last` holds only this thread's walks. `start` is the frame and stack
-        // pointer of `walk_stack`'s caller, which waits for us to return; or, if it jumped here
-        // (a tail call), of the frame this function then built in its place, at the
-        // same address with the same saved frame pointer and return address. Either
-        // way both lie in the live part of this thread's stack.
-        let (len, hash) = unsafe { stack::capture_from(start, self.stack_top, last) };
         if len == 0 {
             return 0;
         }

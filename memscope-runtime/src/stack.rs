@@ -165,6 +165,47 @@ impl LastWalk {
     }
 }
 
+/// [`capture_from`] for a thread that keeps its two latest walks from different
+/// places, `latest` (which is not [`again`] here) and `other`, so that a loop
+/// allocating in two places (a `Box` and then a `Vec`, say) finds each place's walk
+/// again instead of walking one from the other every time. The walk goes into
+/// `other`, which the caller then takes for the latest: `other` again if it is;
+/// otherwise a walk starting from a copy of `latest` (the outer frames it can reuse),
+/// which stays as it is for the next allocation from its place.
+///
+/// # Safety
+/// As for [`capture_from`], with `latest` and `other` holding only the calling
+/// thread's walks.
+#[inline(always)]
+pub unsafe fn capture_beside(
+    start: (usize, usize),
+    stack_top: usize,
+    latest: &LastWalk,
+    other: &mut LastWalk,
+) -> (usize, u64) {
+    // SAFETY: as the caller guarantees.
+    if let Some(same) = unsafe { again(other, start.0) } {
+        return same;
+    }
+    other.copy_from(latest);
+    // SAFETY: as the caller guarantees; `other` now holds a walk of this thread.
+    unsafe { capture_from(start, stack_top, other) }
+}
+
+impl LastWalk {
+    /// Makes this a copy of `from` (only its levels: the rest is never read).
+    fn copy_from(&mut self, from: &LastWalk) {
+        let len = from.len.min(MAX_FRAMES);
+        self.len = from.len;
+        self.reusable = from.reusable;
+        self.top_ret_zero = from.top_ret_zero;
+        self.whole = from.whole;
+        self.fp[..len].copy_from_slice(&from.fp[..len]);
+        self.words[..len].copy_from_slice(&from.words[..len]);
+        self.hash[..len].copy_from_slice(&from.hash[..len]);
+    }
+}
+
 /// Walks the frame-pointer chain of the calling thread, whose stack ends (grows down
 /// from) `stack_top`, into `last` (which must hold only this thread's walks): reuses
 /// the outer part of the previous walk where it still holds, then stores this one.
@@ -540,6 +581,70 @@ mod tests {
         assert_eq!(reusing.2, fresh_walk.2, "the same frames as a fresh walk");
         assert_eq!(fresh_walk.1, crate::format::stack_hash(&fresh_walk.2));
         assert_ne!(reusing.1, fresh_walk.1, "the outer frames were not reused");
+    }
+
+    /// The two latest walks, as a thread keeps them: the latest first.
+    type Pair = (Box<LastWalk>, Box<LastWalk>);
+
+    #[inline(never)]
+    fn walk_into(top: usize, (latest, other): &mut Pair) -> (usize, u64) {
+        let start = registers();
+        // SAFETY: both hold only this thread's walks; the current frame.
+        let walk = match unsafe { again(latest, start.0) } {
+            Some(same) => same,
+            None => {
+                // SAFETY: as above.
+                let walk = unsafe { capture_beside(start, top, latest, other) };
+                std::mem::swap(latest, other);
+                walk
+            }
+        };
+        std::hint::black_box(walk)
+    }
+
+    /// A walk from one of two places, as a loop allocating a `Box` and then a `Vec`.
+    #[inline(never)]
+    fn place(b: bool, top: usize, walks: &mut Pair) -> (usize, u64) {
+        if std::hint::black_box(b) {
+            std::hint::black_box(walk_into(top, walks))
+        } else {
+            walk_into(top, walks)
+        }
+    }
+
+    #[test]
+    fn walks_from_two_alternating_places_are_each_found_again_without_walking() {
+        let top = crate::sys::stack_bounds().1;
+        let mut walks = (fresh(), fresh());
+        let mut seen = Vec::new();
+        for (round, b) in std::hint::black_box([false, true, false, true, false])
+            .into_iter()
+            .enumerate()
+        {
+            let (len, hash) = place(b, top, &mut walks);
+            if !walked(len) {
+                return; // built without frame pointers: nothing to find again
+            }
+            let frames: Vec<u64> = (0..len).map(|i| walks.0.frame(i)).collect();
+            if round < 2 {
+                assert_eq!(hash, crate::format::stack_hash(&frames));
+                // Marks the walk's hash: finding it again (not walking) returns the mark.
+                walks.0.whole ^= 1;
+            } else {
+                assert_eq!(
+                    hash ^ 1,
+                    crate::format::stack_hash(&frames),
+                    "round {round} walked"
+                );
+            }
+            seen.push(frames);
+        }
+        if !chain_reaches(seen[0] != seen[1], "`place`") {
+            return;
+        }
+        assert_eq!(seen[0], seen[2]);
+        assert_eq!(seen[1], seen[3]);
+        assert_eq!(seen[0], seen[4]);
     }
 
     #[test]
