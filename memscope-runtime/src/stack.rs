@@ -602,14 +602,26 @@ mod tests {
         std::hint::black_box(walk)
     }
 
+    #[inline(never)]
+    fn place_a(top: usize, walks: &mut Pair) -> (usize, u64) {
+        std::hint::black_box(walk_into(top, walks))
+    }
+
+    /// One call deeper than [`place_a`].
+    #[inline(never)]
+    fn place_b(top: usize, walks: &mut Pair) -> (usize, u64) {
+        std::hint::black_box(place_a(top, walks))
+    }
+
     /// A walk from one of two places, as a loop allocating a `Box` and then a `Vec`.
     #[inline(never)]
     fn place(b: bool, top: usize, walks: &mut Pair) -> (usize, u64) {
-        if std::hint::black_box(b) {
-            std::hint::black_box(walk_into(top, walks))
+        let walk = if std::hint::black_box(b) {
+            place_b(top, walks)
         } else {
-            walk_into(top, walks)
-        }
+            place_a(top, walks)
+        };
+        std::hint::black_box(walk)
     }
 
     #[test]
@@ -617,10 +629,9 @@ mod tests {
         let top = crate::sys::stack_bounds().1;
         let mut walks = (fresh(), fresh());
         let mut seen = Vec::new();
-        for (round, b) in std::hint::black_box([false, true, false, true, false])
-            .into_iter()
-            .enumerate()
-        {
+        // One call site for every round (see above).
+        let places = [false, true, false, true, false];
+        for (round, &b) in std::hint::black_box(&places[..]).iter().enumerate() {
             let (len, hash) = place(b, top, &mut walks);
             if !walked(len) {
                 return; // built without frame pointers: nothing to find again
