@@ -128,38 +128,51 @@ const GRANULE: u64 = 16;
 const SLOTS: usize = 4096 / GRANULE as usize;
 
 impl Latest {
+    fn new() -> Latest {
+        Latest {
+            recent: vec![(u64::MAX, 0); RECENT],
+            ..Latest::default()
+        }
+    }
+
     fn note(&mut self, ts: u64, addr: u64, size: u64) {
-        if self.too_big {
-            return;
-        }
-        if self.leaves.len() * 4096 + self.odd.len() * 48 > MAX_TABLE_BYTES {
-            self.too_big = true;
-            return;
-        }
         let slot = if addr.is_multiple_of(GRANULE) {
             let page = addr / 4096;
-            if self.recent.is_empty() {
-                self.recent = vec![(u64::MAX, 0); RECENT];
-            }
-            let recent = &mut self.recent[page as usize % RECENT];
-            let leaf = if recent.0 == page {
-                recent.1
+            let recent = page as usize % RECENT;
+            let leaf = if self.recent[recent].0 == page {
+                self.recent[recent].1
             } else {
-                let leaves = &mut self.leaves;
-                let leaf = *self.pages.entry(page).or_insert_with(|| {
-                    leaves.push(Box::new([(0, 0); SLOTS]));
-                    leaves.len() - 1
-                });
-                *recent = (page, leaf);
+                let leaf = match self.pages.get(&page) {
+                    Some(&leaf) => leaf,
+                    None => {
+                        if self.grown_too_big() {
+                            return;
+                        }
+                        self.leaves.push(Box::new([(0, 0); SLOTS]));
+                        self.pages.insert(page, self.leaves.len() - 1);
+                        self.leaves.len() - 1
+                    }
+                };
+                self.recent[recent] = (page, leaf);
                 leaf
             };
             &mut self.leaves[leaf][(addr % 4096 / GRANULE) as usize]
         } else {
+            if !self.odd.contains_key(&addr) && self.grown_too_big() {
+                return;
+            }
             self.odd.entry(addr).or_insert((0, 0))
         };
         if ts >= slot.0 {
             *slot = (ts, size);
         }
+    }
+
+    /// Whether the tables are as large as they may grow (and so `too_big` is set):
+    /// checked before they grow.
+    fn grown_too_big(&mut self) -> bool {
+        self.too_big |= self.leaves.len() * 4096 + self.odd.len() * 48 > MAX_TABLE_BYTES;
+        self.too_big
     }
 
     /// The live blocks, `(start, size)` sorted by start.
@@ -187,7 +200,7 @@ impl Latest {
 /// The blocks live at the end of the trace in the first `len` bytes of `fd`, `(start,
 /// size)` sorted by start.
 fn live_blocks(fd: i32, len: u64) -> Option<Vec<(usize, usize)>> {
-    let mut latest = Latest::default();
+    let mut latest = Latest::new();
     let mut decoder = StreamDecoder::default();
     let mut payload = Vec::new();
     let mut pos = FILE_HEADER_LEN as u64;
