@@ -33,5 +33,5 @@ fn the_runtimes_stack_walk_tests_pass_optimized_with_frame_pointers() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(stdout.contains("test result: ok. 5 passed"), "{stdout}");
+    assert!(stdout.contains("test result: ok. 6 passed"), "{stdout}");
 }
