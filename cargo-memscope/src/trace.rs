@@ -18,7 +18,7 @@
 
 use std::cmp::Reverse;
 use std::collections::binary_heap::PeekMut;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::BinaryHeap;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -389,9 +389,8 @@ impl Trace {
                     buf: Vec::new(),
                     pos: 0,
                     decoder: StreamDecoder::new(self.header.version),
-                    pending: None,
-                    queued: VecDeque::new(),
-                    head: None,
+                    ahead: Vec::with_capacity(AHEAD),
+                    next: 0,
                 })
                 .collect(),
             heap: BinaryHeap::new(),
@@ -426,12 +425,14 @@ struct Stream<'t> {
     buf: Vec<u8>,
     pos: usize,
     decoder: StreamDecoder,
-    /// The alloc half of a realloc whose free half was handed out.
-    pending: Option<Event>,
-    /// Further events of one record (the blocks of an `OWNS`).
-    queued: VecDeque<Event>,
-    head: Option<Event>,
+    /// The stream's next events, decoded ahead: `ahead[next]` is its head.
+    ahead: Vec<Event>,
+    next: usize,
 }
+
+/// How many events a stream decodes at a time: a tight loop per stream instead of a
+/// call through the merge per event, and a bounded amount of memory per thread.
+const AHEAD: usize = 256;
 
 impl<'t> Events<'t> {
     /// Calls `f` with the number of payload bytes read so far, once per chunk.
@@ -450,24 +451,25 @@ impl<'t> Events<'t> {
         (self.tables, self.damage)
     }
 
-    /// Decodes stream `i` up to its next event and pushes that onto the heap.
+    /// Decodes stream `i`'s next events (see [`AHEAD`]) and pushes its head onto
+    /// the heap; the stream leaves the heap when it has none.
     fn refill(&mut self, i: usize) {
-        let event = self.next_of(i);
-        let stream = &mut self.streams[i];
-        stream.head = event;
-        if let Some(e) = event {
+        self.decode_ahead(i);
+        if let Some(e) = self.streams[i].ahead.first() {
             self.heap.push(Reverse((e.ts, e.kind.rank(), i as u32)));
         }
     }
 
-    fn next_of(&mut self, i: usize) -> Option<Event> {
+    /// Replaces stream `i`'s events decoded ahead with its next ones (none at its end).
+    fn decode_ahead(&mut self, i: usize) {
         let stream = &mut self.streams[i];
-        if let Some(e) = stream.pending.take().or_else(|| stream.queued.pop_front()) {
-            return Some(e);
-        }
-        loop {
+        stream.ahead.clear();
+        stream.next = 0;
+        while stream.ahead.len() < AHEAD {
             if stream.pos >= stream.buf.len() {
-                let chunk = *stream.chunks.get(stream.next_chunk)?;
+                let Some(&chunk) = stream.chunks.get(stream.next_chunk) else {
+                    break;
+                };
                 stream.next_chunk += 1;
                 stream.buf.resize(chunk.len as usize, 0);
                 stream.pos = 0;
@@ -475,7 +477,7 @@ impl<'t> Events<'t> {
                     self.damage.push(format!("thread {}: {e}", stream.thread));
                     stream.next_chunk = stream.chunks.len();
                     stream.buf.clear();
-                    return None;
+                    break;
                 }
                 self.bytes_read += u64::from(chunk.len);
                 if let Some(progress) = &mut self.progress {
@@ -497,7 +499,7 @@ impl<'t> Events<'t> {
                     stream.next_chunk = stream.chunks.len();
                     stream.buf.clear();
                     stream.pos = 0;
-                    return None;
+                    break;
                 }
             };
             stream.pos = next;
@@ -518,7 +520,7 @@ impl<'t> Events<'t> {
                     stack,
                     ..
                 } => {
-                    return Some(event(
+                    stream.ahead.push(event(
                         ts,
                         internal,
                         EventKind::Alloc {
@@ -530,7 +532,9 @@ impl<'t> Events<'t> {
                     ));
                 }
                 Record::Free { ts, addr } => {
-                    return Some(event(ts, false, EventKind::Free { addr }));
+                    stream
+                        .ahead
+                        .push(event(ts, false, EventKind::Free { addr }));
                 }
                 Record::Realloc {
                     internal,
@@ -542,7 +546,12 @@ impl<'t> Events<'t> {
                     stack,
                     ..
                 } => {
-                    stream.pending = Some(event(
+                    stream.ahead.push(event(
+                        ts_before,
+                        internal,
+                        EventKind::ReallocFree { addr: old_addr },
+                    ));
+                    stream.ahead.push(event(
                         ts_after,
                         internal,
                         EventKind::ReallocAlloc {
@@ -551,11 +560,6 @@ impl<'t> Events<'t> {
                             size: new_size,
                             stack,
                         },
-                    ));
-                    return Some(event(
-                        ts_before,
-                        internal,
-                        EventKind::ReallocFree { addr: old_addr },
                     ));
                 }
                 Record::Stack { hash, frames } => {
@@ -579,31 +583,32 @@ impl<'t> Events<'t> {
                     self.tables.names.take(&record);
                 }
                 Record::Enter { ts, id } => {
-                    return Some(event(ts, false, EventKind::Mark(Mark::Enter { id })));
+                    stream
+                        .ahead
+                        .push(event(ts, false, EventKind::Mark(Mark::Enter { id })));
                 }
                 Record::Exit { ts, id } => {
-                    return Some(event(ts, false, EventKind::Mark(Mark::Exit { id })));
+                    stream
+                        .ahead
+                        .push(event(ts, false, EventKind::Mark(Mark::Exit { id })));
                 }
                 Record::Owns { ts, var, blocks } => {
-                    let mut marks = blocks
-                        .into_iter()
-                        .map(|block| event(ts, false, EventKind::Mark(Mark::Owns { var, block })));
-                    let first = marks.next();
-                    stream.queued.extend(marks);
-                    if first.is_some() {
-                        return first;
-                    }
+                    stream.ahead.extend(
+                        blocks.into_iter().map(|block| {
+                            event(ts, false, EventKind::Mark(Mark::Owns { var, block }))
+                        }),
+                    );
                 }
                 Record::Task { ts, id, site, .. } => {
                     self.tables.names.take(&record);
-                    return Some(event(
+                    stream.ahead.push(event(
                         ts,
                         false,
                         EventKind::Mark(Mark::TaskStart { id, site }),
                     ));
                 }
                 Record::TaskEnd { ts, id, state } => {
-                    return Some(event(
+                    stream.ahead.push(event(
                         ts,
                         false,
                         EventKind::Mark(Mark::TaskEnd { id, state }),
@@ -620,20 +625,24 @@ impl Iterator for Events<'_> {
     fn next(&mut self) -> Option<Event> {
         let Reverse((_, _, i)) = *self.heap.peek()?;
         let i = i as usize;
-        let event = self.streams[i].head.take();
-        let next = self.next_of(i);
-        self.streams[i].head = next;
+        let stream = &mut self.streams[i];
+        let event = stream.ahead[stream.next];
+        stream.next += 1;
+        if stream.next == stream.ahead.len() {
+            self.decode_ahead(i);
+        }
+        let stream = &self.streams[i];
         // The stream's next event takes its place at the top and sinks to where it
         // belongs: one sift instead of a pop and a push (keys are unique: the stream
         // index is part of them, so the order is the same).
-        match (next, self.heap.peek_mut()) {
+        match (stream.ahead.get(stream.next), self.heap.peek_mut()) {
             (Some(e), Some(mut top)) => *top = Reverse((e.ts, e.kind.rank(), i as u32)),
             (None, Some(top)) => {
                 PeekMut::pop(top);
             }
             (_, None) => {}
         }
-        event
+        Some(event)
     }
 }
 
