@@ -106,10 +106,15 @@ pub struct ThreadRecord {
     is_main: Cell<bool>,
     /// Hand-overs so far: the name is checked at some of them (see `push_slow`).
     hand_overs: Cell<u32>,
-    /// The walk before `last_walk` that started at another frame (see
-    /// `stack::capture_beside`); null if it could not be allocated.
-    other_walk: Cell<*mut stack::LastWalk>,
+    /// The walks before `last_walk` from other places, the most recent first (see
+    /// `record_stack`); null where one could not be allocated.
+    other_walks: [Cell<*mut stack::LastWalk>; OTHER_WALKS],
 }
+
+/// How many walks from other places a thread keeps besides its latest: a loop that
+/// allocates in a few places in turn (a `Box`, a `Vec` that grows, another `Vec`)
+/// finds each place's walk again.
+const OTHER_WALKS: usize = 3;
 
 // SAFETY: the `Cell` fields are read and written only by the thread that owns the
 // record (the one whose `CURRENT` points to it); other threads touch only the atomics.
@@ -602,7 +607,7 @@ impl ThreadRecord {
             os_tid: Cell::new(0),
             is_main: Cell::new(false),
             hand_overs: Cell::new(0),
-            other_walk: Cell::new(empty_walk()),
+            other_walks: std::array::from_fn(|_| Cell::new(empty_walk())),
         };
         // SAFETY: non-zero-size layout.
         let rec = unsafe { System.alloc(Layout::new::<ThreadRecord>()) } as *mut ThreadRecord;
@@ -912,7 +917,7 @@ impl ThreadRecord {
             // SAFETY: allocated in `create` with this layout; no longer referenced.
             unsafe { System.dealloc(cache as *mut u8, Layout::new::<[u64; STACK_CACHE]>()) };
         }
-        for walk in [&self.last_walk, &self.other_walk] {
+        for walk in std::iter::once(&self.last_walk).chain(&self.other_walks) {
             let walk = walk.replace(ptr::null_mut());
             if !walk.is_null() {
                 // SAFETY: allocated by `empty_walk` with this layout; no longer referenced.
@@ -987,40 +992,58 @@ impl ThreadRecord {
     #[inline(never)]
     fn record_stack(&self, start: (usize, usize)) -> u64 {
         let mut spare;
-        // SAFETY (all three walks): `start` is the frame and stack pointer of
+        let others = &self.other_walks;
+        // SAFETY (all the walks): `start` is the frame and stack pointer of
         // `walk_stack`'s caller, which waits for us to return; or, if it jumped here (a
         // tail call), of the frame this function then built in its place, at the same
         // address with the same saved frame pointer and return address. Either way both
         // lie in the live part of this thread's stack. The thread's walks hold only its
-        // own; they were allocated in `create` for it and are used only by it.
-        let (len, hash, last) = match (
-            NonNull::new(self.last_walk.get()),
-            NonNull::new(self.other_walk.get()),
-        ) {
-            (Some(mut latest), Some(mut other)) => {
+        // own; they were allocated in `create` for it, are used only by it, and are
+        // distinct (so a reference to one never aliases another).
+        let all_kept = others.iter().all(|w| !w.get().is_null());
+        let (len, hash, last) = match NonNull::new(self.last_walk.get()) {
+            Some(mut latest) if all_kept => {
                 // SAFETY: see above.
-                let (latest, other) = unsafe { (latest.as_mut(), other.as_mut()) };
+                let latest = unsafe { latest.as_mut() };
                 // The latest walk again (its stack's slot in the cache was taken).
                 // SAFETY: see above.
                 match unsafe { stack::again(latest, start.0) } {
                     Some((len, hash)) => (len, hash, &*latest),
                     None => {
+                        // Another kept walk again, or a walk into the oldest one.
+                        let again = |j: usize| {
+                            // SAFETY: see above.
+                            unsafe { stack::again(&*others[j].get(), start.0) }.map(|w| (j, w))
+                        };
+                        let (j, (len, hash)) =
+                            (0..OTHER_WALKS - 1).find_map(again).unwrap_or_else(|| {
+                                let oldest = OTHER_WALKS - 1;
+                                // SAFETY: see above.
+                                let into = unsafe { &mut *others[oldest].get() };
+                                // SAFETY: see above.
+                                (oldest, unsafe {
+                                    stack::capture_beside(start, self.stack_top, latest, into)
+                                })
+                            });
+                        // That walk becomes the latest; the ones before it move down.
+                        let walk = others[j].get();
+                        for k in (1..=j).rev() {
+                            others[k].set(others[k - 1].get());
+                        }
+                        others[0].set(self.last_walk.replace(walk));
                         // SAFETY: see above.
-                        let (len, hash) =
-                            unsafe { stack::capture_beside(start, self.stack_top, latest, other) };
-                        self.other_walk.swap(&self.last_walk);
-                        (len, hash, &*other)
+                        (len, hash, unsafe { &*walk })
                     }
                 }
             }
-            (Some(mut latest), None) => {
+            Some(mut latest) => {
                 // SAFETY: see above.
                 let latest = unsafe { latest.as_mut() };
                 // SAFETY: see above.
                 let (len, hash) = unsafe { stack::capture_from(start, self.stack_top, latest) };
                 (len, hash, &*latest)
             }
-            _ => {
+            None => {
                 spare = stack::LastWalk::EMPTY;
                 // SAFETY: see above.
                 let (len, hash) = unsafe { stack::capture_from(start, self.stack_top, &mut spare) };

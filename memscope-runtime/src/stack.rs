@@ -165,13 +165,13 @@ impl LastWalk {
     }
 }
 
-/// [`capture_from`] for a thread that keeps its two latest walks from different
-/// places, `latest` (which is not [`again`] here) and `other`, so that a loop
-/// allocating in two places (a `Box` and then a `Vec`, say) finds each place's walk
-/// again instead of walking one from the other every time. The walk goes into
-/// `other`, which the caller then takes for the latest: `other` again if it is;
-/// otherwise a walk starting from a copy of `latest` (the outer frames it can reuse),
-/// which stays as it is for the next allocation from its place.
+/// [`capture_from`] for a thread that keeps its latest walks from different places,
+/// `latest` (which is not [`again`] here) and older ones such as `other`, so that a
+/// loop allocating in a few places (a `Box` and then a `Vec`, say) finds each
+/// place's walk again instead of walking one from the other every time. The walk
+/// goes into `other`, which the caller then takes for the latest: `other` again if
+/// it is; otherwise a walk starting from a copy of `latest` (the outer frames it can
+/// reuse), which stays as it is for the next allocation from its place.
 ///
 /// # Safety
 /// As for [`capture_from`], with `latest` and `other` holding only the calling
