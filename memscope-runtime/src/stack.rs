@@ -583,7 +583,8 @@ mod tests {
         assert_ne!(reusing.1, fresh_walk.1, "the outer frames were not reused");
     }
 
-    /// The two latest walks, as a thread keeps them: the latest first.
+    /// Two of a thread's latest walks, the latest first (the recorder keeps four; two
+    /// show finding one again).
     type Pair = (Box<LastWalk>, Box<LastWalk>);
 
     #[inline(never)]
