@@ -99,6 +99,13 @@ pub enum Mark {
     },
 }
 
+/// The order in which the merge hands out the streams' head events: by stamp, frees
+/// before allocations with the same stamp, then by stream (`i`). One integer, so that
+/// the heap compares keys without branching on each part.
+fn merge_key(e: &Event, i: usize) -> u128 {
+    (u128::from(e.ts) << 64) | (u128::from(e.kind.rank()) << 32) | i as u128
+}
+
 impl EventKind {
     /// Frees sort before allocations stamped with the same tick.
     fn rank(&self) -> u8 {
@@ -410,8 +417,8 @@ impl Trace {
 pub struct Events<'t> {
     trace: &'t Trace,
     streams: Vec<Stream<'t>>,
-    /// `(ts, rank, stream)` of each stream's head event.
-    heap: BinaryHeap<Reverse<(u64, u8, u32)>>,
+    /// The [`merge_key`] of each stream's head event.
+    heap: BinaryHeap<Reverse<u128>>,
     tables: Tables,
     damage: Vec<String>,
     bytes_read: u64,
@@ -456,7 +463,7 @@ impl<'t> Events<'t> {
     fn refill(&mut self, i: usize) {
         self.decode_ahead(i);
         if let Some(e) = self.streams[i].ahead.first() {
-            self.heap.push(Reverse((e.ts, e.kind.rank(), i as u32)));
+            self.heap.push(Reverse(merge_key(e, i)));
         }
     }
 
@@ -623,8 +630,8 @@ impl Iterator for Events<'_> {
     type Item = Event;
 
     fn next(&mut self) -> Option<Event> {
-        let Reverse((_, _, i)) = *self.heap.peek()?;
-        let i = i as usize;
+        let Reverse(key) = *self.heap.peek()?;
+        let i = key as u32 as usize;
         let stream = &mut self.streams[i];
         let event = stream.ahead[stream.next];
         stream.next += 1;
@@ -636,7 +643,7 @@ impl Iterator for Events<'_> {
         // belongs: one sift instead of a pop and a push (keys are unique: the stream
         // index is part of them, so the order is the same).
         match (stream.ahead.get(stream.next), self.heap.peek_mut()) {
-            (Some(e), Some(mut top)) => *top = Reverse((e.ts, e.kind.rank(), i as u32)),
+            (Some(e), Some(mut top)) => *top = Reverse(merge_key(e, i)),
             (None, Some(top)) => {
                 PeekMut::pop(top);
             }
