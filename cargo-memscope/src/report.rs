@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use std::collections::hash_map::Entry;
 use std::collections::BTreeMap;
 use std::fs;
-use std::hash::{Hash, Hasher};
+use std::hash::Hash;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -496,6 +496,10 @@ pub struct Problem {
 struct Analysed {
     process: Process,
     sites: Vec<SiteDraft>,
+    /// The frames the sites' stacks are ids into, and for each one without a function
+    /// name, where it lies in its object file (see [`FrameKey`]).
+    frames: Vec<Frame>,
+    places: Vec<Option<String>>,
     threads: Vec<Thread>,
     timeline: Timeline,
     problems: Vec<(Problem, Option<usize>)>,
@@ -504,12 +508,10 @@ struct Analysed {
 
 /// A site of one process; `leak` and `internal` describe its blocks live at exit.
 struct SiteDraft {
-    /// Where each frame without a function name lies in its object file, in stack
-    /// order (see [`SiteDraft::key`]).
-    unnamed: Vec<String>,
-    /// The symbolized stack; `site.stack` stays empty until the frames of all
-    /// processes are put in one table (`merge`).
-    frames: Vec<Frame>,
+    /// The symbolized stack, as ids into its process's frames (`Analysed::frames`);
+    /// `site.stack` stays empty until the frames of all processes are put in one table
+    /// (`merge`).
+    frames: Vec<u32>,
     site: Site,
     /// Its blocks live at exit, by what the exit-time scan found about them.
     leaked: Vec<LeakDraft>,
@@ -579,7 +581,7 @@ pub const LEAK_KINDS: [&str; 6] = [
 /// What makes two frames of different processes the same: function, file, line,
 /// whether inlined, and for a frame without a function name its place in its object
 /// file, not its address, which ASLR changes from one process to the next.
-#[derive(PartialEq, Eq)]
+#[derive(PartialEq, Eq, Hash)]
 struct FrameKey<'a>(
     Option<&'a str>,
     Option<&'a str>,
@@ -588,48 +590,15 @@ struct FrameKey<'a>(
     Option<&'a str>,
 );
 
-impl SiteDraft {
-    /// The site's frames as they identify it across processes.
-    fn key(&self) -> impl Iterator<Item = FrameKey<'_>> {
-        let mut unnamed = self.unnamed.iter();
-        self.frames.iter().map(move |f| {
-            FrameKey(
-                f.function.as_deref(),
-                f.file.as_deref(),
-                f.line,
-                f.inlined,
-                f.function
-                    .is_none()
-                    .then(|| unnamed.next().map(String::as_str))
-                    .flatten(),
-            )
-        })
-    }
-
-    /// A hash of [`key`](Self::key) that reads only the ends of its strings (a function
-    /// name's last bytes tell it from others best): the function and file names of
-    /// regex-syntax's 27,000 sites' frames add up to 147 MB. Equal keys still hash
-    /// equal, and [`same_site`](Self::same_site) compares keys in full.
-    fn key_hash(&self) -> u64 {
-        fn tail(s: Option<&str>, hasher: &mut impl Hasher) {
-            let bytes = s.map_or(&[][..], str::as_bytes);
-            hasher.write_usize(bytes.len());
-            hasher.write(&bytes[bytes.len().saturating_sub(16)..]);
-        }
-        let mut hasher = rustc_hash::FxHasher::default();
-        self.memscope.hash(&mut hasher);
-        for FrameKey(function, file, line, inlined, place) in self.key() {
-            tail(function, &mut hasher);
-            tail(file, &mut hasher);
-            line.hash(&mut hasher);
-            inlined.hash(&mut hasher);
-            tail(place, &mut hasher);
-        }
-        hasher.finish()
-    }
-
-    fn same_site(&self, other: &SiteDraft) -> bool {
-        self.memscope == other.memscope && self.key().eq(other.key())
+impl<'a> FrameKey<'a> {
+    fn of(frame: &'a Frame, place: Option<&'a str>) -> FrameKey<'a> {
+        FrameKey(
+            frame.function.as_deref(),
+            frame.file.as_deref(),
+            frame.line,
+            frame.inlined,
+            place,
+        )
     }
 }
 
@@ -756,6 +725,11 @@ fn analyse(
     };
 
     let mut sites = site_drafts(&snap, &tables, &mut symbolizer, options, pid);
+    let frames = symbolizer.take_table();
+    let places = frames
+        .iter()
+        .map(|f| f.function.is_none().then(|| unnamed_place(f, &symbolizer)))
+        .collect();
     for group in replay::leaks(&snap, &trace.meta.reach) {
         sites[group.site as usize].leaked.push(LeakDraft {
             reach: group.reach,
@@ -840,6 +814,8 @@ fn analyse(
     Analysed {
         process,
         sites,
+        frames,
+        places,
         threads,
         timeline,
         problems,
@@ -859,7 +835,8 @@ fn site_drafts(
         .iter()
         .map(|s| {
             let addrs = tables.stacks.get(&s.stack).map(|f| &f[..]).unwrap_or(&[]);
-            let stack = symbolizer.stack(addrs);
+            let ids = symbolizer.stack_ids(addrs);
+            let stack: Vec<&Frame> = ids.iter().map(|&i| symbolizer.frame(i)).collect();
             let (at, origin) = symbols::site_frame(&stack, &options.user_roots);
             let location = at.map(|i| &stack[i]).map(|f| Location {
                 function: f.function.as_deref().map(str::to_owned),
@@ -877,12 +854,7 @@ fn site_drafts(
                 None
             };
             SiteDraft {
-                unnamed: stack
-                    .iter()
-                    .filter(|f| f.function.is_none())
-                    .map(|f| unnamed_place(f, symbolizer))
-                    .collect(),
-                frames: stack,
+                frames: ids,
                 site: Site {
                     id: 0,
                     location,
@@ -1174,18 +1146,6 @@ fn share(part: u64, whole: u64) -> f64 {
 // ---------------------------------------------------------------------------------
 // All processes.
 
-/// A frame by the addresses of its strings: equal for copies of one frame.
-fn frame_identity(f: &Frame) -> [usize; 5] {
-    let at = |name: Option<&symbols::Name>| name.map_or(0, |n| n.as_ptr() as usize);
-    [
-        at(Some(&f.address)),
-        at(f.function.as_ref()),
-        at(f.file.as_ref()),
-        f.line.map_or(0, |l| l as usize + 1),
-        usize::from(f.inlined),
-    ]
-}
-
 fn merge(analysed: Vec<Analysed>) -> Report {
     let mut summary = Summary {
         complete: true,
@@ -1198,17 +1158,31 @@ fn merge(analysed: Vec<Analysed>) -> Report {
         summary.peak_time_ns = analysed[0].process.summary.peak_time_ns;
     }
 
-    // Sites with the same symbolized stack are one site, whichever process.
-    // Key hash → merged sites with that hash.
-    let mut index: FxHashMap<u64, Vec<usize>> = FxHashMap::default();
+    // Each process's frames, and where the unnamed ones lie (`FrameKey`).
+    let mut analysed = analysed;
+    let tables: Vec<(Vec<Frame>, Vec<Option<String>>)> = analysed
+        .iter_mut()
+        .map(|a| (std::mem::take(&mut a.frames), std::mem::take(&mut a.places)))
+        .collect();
+    // Frames that are the same in every process get one key: a process's frame id →
+    // its key, found once per frame, not once per site it is in.
+    let mut keys: FxHashMap<FrameKey, u32> = FxHashMap::default();
+    let mut key_of: Vec<Vec<u32>> = tables
+        .iter()
+        .map(|(f, _)| vec![u32::MAX; f.len()])
+        .collect();
+    // Sites with the same stack of keys are one site, whichever process; a merged
+    // site keeps the frames of the first process that has it.
+    let mut index: FxHashMap<(bool, Box<[u32]>), usize> = FxHashMap::default();
     let mut merged: Vec<SiteDraft> = Vec::new();
+    let mut merged_from: Vec<usize> = Vec::new();
     let mut site_maps: Vec<Vec<usize>> = Vec::new();
     let mut processes = Vec::new();
     let mut threads = Vec::new();
     let mut timeline = Vec::new();
     let mut problems = Vec::new();
     let (mut scopes, mut variables, mut tasks) = (Vec::new(), Vec::new(), Vec::new());
-    for a in analysed {
+    for (p, a) in analysed.into_iter().enumerate() {
         let offset = scopes.len();
         scopes.extend(a.instrumented.scopes.into_iter().map(|mut s| {
             s.id += offset;
@@ -1218,14 +1192,28 @@ fn merge(analysed: Vec<Analysed>) -> Report {
         variables.extend(a.instrumented.variables);
         tasks.extend(a.instrumented.tasks);
         let mut map = Vec::with_capacity(a.sites.len());
+        let (frames, places) = &tables[p];
         for mut draft in a.sites {
-            let same = index.entry(draft.key_hash()).or_default();
-            let at = match same.iter().find(|&&at| merged[at].same_site(&draft)) {
-                Some(&at) => at,
-                None => {
+            let key: Box<[u32]> = draft
+                .frames
+                .iter()
+                .map(|&f| {
+                    let key = &mut key_of[p][f as usize];
+                    if *key == u32::MAX {
+                        let frame =
+                            FrameKey::of(&frames[f as usize], places[f as usize].as_deref());
+                        let next = keys.len() as u32;
+                        *key = *keys.entry(frame).or_insert(next);
+                    }
+                    *key
+                })
+                .collect();
+            let at = match index.entry((draft.memscope, key)) {
+                Entry::Occupied(at) => *at.get(),
+                Entry::Vacant(slot) => {
                     merged.push(draft.take_empty());
-                    same.push(merged.len() - 1);
-                    merged.len() - 1
+                    merged_from.push(p);
+                    *slot.insert(merged.len() - 1)
                 }
             };
             absorb(&mut merged[at], draft);
@@ -1256,39 +1244,35 @@ fn merge(analysed: Vec<Analysed>) -> Report {
         p.site = p.site.and_then(|s| rank[s]);
     }
 
-    // One table of distinct frames; stacks become indexes into it. Most frames are
-    // copies sharing their strings with one seen before (a process's sites repeat
-    // its frames): those are found by the strings' addresses, the rest by content.
+    // One table of distinct frames, in the order the merged sites first use them;
+    // stacks become indexes into it. A process's frame id → its index, found once.
     let mut frames = Vec::new();
-    let mut frame_ids: FxHashMap<Frame, usize> = FxHashMap::default();
-    let mut by_identity: FxHashMap<[usize; 5], usize> = FxHashMap::default();
-    // The frames whose addresses `by_identity` holds, kept so that none is reused.
-    let mut seen = Vec::new();
+    let mut frame_ids: FxHashMap<&Frame, usize> = FxHashMap::default();
+    let mut id_of: Vec<Vec<usize>> = tables
+        .iter()
+        .map(|(f, _)| vec![usize::MAX; f.len()])
+        .collect();
     let stacks: Vec<Stack> = merged
         .iter_mut()
-        .map(|d| {
+        .zip(&merged_from)
+        .map(|(d, &p)| {
             std::mem::take(&mut d.frames)
                 .into_iter()
                 .map(|f| {
-                    let identity = frame_identity(&f);
-                    if let Some(&id) = by_identity.get(&identity) {
-                        return id;
+                    let id = &mut id_of[p][f as usize];
+                    if *id == usize::MAX {
+                        let frame = &tables[p].0[f as usize];
+                        let next = frame_ids.len();
+                        *id = *frame_ids.entry(frame).or_insert_with(|| {
+                            frames.push(frame.clone());
+                            next
+                        });
                     }
-                    let id = match frame_ids.entry(f.clone()) {
-                        Entry::Occupied(at) => *at.get(),
-                        Entry::Vacant(slot) => {
-                            frames.push(slot.key().clone());
-                            *slot.insert(frames.len() - 1)
-                        }
-                    };
-                    by_identity.insert(identity, id);
-                    seen.push(f);
-                    id
+                    *id
                 })
                 .collect()
         })
         .collect();
-    drop(seen);
 
     let mut leaks = Vec::new();
     let mut runtime_internal = Vec::new();
@@ -1374,7 +1358,6 @@ impl SiteDraft {
     fn take_empty(&mut self) -> SiteDraft {
         let s = &self.site;
         SiteDraft {
-            unnamed: std::mem::take(&mut self.unnamed),
             frames: std::mem::take(&mut self.frames),
             site: Site {
                 id: 0,
@@ -1625,6 +1608,60 @@ mod tests {
         assert_eq!(json["sites"][0]["bytes_allocated"], 2 * 4096);
         assert_eq!(json["sites"][0]["peak_share"], 4096.0 / 4396.0);
         assert_eq!(json["leaks"][0]["blocks"], 2);
+    }
+
+    /// A process whose one allocation's stack is two return addresses in an object
+    /// file without symbols, the inner one at `offset` in it, the file mapped at
+    /// `bias` (as ASLR maps it anew in each process).
+    fn unnamed_frames_at(bias: u64, offset: u64) -> TraceBytes {
+        let (bind, stack_id) = stack(&[bias + offset, bias + 0x200]);
+        TraceBytes::new()
+            .chunk(1, 0, &[thread("main"), bind, alloc(10, 0xa0, 64, stack_id)])
+            .chunk(
+                0,
+                0,
+                &[
+                    clock(0),
+                    Record::Module {
+                        bias,
+                        start: bias,
+                        end: bias + 0x1000,
+                        path: "/nonexistent/lib.so".into(),
+                    },
+                    Record::End {
+                        reason: 0,
+                        ts: 20,
+                        dropped: 0,
+                    },
+                ],
+            )
+    }
+
+    #[test]
+    fn frames_without_names_are_the_same_site_in_processes_that_mapped_them_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = unnamed_frames_at(0x10_0000, 0x100).write(dir.path(), "a.mstrace");
+        let b = unnamed_frames_at(0x70_0000, 0x100).write(dir.path(), "b.mstrace");
+        let c = unnamed_frames_at(0x10_0000, 0x100).write(dir.path(), "c.mstrace");
+        let elsewhere = unnamed_frames_at(0x70_0000, 0x180).write(dir.path(), "d.mstrace");
+        generate(&[a, b, c, elsewhere], &options(dir.path())).unwrap();
+        let json = read_json(dir.path());
+        let sites = json["sites"].as_array().unwrap();
+        assert_eq!(sites.len(), 2, "{sites:#?}");
+        assert_eq!(sites[0]["allocations"], 3);
+        assert_eq!(sites[1]["allocations"], 1);
+        // A site keeps the first process's frames, each once in the table.
+        let addresses = |site: &serde_json::Value| -> Vec<serde_json::Value> {
+            let stack = site["stack"].as_array().unwrap();
+            let frame = |i: &serde_json::Value| i.as_u64().unwrap() as usize;
+            stack
+                .iter()
+                .map(|i| json["frames"][frame(i)]["address"].clone())
+                .collect()
+        };
+        assert_eq!(addresses(&sites[0]), ["0x100100", "0x100200"]);
+        assert_eq!(addresses(&sites[1]), ["0x700180", "0x700200"]);
+        assert_eq!(json["frames"].as_array().unwrap().len(), 4);
     }
 
     #[test]
