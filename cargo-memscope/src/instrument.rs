@@ -168,13 +168,17 @@ pub struct Collector {
 }
 
 impl Collector {
+    /// Takes in the next event. Until the first instrumentation record, a check
+    /// inlined into the caller's loop: most traces have none.
+    #[inline(always)]
     pub fn observe(&mut self, e: &Event) {
-        if !self.active {
-            if !matches!(e.kind, EventKind::Mark(_)) {
-                return;
-            }
+        if self.active || matches!(e.kind, EventKind::Mark(_)) {
             self.active = true;
+            self.take(e);
         }
+    }
+
+    fn take(&mut self, e: &Event) {
         if e.internal {
             return;
         }
