@@ -160,7 +160,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
     // The program's own failure is what the caller needs to see first: when it failed,
     // its exit code is kept even if reporting fails too.
     match report_run(&trace_dir, &options, args.output.open) {
-        Ok(report) => gates.verdict(code, &report, &ws.root, options.color),
+        Ok(report) => {
+            let verdict = gates.verdict(code, &report, &ws.root, options.color);
+            report.leave();
+            verdict
+        }
         Err(err) if code != 0 => {
             crate::print_error(&err, options.color);
             Ok(code)
@@ -244,7 +248,7 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<()> {
             symbol_cache: None,
         },
     };
-    generate(&traces, &options, args.output.open).map(drop)
+    generate(&traces, &options, args.output.open).map(report::Report::leave)
 }
 
 /// The `*.mstrace` files directly in `dir`, sorted.

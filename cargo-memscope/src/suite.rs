@@ -115,7 +115,11 @@ pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
 
     let outcome = report_tests(&trace_dir, &layout, &executables, &options, args, ahead);
     match outcome {
-        Ok(report) => gates.verdict(code, &report, &ws.root, options.color),
+        Ok(report) => {
+            let verdict = gates.verdict(code, &report, &ws.root, options.color);
+            report.leave();
+            verdict
+        }
         Err(err) if code != 0 => {
             crate::print_error(&err, options.color);
             Ok(code)
