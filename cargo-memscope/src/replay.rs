@@ -570,8 +570,19 @@ impl<L: FnMut(u64) -> bool> State<L> {
         }
     }
 
-    #[inline]
+    /// The figures of `thread`: a thread seen before is the common case, inlined into
+    /// every event's accounting (two or three times an event).
+    #[inline(always)]
     fn thread(&mut self, thread: u32) -> &mut ThreadStats {
+        let i = thread as usize;
+        if self.threads.get(i).is_some_and(Option::is_some) {
+            return self.threads[i].as_mut().expect("checked just above");
+        }
+        self.new_thread(thread)
+    }
+
+    #[inline(never)]
+    fn new_thread(&mut self, thread: u32) -> &mut ThreadStats {
         let i = thread as usize;
         if i >= DENSE_THREADS {
             return self.snap.threads.entry(thread).or_default();
