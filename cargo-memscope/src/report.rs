@@ -963,12 +963,17 @@ fn leak_kinds(sites: &[SiteDraft]) -> BTreeMap<String, Amount> {
 struct HarnessStacks {
     /// Stacks classified so far (the replay keeps what was decided).
     seen: rustc_hash::FxHashSet<u64>,
+    /// Stacks classified lately, by their low bits (stack ids are hashes): most
+    /// allocations repeat one of them, and this is checked before `seen`.
+    recent: Vec<u64>,
     libtest: bool,
     /// The frames' facts of the stack being classified (one buffer, reused).
     facts: Vec<symbols::Facts>,
 }
 
 impl HarnessStacks {
+    const RECENT: usize = 1024;
+
     /// Classifies `stack` the first time it is seen: whether its blocks are dropped
     /// from per-test figures; `None` when it was classified before (or is no stack).
     fn classify(
@@ -978,7 +983,15 @@ impl HarnessStacks {
         symbolizer: &mut Symbolizer,
         options: &ReportOptions,
     ) -> Option<bool> {
-        if stack == 0 || !self.seen.insert(stack) {
+        if self.recent.is_empty() {
+            self.recent = vec![0; Self::RECENT];
+        }
+        let recent = &mut self.recent[stack as usize % Self::RECENT];
+        if stack == 0 || *recent == stack {
+            return None;
+        }
+        *recent = stack;
+        if !self.seen.insert(stack) {
             return None;
         }
         let addrs = tables.stacks.get(&stack).map_or(&[][..], |f| &f[..]);
