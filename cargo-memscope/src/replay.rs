@@ -298,7 +298,11 @@ impl<L: FnMut(u64) -> bool> State<L> {
             EventKind::Free { addr } => (addr, false),
             _ => return self.apply(&e),
         };
-        if let Some(queue) = self.held.get_mut(&addr) {
+        // Most of the time nothing is held (the map is empty): no lookup then.
+        if let Some(queue) = (!self.held.is_empty())
+            .then(|| self.held.get_mut(&addr))
+            .flatten()
+        {
             let first = &queue[0];
             if e.thread == first.thread {
                 queue.push(e);
@@ -315,6 +319,13 @@ impl<L: FnMut(u64) -> bool> State<L> {
                 self.offer(e);
             }
             return;
+        }
+        if !is_alloc {
+            // A free of a live block, the common case: one lookup takes it out.
+            if let Some(block) = self.snap.live.remove(&addr) {
+                self.count(&e);
+                return self.release(&e, addr, &block);
+            }
         }
         if is_alloc == self.snap.live.contains_key(&addr) {
             self.holds.push_back((e.ts, addr));
@@ -343,12 +354,7 @@ impl<L: FnMut(u64) -> bool> State<L> {
         if let EventKind::Mark(_) = e.kind {
             return; // instrumentation, see `crate::instrument`
         }
-        self.snap.events += 1;
-        self.snap.first_ts.get_or_insert(e.ts);
-        self.snap.last_ts = Some(e.ts);
-        let actor = self.thread(e.thread);
-        actor.first_ts.get_or_insert(e.ts);
-        actor.last_ts = e.ts;
+        self.count(e);
         match e.kind {
             EventKind::Alloc {
                 addr,
@@ -411,6 +417,16 @@ impl<L: FnMut(u64) -> bool> State<L> {
             }
             EventKind::Mark(_) => {}
         }
+    }
+
+    /// Counts an event that is applied, and when it came.
+    fn count(&mut self, e: &Event) {
+        self.snap.events += 1;
+        self.snap.first_ts.get_or_insert(e.ts);
+        self.snap.last_ts = Some(e.ts);
+        let actor = self.thread(e.thread);
+        actor.first_ts.get_or_insert(e.ts);
+        actor.last_ts = e.ts;
     }
 
     /// Accounts an allocation event that made `block` what it is now.
