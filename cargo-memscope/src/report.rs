@@ -1174,7 +1174,7 @@ fn share(part: u64, whole: u64) -> f64 {
 // ---------------------------------------------------------------------------------
 // All processes.
 
-fn merge(analysed: Vec<Analysed>) -> Report {
+fn merge(mut analysed: Vec<Analysed>) -> Report {
     let mut summary = Summary {
         complete: true,
         ..Summary::default()
@@ -1187,7 +1187,6 @@ fn merge(analysed: Vec<Analysed>) -> Report {
     }
 
     // Each process's frames, and where the unnamed ones lie (`FrameKey`).
-    let mut analysed = analysed;
     let tables: Vec<(Vec<Frame>, Vec<Option<String>>)> = analysed
         .iter_mut()
         .map(|a| (std::mem::take(&mut a.frames), std::mem::take(&mut a.places)))

@@ -265,9 +265,11 @@ impl<'a> Symbolizer<'a> {
     }
 
     /// Symbolizes a stack of return addresses (innermost first) and trims the
-    /// allocator's plumbing from its top: the frames as ids into [`table`](Self::table).
-    /// No frame is copied: a process's sites share the frames of their return
-    /// addresses (regex-syntax's 27,000 sites hold 1.4 million frames, of 40,000 distinct).
+    /// allocator's plumbing from its top: the frames as ids into the symbolizer's table
+    /// of frames ([`frame`](Self::frame), [`take_table`](Self::take_table)). No frame is
+    /// copied: a process's sites share the frames of their return addresses (the
+    /// stacks of regex-syntax's 24,600 sites in its report are 1.4 million frames, 6,800
+    /// of them distinct).
     pub fn stack_ids(&mut self, addrs: &[u64]) -> Vec<u32> {
         let mut ids = Vec::new();
         for &addr in addrs {
