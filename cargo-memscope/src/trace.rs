@@ -24,7 +24,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use memscope::format::{
-    self, ChunkHeader, FileHeader, FormatError, Reach, Record, ScanSummary, StreamDecoder,
+    self, Brief, ChunkHeader, FileHeader, FormatError, Reach, Record, ScanSummary, StreamDecoder,
     CHUNK_HEADER_LEN, FILE_HEADER_LEN, META_THREAD,
 };
 use rustc_hash::FxHashMap;
@@ -490,6 +490,35 @@ impl<'t> Events<'t> {
                 if let Some(progress) = &mut self.progress {
                     progress(self.bytes_read);
                 }
+                continue;
+            }
+            // Most records are one-word allocations and frees: no `Record` for them.
+            if let Some((brief, next)) = stream.decoder.decode_brief(&stream.buf, stream.pos) {
+                stream.pos = next;
+                let (ts, kind) = match brief {
+                    Brief::Alloc {
+                        ts,
+                        addr,
+                        size,
+                        stack,
+                        ..
+                    } => (
+                        ts,
+                        EventKind::Alloc {
+                            addr,
+                            size,
+                            zeroed: false,
+                            stack,
+                        },
+                    ),
+                    Brief::Free { ts, addr } => (ts, EventKind::Free { addr }),
+                };
+                stream.ahead.push(Event {
+                    ts,
+                    thread: stream.thread,
+                    internal: false,
+                    kind,
+                });
                 continue;
             }
             let (record, next) = match stream.decoder.decode(&stream.buf, stream.pos) {

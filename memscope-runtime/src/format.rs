@@ -475,6 +475,46 @@ impl ChunkHeader {
     }
 }
 
+/// A one-word event record ([`StreamDecoder::decode_brief`]): an `ALLOC_NEAR`
+/// allocation (never zeroed, never memscope's own) or a free.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Brief {
+    Alloc {
+        ts: u64,
+        addr: u64,
+        size: u64,
+        align: u64,
+        stack: u64,
+    },
+    Free {
+        ts: u64,
+        addr: u64,
+    },
+}
+
+impl From<Brief> for Record {
+    fn from(brief: Brief) -> Record {
+        match brief {
+            Brief::Alloc {
+                ts,
+                addr,
+                size,
+                align,
+                stack,
+            } => Record::Alloc {
+                internal: false,
+                zeroed: false,
+                ts,
+                addr,
+                size,
+                align,
+                stack,
+            },
+            Brief::Free { ts, addr } => Record::Free { ts, addr },
+        }
+    }
+}
+
 /// One decoded record, with absolute stamps and stacks named by [`stack_hash`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
@@ -702,31 +742,11 @@ impl StreamDecoder {
                     end,
                 )
             }
-            TAG_ALLOC_NEAR => {
-                let end = words(1)?;
-                let (ts, addr, size, align_log2, slot) = self.alloc_near(w0);
-                (
-                    Some(Record::Alloc {
-                        internal: false,
-                        zeroed: false,
-                        ts,
-                        addr,
-                        size,
-                        align: 1 << align_log2,
-                        stack: self.slots[slot],
-                    }),
-                    end,
-                )
-            }
-            TAG_FREE => {
-                let end = words(1)?;
-                (
-                    Some(Record::Free {
-                        ts: self.advance(small),
-                        addr: wide,
-                    }),
-                    end,
-                )
+            TAG_ALLOC_NEAR | TAG_FREE => {
+                let (brief, end) = self
+                    .decode_brief(payload, pos)
+                    .ok_or(FormatError::Truncated)?;
+                (Some(brief.into()), end)
             }
             TAG_SCOPE => {
                 let end = words(1)?;
@@ -902,6 +922,35 @@ impl StreamDecoder {
             tag => return Err(FormatError::UnknownTag(tag as u8)),
         };
         Ok(record)
+    }
+
+    /// The record at `pos` if it is one of the one-word events (`ALLOC_NEAR`, `FREE`)
+    /// that most of a trace is, decoded as [`decode`](Self::decode) decodes it but
+    /// without building a [`Record`]; `None` for any other record (or none at `pos`).
+    #[inline]
+    pub fn decode_brief(&mut self, payload: &[u8], pos: usize) -> Option<(Brief, usize)> {
+        if pos == 0 {
+            self.near = 0;
+        }
+        let w0 = u64_at_checked(payload, pos).ok()?;
+        let brief = match w0 & 0xf {
+            TAG_ALLOC_NEAR => {
+                let (ts, addr, size, align_log2, slot) = self.alloc_near(w0);
+                Brief::Alloc {
+                    ts,
+                    addr,
+                    size,
+                    align: 1 << align_log2,
+                    stack: self.slots[slot],
+                }
+            }
+            TAG_FREE => Brief::Free {
+                ts: self.advance((w0 >> 4) & 0xfff),
+                addr: w0 >> 16,
+            },
+            _ => return None,
+        };
+        Some((brief, pos + 8))
     }
 
     /// Calls `f(stamp, address, Some(size))` for each allocation and `f(stamp, address,
@@ -1531,6 +1580,30 @@ mod tests {
             })
             .collect();
         assert_eq!(events, expected);
+    }
+
+    #[test]
+    fn one_word_records_decoded_briefly_are_the_records_decode_gives() {
+        let mut enc = Encoder::chunk();
+        for r in allocations_near_and_far() {
+            enc.record(&r);
+        }
+        // As a reader does: briefly where it can, in full elsewhere.
+        let (mut dec, mut pos, mut records, mut briefs) = (StreamDecoder::default(), 0, vec![], 0);
+        while pos < enc.bytes.len() {
+            if let Some((brief, next)) = dec.decode_brief(&enc.bytes, pos) {
+                records.push(Record::from(brief));
+                briefs += 1;
+                pos = next;
+                continue;
+            }
+            let (record, next) = dec.decode(&enc.bytes, pos).unwrap();
+            records.extend(record);
+            pos = next;
+        }
+        assert_eq!(records, allocations_near_and_far());
+        // The 3 near allocations and the free.
+        assert_eq!(briefs, 4);
     }
 
     #[test]
