@@ -401,10 +401,24 @@ struct BlockIndex<'b> {
     /// Where the first block starts and the last ends.
     lo: usize,
     hi: usize,
+    /// The pages some block covers, as one bit each at a hash of the page (several
+    /// pages share a bit). Most words between `lo` and `hi` that point at no block
+    /// point at code, static data or mapped files, pages no block covers: a clear bit
+    /// says so without the two searches.
+    covered: Box<[u64]>,
 }
 
 /// log2 of [`BlockIndex`]'s page size.
 const INDEX_PAGE_BITS: u32 = 16;
+/// Bits of [`BlockIndex::covered`] (8 KiB of them).
+const COVERED_BITS: usize = 1 << 16;
+
+/// The bit of [`BlockIndex::covered`] for `page`.
+#[inline]
+fn covered_bit(page: usize) -> usize {
+    ((page as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - COVERED_BITS.trailing_zeros()))
+        as usize
+}
 
 impl<'b> BlockIndex<'b> {
     fn new(blocks: &'b [(usize, usize)]) -> BlockIndex<'b> {
@@ -420,11 +434,25 @@ impl<'b> BlockIndex<'b> {
             (Some(first), Some(last)) => (first.0, last.0 + last.1),
             _ => (0, 0),
         };
+        let mut covered = vec![0u64; COVERED_BITS / 64].into_boxed_slice();
+        for &(start, size) in blocks {
+            let first = start >> INDEX_PAGE_BITS;
+            let last = (start + size.max(1) - 1) >> INDEX_PAGE_BITS;
+            if last - first >= COVERED_BITS {
+                covered.fill(u64::MAX);
+                break;
+            }
+            for page in first..=last {
+                let bit = covered_bit(page);
+                covered[bit / 64] |= 1 << (bit % 64);
+            }
+        }
         BlockIndex {
             blocks,
             pages,
             lo,
             hi,
+            covered,
         }
     }
 
@@ -435,6 +463,10 @@ impl<'b> BlockIndex<'b> {
             return None;
         }
         let page = addr >> INDEX_PAGE_BITS;
+        let bit = covered_bit(page);
+        if self.covered[bit / 64] & (1 << (bit % 64)) == 0 {
+            return None;
+        }
         // The last page at or before `addr`'s that blocks start on: the block holding
         // `addr` starts there, or is the last one before it (a large block).
         let at = self.pages.partition_point(|p| p.0 <= page).checked_sub(1)?;
