@@ -3,6 +3,7 @@
 //! JSON messages name the executable).
 
 use std::ffi::{OsStr, OsString};
+use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -112,21 +113,145 @@ pub fn cargo() -> OsString {
 /// `--no-deps`, so nothing is resolved and the user's `Cargo.lock` is never written;
 /// `--locked` is checked by [`crate::lockfile`].
 pub fn load_workspace(args: &CargoArgs) -> anyhow::Result<Workspace> {
+    Ok(read_workspace(args)?.wait()?.0)
+}
+
+/// `cargo metadata` running in the background, and the workspace it described the
+/// last time the same command ran in the same place, when memscope remembers it.
+///
+/// Reading the workspace is a cargo start of its own (20–40 ms) before anything else
+/// can begin. With the remembered workspace, `cargo memscope test` prepares the
+/// scratch copy and starts its build while `cargo metadata` runs; no test runs before
+/// [`wait`](Self::wait) has found what cargo says now identical, byte for byte, to what
+/// it said then (see `runner::GATE_ENV`), and any difference means starting over with
+/// what cargo says now.
+pub struct WorkspaceRead {
+    manifest: PathBuf,
+    output: std::thread::JoinHandle<std::io::Result<std::process::Output>>,
+    /// Names this invocation's file among the remembered ones.
+    key: String,
+    /// The remembered `cargo metadata` output, and the workspace it describes until
+    /// [`take_remembered`](Self::take_remembered).
+    remembered: Option<Vec<u8>>,
+    remembered_ws: Option<Workspace>,
+}
+
+/// Starts `cargo metadata --no-deps` for the manifest cargo would pick, and looks for
+/// the workspace the same invocation read last time.
+pub fn read_workspace(args: &CargoArgs) -> anyhow::Result<WorkspaceRead> {
     let cwd = std::env::current_dir().context("failed to read the current directory")?;
     let manifest = locate_manifest(&cwd, args.manifest_path.as_deref())?;
     let mut options = Vec::new();
     for value in &args.config {
         options.extend(["--config".to_owned(), value.clone()]);
     }
-    let metadata = MetadataCommand::new()
+    let mut command = MetadataCommand::new()
         .cargo_path(cargo())
         .manifest_path(&manifest)
         .current_dir(&cwd)
         .no_deps()
         .other_options(options)
-        .exec()
-        .map_err(metadata_error)
-        .context("failed to read the workspace with `cargo metadata`")?;
+        .cargo_command();
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("failed to run `cargo metadata`; is cargo installed and on PATH?")?;
+    // Read as it is written: a large workspace's description fills the pipe.
+    let output = std::thread::spawn(move || child.wait_with_output());
+    let mut key = Vec::new();
+    for part in [cwd.as_os_str(), manifest.as_os_str(), &cargo()] {
+        key.extend(part.as_encoded_bytes());
+        key.push(0);
+    }
+    for value in &args.config {
+        key.extend(value.as_bytes());
+        key.push(0);
+    }
+    let key = format!("{:016x}", crate::run::fnv1a(&key));
+    let found = remembered_dirs(&cwd, &manifest).find_map(|target| {
+        let json = fs::read(remembered_path(&target, &key)).ok()?;
+        let ws = workspace_from(&json, &manifest).ok()?;
+        // Found where that workspace's own target directory keeps it, or not at all.
+        (ws.target_dir == target).then_some((json, ws))
+    });
+    let (remembered, remembered_ws) = found.unzip();
+    Ok(WorkspaceRead {
+        manifest,
+        output,
+        key,
+        remembered,
+        remembered_ws,
+    })
+}
+
+impl WorkspaceRead {
+    /// The workspace as the same invocation read it last time, if remembered.
+    pub fn take_remembered(&mut self) -> Option<Workspace> {
+        self.remembered_ws.take()
+    }
+
+    /// What `cargo metadata` says now, and whether it is what was remembered (byte for
+    /// byte). Remembers it for the next run.
+    pub fn wait(self) -> anyhow::Result<(Workspace, bool)> {
+        let output = self
+            .output
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            .context("failed to run `cargo metadata`; is cargo installed and on PATH?")?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            return Err(anyhow::anyhow!(cargo_error_line(&stderr)))
+                .context("failed to read the workspace with `cargo metadata`");
+        }
+        // cargo prints the JSON on its first line.
+        let json = output
+            .stdout
+            .split(|&b| b == b'\n')
+            .next()
+            .unwrap_or_default();
+        let ws = workspace_from(json, &self.manifest)
+            .context("failed to read the workspace with `cargo metadata`")?;
+        let same = self.remembered.as_deref() == Some(json);
+        if !same {
+            let path = remembered_path(&ws.target_dir, &self.key);
+            // Only a cache: a run that cannot write it just waits for cargo next time.
+            let _ = path.parent().map(fs::create_dir_all);
+            let _ = crate::embedded::write_if_changed(&path, json);
+        }
+        Ok((ws, same))
+    }
+}
+
+/// Where the remembered output of a `cargo metadata` invocation (`key`) is kept.
+fn remembered_path(target_dir: &Path, key: &str) -> PathBuf {
+    target_dir
+        .join("memscope")
+        .join("workspaces")
+        .join(format!("{key}.json"))
+}
+
+/// Target directories a remembered workspace may be in: the one the environment
+/// names, then `target` beside the manifest and in each directory above it (cargo's
+/// default for a package and for the workspace it belongs to).
+fn remembered_dirs<'a>(cwd: &'a Path, manifest: &'a Path) -> impl Iterator<Item = PathBuf> + 'a {
+    let from_env = ["CARGO_TARGET_DIR", "CARGO_BUILD_TARGET_DIR"]
+        .into_iter()
+        .filter_map(std::env::var_os)
+        .map(|dir| cwd.join(dir));
+    let beside = manifest.ancestors().skip(1).map(|dir| dir.join("target"));
+    from_env.chain(beside)
+}
+
+/// The workspace that `cargo metadata`'s JSON describes; `manifest` is the one cargo
+/// picked.
+fn workspace_from(json: &[u8], manifest: &Path) -> anyhow::Result<Workspace> {
+    let text =
+        std::str::from_utf8(json).context("cargo metadata printed text that is not UTF-8")?;
+    let metadata =
+        MetadataCommand::parse(text).context("cargo metadata printed what it does not document")?;
+    let manifest = manifest.to_path_buf();
 
     let members: Vec<Member> = metadata
         .workspace_packages()

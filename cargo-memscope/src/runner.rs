@@ -34,6 +34,10 @@ pub struct BinaryRun {
     pub listing: bool,
 }
 
+/// Names the gate a runner waits at before it runs anything, as `<pid>:<path>`: the
+/// file `path`, which the process `pid` writes (see [`Gate`]).
+pub const GATE_ENV: &str = "MEMSCOPE_GATE";
+
 /// `cargo-memscope __runner <executable> [args…]`.
 pub fn run(command: &[OsString]) -> anyhow::Result<u8> {
     let Some(root) = std::env::var_os(DIR_ENV) else {
@@ -42,6 +46,10 @@ pub fn run(command: &[OsString]) -> anyhow::Result<u8> {
     let Some((executable, args)) = command.split_first() else {
         bail!("`__runner` needs an executable to run");
     };
+    if !Gate::pass()? {
+        // The run starts over: this one records nothing.
+        return Ok(0);
+    }
     let root = Path::new(&root);
     let args: Vec<String> = args
         .iter()
@@ -52,6 +60,87 @@ pub fn run(command: &[OsString]) -> anyhow::Result<u8> {
         list_tests(root, &run)?;
     }
     Ok(crate::run::exit_code(status))
+}
+
+/// Holds the runners back until `cargo memscope test` knows that the scratch copy it
+/// started building was prepared from the workspace as it is now (see
+/// `cargo::WorkspaceRead`): a file that says `go`, or `stop` (run nothing; the run
+/// starts over). A runner that finds no file waits for it, as long as the process that
+/// will write it is alive.
+pub struct Gate {
+    path: PathBuf,
+    opened: bool,
+}
+
+impl Gate {
+    /// A closed gate beside the trace directory `dir`, named to the runners that
+    /// `command` starts.
+    pub fn close(dir: &Path, command: &mut Command) -> Gate {
+        let path = dir.with_extension("gate");
+        let _ = fs::remove_file(&path);
+        let mut named = OsString::from(format!("{}:", std::process::id()));
+        named.push(&path);
+        command.env(GATE_ENV, named);
+        Gate {
+            path,
+            opened: false,
+        }
+    }
+
+    /// Lets the runners run their executables (`run`), or has them end at once.
+    pub fn open(mut self, run: bool) -> anyhow::Result<()> {
+        self.write(run)
+    }
+
+    fn write(&mut self, run: bool) -> anyhow::Result<()> {
+        self.opened = true;
+        // Written whole, then renamed: a runner never reads half of it.
+        let part = self.path.with_extension("gate-part");
+        fs::write(&part, if run { "go" } else { "stop" })
+            .and_then(|()| fs::rename(&part, &self.path))
+            .with_context(|| format!("failed to write {}", self.path.display()))
+    }
+
+    /// Where the gate is: to remove once the runners are done.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// In a runner: waits at the gate named in the environment, if any; whether to
+    /// run the executable.
+    fn pass() -> anyhow::Result<bool> {
+        let Some(named) = std::env::var_os(GATE_ENV) else {
+            return Ok(true);
+        };
+        let named = named.to_string_lossy();
+        let Some((pid, path)) = named
+            .split_once(':')
+            .and_then(|(pid, path)| Some((pid.parse::<libc::pid_t>().ok()?, path)))
+        else {
+            bail!("{GATE_ENV} must be `<pid>:<path>`, not {named:?}");
+        };
+        loop {
+            if let Ok(word) = fs::read(path) {
+                return Ok(word == b"go");
+            }
+            // SAFETY: signal 0 sends nothing; it only asks whether `pid` exists.
+            if unsafe { libc::kill(pid, 0) } != 0
+                && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+            {
+                bail!("cargo memscope ended before it let the tests run");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}
+
+impl Drop for Gate {
+    /// A gate never opened (the check failed, or panicked) sends the runners away.
+    fn drop(&mut self) {
+        if !self.opened {
+            let _ = self.write(false);
+        }
+    }
 }
 
 /// Runs the executable with its own trace directory (dropped for a `--list` run),

@@ -35,7 +35,45 @@ pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
     if args.nextest {
         cargo::require_nextest()?;
     }
-    let ws = cargo::load_workspace(&args.cargo)?;
+    let mut read = cargo::read_workspace(&args.cargo)?;
+    let ws = match read.take_remembered() {
+        Some(remembered) => {
+            let mut check = Some(read);
+            match suite(args, remembered, &mut check) {
+                Ok(Ran::Done(code)) => return Ok(code),
+                Ok(Ran::Changed(ws)) => ws,
+                // Failed before the build started: an error of the workspace as it
+                // was, or as it is?
+                Err(err) => match check.map(cargo::WorkspaceRead::wait) {
+                    Some(Ok((ws, false))) => ws,
+                    _ => return Err(err),
+                },
+            }
+        }
+        None => read.wait()?.0,
+    };
+    match suite(args, ws, &mut None)? {
+        Ran::Done(code) => Ok(code),
+        Ran::Changed(_) => unreachable!("only a remembered workspace is found changed"),
+    }
+}
+
+/// How a run of the suite ended.
+enum Ran {
+    /// With this exit code.
+    Done(u8),
+    /// Before any test ran: the workspace is no longer the remembered one.
+    Changed(Workspace),
+}
+
+/// The suite run on `ws`. With a `check`, `ws` is the remembered workspace: the build
+/// starts while `cargo metadata` runs, and no test runs unless it finds the workspace
+/// unchanged (see `cargo::WorkspaceRead`). The check is taken when the build starts.
+fn suite(
+    args: &TestArgs,
+    ws: Workspace,
+    check: &mut Option<cargo::WorkspaceRead>,
+) -> anyhow::Result<Ran> {
     let gates = gate::Gates::load(&args.gate)?;
     let layout = Layout::new(&ws);
     let runtime = layout.runtime_to_link(&ws)?;
@@ -83,6 +121,16 @@ pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
     if args.no_stacks {
         command.env("MEMSCOPE_STACKS", "0");
     }
+    let check = check.take().map(|read| {
+        let gate = runner::Gate::close(&trace_dir, &mut command);
+        let path = gate.path().to_path_buf();
+        let waiting = std::thread::spawn(move || {
+            let read = read.wait();
+            gate.open(read.as_ref().is_ok_and(|(_, same)| *same))?;
+            read
+        });
+        (waiting, path)
+    });
     // Each binary's trace is analysed as soon as it has ended, while the next ones run.
     let mut finished = runner::Finished::default();
     let watched = trace_dir.clone();
@@ -106,6 +154,20 @@ pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
             .collect();
         build.build_and_run(command, &harness)
     };
+    if let Some((waiting, gate)) = check {
+        let read = waiting
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        let _ = std::fs::remove_file(gate);
+        match read {
+            Ok((_, true)) => {}
+            changed => {
+                drop(ahead.finish());
+                let _ = std::fs::remove_dir_all(&trace_dir);
+                return Ok(Ran::Changed(changed?.0));
+            }
+        }
+    }
     lock.built(ran.is_ok());
     let ahead = ahead.finish();
     let (executables, status) = ran.inspect_err(|_| {
@@ -118,11 +180,11 @@ pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
         Ok(report) => {
             let verdict = gates.verdict(code, &report, &ws.root, options.color);
             report.leave();
-            verdict
+            verdict.map(Ran::Done)
         }
         Err(err) if code != 0 => {
             crate::print_error(&err, options.color);
-            Ok(code)
+            Ok(Ran::Done(code))
         }
         Err(err) => Err(err),
     }

@@ -539,3 +539,37 @@ fn the_readme_and_test_help_document_the_same_exit_codes() {
         );
     }
 }
+
+/// memscope starts the build with the workspace as the last run read it, while
+/// `cargo metadata` reads it again; a test file added in between is a new target, so
+/// the run starts over with it before any test runs.
+#[test]
+fn a_test_file_added_since_the_last_run_is_tracked_and_run_once() {
+    let fixture = Fixture::copy(FIXTURE)
+        .with_target_dir(memscope_e2e::e2e_target_root().join("test-basic-added"));
+    let out = tempfile::tempdir().expect("a temporary directory");
+    let dir = out.path().to_str().expect("a UTF-8 temporary path");
+    let first = fixture.memscope(&["test", "--output-dir", dir]).run();
+    assert_eq!(first.code, Some(0), "{first:#?}");
+    std::fs::write(
+        fixture.path().join("tests/added.rs"),
+        "#[test]\nfn added_test_leaks_40_bytes() {\n    std::mem::forget(vec![0u8; 40]);\n}\n",
+    )
+    .unwrap();
+
+    let second = fixture.memscope(&["test", "--output-dir", dir]).run();
+
+    assert_eq!(second.code, Some(0), "{second:#?}");
+    let ran = "test added_test_leaks_40_bytes ... ok";
+    assert_eq!(second.stdout.matches(ran).count(), 1, "{second:#?}");
+    let json = std::fs::read_to_string(out.path().join("report.json")).unwrap();
+    let report: Value = serde_json::from_str(&json).unwrap();
+    let added: Vec<&Value> = (report["tests"].as_array().unwrap().iter())
+        .filter(|t| t["name"] == "added_test_leaks_40_bytes")
+        .collect();
+    assert_eq!(added.len(), 1, "{:#}", report["tests"]);
+    assert_eq!(
+        [&added[0]["leaked_blocks"], &added[0]["leaked_bytes"]],
+        [1, 40]
+    );
+}
