@@ -224,6 +224,44 @@ impl WorkspaceRead {
     }
 }
 
+/// How a command that may have started from the remembered workspace ended.
+pub enum Ran<T> {
+    Done(T),
+    /// Before the command did anything the user sees: the workspace is no longer the
+    /// remembered one, but this.
+    Changed(Workspace),
+}
+
+/// Runs `command` on the workspace: first on the remembered one (see
+/// [`WorkspaceRead`]) while `cargo metadata` reads it again, then, if that found it
+/// changed, on what cargo says now. `command` takes the check (`Option::take`) and
+/// waits for it before it does anything the user sees; when it fails before it took
+/// the check, it runs again if the workspace changed, and its error stands if not.
+pub fn on_workspace<T>(
+    args: &CargoArgs,
+    mut command: impl FnMut(Workspace, &mut Option<WorkspaceRead>) -> anyhow::Result<Ran<T>>,
+) -> anyhow::Result<T> {
+    let mut read = read_workspace(args)?;
+    let ws = match read.take_remembered() {
+        Some(remembered) => {
+            let mut check = Some(read);
+            match command(remembered, &mut check) {
+                Ok(Ran::Done(done)) => return Ok(done),
+                Ok(Ran::Changed(ws)) => ws,
+                Err(err) => match check.map(WorkspaceRead::wait) {
+                    Some(Ok((ws, false))) => ws,
+                    _ => return Err(err),
+                },
+            }
+        }
+        None => read.wait()?.0,
+    };
+    match command(ws, &mut None)? {
+        Ran::Done(done) => Ok(done),
+        Ran::Changed(_) => unreachable!("only a remembered workspace is found changed"),
+    }
+}
+
 /// Where the remembered output of a `cargo metadata` invocation (`key`) is kept.
 fn remembered_path(target_dir: &Path, key: &str) -> PathBuf {
     target_dir

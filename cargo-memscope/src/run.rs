@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 
-use crate::cargo::{self, Workspace};
+use crate::cargo::{self, Ran, Workspace};
 use crate::cli::{OutputArgs, ReportArgs, RunArgs};
 use crate::lockfile::LockCheck;
 use crate::report::{self, ReportOptions};
@@ -122,7 +122,17 @@ pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
 
 /// `cargo memscope run`: returns the exit code to end with.
 pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
-    let ws = cargo::load_workspace(&args.cargo)?;
+    cargo::on_workspace(&args.cargo, |ws, check| run_on(args, ws, check))
+}
+
+/// `cargo memscope run` on `ws`; with a `check`, `ws` is the remembered workspace, and
+/// the program runs only once `cargo metadata` found it unchanged (see
+/// `cargo::WorkspaceRead`).
+fn run_on(
+    args: &RunArgs,
+    ws: Workspace,
+    check: &mut Option<cargo::WorkspaceRead>,
+) -> anyhow::Result<Ran<u8>> {
     let program = ws.select_program(&args.cargo)?;
     let gates = gate::Gates::load(&args.gate)?;
     let layout = Layout::new(&ws);
@@ -151,8 +161,17 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         progress: options.progress && !args.cargo.quiet,
     }
     .run();
-    lock.built(executable.is_ok());
+    if executable.is_err() {
+        lock.built(false);
+    }
     let executable = executable?;
+    if let Some(read) = check.take() {
+        let (now, same) = read.wait()?;
+        if !same {
+            return Ok(Ran::Changed(now));
+        }
+    }
+    lock.built(true);
 
     let trace_dir = layout.new_trace_dir()?;
     let status = run_program(&executable, &args.program_args, &trace_dir, args.no_stacks)?;
@@ -163,11 +182,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         Ok(report) => {
             let verdict = gates.verdict(code, &report, &ws.root, options.color);
             report.leave();
-            verdict
+            verdict.map(Ran::Done)
         }
         Err(err) if code != 0 => {
             crate::print_error(&err, options.color);
-            Ok(code)
+            Ok(Ran::Done(code))
         }
         Err(err) => Err(err),
     }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
-use crate::cargo::{self, TestExecutable, Workspace};
+use crate::cargo::{self, Ran, TestExecutable, Workspace};
 use crate::cli::TestArgs;
 use crate::libtest;
 use crate::lockfile::LockCheck;
@@ -35,35 +35,7 @@ pub fn test(args: &TestArgs) -> anyhow::Result<u8> {
     if args.nextest {
         cargo::require_nextest()?;
     }
-    let mut read = cargo::read_workspace(&args.cargo)?;
-    let ws = match read.take_remembered() {
-        Some(remembered) => {
-            let mut check = Some(read);
-            match suite(args, remembered, &mut check) {
-                Ok(Ran::Done(code)) => return Ok(code),
-                Ok(Ran::Changed(ws)) => ws,
-                // Failed before the build started: an error of the workspace as it
-                // was, or as it is?
-                Err(err) => match check.map(cargo::WorkspaceRead::wait) {
-                    Some(Ok((ws, false))) => ws,
-                    _ => return Err(err),
-                },
-            }
-        }
-        None => read.wait()?.0,
-    };
-    match suite(args, ws, &mut None)? {
-        Ran::Done(code) => Ok(code),
-        Ran::Changed(_) => unreachable!("only a remembered workspace is found changed"),
-    }
-}
-
-/// How a run of the suite ended.
-enum Ran {
-    /// With this exit code.
-    Done(u8),
-    /// Before any test ran: the workspace is no longer the remembered one.
-    Changed(Workspace),
+    cargo::on_workspace(&args.cargo, |ws, check| suite(args, ws, check))
 }
 
 /// The suite run on `ws`. With a `check`, `ws` is the remembered workspace: the build
@@ -73,7 +45,7 @@ fn suite(
     args: &TestArgs,
     ws: Workspace,
     check: &mut Option<cargo::WorkspaceRead>,
-) -> anyhow::Result<Ran> {
+) -> anyhow::Result<Ran<u8>> {
     let gates = gate::Gates::load(&args.gate)?;
     let layout = Layout::new(&ws);
     let runtime = layout.runtime_to_link(&ws)?;

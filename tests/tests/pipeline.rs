@@ -643,3 +643,32 @@ fn allocator_in_a_workspace_library_is_wrapped_where_it_is_declared() {
     assert_eq!(output.code, Some(0), "{output:#?}");
     assert_eq!(fixture.latest_traces().len(), 1, "{output:#?}");
 }
+
+/// memscope builds from the workspace as the last run read it, while `cargo
+/// metadata` reads it again; the program runs only once the two agree. A second
+/// binary added in between makes the choice of binary ambiguous: the run says so
+/// instead of running the binary it chose last time.
+#[test]
+fn a_binary_added_since_the_last_run_is_seen_before_anything_runs() {
+    let fixture = Fixture::copy("hello-leak")
+        .with_target_dir(memscope_e2e::e2e_target_root().join("hello-leak-added"));
+    let first = fixture.memscope(&["run"]).run();
+    assert!(first.stdout.contains("hello from hello-leak"), "{first:#?}");
+    std::fs::create_dir_all(fixture.path().join("src/bin")).unwrap();
+    std::fs::write(
+        fixture.path().join("src/bin/second.rs"),
+        "fn main() {\n    println!(\"hello from the second binary\");\n}\n",
+    )
+    .unwrap();
+
+    let second = fixture.memscope(&["run"]).run();
+
+    assert_eq!(second.code, Some(2), "{second:#?}");
+    assert!(!second.stdout.contains("hello from"), "{second:#?}");
+    assert!(
+        second
+            .last_stderr_line()
+            .contains("could not determine which binary to run (available: hello-leak, second)"),
+        "{second:#?}"
+    );
+}
