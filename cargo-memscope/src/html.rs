@@ -147,19 +147,19 @@ fn file_url(path: &Path) -> String {
 fn script_json<T: Serialize>(value: &T) -> String {
     let json = serde_json::to_string(value).expect("report data serializes");
     let mut out = String::with_capacity(json.len() + json.len() / 16);
-    let mut rest = json.as_str();
+    let mut copied = 0;
     // Copied in runs between the three characters (ASCII, so every index found is a
     // character boundary): the data is megabytes, and the characters are few.
-    while let Some(i) = rest.bytes().position(|b| matches!(b, b'<' | b'>' | b'&')) {
-        out.push_str(&rest[..i]);
-        out.push_str(match rest.as_bytes()[i] {
+    for i in memchr::memchr3_iter(b'<', b'>', b'&', json.as_bytes()) {
+        out.push_str(&json[copied..i]);
+        out.push_str(match json.as_bytes()[i] {
             b'<' => "\\u003c",
             b'>' => "\\u003e",
             _ => "\\u0026",
         });
-        rest = &rest[i + 1..];
+        copied = i + 1;
     }
-    out.push_str(rest);
+    out.push_str(&json[copied..]);
     out
 }
 
