@@ -75,7 +75,23 @@ impl Layout {
     pub(crate) fn new_trace_dir(&self) -> anyhow::Result<PathBuf> {
         let traces = self.root.join("traces");
         if let Ok(entries) = fs::read_dir(&traces) {
-            let mut old: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
+            let (mut old, gates): (Vec<PathBuf>, Vec<PathBuf>) = entries
+                .filter_map(|e| Some(e.ok()?.path()))
+                .partition(|p| p.is_dir());
+            // A run's gate (see `runner::Gate`) outlives it only if the run was killed:
+            // removed once the process named in it is gone.
+            for gate in gates {
+                let pid = (gate.file_stem().and_then(|n| n.to_str()))
+                    .and_then(|n| n.rsplit_once('-')?.1.parse::<libc::pid_t>().ok());
+                let gone = |pid| {
+                    // SAFETY: signal 0 sends nothing; it only asks whether `pid` exists.
+                    let refused = unsafe { libc::kill(pid, 0) } != 0;
+                    refused && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+                };
+                if pid.is_some_and(gone) {
+                    let _ = fs::remove_file(gate);
+                }
+            }
             old.sort();
             let excess = (old.len() + 1).saturating_sub(KEPT_TRACE_DIRS);
             for dir in old.into_iter().take(excess) {
@@ -421,6 +437,29 @@ mod tests {
         assert_eq!(fnv1a(b"/a/ws"), fnv1a(b"/a/ws"));
         assert_ne!(fnv1a(b"/a/ws"), fnv1a(b"/b/ws"));
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+    }
+
+    #[test]
+    fn a_gate_left_by_a_run_that_is_gone_is_removed_and_a_live_runs_gate_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let traces = root.path().join("traces");
+        fs::create_dir_all(&traces).unwrap();
+        let mut ended = Command::new("true").spawn().unwrap();
+        ended.wait().unwrap();
+        let dead = traces.join(format!("000000000000001-{}.gate", ended.id()));
+        let live = traces.join(format!("000000000000002-{}.gate", std::process::id()));
+        fs::write(&dead, "go").unwrap();
+        fs::write(&live, "go").unwrap();
+        let layout = Layout {
+            root: root.path().to_path_buf(),
+            scratch: root.path().join("scratch"),
+        };
+
+        let dir = layout.new_trace_dir().unwrap();
+
+        assert!(dir.is_dir());
+        assert!(!dead.exists(), "the gate of a process that is gone");
+        assert!(live.exists(), "the gate of a run still going");
     }
 
     #[cfg(unix)]
