@@ -83,12 +83,7 @@ impl Layout {
             for gate in gates {
                 let pid = (gate.file_stem().and_then(|n| n.to_str()))
                     .and_then(|n| n.rsplit_once('-')?.1.parse::<libc::pid_t>().ok());
-                let gone = |pid| {
-                    // SAFETY: signal 0 sends nothing; it only asks whether `pid` exists.
-                    let refused = unsafe { libc::kill(pid, 0) } != 0;
-                    refused && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
-                };
-                if pid.is_some_and(gone) {
+                if pid.is_some_and(crate::runner::process_gone) {
                     let _ = fs::remove_file(gate);
                 }
             }

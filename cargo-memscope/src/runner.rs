@@ -7,9 +7,10 @@
 //! only failures, it lists the selected tests itself. Everything else (environment,
 //! working directory, order, fail-fast, nextest's process per test) is the caller's.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 
@@ -112,26 +113,31 @@ impl Gate {
         let Some(named) = std::env::var_os(GATE_ENV) else {
             return Ok(true);
         };
-        let named = named.to_string_lossy();
-        let Some((pid, path)) = named
-            .split_once(':')
-            .and_then(|(pid, path)| Some((pid.parse::<libc::pid_t>().ok()?, path)))
-        else {
+        let bytes = named.as_bytes();
+        let parsed = bytes.iter().position(|&b| b == b':').and_then(|colon| {
+            let pid = std::str::from_utf8(&bytes[..colon]).ok()?.parse().ok()?;
+            Some((pid, Path::new(OsStr::from_bytes(&bytes[colon + 1..]))))
+        });
+        let Some((pid, path)) = parsed else {
             bail!("{GATE_ENV} must be `<pid>:<path>`, not {named:?}");
         };
         loop {
             if let Ok(word) = fs::read(path) {
                 return Ok(word == b"go");
             }
-            // SAFETY: signal 0 sends nothing; it only asks whether `pid` exists.
-            if unsafe { libc::kill(pid, 0) } != 0
-                && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
-            {
+            if process_gone(pid) {
                 bail!("cargo memscope ended before it let the tests run");
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
+}
+
+/// Whether no process `pid` exists any more.
+pub fn process_gone(pid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 sends nothing; it only asks whether `pid` exists.
+    let refused = unsafe { libc::kill(pid, 0) } != 0;
+    refused && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
 }
 
 impl Drop for Gate {
