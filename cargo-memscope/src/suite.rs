@@ -93,12 +93,18 @@ fn suite(
     if args.no_stacks {
         command.env("MEMSCOPE_STACKS", "0");
     }
+    let color = options.color;
     let check = check.take().map(|read| {
         let gate = runner::Gate::close(&trace_dir, &mut command);
         let path = gate.path().to_path_buf();
         let waiting = std::thread::spawn(move || {
             let read = read.wait();
-            gate.open(read.as_ref().is_ok_and(|(_, same)| *same))?;
+            if let Err(err) = gate.open(read.as_ref().is_ok_and(|(_, same)| *same)) {
+                // The runners wait at the gate as long as this process lives, and cargo
+                // waits for them: ending it is what lets them go.
+                crate::print_error(&err, color);
+                std::process::exit(crate::EXIT_MEMSCOPE_ERROR.into());
+            }
             read
         });
         (waiting, path)
