@@ -199,7 +199,7 @@ impl WorkspaceRead {
             .output
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            .context("failed to run `cargo metadata`; is cargo installed and on PATH?")?;
+            .context("failed to read the output of `cargo metadata`")?;
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
             return Err(anyhow::anyhow!(cargo_error_line(&stderr)))
