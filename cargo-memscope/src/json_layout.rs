@@ -5,7 +5,10 @@
 
 use std::io::{self, Write};
 
+use serde::Serialize;
 use serde_json::ser::Formatter;
+
+use crate::report::{Report, Site};
 
 /// `serde_json` formatter for the layout above.
 #[derive(Default)]
@@ -151,6 +154,93 @@ impl Formatter for ReportLayout {
 pub fn write<W: Write, T: serde::Serialize + ?Sized>(w: W, value: &T) -> serde_json::Result<()> {
     let mut serializer = serde_json::Serializer::with_formatter(w, ReportLayout::default());
     value.serialize(&mut serializer)
+}
+
+/// Sites below this many are laid out with the rest of the report: starting a thread
+/// costs more than it saves.
+const SITES_LAID_OUT_APART: usize = 1024;
+
+/// Writes `report` to `w` in the report's layout, byte for byte what [`write`] writes.
+/// A report's `sites` are most of it (a suite's tens of thousands of sites and their
+/// stacks, three quarters of a 20 MiB file): when there are many, the second half is
+/// laid out on another thread while this one lays out the rest, and the parts are
+/// joined in place of the empty `sites` array that the rest then has.
+pub fn write_report<W: Write>(mut w: W, report: &Report) -> io::Result<()> {
+    let sites = &report.sites;
+    if sites.len() < SITES_LAID_OUT_APART {
+        return Ok(write(w, report)?);
+    }
+    let (first, second) = sites.split_at(sites.len() / 2);
+    let (rest, first, second) = std::thread::scope(|scope| {
+        let second = scope.spawn(|| site_elements(second));
+        let rest = ELIDE_SITES.with(|elide| {
+            elide.set(true);
+            let mut rest = Vec::new();
+            let laid_out = write(&mut rest, report);
+            elide.set(false);
+            laid_out.map(|()| rest)
+        });
+        let first = site_elements(first);
+        let second = second
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (rest, first, second)
+    });
+    let (rest, first, second) = (rest?, first?, second?);
+    let at = memchr::memmem::find(&rest, EMPTY_SITES)
+        .expect("the report without its sites has an empty `sites` array at depth 1");
+    // Up to the empty array's `[`, the sites, then its `]` on a line of its own.
+    let close = at + EMPTY_SITES.len() - 1;
+    w.write_all(&rest[..close])?;
+    w.write_all(elements(&first))?;
+    w.write_all(b",")?;
+    w.write_all(elements(&second))?;
+    w.write_all(b"\n  ")?;
+    w.write_all(&rest[close..])?;
+    Ok(())
+}
+
+/// How the report's `sites` key and its empty array are laid out: keys of the
+/// top-level object are the only text indented by exactly two spaces after a line
+/// break (a line break inside a string is escaped), so this occurs once.
+const EMPTY_SITES: &[u8] = b"\n  \"sites\": []";
+
+thread_local! {
+    /// Set while [`write_report`] lays out the report without its sites.
+    static ELIDE_SITES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `Report::sites`' serializer: the sites, or none while [`write_report`] lays them
+/// out apart.
+pub fn sites_unless_laid_out_apart<S: serde::Serializer>(
+    sites: &[Site],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    if ELIDE_SITES.with(|elide| elide.get()) {
+        serializer.collect_seq(std::iter::empty::<&Site>())
+    } else {
+        serializer.collect_seq(sites)
+    }
+}
+
+/// `sites` as an array at the depth of a top-level value, the depth of the report's
+/// `sites` array.
+fn site_elements(sites: &[Site]) -> serde_json::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let layout = ReportLayout {
+        depth: 1,
+        ..ReportLayout::default()
+    };
+    sites.serialize(&mut serde_json::Serializer::with_formatter(
+        &mut out, layout,
+    ))?;
+    Ok(out)
+}
+
+/// The elements of an array laid out by [`site_elements`], without its brackets: each
+/// after its line break and indentation, with a comma between them.
+fn elements(array: &[u8]) -> &[u8] {
+    &array[b"[".len()..array.len() - b"\n  ]".len()]
 }
 
 #[cfg(test)]

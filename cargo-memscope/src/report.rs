@@ -219,7 +219,7 @@ pub fn write(report: &Report, options: &ReportOptions) -> anyhow::Result<PathBuf
 
 fn write_json(report: &Report, path: &Path) -> anyhow::Result<()> {
     let mut out = BufWriter::new(fs::File::create(path)?);
-    crate::json_layout::write(&mut out, report)?;
+    crate::json_layout::write_report(&mut out, report)?;
     out.write_all(b"\n")?;
     out.flush()?;
     Ok(())
@@ -235,6 +235,7 @@ pub struct Report {
     pub memscope_version: String,
     pub summary: Summary,
     pub processes: Vec<Process>,
+    #[serde(serialize_with = "crate::json_layout::sites_unless_laid_out_apart")]
     pub sites: Vec<Site>,
     pub leaks: Vec<Leak>,
     pub runtime_internal: Vec<InternalGroup>,
@@ -1662,6 +1663,33 @@ mod tests {
                     },
                 ],
             )
+    }
+
+    #[test]
+    fn a_report_with_many_sites_is_written_byte_for_byte_as_one_pass_writes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut records = vec![thread("main")];
+        for i in 0..1500u64 {
+            let (bind, id) = stack(&[0x10_0000 + i * 16, 0x20_0000]);
+            records.push(bind);
+            records.push(alloc(10 + i, 0xa000 + i * 64, 8 + i, id));
+        }
+        let trace = TraceBytes::new()
+            .chunk(1, 0, &records)
+            .meta(0, Some(5000))
+            .write(dir.path(), "many.mstrace");
+        let report = build(&[trace], &options(dir.path())).unwrap();
+        // Enough sites for `write_report` to lay them out apart.
+        assert_eq!(report.sites.len(), 1500);
+
+        let mut one_pass = Vec::new();
+        crate::json_layout::write(&mut one_pass, &report).unwrap();
+        let mut apart = Vec::new();
+        crate::json_layout::write_report(&mut apart, &report).unwrap();
+
+        let first_difference = one_pass.iter().zip(&apart).position(|(a, b)| a != b);
+        assert_eq!(first_difference, None);
+        assert_eq!(apart.len(), one_pass.len());
     }
 
     #[test]
