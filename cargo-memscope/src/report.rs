@@ -115,13 +115,35 @@ pub fn build_with(
 }
 
 /// Analyses the traces of processes that have ended while the rest of a run goes on
-/// (a suite's test binaries run one after another), on one thread at low priority
-/// (nice 10), so that the traced program keeps the CPU it wants: [`build_with`] then
-/// analyses only what is left, once the run is over.
+/// (a suite's test binaries run one after another), on one thread per core at low
+/// priority (nice 10), so that the traced program keeps the CPU it wants: [`build_with`]
+/// then analyses only what could not be analysed ahead (a trace not yet whole).
 pub struct Ahead {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<AnalysedAhead>,
+    shared: std::sync::Arc<AheadShared>,
+    workers: Vec<std::thread::JoinHandle<AnalysedAhead>>,
 }
+
+/// What [`Ahead`]'s workers share: where ended traces come from, those not yet taken,
+/// and what they are to do.
+struct AheadShared {
+    pending: std::sync::Mutex<AheadPending>,
+    /// Shown once the run is over and the analysis is what is left to wait for.
+    progress: Progress,
+    /// One of `AHEAD_RUN`, `AHEAD_DRAIN`, `AHEAD_STOP`.
+    mode: std::sync::atomic::AtomicU8,
+}
+
+struct AheadPending {
+    ended: Box<dyn FnMut() -> Vec<PathBuf> + Send>,
+    queue: std::collections::VecDeque<PathBuf>,
+}
+
+/// Analyse traces as they end.
+const AHEAD_RUN: u8 = 0;
+/// The run is over: analyse every trace that ended, then stop.
+const AHEAD_DRAIN: u8 = 1;
+/// Stop after the traces being analysed.
+const AHEAD_STOP: u8 = 2;
 
 /// The traces [`Ahead`] analysed, by path.
 #[derive(Default)]
@@ -129,51 +151,100 @@ pub struct AnalysedAhead(FxHashMap<PathBuf, Analysed>);
 
 impl Ahead {
     /// Starts analysing the traces `ended` hands out, each once (it is asked again
-    /// whenever it has nothing new).
+    /// whenever there is nothing left to take).
     pub fn start(
         options: &ReportOptions,
-        mut ended: impl FnMut() -> Vec<PathBuf> + Send + 'static,
+        ended: impl FnMut() -> Vec<PathBuf> + Send + 'static,
     ) -> Ahead {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stopped = stop.clone();
-        let options = ReportOptions {
-            progress: false,
-            ..options.clone()
-        };
-        let thread = std::thread::spawn(move || {
-            lower_priority();
-            let loaders = symbols::Loaders::cached(options.symbol_cache.clone());
-            let progress = Progress::new(false, 0);
-            let mut done = AnalysedAhead::default();
-            let mut queue = std::collections::VecDeque::new();
-            while !stopped.load(std::sync::atomic::Ordering::Acquire) {
-                queue.extend(ended());
-                let Some(path) = queue.pop_front() else {
-                    // Woken early by `finish`.
-                    std::thread::park_timeout(std::time::Duration::from_millis(5));
-                    continue;
-                };
-                // A trace that cannot be read, or not yet in full (a process it forked
-                // may still write), is left to `build_with`, which says what is wrong.
-                let Ok(trace) = Trace::open(&path) else {
-                    continue;
-                };
-                let analysed = analyse(&trace, &options, &loaders, &progress);
-                if analysed.process.complete {
-                    done.0.insert(path, analysed);
-                }
-            }
-            done
+        let shared = std::sync::Arc::new(AheadShared {
+            pending: std::sync::Mutex::new(AheadPending {
+                ended: Box::new(ended),
+                queue: std::collections::VecDeque::new(),
+            }),
+            mode: std::sync::atomic::AtomicU8::new(AHEAD_RUN),
+            progress: Progress::hidden(options.progress),
         });
-        Ahead { stop, thread }
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = (0..workers)
+            .map(|_| {
+                let shared = shared.clone();
+                let options = ReportOptions {
+                    progress: false,
+                    ..options.clone()
+                };
+                std::thread::spawn(move || shared.work(&options))
+            })
+            .collect();
+        Ahead { shared, workers }
     }
 
-    /// Stops (after the trace being analysed, if any) and hands over what is done.
+    /// Analyses what is left of the traces that ended (the run is over), and hands
+    /// over everything analysed.
     pub fn finish(self) -> AnalysedAhead {
-        self.stop.store(true, std::sync::atomic::Ordering::Release);
-        self.thread.thread().unpark();
-        // A panic is raised again where `build_with` analyses the same trace.
-        self.thread.join().unwrap_or_default()
+        self.end(AHEAD_DRAIN)
+    }
+
+    /// Stops after the traces being analysed: their results are not wanted.
+    pub fn abandon(self) {
+        self.end(AHEAD_STOP);
+    }
+
+    fn end(self, mode: u8) -> AnalysedAhead {
+        self.shared
+            .mode
+            .store(mode, std::sync::atomic::Ordering::Release);
+        if mode == AHEAD_DRAIN {
+            self.shared.progress.show();
+        }
+        for worker in &self.workers {
+            // Woken early from waiting for a trace to end.
+            worker.thread().unpark();
+        }
+        let mut done = AnalysedAhead::default();
+        for worker in self.workers {
+            // A panic is raised again where `build_with` analyses the same trace.
+            done.0.extend(worker.join().unwrap_or_default().0);
+        }
+        self.shared.progress.finish();
+        done
+    }
+}
+
+impl AheadShared {
+    /// One worker: takes the next ended trace and analyses it, until told to stop.
+    fn work(&self, options: &ReportOptions) -> AnalysedAhead {
+        lower_priority();
+        let loaders = symbols::Loaders::cached(options.symbol_cache.clone());
+        let mut done = AnalysedAhead::default();
+        loop {
+            let mode = self.mode.load(std::sync::atomic::Ordering::Acquire);
+            if mode == AHEAD_STOP {
+                return done;
+            }
+            let next = {
+                let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                let ended = (pending.ended)();
+                pending.queue.extend(ended);
+                pending.queue.pop_front()
+            };
+            let Some(path) = next else {
+                if mode == AHEAD_DRAIN {
+                    return done;
+                }
+                std::thread::park_timeout(std::time::Duration::from_millis(5));
+                continue;
+            };
+            // A trace that cannot be read, or not yet in full (a process it forked may
+            // still write), is left to `build_with`, which says what is wrong.
+            let Ok(trace) = Trace::open(&path) else {
+                continue;
+            };
+            self.progress.grow(trace.event_bytes());
+            let analysed = analyse(&trace, options, &loaders, &self.progress);
+            if analysed.process.complete {
+                done.0.insert(path, analysed);
+            }
+        }
     }
 }
 
@@ -1511,6 +1582,28 @@ impl Progress {
         Progress(Some(bar))
     }
 
+    /// A bar not drawn until [`show`](Self::show), whose total grows with each trace
+    /// taken ([`grow`](Self::grow)).
+    fn hidden(enabled: bool) -> Progress {
+        let progress = Progress::new(enabled, 0);
+        if let Some(bar) = &progress.0 {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        progress
+    }
+
+    fn show(&self) {
+        if let Some(bar) = &self.0 {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        }
+    }
+
+    fn grow(&self, bytes: u64) {
+        if let Some(bar) = &self.0 {
+            bar.inc_length(bytes);
+        }
+    }
+
     fn advance(&self, bytes: u64) {
         if let Some(bar) = &self.0 {
             bar.inc(bytes);
@@ -1728,16 +1821,9 @@ mod tests {
         let traces = [running, unfinished.clone(), ended.clone()];
         let options = options(dir.path());
 
-        // `ended` is asked again only once what it handed out has been analysed.
-        let (all_analysed, analysed) = std::sync::mpsc::channel();
+        // Handed out once, at any time: `finish` analyses what was not yet.
         let mut handed = vec![ended.clone(), unfinished.clone()];
-        let ahead = Ahead::start(&options, move || {
-            if handed.is_empty() {
-                let _ = all_analysed.send(());
-            }
-            std::mem::take(&mut handed)
-        });
-        analysed.recv().unwrap();
+        let ahead = Ahead::start(&options, move || std::mem::take(&mut handed));
         let ahead = ahead.finish();
         assert!(ahead.0.contains_key(&ended));
         assert!(!ahead.0.contains_key(&unfinished), "read again at the end");

@@ -140,7 +140,7 @@ fn suite(
         match read {
             Ok((_, true)) => {}
             changed => {
-                drop(ahead.finish());
+                ahead.abandon();
                 let _ = std::fs::remove_dir_all(&trace_dir);
                 return Ok(Ran::Changed(changed?.0));
             }
