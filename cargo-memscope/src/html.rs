@@ -278,10 +278,16 @@ impl<'a> Page<'a> {
                 total: report.sites.len(),
             },
             leaks: Part::of(&report.leaks, LEAKS_SHOWN),
+            // A group of a site has its stack drawn by the script, from the page's
+            // one table of frames: std's groups share most of their frames, and
+            // drawn in full, each of them, they were most of the page.
             runtime_internal: Part::of(
                 report.runtime_internal.iter().map(|g| WithFrames {
                     item: g,
-                    frames: report.frames_of(&g.stack).collect(),
+                    frames: match g.site {
+                        Some(_) => Vec::new(),
+                        None => report.frames_of(&g.stack).collect(),
+                    },
                 }),
                 INTERNAL_SHOWN,
             ),
@@ -326,8 +332,9 @@ impl<'a> Page<'a> {
         views
     }
 
-    /// The script's data: the shown sites, and the stacks of those sites and of the
-    /// shown leaks, as indexes into one table of distinct frames.
+    /// The script's data: the shown sites, and the stacks of those sites, of the shown
+    /// leaks and of the shown runtime-internal groups of a site, as indexes into one
+    /// table of distinct frames.
     fn script_data(&self, user_roots: &[PathBuf]) -> ScriptData<'a> {
         let mut data = ScriptData {
             total: self.sites.total,
@@ -386,6 +393,16 @@ impl<'a> Page<'a> {
         }
         for leak in &self.leaks.items {
             add_stack(&mut data, leak.site, &leak.stack, leak.location.as_ref());
+        }
+        for group in &self.runtime_internal.items {
+            if let Some(site) = group.item.site {
+                add_stack(
+                    &mut data,
+                    site,
+                    &group.item.stack,
+                    group.item.location.as_ref(),
+                );
+            }
         }
         data
     }
@@ -1132,6 +1149,66 @@ mod tests {
                 "{present}"
             );
         }
+    }
+
+    #[test]
+    fn a_runtime_group_of_a_site_has_its_stack_drawn_from_the_page_s_frame_table() {
+        let std_frames = vec![
+            frame(
+                "std::sys::backtrace::lock",
+                "/rustc/std/src/sys/backtrace.rs",
+                41,
+            ),
+            frame(
+                "std::panicking::default_hook",
+                "/rustc/std/src/panicking.rs",
+                298,
+            ),
+        ];
+        let stack = stack_of(std_frames);
+        let mut report = report("main", vec![]);
+        let without_site = report.runtime_internal[0].clone();
+        report.runtime_internal.insert(
+            0,
+            InternalGroup {
+                site: Some(3),
+                stack: stack.clone(),
+                ..without_site
+            },
+        );
+
+        let html = render(&report, &[]).unwrap();
+
+        let view = &html[html.find("<section id=\"view-internal\"").unwrap()..];
+        let view = &view[..view.find("</section>").unwrap()];
+        assert!(view.contains(
+            "<details class=\"stack\" data-site=\"3\" data-depth=\"2\"><summary>stack (2 frames)"
+        ));
+        assert!(
+            !view.contains("std::panicking::default_hook"),
+            "drawn by the script"
+        );
+        // The group without a site keeps its frames in the page.
+        assert!(view.contains("std::rt::lang_start_internal"));
+        let data = &html[html.find("id=\"memscope-data\">").unwrap()..];
+        let data: serde_json::Value = serde_json::from_str(
+            &data[data.find('>').unwrap() + 1..data.find("</script>").unwrap()],
+        )
+        .unwrap();
+        let drawn: Vec<&str> = data["stacks"]["3"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                data["frames"][i.as_u64().unwrap() as usize][0]
+                    .as_str()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(
+            drawn,
+            ["std::sys::backtrace::lock", "std::panicking::default_hook"]
+        );
     }
 
     #[test]

@@ -75,7 +75,7 @@
     return box;
   }
 
-  // The leaks' stacks, drawn when first opened.
+  // The stacks of leaks and of the runtime's groups, drawn when first opened.
   for (const details of document.querySelectorAll("details.stack[data-site]")) {
     details.addEventListener("toggle", () => {
       if (details.open && !details.dataset.drawn) {
