@@ -1272,9 +1272,11 @@ fn merge(mut analysed: Vec<Analysed>) -> Report {
         .collect();
     // Sites with the same stack of keys are one site, whichever process; a merged
     // site keeps the frames of the first process that has it.
-    let mut index: FxHashMap<(bool, Box<[u32]>), usize> = FxHashMap::default();
-    let mut merged: Vec<SiteDraft> = Vec::new();
-    let mut merged_from: Vec<usize> = Vec::new();
+    let most = analysed.iter().map(|a| a.sites.len()).sum();
+    let mut index: FxHashMap<(bool, Box<[u32]>), usize> =
+        FxHashMap::with_capacity_and_hasher(most, Default::default());
+    let mut merged: Vec<SiteDraft> = Vec::with_capacity(most);
+    let mut merged_from: Vec<usize> = Vec::with_capacity(most);
     let mut site_maps: Vec<Vec<usize>> = Vec::new();
     let mut processes = Vec::new();
     let mut threads = Vec::new();
@@ -1453,14 +1455,15 @@ fn merge(mut analysed: Vec<Analysed>) -> Report {
 }
 
 impl SiteDraft {
-    /// The same site with no figures, to add processes' figures to; takes the frames.
+    /// The same site with no figures, to add processes' figures to; takes the frames,
+    /// the location and what makes it runtime-internal, which [`absorb`] does not read.
     fn take_empty(&mut self) -> SiteDraft {
-        let s = &self.site;
+        let s = &mut self.site;
         SiteDraft {
             frames: std::mem::take(&mut self.frames),
             site: Site {
                 id: 0,
-                location: s.location.clone(),
+                location: s.location.take(),
                 origin: s.origin,
                 allocations: 0,
                 reallocations: 0,
@@ -1475,7 +1478,7 @@ impl SiteDraft {
                 variables: Vec::new(),
             },
             leaked: Vec::new(),
-            internal: self.internal.clone(),
+            internal: self.internal.take(),
             memscope: self.memscope,
             leak_variables: Vec::new(),
         }
