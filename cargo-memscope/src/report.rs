@@ -115,9 +115,10 @@ pub fn build_with(
 }
 
 /// Analyses the traces of processes that have ended while the rest of a run goes on
-/// (a suite's test binaries run one after another), on one thread per core at low
-/// priority (nice 10), so that the traced program keeps the CPU it wants: [`build_with`]
-/// then analyses only what could not be analysed ahead (a trace not yet whole).
+/// (a suite's test binaries run one after another), on one thread per core (up to
+/// [`AHEAD_WORKERS`]) at low priority (nice 10), so that the traced program keeps the
+/// CPU it wants: [`build_with`] then analyses only what could not be analysed ahead (a
+/// trace not yet whole).
 pub struct Ahead {
     shared: std::sync::Arc<AheadShared>,
     workers: Vec<std::thread::JoinHandle<AnalysedAhead>>,
@@ -137,6 +138,9 @@ struct AheadPending {
     ended: Box<dyn FnMut() -> Vec<PathBuf> + Send>,
     queue: std::collections::VecDeque<PathBuf>,
 }
+
+/// The most threads [`Ahead`] analyses traces on.
+const AHEAD_WORKERS: usize = 4;
 
 /// Analyse traces as they end.
 const AHEAD_RUN: u8 = 0;
@@ -164,7 +168,11 @@ impl Ahead {
             mode: std::sync::atomic::AtomicU8::new(AHEAD_RUN),
             progress: Progress::hidden(options.progress),
         });
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Each worker keeps the debug information it read (its own symbol loaders),
+        // which a large executable makes hundreds of megabytes: a few workers, not
+        // one per core of a large machine.
+        let workers =
+            std::thread::available_parallelism().map_or(1, |n| n.get().min(AHEAD_WORKERS));
         let workers = (0..workers)
             .map(|_| {
                 let shared = shared.clone();
