@@ -687,7 +687,6 @@ impl Iterator for Events<'_> {
     }
 }
 
-/// Reads as many bytes as the file has at `offset`, up to `buf.len()`.
 /// A part of the file read into memory, for walking it from start to end with few
 /// reads (a read per chunk header and payload cost regex-syntax's 70 MB trace 8,600
 /// system calls).
@@ -720,6 +719,7 @@ impl Window {
     }
 }
 
+/// Reads as many bytes as the file has at `offset`, up to `buf.len()`.
 fn read_at_most(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
