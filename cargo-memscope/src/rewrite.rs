@@ -16,7 +16,8 @@
 //!   same line, so line numbers (and the reports' source locations) are unchanged.
 //!   Without one, the crate root gets a module (a file beside the runtime, so that no
 //!   code of memscope's appears at a line of the user's file) holding an
-//!   `Alloc::system()` allocator.
+//!   `Alloc::system()` allocator (`__private::SystemAlloc`: the same, compiled with the
+//!   runtime's optimization).
 //! - with `--instrument`, `#[::memscope::instrument]` in front of the functions that
 //!   [`crate::annotate`] selects, on their own lines.
 //!
@@ -295,7 +296,7 @@ fn install_system_allocator(runtime: &Path, runtime_path: &str) -> anyhow::Resul
     let module = runtime.join("install").join(format!("{file}.rs"));
     let text = format!(
         "//! Added to the crate root by cargo-memscope: the tracking allocator over `System`.\n\n\
-         #[global_allocator]\nstatic {ALLOCATOR_STATIC}: {runtime_path}::Alloc = {runtime_path}::Alloc::system();\n"
+         #[global_allocator]\nstatic {ALLOCATOR_STATIC}: {runtime_path}::__private::SystemAlloc = {runtime_path}::__private::SystemAlloc;\n"
     );
     write_if_changed(&module, text.as_bytes())?;
     module

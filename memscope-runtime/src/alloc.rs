@@ -77,6 +77,46 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Alloc<A> {
     }
 }
 
+/// `Alloc::system()` with its methods compiled here, with the runtime's optimization:
+/// the allocator `cargo memscope` installs in a program that has none.
+///
+/// `Alloc<A>`'s methods are generic, so they and `System`'s (which are `#[inline]`)
+/// are compiled in the crate that declares the `#[global_allocator]`, unoptimized
+/// under `cargo test`'s default profile: three calls with their stack spills per
+/// event. These are not generic and never inlined, so the `#[global_allocator]`
+/// shim makes one call into optimized code.
+#[doc(hidden)]
+pub struct SystemAlloc;
+
+const SYSTEM: Alloc<System> = Alloc::system();
+
+// SAFETY: every method forwards to `Alloc<System>`, which upholds the contract.
+unsafe impl GlobalAlloc for SystemAlloc {
+    #[inline(never)]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded contract.
+        unsafe { SYSTEM.alloc(layout) }
+    }
+
+    #[inline(never)]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded contract.
+        unsafe { SYSTEM.alloc_zeroed(layout) }
+    }
+
+    #[inline(never)]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded contract.
+        unsafe { SYSTEM.dealloc(ptr, layout) }
+    }
+
+    #[inline(never)]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: forwarded contract.
+        unsafe { SYSTEM.realloc(ptr, layout, new_size) }
+    }
+}
+
 // The hooks proper. `Alloc`'s methods are generic, so they are compiled in the crate
 // that declares the `#[global_allocator]`, with that crate's optimization level (none
 // under `cargo test`'s default profile); these are not generic and never inlined, so
