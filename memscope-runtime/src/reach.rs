@@ -27,7 +27,6 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::format::{ChunkHeader, Reach, Record, ScanSummary, StreamDecoder};
 use crate::format::{CHUNK_HEADER_LEN, FILE_HEADER_LEN, META_THREAD};
@@ -47,7 +46,7 @@ pub struct Roots {
 /// thousand words); `None` when the trace could not be read back or the kernel refused
 /// to read memory.
 pub fn scan(fd: i32, len: u64, roots: &Roots) -> Option<Vec<Record>> {
-    let blocks = live_blocks(fd, len, parts())?;
+    let blocks = live_blocks(fd, len)?;
     let mut memory = Memory::default();
     let reach = classify(&blocks, roots, &mut memory);
     if memory.refused {
@@ -136,9 +135,7 @@ impl Latest {
         }
     }
 
-    /// Notes an event at `addr`; the tables' growth is counted in `budget`, which the
-    /// tables of the other parts (see [`live_blocks`]) share.
-    fn note(&mut self, ts: u64, addr: u64, size: u64, budget: &AtomicUsize) {
+    fn note(&mut self, ts: u64, addr: u64, size: u64) {
         let slot = if addr.is_multiple_of(GRANULE) {
             let page = addr / 4096;
             let recent = page as usize % RECENT;
@@ -148,7 +145,7 @@ impl Latest {
                 let leaf = match self.pages.get(&page) {
                     Some(&leaf) => leaf,
                     None => {
-                        if self.grows(4096, budget) {
+                        if self.grown_too_big() {
                             return;
                         }
                         self.leaves.push(Box::new([(0, 0); SLOTS]));
@@ -161,7 +158,7 @@ impl Latest {
             };
             &mut self.leaves[leaf][(addr % 4096 / GRANULE) as usize]
         } else {
-            if !self.odd.contains_key(&addr) && self.grows(48, budget) {
+            if !self.odd.contains_key(&addr) && self.grown_too_big() {
                 return;
             }
             self.odd.entry(addr).or_insert((0, 0))
@@ -171,10 +168,10 @@ impl Latest {
         }
     }
 
-    /// Whether the tables (all parts') are as large as they may grow, and so
-    /// `too_big` is set; otherwise counts `bytes` more in `budget`.
-    fn grows(&mut self, bytes: usize, budget: &AtomicUsize) -> bool {
-        self.too_big |= budget.fetch_add(bytes, Ordering::Relaxed) > MAX_TABLE_BYTES;
+    /// Whether the tables are as large as they may grow (and so `too_big` is set):
+    /// checked before they grow.
+    fn grown_too_big(&mut self) -> bool {
+        self.too_big |= self.leaves.len() * 4096 + self.odd.len() * 48 > MAX_TABLE_BYTES;
         self.too_big
     }
 
@@ -202,161 +199,64 @@ impl Latest {
 
 /// The blocks live at the end of the trace in the first `len` bytes of `fd`, `(start,
 /// size)` sorted by start.
-///
-/// The file is mapped, not read: the trace is in the page cache, and a large one was
-/// read back through a copy of every chunk. `parts` threads (a power of two: one per
-/// core, see [`parts`]) read it at once, each keeping the latest events of its share
-/// of the pages. So the tables never overlap and share one size limit; each thread
-/// decodes every chunk (the cheaper part), and keeps a share of the events.
-fn live_blocks(fd: i32, len: u64, parts: usize) -> Option<Vec<(usize, usize)>> {
-    let file = Mapped::new(fd, len)?;
-    let chunks = event_chunks(file.bytes())?;
-    let budget = AtomicUsize::new(0);
-    let of_part = |part: usize| {
-        let mut latest = Latest::new();
-        let mut decoder = StreamDecoder::default();
-        for payload in &chunks {
-            // Every chunk opens with a `STAMP` (see `format.rs`), so one decoder serves
-            // all the streams; copies of a chunk repeat its events, which changes
-            // nothing here.
-            decoder.block_events(payload, |ts, addr, size| {
-                if (addr / PAGE as u64) as usize & (parts - 1) == part {
-                    // A block's size is at least 1 here: 0 marks a free.
-                    latest.note(ts, addr, size.map_or(0, |size| size.max(1)), &budget);
-                }
-            });
-        }
-        (!latest.too_big).then(|| latest.live())
-    };
-    let mut blocks = Vec::new();
-    for part in on_threads(parts, &of_part) {
-        blocks.extend(part?);
-    }
-    blocks.sort_unstable();
-    Some(blocks)
-}
-
-/// The most threads that read the trace back at exit (a power of two).
-const PARTS: usize = 4;
-
-/// How many threads read the trace back: one per core online, up to [`PARTS`], rounded
-/// down to a power of two.
-fn parts() -> usize {
-    // SAFETY: sysconf only reads a system value.
-    let cores = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    let cores = usize::try_from(cores).unwrap_or(1).clamp(1, PARTS);
-    1 << cores.ilog2()
-}
-
-/// The payloads of the thread streams' chunks in a trace file's bytes, up to the first
-/// chunk that is not whole; `None` if not even the first chunk's header is there (the
-/// file opens with the meta stream's first chunk: if that cannot be read, nothing
-/// can). No checksums: this process wrote the file, and the decoder checks bounds.
-fn event_chunks(file: &[u8]) -> Option<Vec<&[u8]>> {
-    let mut chunks = Vec::new();
-    let mut pos = FILE_HEADER_LEN;
-    if pos + CHUNK_HEADER_LEN > file.len() {
-        return None;
-    }
-    while let Some(head) = file.get(pos..pos + CHUNK_HEADER_LEN) {
-        let Ok(header) = ChunkHeader::decode(head) else {
-            break;
-        };
-        let start = pos + CHUNK_HEADER_LEN;
-        let Some(payload) = file.get(start..start + header.len as usize) else {
-            break;
-        };
-        if header.thread != META_THREAD {
-            chunks.push(payload);
-        }
-        pos = start + payload.len();
-    }
-    Some(chunks)
-}
-
-/// `f(0)`, …, `f(n - 1)`, `f(0)` on this thread and the others each on a thread of its
-/// own, which records nothing (what they allocate is memscope's). A part whose thread
-/// could not be started runs here too.
-fn on_threads<T: Send>(n: usize, f: &(dyn Fn(usize) -> T + Sync)) -> Vec<T> {
-    struct Job<'a, T> {
-        f: &'a (dyn Fn(usize) -> T + Sync),
-        part: usize,
-        out: Option<T>,
-    }
-    extern "C" fn run<T>(job: *mut libc::c_void) -> *mut libc::c_void {
-        crate::recorder::disable_current_thread();
-        // SAFETY: `job` is the `Job` that `on_threads` passed to `pthread_create`; it
-        // stays in place, untouched by anyone else, until the thread is joined.
-        let job = unsafe { &mut *(job as *mut Job<'_, T>) };
-        job.out = Some((job.f)(job.part));
-        std::ptr::null_mut()
-    }
-    let mut jobs: Vec<Job<'_, T>> = (0..n).map(|part| Job { f, part, out: None }).collect();
-    let mut threads = Vec::new();
-    // A raw pthread with every signal blocked, as the writer thread (see `writer.rs`).
-    // SAFETY: plain libc calls with valid pointers to locals; `run::<T>` matches the
-    // start routine's type. Each job lives in `jobs`, which is neither moved nor
-    // touched until every thread started here is joined below.
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        for job in jobs.iter_mut().skip(1) {
-            let mut thread: libc::pthread_t = std::mem::zeroed();
-            let arg = job as *mut Job<'_, T> as *mut libc::c_void;
-            if libc::pthread_create(&mut thread, std::ptr::null(), run::<T>, arg) == 0 {
-                threads.push(thread);
+fn live_blocks(fd: i32, len: u64) -> Option<Vec<(usize, usize)>> {
+    let mut latest = Latest::new();
+    let mut decoder = StreamDecoder::default();
+    let mut payload = Vec::new();
+    let mut pos = FILE_HEADER_LEN as u64;
+    loop {
+        let mut head = [0u8; CHUNK_HEADER_LEN];
+        if pos + CHUNK_HEADER_LEN as u64 > len || !read_file_at(fd, pos, &mut head) {
+            // The file opens with the meta stream's first chunk: if even that cannot
+            // be read, nothing can.
+            if pos == FILE_HEADER_LEN as u64 {
+                return None;
             }
+            break;
         }
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        let Ok(header) = ChunkHeader::decode(&head) else {
+            break;
+        };
+        if pos + (CHUNK_HEADER_LEN as u64) + u64::from(header.len) > len {
+            break;
+        }
+        payload.resize(header.len as usize, 0);
+        // No checksum: this process wrote the file, and the decoder checks bounds.
+        if !read_file_at(fd, pos + CHUNK_HEADER_LEN as u64, &mut payload) {
+            break;
+        }
+        pos += (CHUNK_HEADER_LEN + payload.len()) as u64;
+        if header.thread == META_THREAD {
+            continue;
+        }
+        // Every chunk opens with a `STAMP` (see `format.rs`), so one decoder serves all
+        // the streams; copies of a chunk repeat its events, which changes nothing here.
+        decoder.block_events(&payload, |ts, addr, size| {
+            // A block's size is at least 1 here: 0 marks a free.
+            latest.note(ts, addr, size.map_or(0, |size| size.max(1)));
+        });
     }
-    jobs[0].out = Some(f(0));
-    for thread in threads {
-        // SAFETY: a thread started above, joined once.
-        unsafe { libc::pthread_join(thread, std::ptr::null_mut()) };
-    }
-    jobs.into_iter()
-        .map(|job| job.out.unwrap_or_else(|| f(job.part)))
-        .collect()
+    (!latest.too_big).then(|| latest.live())
 }
 
-/// A file's first bytes mapped into memory, read-only.
-struct Mapped {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-impl Mapped {
-    fn new(fd: i32, len: u64) -> Option<Mapped> {
-        let len = usize::try_from(len).ok().filter(|&len| len > 0)?;
-        // SAFETY: a new private read-only mapping of `fd`; no memory of ours changes.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
+fn read_file_at(fd: i32, pos: u64, out: &mut [u8]) -> bool {
+    let mut done = 0;
+    while done < out.len() {
+        // SAFETY: writes at most `out.len() - done` bytes into `out` behind `done`.
+        let n = unsafe {
+            libc::pread(
                 fd,
-                0,
+                out[done..].as_mut_ptr() as *mut libc::c_void,
+                out.len() - done,
+                (pos + done as u64) as libc::off_t,
             )
         };
-        (ptr != libc::MAP_FAILED).then_some(Mapped { ptr, len })
+        if n <= 0 {
+            return false;
+        }
+        done += n as usize;
     }
-
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: `ptr` maps `len` bytes of the file, readable until `drop`. They are
-        // whole and this process only appends to the file after them; nobody else
-        // writes it.
-        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
-    }
-}
-
-impl Drop for Mapped {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`, which nothing uses now.
-        unsafe { libc::munmap(self.ptr, self.len) };
-    }
+    true
 }
 
 /// Reads this process's memory without faulting, counting what was read.
@@ -798,29 +698,23 @@ mod tests {
     }
 
     #[test]
-    fn the_blocks_live_at_a_trace_s_end_are_found_alike_by_one_two_or_four_threads() {
+    fn the_blocks_live_at_a_trace_s_end_are_those_whose_latest_event_is_an_allocation() {
         use std::os::fd::AsRawFd;
         let (file, len, expected) = trace_with_live_blocks();
         assert!(expected.len() > 1000, "{} live blocks", expected.len());
-        for parts in [1, 2, 4] {
-            let found = live_blocks(file.as_raw_fd(), len, parts).unwrap();
-            let first_difference = found.iter().zip(&expected).find(|(a, b)| a != b);
-            assert_eq!(
-                (found.len(), first_difference),
-                (expected.len(), None),
-                "with {parts} threads"
-            );
-        }
+        let found = live_blocks(file.as_raw_fd(), len).unwrap();
+        let first_difference = found.iter().zip(&expected).find(|(a, b)| a != b);
+        assert_eq!((found.len(), first_difference), (expected.len(), None));
     }
 
     #[test]
     fn a_trace_cut_short_is_read_up_to_its_last_whole_chunk() {
         use std::os::fd::AsRawFd;
         let (file, len, _) = trace_with_live_blocks();
-        let whole = live_blocks(file.as_raw_fd(), len, 2).unwrap();
-        let cut = live_blocks(file.as_raw_fd(), len - 100, 2).unwrap();
+        let whole = live_blocks(file.as_raw_fd(), len).unwrap();
+        let cut = live_blocks(file.as_raw_fd(), len - 100).unwrap();
         assert!(cut != whole, "{} blocks either way", cut.len());
-        assert!(live_blocks(file.as_raw_fd(), FILE_HEADER_LEN as u64, 2).is_none());
+        assert!(live_blocks(file.as_raw_fd(), FILE_HEADER_LEN as u64).is_none());
     }
 
     /// Blocks made by hand in one buffer: their contents are the test's to set.
