@@ -258,7 +258,7 @@ impl AheadShared {
 
 /// Lowers the calling thread's scheduling priority (and that of the threads it
 /// starts), where the system has per-thread priorities.
-fn lower_priority() {
+pub(crate) fn lower_priority() {
     #[cfg(target_os = "linux")]
     // SAFETY: setpriority only changes the scheduling priority of the calling thread
     // (on Linux, `who` 0 names the calling thread); it touches no memory of ours.

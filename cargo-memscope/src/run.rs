@@ -74,25 +74,8 @@ impl Layout {
     /// A fresh directory for this run's traces; the oldest runs' are removed.
     pub(crate) fn new_trace_dir(&self) -> anyhow::Result<PathBuf> {
         let traces = self.root.join("traces");
-        if let Ok(entries) = fs::read_dir(&traces) {
-            let (mut old, gates): (Vec<PathBuf>, Vec<PathBuf>) = entries
-                .filter_map(|e| Some(e.ok()?.path()))
-                .partition(|p| p.is_dir());
-            // A run's gate (see `runner::Gate`) outlives it only if the run was killed:
-            // removed once the process named in it is gone.
-            for gate in gates {
-                let pid = (gate.file_stem().and_then(|n| n.to_str()))
-                    .and_then(|n| n.rsplit_once('-')?.1.parse::<libc::pid_t>().ok());
-                if pid.is_some_and(crate::runner::process_gone) {
-                    let _ = fs::remove_file(gate);
-                }
-            }
-            old.sort();
-            let excess = (old.len() + 1).saturating_sub(KEPT_TRACE_DIRS);
-            for dir in old.into_iter().take(excess) {
-                let _ = fs::remove_dir_all(dir);
-            }
-        }
+        // Detached: whatever it has not removed when memscope ends, the next run will.
+        drop(self.prune_traces());
         let millis = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -101,6 +84,42 @@ impl Layout {
         fs::create_dir_all(&dir)
             .with_context(|| format!("failed to create trace directory {}", dir.display()))?;
         Ok(dir)
+    }
+
+    /// Removes the gates of runs that are gone, and starts removing the oldest runs'
+    /// trace directories but the newest `KEPT_TRACE_DIRS - 1` on a thread of low
+    /// priority: deleting a large trace that is still in the page cache takes tens of
+    /// milliseconds (regex-syntax's 70 MB one, about 60), which the new run does not
+    /// wait for.
+    fn prune_traces(&self) -> Option<std::thread::JoinHandle<()>> {
+        let entries = fs::read_dir(self.root.join("traces")).ok()?;
+        let (mut old, gates): (Vec<PathBuf>, Vec<PathBuf>) = entries
+            .filter_map(|e| Some(e.ok()?.path()))
+            .partition(|p| p.is_dir());
+        // A run's gate (see `runner::Gate`) outlives it only if the run was killed:
+        // removed once the process named in it is gone.
+        for gate in gates {
+            let pid = (gate.file_stem().and_then(|n| n.to_str()))
+                .and_then(|n| n.rsplit_once('-')?.1.parse::<libc::pid_t>().ok());
+            if pid.is_some_and(crate::runner::process_gone) {
+                let _ = fs::remove_file(gate);
+            }
+        }
+        old.sort();
+        let excess = (old.len() + 1).saturating_sub(KEPT_TRACE_DIRS);
+        old.truncate(excess);
+        if old.is_empty() {
+            return None;
+        }
+        std::thread::Builder::new()
+            .name("memscope-prune".into())
+            .spawn(move || {
+                crate::report::lower_priority();
+                for dir in old {
+                    let _ = fs::remove_dir_all(dir);
+                }
+            })
+            .ok()
     }
 
     pub(crate) fn report_options(&self, ws: &Workspace, output: &OutputArgs) -> ReportOptions {
@@ -455,6 +474,29 @@ mod tests {
         assert!(dir.is_dir());
         assert!(!dead.exists(), "the gate of a process that is gone");
         assert!(live.exists(), "the gate of a run still going");
+    }
+
+    #[test]
+    fn a_new_run_keeps_the_nine_latest_runs_traces_and_removes_the_older_ones() {
+        let root = tempfile::tempdir().unwrap();
+        let traces = root.path().join("traces");
+        let runs: Vec<PathBuf> = (1..=12)
+            .map(|i| traces.join(format!("{i:015}-1")))
+            .collect();
+        for run in &runs {
+            fs::create_dir_all(run).unwrap();
+            fs::write(run.join("memscope-1-1.mstrace"), "trace").unwrap();
+        }
+        let layout = Layout {
+            root: root.path().to_path_buf(),
+            scratch: root.path().join("scratch"),
+        };
+
+        layout.prune_traces().unwrap().join().unwrap();
+
+        let kept: Vec<bool> = runs.iter().map(|run| run.exists()).collect();
+        assert_eq!(kept, [&[false; 3][..], &[true; 9]].concat());
+        assert!(layout.prune_traces().is_none(), "nothing left to remove");
     }
 
     #[cfg(unix)]
