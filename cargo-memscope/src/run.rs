@@ -71,7 +71,8 @@ impl Layout {
         self.root.join("report")
     }
 
-    /// A fresh directory for this run's traces; the oldest runs' are removed.
+    /// A fresh directory for this run's traces; the oldest runs' are removed meanwhile
+    /// (see [`prune_traces`](Self::prune_traces)).
     pub(crate) fn new_trace_dir(&self) -> anyhow::Result<PathBuf> {
         let traces = self.root.join("traces");
         // Detached: whatever it has not removed when memscope ends, the next run will.
