@@ -1,4 +1,4 @@
-//! The memscope trace format, version 4: the one description shared by the writer in
+//! The memscope trace format, version 3: the one description shared by the writer in
 //! this crate and the reader in `cargo-memscope`.
 //!
 //! A trace file is one process's record of allocation events:
@@ -37,19 +37,17 @@
 //! | `THREAD` 6 | name length | 0 | OS thread id, name bytes padded to 8 |
 //! | `REALLOC_WIDE` 7 | 0 | old address | new address, `ALLOC`'s word 1, free-half stamp, alloc-half stamp |
 //! | `SCOPE` 8 | stamp delta | `id << 1 \| exit` | — (version 2: a scope entered or left on this thread, as `ENTER` / `EXIT` below in one word) |
-//! | `ALLOC_NEAR` 9 | — | — | — (version 3, changed in 4: an allocation in one word, see below) |
+//! | `ALLOC_NEAR` 9 | — | — | — (version 3: an allocation in one word, see below) |
 //! | `EXTENDED` 15 | kind | word count n | n words; kinds below, unknown kinds are skipped |
 //!
 //! `ALLOC_NEAR` packs a common allocation into one word, `tag:4 | stamp delta:6 |
-//! slot:12 | size:12 | log2(align):3 | base:1 | offset:26`, where the address is near
-//! address `base` plus `offset` bytes (a signed 26-bit number). The stream has two
-//! near addresses: 0 is that of its latest `ALLOC` record in the same chunk, 1 that of
-//! the `ALLOC` before it (both 0 at the start of every chunk). It is neither zeroed nor
-//! internal. The runtime writes it whenever the allocation fits, and a full `ALLOC`
-//! otherwise: most allocations of a thread lie within 32 MiB of one of two places (a
-//! test thread's alternate between its malloc arena's heap and the main heap), so a
-//! small-object workload writes 16 instead of 24 bytes per allocation and free. In
-//! version 3 the word had no `base` and a 27-bit offset from the latest `ALLOC`.
+//! slot:12 | size:12 | log2(align):3 | offset:27`, where the address is the *near
+//! address* plus `offset` bytes (a signed 27-bit number). The near address is that of
+//! the stream's latest `ALLOC` record in the same chunk (0 at the start of every
+//! chunk). It is neither zeroed nor internal. The runtime writes it whenever the
+//! allocation fits, and a full `ALLOC` otherwise: most allocations of a thread lie
+//! within 64 MiB of each other (one malloc arena), so a small-object workload writes
+//! 16 instead of 24 bytes per allocation and free.
 //!
 //! Extended kinds: `CLOCK` 1 (counter, monotonic ns, unix ns), `MODULE` 2 (load bias,
 //! start, end, path length, path bytes padded to 8), `END` 3 (reason, stamp, events
@@ -103,9 +101,8 @@
 pub const MAGIC: &[u8; 8] = b"MEMSCOPE";
 /// The version written in the file header. Version 2 added the `SCOPE` record;
 /// version 3 the `ALLOC_NEAR` record, and instrumentation records' stamps set the
-/// stream clock; version 4 a second near address for `ALLOC_NEAR`. Readers take
-/// versions 1 to 4 and reject others.
-pub const VERSION: u32 = 4;
+/// stream clock. Readers take versions 1 to 3 and reject others.
+pub const VERSION: u32 = 3;
 /// Size of the file header.
 pub const FILE_HEADER_LEN: usize = 32;
 /// Size of a chunk header.
@@ -304,42 +301,37 @@ pub const fn size_word(size: u64, align_log2: u64, slot: u64, zeroed: bool, inte
 }
 
 /// Bits of `ALLOC_NEAR`'s offset field.
-const NEAR_BITS: u32 = 26;
-/// Bits of `ALLOC_NEAR`'s offset field in version 3, which had one near address.
-const NEAR_BITS_V3: u32 = 27;
+const NEAR_BITS: u32 = 27;
 
 /// The `ALLOC_NEAR` word for an allocation of `size` bytes at `addr`, stamped `delta`
-/// after the stream clock, when the stream's near addresses are `near` (the latest
-/// full `ALLOC`'s first); `None` when it does not fit one word (a full `ALLOC` is
-/// written instead, and becomes near address 0).
+/// after the stream clock, when the stream's near address is `near`; `None` when it
+/// does not fit one word (a full `ALLOC` is written instead).
 #[inline(always)]
 pub const fn alloc_near(
     delta: u64,
     addr: u64,
-    near: [u64; 2],
+    near: u64,
     size: u64,
     align_log2: u64,
     slot: u64,
 ) -> Option<u64> {
-    // Every condition as bits that must be zero, tested at once: near address 0 (most
-    // of the time), else 1.
-    let misfit = (size >> 12) | (delta >> 6) | (align_log2 >> 3);
-    let word = TAG_ALLOC_NEAR | (delta << 4) | (slot << 10) | (size << 22) | (align_log2 << 34);
-    let offset = addr.wrapping_sub(near[0]);
-    if misfit | offset_misfit(offset) == 0 {
-        return Some(word | (offset << (64 - NEAR_BITS)));
+    let offset = addr.wrapping_sub(near);
+    // Every condition as bits that must be zero, tested at once.
+    let misfit = (size >> 12)
+        | (delta >> 6)
+        | (align_log2 >> 3)
+        | (offset.wrapping_add(1 << (NEAR_BITS - 1)) >> NEAR_BITS);
+    if misfit != 0 {
+        return None;
     }
-    let offset = addr.wrapping_sub(near[1]);
-    if misfit | offset_misfit(offset) == 0 {
-        return Some(word | (1 << 37) | (offset << (64 - NEAR_BITS)));
-    }
-    None
-}
-
-/// Nonzero when `offset` does not fit `ALLOC_NEAR`'s signed offset field.
-#[inline(always)]
-const fn offset_misfit(offset: u64) -> u64 {
-    offset.wrapping_add(1 << (NEAR_BITS - 1)) >> NEAR_BITS
+    Some(
+        TAG_ALLOC_NEAR
+            | (delta << 4)
+            | (slot << 10)
+            | (size << 22)
+            | (align_log2 << 34)
+            | (offset << (64 - NEAR_BITS)),
+    )
 }
 
 /// Why a process's trace ended, as written in `END`.
@@ -680,13 +672,9 @@ impl std::error::Error for FormatError {}
 pub struct StreamDecoder {
     /// The trace's format version.
     version: u32,
-    /// Where `ALLOC_NEAR`'s offset starts, and the mask of its base bit (0 before
-    /// version 4, which had one near address).
-    near_shift: u32,
-    base_mask: u64,
     clock: u64,
-    /// The near addresses of `ALLOC_NEAR` records: the latest full `ALLOC`'s first.
-    near: [u64; 2],
+    /// The near address of `ALLOC_NEAR` records.
+    near: u64,
     slots: Vec<u64>,
 }
 
@@ -700,13 +688,10 @@ impl Default for StreamDecoder {
 impl StreamDecoder {
     /// A decoder for a trace of format `version` (from its file header).
     pub fn new(version: u32) -> StreamDecoder {
-        let v4 = version >= 4;
         StreamDecoder {
             version,
-            near_shift: 64 - if v4 { NEAR_BITS } else { NEAR_BITS_V3 },
-            base_mask: u64::from(v4),
             clock: 0,
-            near: [0; 2],
+            near: 0,
             slots: vec![0; STACK_SLOTS],
         }
     }
@@ -721,7 +706,7 @@ impl StreamDecoder {
         pos: usize,
     ) -> Result<(Option<Record>, usize), FormatError> {
         if pos == 0 {
-            self.near = [0; 2];
+            self.near = 0;
         }
         let words = |n: usize| -> Result<usize, FormatError> {
             let end = n
@@ -743,7 +728,7 @@ impl StreamDecoder {
                 let end = words(2)?;
                 let ts = self.advance(small);
                 let (size, align, stack, zeroed, internal) = self.size_word(w(1))?;
-                self.near = [wide, self.near[0]];
+                self.near = wide;
                 (
                     Some(Record::Alloc {
                         internal,
@@ -945,7 +930,7 @@ impl StreamDecoder {
     #[inline]
     pub fn decode_brief(&mut self, payload: &[u8], pos: usize) -> Option<(Brief, usize)> {
         if pos == 0 {
-            self.near = [0; 2];
+            self.near = 0;
         }
         let w0 = u64_at_checked(payload, pos).ok()?;
         let brief = match w0 & 0xf {
@@ -973,7 +958,7 @@ impl StreamDecoder {
     /// building [`Record`]s: the exit-time scan reads a whole trace back this way.
     /// Stops at the first malformed record.
     pub fn block_events(&mut self, payload: &[u8], mut f: impl FnMut(u64, u64, Option<u64>)) {
-        self.near = [0; 2];
+        self.near = 0;
         let mut pos = 0;
         while pos + 8 <= payload.len() {
             let w = |i: usize| u64_at_checked(payload, pos + 8 * i);
@@ -983,7 +968,7 @@ impl StreamDecoder {
                 TAG_ALLOC => {
                     let Ok(w1) = w(1) else { return };
                     f(self.advance(small), wide, Some(w1 & MAX_SIZE));
-                    self.near = [wide, self.near[0]];
+                    self.near = wide;
                     2
                 }
                 TAG_ALLOC_NEAR => {
@@ -1040,9 +1025,8 @@ impl StreamDecoder {
     /// An `ALLOC_NEAR` word's stamp, address, size, log2 of alignment and slot.
     fn alloc_near(&mut self, w0: u64) -> (u64, u64, u64, u64, usize) {
         let ts = self.advance((w0 >> 4) & 0x3f);
-        let base = (w0 >> 37) & self.base_mask;
-        let offset = (w0 as i64) >> self.near_shift;
-        let addr = self.near[base as usize].wrapping_add(offset as u64);
+        let offset = (w0 as i64) >> (64 - NEAR_BITS);
+        let addr = self.near.wrapping_add(offset as u64);
         let slot = ((w0 >> 10) & 0xfff) as usize;
         (ts, addr, (w0 >> 22) & 0xfff, (w0 >> 34) & 7, slot)
     }
@@ -1097,7 +1081,7 @@ pub struct Encoder {
     slots: Vec<u64>,
     /// Whether allocations that fit are written as `ALLOC_NEAR`; see [`Encoder::chunk`].
     near_records: bool,
-    near: [u64; 2],
+    near: u64,
 }
 
 impl Encoder {
@@ -1175,7 +1159,7 @@ impl Encoder {
                 if let Some(word) = near {
                     return self.word(word);
                 }
-                self.near = [*addr, self.near[0]];
+                self.near = *addr;
                 let sw = size_word(*size, log2(*align), slot, *zeroed, *internal);
                 self.word(head(TAG_ALLOC, d, *addr)).word(sw)
             }
@@ -1495,10 +1479,10 @@ mod tests {
         }
         .encode();
         assert_eq!(FileHeader::decode(&h).unwrap().version, 1);
-        h[8] = VERSION as u8 + 1;
+        h[8] = 4;
         assert!(matches!(
             FileHeader::decode(&h),
-            Err(FormatError::Version(v)) if v == VERSION + 1
+            Err(FormatError::Version(4))
         ));
     }
 
@@ -1553,10 +1537,10 @@ mod tests {
         vec![
             alloc(10, 0x7f00_1000_0000, 32, 8),
             // Below and above the near address, at the edges of the offset's range.
-            alloc(11, 0x7f00_1000_0000 - (1 << 25), 4095, 16),
-            alloc(12, 0x7f00_1000_0000 + (1 << 25) - 4, 4, 128),
+            alloc(11, 0x7f00_1000_0000 - (1 << 26), 4095, 16),
+            alloc(12, 0x7f00_1000_0000 + (1 << 26) - 4, 4, 128),
             // Too far, too large, too aligned, too late: full records.
-            alloc(13, 0x7f00_1000_0000 + (1 << 25), 8, 8),
+            alloc(13, 0x7f00_1000_0000 + (1 << 26), 8, 8),
             alloc(14, 0x7f00_1400_0000, 4096, 8),
             alloc(15, 0x7f00_1400_0040, 64, 256),
             alloc(16 + 64, 0x7f00_1400_0100, 64, 8),
@@ -1635,75 +1619,7 @@ mod tests {
         dec.decode(&enc.bytes, 0).unwrap();
         let (record, _) = dec.decode(near_word, 0).unwrap();
         assert!(
-            matches!(record, Some(Record::Alloc { addr, .. }) if addr != 0x7f00_1000_0000 - (1 << 25))
-        );
-    }
-
-    #[test]
-    fn allocations_that_alternate_between_two_arenas_take_one_word_after_the_first_of_each() {
-        let alloc = |ts, addr| Record::Alloc {
-            internal: false,
-            zeroed: false,
-            ts,
-            addr,
-            size: 24,
-            align: 8,
-            stack: 0,
-        };
-        // A thread's own arena and the main one, far apart, in turn.
-        let (own, main) = (0x7f5e_3401_95e0u64, 0x5629_b735_b5a0u64);
-        let records: Vec<Record> = (0..8u64)
-            .map(|i| alloc(10 + i, if i % 2 == 0 { own } else { main } + i * 32))
-            .collect();
-        let mut enc = Encoder::chunk();
-        for r in &records {
-            enc.record(r);
-        }
-        // Two full records, then six one-word ones.
-        assert_eq!(enc.bytes.len(), 8 * (2 * 2 + 6));
-        assert_eq!(decode_all(&enc.bytes).unwrap(), records);
-        let mut addrs = Vec::new();
-        StreamDecoder::default().block_events(&enc.bytes, |_, addr, _| addrs.push(addr));
-        let expected: Vec<u64> = records
-            .iter()
-            .map(|r| match r {
-                Record::Alloc { addr, .. } => *addr,
-                _ => unreachable!(),
-            })
-            .collect();
-        assert_eq!(addrs, expected);
-    }
-
-    #[test]
-    fn a_version_3_one_word_allocation_is_read_with_its_27_bit_offset() {
-        let mut enc = Encoder::chunk();
-        enc.record(&Record::Alloc {
-            internal: false,
-            zeroed: false,
-            ts: 10,
-            addr: 0x7f00_1000_0000,
-            size: 32,
-            align: 8,
-            stack: 0,
-        });
-        // Version 3's word: `tag:4 | delta:6 | slot:12 | size:12 | log2(align):3 |
-        // offset:27`, here 64 MiB below the full record, which version 4 cannot reach.
-        let offset = (-(1i64 << 26)) as u64;
-        enc.word(TAG_ALLOC_NEAR | (1 << 4) | (100 << 22) | (3 << 34) | (offset << 37));
-        let mut dec = StreamDecoder::new(3);
-        let (_, next) = dec.decode(&enc.bytes, 0).unwrap();
-        let (record, _) = dec.decode(&enc.bytes, next).unwrap();
-        assert_eq!(
-            record,
-            Some(Record::Alloc {
-                internal: false,
-                zeroed: false,
-                ts: 11,
-                addr: 0x7f00_1000_0000 - (1 << 26),
-                size: 100,
-                align: 8,
-                stack: 0,
-            })
+            matches!(record, Some(Record::Alloc { addr, .. }) if addr != 0x7f00_1000_0000 - (1 << 26))
         );
     }
 

@@ -75,9 +75,9 @@ pub struct ThreadRecord {
     /// The thread's last stamp (see `clock.rs`), which is also its stream's clock:
     /// every stamped record moves the stream clock to its stamp (see `format.rs`).
     clock: Cell<u64>,
-    /// The near addresses of `ALLOC_NEAR` records: those of the last two full
-    /// `ALLOC`s of the current chunk, the latest first; 0 at its start.
-    near: Cell<[u64; 2]>,
+    /// The near address of `ALLOC_NEAR` records: that of the last full `ALLOC` of
+    /// the current chunk, 0 at its start.
+    near: Cell<u64>,
     stack_cache: Cell<*mut u64>,
     /// The thread's previous stack walk (see `stack.rs`); null if it could not be
     /// allocated.
@@ -214,7 +214,7 @@ impl Hot {
             }
             if delta <= MAX_DELTA {
                 let sw = size_word(size, align, slot, zeroed, false);
-                rec.note_full_alloc(addr);
+                rec.near.set(addr);
                 return self.store(cur, [head(TAG_ALLOC, delta, addr), sw], ts);
             }
         }
@@ -381,7 +381,7 @@ fn alloc_slow(addr: u64, layout: Layout, zeroed: bool) {
             false,
         );
         rec.push_event(ts, |d| [head(TAG_ALLOC, d, addr), sw]);
-        rec.note_full_alloc(addr);
+        rec.near.set(addr);
     });
 }
 
@@ -591,7 +591,7 @@ impl ThreadRecord {
             cursor: AtomicPtr::new(payload_start(buf.as_ptr())),
             end: Cell::new(ptr::null_mut()),
             clock: Cell::new(0),
-            near: Cell::new([0; 2]),
+            near: Cell::new(0),
             stack_cache: Cell::new(cache),
             last_walk: Cell::new(empty_walk()),
             busy: Cell::new(false),
@@ -679,8 +679,8 @@ impl ThreadRecord {
         self.push_held(&record[..2 + N], ts, near);
     }
 
-    /// Pushes `words`, moves the clock to `ts` and, for a full `ALLOC`, makes `near`
-    /// the latest near address, holding the record meanwhile (the hot path's fallback). All
+    /// Pushes `words`, moves the clock to `ts` and, for a full `ALLOC`, the near
+    /// address to `near`, holding the record meanwhile (the hot path's fallback). All
     /// of it before the release: a signal handler may append as soon as the record is
     /// open again, and its own `ALLOC` moves the near address.
     #[cold]
@@ -690,18 +690,11 @@ impl ThreadRecord {
         self.push(words);
         self.clock.set(ts);
         if let Some(addr) = near {
-            self.note_full_alloc(addr);
+            self.near.set(addr);
         }
         if held {
             self.release();
         }
-    }
-
-    /// Makes `addr`, that of a full `ALLOC` just written, the latest near address of
-    /// `ALLOC_NEAR` records (see `format.rs`), the one before it the other.
-    #[inline(always)]
-    fn note_full_alloc(&self, addr: u64) {
-        self.near.set([addr, self.near.get()[0]]);
     }
 
     /// Appends the event `event(delta)` stamped `ts` on a slow path (the record held):
@@ -907,7 +900,7 @@ impl ThreadRecord {
             }
         }
         // The next chunk's `ALLOC_NEAR` records are relative to its own `ALLOC`s.
-        self.near.set([0; 2]);
+        self.near.set(0);
         self.gen.store(gen + 2, Ordering::Release);
     }
 
@@ -1215,7 +1208,7 @@ pub fn reset_after_fork() {
         }
         me.gen.store(0, Ordering::Relaxed);
         me.clock.set(0);
-        me.near.set([0; 2]);
+        me.near.set(0);
         me.name.set([0; 16]);
         me.note_os_thread();
         let cache = me.stack_cache.get();
