@@ -71,10 +71,15 @@ impl Layout {
         self.root.join("report")
     }
 
+    /// Where each run's traces go, a directory per run.
+    fn traces(&self) -> PathBuf {
+        self.root.join("traces")
+    }
+
     /// A fresh directory for this run's traces; the oldest runs' are removed meanwhile
     /// (see [`prune_traces`](Self::prune_traces)).
     pub(crate) fn new_trace_dir(&self) -> anyhow::Result<PathBuf> {
-        let traces = self.root.join("traces");
+        let traces = self.traces();
         // Detached: whatever it has not removed when memscope ends, the next run will.
         drop(self.prune_traces());
         let millis = SystemTime::now()
@@ -93,7 +98,7 @@ impl Layout {
     /// milliseconds (regex-syntax's 70 MB one, about 60), which the new run does not
     /// wait for.
     fn prune_traces(&self) -> Option<std::thread::JoinHandle<()>> {
-        let entries = fs::read_dir(self.root.join("traces")).ok()?;
+        let entries = fs::read_dir(self.traces()).ok()?;
         let (mut old, gates): (Vec<PathBuf>, Vec<PathBuf>) = entries
             .filter_map(|e| Some(e.ok()?.path()))
             .partition(|p| p.is_dir());
