@@ -22,7 +22,9 @@
 //!   [`crate::annotate`] selects, on their own lines.
 //!
 //! Files rewritten by an earlier run but not by this one are restored, which a state
-//! file next to the scratch copy records.
+//! file next to the scratch copy records. A rerun on a workspace where nothing changed
+//! since (no file, crate, option, runtime or memscope build) finds the copy rewritten
+//! already, which a second record says, and reads no source at all.
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
@@ -37,6 +39,7 @@ use crate::annotate::{self, Pattern};
 use crate::cargo::{DepKind, Program, ProgramKind, Workspace};
 use crate::embedded::write_if_changed;
 use crate::modules::{self, normalize, LineColumn, SourceFile};
+use crate::scratch::{self, SyncStats};
 
 /// The runtime's package name (its profile is set apart in `cargo::profile_config`).
 pub const RUNTIME_PACKAGE: &str = "memscope-runtime";
@@ -45,7 +48,7 @@ const RUNTIME_LIB: &str = "memscope";
 const ALLOCATOR_STATIC: &str = "__MEMSCOPE_ALLOC";
 
 /// What the rewrite did.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Rewrite {
     /// Files of the user's own that declare a `#[global_allocator]`, now wrapped.
     pub wrapped: Vec<PathBuf>,
@@ -86,14 +89,15 @@ pub struct CrateRoot {
     pub cfg_test: bool,
 }
 
-/// Rewrites the scratch copy of `ws` (at `scratch`) so that `program` is built with
-/// the runtime at `runtime` as its global allocator, and the functions `instrument`
-/// selects are instrumented.
+/// Rewrites the scratch copy of `ws` (at `scratch`, which `synced` says how the sync
+/// just before left) so that `program` is built with the runtime at `runtime` as its
+/// global allocator, and the functions `instrument` selects are instrumented.
 pub fn apply(
     ws: &Workspace,
     program: &Program,
     instrument: &[Pattern],
     scratch: &Path,
+    synced: &SyncStats,
     runtime: &Path,
 ) -> anyhow::Result<Rewrite> {
     let krate = CrateRoot {
@@ -102,7 +106,7 @@ pub fn apply(
         with_dev: program.kind == ProgramKind::Example,
         cfg_test: false,
     };
-    apply_crates(ws, &[krate], instrument, scratch, runtime)
+    apply_crates(ws, &[krate], instrument, scratch, synced, runtime)
 }
 
 /// Rewrites the scratch copy so that every crate of `crates` is built with the
@@ -115,8 +119,17 @@ pub fn apply_crates(
     crates: &[CrateRoot],
     instrument: &[Pattern],
     scratch: &Path,
+    synced: &SyncStats,
     runtime: &Path,
 ) -> anyhow::Result<Rewrite> {
+    let inputs = Inputs::describe(ws, crates, instrument, scratch, runtime)?;
+    if synced.untouched() {
+        if let Some(rewrite) = Done::read(scratch, &inputs) {
+            return Ok(rewrite);
+        }
+    }
+    Done::forget(scratch)?;
+
     // The files of every workspace crate linked into one of `crates`, parsed once.
     let mut sources: BTreeMap<PathBuf, Vec<SourceFile>> = BTreeMap::new();
     let linked: Vec<Vec<PathBuf>> = crates.iter().map(|k| linked_roots(ws, k)).collect();
@@ -241,6 +254,7 @@ pub fn apply_crates(
         let text = read_source(file)?;
         planned.insert(file.to_path_buf(), apply_edits(&text, edits));
     }
+    let mut installed = Vec::new();
     for (krate, cfg) in install {
         let root = &krate.root;
         let in_runtime_lib = ws
@@ -252,6 +266,7 @@ pub fn apply_crates(
             format!("::{}", crate_of(root)?)
         };
         let module = install_system_allocator(runtime, &path)?;
+        installed.push(PathBuf::from(&module));
         let text = match planned.get(root) {
             Some(wrapped) => wrapped.clone(),
             None => read_source(root)?,
@@ -268,13 +283,108 @@ pub fn apply_crates(
     }
 
     write_plan(ws, scratch, planned)?;
-    Ok(Rewrite {
+    let rewrite = Rewrite {
         wrapped: allocators.into_iter().map(|found| found.file).collect(),
         instrumented: insertions
             .into_iter()
             .map(|(file, positions)| (file, positions.len()))
             .collect(),
-    })
+    };
+    // A file outside the workspace (`#[path]`) is not synced: a change to it would go
+    // unseen.
+    let all_synced = sources
+        .values()
+        .flatten()
+        .all(|f| f.path.starts_with(&ws.root) && !f.path.starts_with(&ws.target_dir));
+    if !all_synced {
+        return Ok(rewrite);
+    }
+    Done {
+        inputs,
+        installed,
+        rewrite,
+    }
+    .record(scratch)
+}
+
+/// Everything a rewrite is computed from besides the scratch copy's files: the
+/// workspace as `cargo metadata` describes it, what the sync found in it (each file's
+/// size and modification time), the crates, the patterns, the runtime, and memscope's
+/// own build.
+#[derive(PartialEq, serde::Serialize, serde::Deserialize)]
+struct Inputs(Vec<String>);
+
+/// A rewrite, the allocator modules it wrote beside the runtime, and the inputs it was
+/// computed from.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Done {
+    inputs: Inputs,
+    installed: Vec<PathBuf>,
+    rewrite: Rewrite,
+}
+
+impl Done {
+    /// The rewrite recorded for `inputs`, if the allocator modules it wrote are still
+    /// there.
+    fn read(scratch: &Path, inputs: &Inputs) -> Option<Rewrite> {
+        let done: Done = serde_json::from_slice(&fs::read(done_file(scratch)).ok()?).ok()?;
+        (done.inputs == *inputs && done.installed.iter().all(|m| m.is_file()))
+            .then_some(done.rewrite)
+    }
+
+    fn record(self, scratch: &Path) -> anyhow::Result<Rewrite> {
+        // A path that is not UTF-8 has no JSON string: no record, a rewrite next time.
+        if let Ok(json) = serde_json::to_vec(&self) {
+            let path = done_file(scratch);
+            fs::write(&path, json)
+                .with_context(|| format!("failed to write {}", path.display()))?;
+        }
+        Ok(self.rewrite)
+    }
+
+    /// Removes the record: done before the copy changes, so that a run that stops
+    /// halfway leaves none.
+    fn forget(scratch: &Path) -> anyhow::Result<()> {
+        let path = done_file(scratch);
+        match fs::remove_file(&path) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                Err(err).with_context(|| format!("failed to remove {}", path.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Inputs {
+    fn describe(
+        ws: &Workspace,
+        crates: &[CrateRoot],
+        instrument: &[Pattern],
+        scratch: &Path,
+        runtime: &Path,
+    ) -> anyhow::Result<Inputs> {
+        let exe = std::env::current_exe().context("failed to locate memscope's executable")?;
+        let built = fs::metadata(&exe)
+            .and_then(|meta| Ok((meta.len(), meta.modified()?)))
+            .with_context(|| format!("failed to read {}", exe.display()))?;
+        let cwd = std::env::current_dir().context("failed to read the current directory")?;
+        let synced = scratch::recorded_state(scratch).unwrap_or_default();
+        Ok(Inputs(vec![
+            format!("{} {built:?}", exe.display()),
+            format!("{ws:?}"),
+            format!("{crates:?}"),
+            format!("{instrument:?}"),
+            runtime.display().to_string(),
+            cwd.display().to_string(),
+            String::from_utf8_lossy(&synced).into_owned(),
+        ]))
+    }
+}
+
+fn done_file(scratch: &Path) -> PathBuf {
+    let mut name = scratch.as_os_str().to_owned();
+    name.push(".rewrite-done.json");
+    PathBuf::from(name)
 }
 
 /// The crate name of the workspace crate whose root file is `root`.
@@ -791,6 +901,39 @@ mod tests {
             doc["dependencies"]["outer"]["path"].as_str(),
             Some("/elsewhere/x")
         );
+    }
+
+    #[test]
+    fn a_recorded_rewrite_is_found_again_only_for_the_same_inputs_and_with_its_modules() {
+        let dir = tempfile::tempdir().unwrap();
+        let scratch = dir.path().join("copy");
+        let module = dir.path().join("install/memscope.rs");
+        fs::create_dir_all(module.parent().unwrap()).unwrap();
+        fs::write(&module, "").unwrap();
+        let inputs = |files: &str| Inputs(vec!["workspace".into(), files.into()]);
+        let recorded = Done {
+            inputs: inputs("a.rs 10"),
+            installed: vec![module.clone()],
+            rewrite: Rewrite {
+                wrapped: vec![PathBuf::from("/ws/src/main.rs")],
+                instrumented: BTreeMap::from([(PathBuf::from("/ws/src/lib.rs"), 2)]),
+            },
+        }
+        .record(&scratch)
+        .unwrap();
+
+        let found = Done::read(&scratch, &inputs("a.rs 10")).unwrap();
+        assert_eq!(
+            (found.wrapped, found.instrumented),
+            (recorded.wrapped, recorded.instrumented)
+        );
+        assert!(Done::read(&scratch, &inputs("a.rs 11")).is_none());
+        fs::remove_file(&module).unwrap();
+        assert!(Done::read(&scratch, &inputs("a.rs 10")).is_none());
+        fs::write(&module, "").unwrap();
+        Done::forget(&scratch).unwrap();
+        assert!(Done::read(&scratch, &inputs("a.rs 10")).is_none());
+        Done::forget(&scratch).unwrap();
     }
 
     pub(super) fn allocators_in(text: &str) -> Vec<FoundAllocator> {

@@ -173,14 +173,21 @@ fn run_on(
     let gates = gate::Gates::load(&args.gate)?;
     let layout = Layout::new(&ws);
     let runtime = layout.runtime_to_link(&ws)?;
-    scratch::sync(
+    let synced = scratch::sync(
         &ws.root,
         &layout.scratch,
         std::slice::from_ref(&ws.target_dir),
     )
     .context("failed to update the scratch copy of the workspace")?;
     // Its errors say what failed (an `--instrument` pattern's are the user's to fix).
-    let rewrite = rewrite::apply(&ws, &program, &args.instrument, &layout.scratch, &runtime)?;
+    let rewrite = rewrite::apply(
+        &ws,
+        &program,
+        &args.instrument,
+        &layout.scratch,
+        &synced,
+        &runtime,
+    )?;
     if args.cargo.verbose > 0 {
         rewrite.describe();
     }

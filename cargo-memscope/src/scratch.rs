@@ -29,14 +29,31 @@ pub struct SyncStats {
     pub unchanged: usize,
 }
 
+impl SyncStats {
+    /// Whether the sync left the scratch copy as it was: nothing copied, nothing deleted.
+    pub fn untouched(&self) -> bool {
+        self.copied == 0 && self.deleted == 0
+    }
+}
+
+/// The record of what the last sync found in the workspace (each file's size and
+/// modification time), as written: equal records mean an unchanged workspace.
+pub fn recorded_state(scratch: &Path) -> Option<Vec<u8>> {
+    fs::read(state_path(scratch)).ok()
+}
+
+fn state_path(scratch: &Path) -> PathBuf {
+    let mut path = scratch.as_os_str().to_owned();
+    path.push(".sync.json");
+    PathBuf::from(path)
+}
+
 /// Brings `scratch` up to date with `source` (the workspace root), never descending
 /// into any of `skip` (absolute paths; the user's target directory).
 pub fn sync(source: &Path, scratch: &Path, skip: &[PathBuf]) -> anyhow::Result<SyncStats> {
     fs::create_dir_all(scratch)
         .with_context(|| format!("failed to create scratch copy {}", scratch.display()))?;
-    let mut state_path = scratch.as_os_str().to_owned();
-    state_path.push(".sync.json");
-    let state_path = PathBuf::from(state_path);
+    let state_path = state_path(scratch);
     let previous = read_state(&state_path);
 
     let mut files = Vec::new();

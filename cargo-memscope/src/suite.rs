@@ -49,14 +49,21 @@ fn suite(
     let gates = gate::Gates::load(&args.gate)?;
     let layout = Layout::new(&ws);
     let runtime = layout.runtime_to_link(&ws)?;
-    scratch::sync(
+    let synced = scratch::sync(
         &ws.root,
         &layout.scratch,
         std::slice::from_ref(&ws.target_dir),
     )
     .context("failed to update the scratch copy of the workspace")?;
     let crates = crate_roots(&ws);
-    let rewrite = rewrite::apply_crates(&ws, &crates, &args.instrument, &layout.scratch, &runtime)?;
+    let rewrite = rewrite::apply_crates(
+        &ws,
+        &crates,
+        &args.instrument,
+        &layout.scratch,
+        &synced,
+        &runtime,
+    )?;
     if args.cargo.verbose > 0 {
         rewrite.describe();
     }

@@ -432,6 +432,37 @@ fn edited_source_is_rebuilt_on_the_next_run() {
     assert_eq!(fixture.latest_traces().len(), 1, "{second:#?}");
 }
 
+#[test]
+fn a_scratch_file_removed_by_hand_is_rewritten_again_on_the_next_run() {
+    let fixture = Fixture::from_files(
+        "rescratched",
+        &[
+            ("Cargo.toml", "[package]\nname = \"rescratched\"\nversion = \"0.1.0\"\nedition = \"2021\"\n[workspace]\n"),
+            ("src/main.rs", "fn main() { println!(\"kept\"); }\n"),
+        ],
+    )
+    .with_target_dir(memscope_e2e::e2e_target_root().join("rescratched"));
+    let first = fixture.memscope(&["run"]).run();
+    assert_eq!(first.stdout, "kept\n", "{first:#?}");
+    let scratch = fixture.target_dir().join("memscope/scratch");
+    let copy = std::fs::read_dir(&scratch)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir())
+        .unwrap()
+        .join("src/main.rs");
+    let rewritten = std::fs::read_to_string(&copy).unwrap();
+    assert!(rewritten.contains("mod __memscope_allocator;"), "{rewritten}");
+
+    // Copied back from the workspace, without memscope's allocator: a rerun that took
+    // the copy for rewritten already would leave it so.
+    std::fs::remove_file(&copy).unwrap();
+    let second = fixture.memscope(&["run"]).run();
+
+    assert_eq!(second.stdout, "kept\n", "{second:#?}");
+    assert_eq!(std::fs::read_to_string(&copy).unwrap(), rewritten);
+}
+
 /// The lock file of a package `name` 0.1.0 without dependencies.
 fn lock_file_of(name: &str) -> String {
     format!(
