@@ -7,7 +7,7 @@
 //! variable names) reaches the page either through the template, whose HTML
 //! auto-escaping is on for every value, or as JSON inside a
 //! `<script type="application/json">` element with `<`, `>` and `&` written as `\u00XX`
-//! escapes ([`script_json`]), which the page's script parses and inserts with
+//! escapes ([`ScriptJson`]), which the page's script parses and inserts with
 //! `textContent` only.
 //!
 //! Size: the page holds at most [`SITES_PER_RANKING`] sites per ranking the sites table
@@ -18,6 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -59,13 +60,23 @@ pub const FRAMES_SHOWN: usize = 128;
 
 /// Renders the report and writes it to `path`.
 pub fn write(report: &Report, user_roots: &[PathBuf], path: &Path) -> anyhow::Result<()> {
-    let html = render(report, user_roots)?;
-    fs::write(path, html).with_context(|| format!("failed to write {}", path.display()))
+    let file =
+        fs::File::create(path).with_context(|| format!("failed to write {}", path.display()))?;
+    let mut out = io::BufWriter::new(file);
+    render_to(&mut out, report, user_roots)
+        .and_then(|()| out.flush().map_err(anyhow::Error::from))
+        .with_context(|| format!("failed to write {}", path.display()))
 }
 
-/// The whole page. `user_roots` are the workspace directories that file names are
-/// shown relative to, as in the terminal summary.
-pub fn render(report: &Report, user_roots: &[PathBuf]) -> anyhow::Result<String> {
+/// Writes the whole page to `out`: the template's output, with the script's data
+/// (megabytes of JSON, for a test suite) serialized straight into its place rather
+/// than through the template. `user_roots` are the workspace directories that file
+/// names are shown relative to, as in the terminal summary.
+fn render_to(
+    out: &mut impl io::Write,
+    report: &Report,
+    user_roots: &[PathBuf],
+) -> anyhow::Result<()> {
     let page = Page::new(report);
     let mut env = Environment::new();
     env.set_auto_escape_callback(|_| AutoEscape::Html);
@@ -81,18 +92,25 @@ pub fn render(report: &Report, user_roots: &[PathBuf]) -> anyhow::Result<String>
     env.add_template("report.html", TEMPLATE)
         .context("the HTML report template does not parse")?;
     let template = env.get_template("report.html")?;
-    let data = script_json(&page.script_data(user_roots));
-    // The only values not escaped: our own style and script, and JSON escaped for a
-    // script element.
+    // Where the data goes: a mark no string of the program's can hold, since it is made
+    // of the nonce, which is made after the program ran.
+    let mark = format!("memscope-data-{}", page.nonce);
+    // The only values not escaped: our own style and script, and the mark.
     let html = template
         .render(minijinja::context! {
             page => Value::from(minijinja::value::Serde(&page)),
             style => Value::from_safe_string(STYLE.into()),
             script => Value::from_safe_string(SCRIPT.into()),
-            data => Value::from_safe_string(data),
+            data => Value::from_safe_string(mark.clone()),
         })
         .context("failed to render the HTML report")?;
-    Ok(html)
+    let (before, after) = html
+        .split_once(&mark)
+        .expect("the template places the data once");
+    out.write_all(before.as_bytes())?;
+    serde_json::to_writer(ScriptJson(&mut *out), &page.script_data(user_roots))?;
+    out.write_all(after.as_bytes())?;
+    Ok(())
 }
 
 /// Opens the page with the desktop's opener (`xdg-open`, `open`), or says how to open
@@ -141,26 +159,32 @@ fn file_url(path: &Path) -> String {
     url
 }
 
-/// JSON for a `<script type="application/json">` element: `<`, `>` and `&` (the only
-/// characters that can end the element or start markup) as `\u00XX` escapes, which
-/// `JSON.parse` reads back as the same characters.
-fn script_json<T: Serialize>(value: &T) -> String {
-    let json = serde_json::to_string(value).expect("report data serializes");
-    let mut out = String::with_capacity(json.len() + json.len() / 16);
-    let mut copied = 0;
-    // Copied in runs between the three characters (ASCII, so every index found is a
-    // character boundary): the data is megabytes, and the characters are few.
-    for i in memchr::memchr3_iter(b'<', b'>', b'&', json.as_bytes()) {
-        out.push_str(&json[copied..i]);
-        out.push_str(match json.as_bytes()[i] {
-            b'<' => "\\u003c",
-            b'>' => "\\u003e",
-            _ => "\\u0026",
-        });
-        copied = i + 1;
+/// JSON for a `<script type="application/json">` element, written through: `<`, `>`
+/// and `&` (the only characters that can end the element or start markup, and which
+/// JSON has only inside strings) as `\u00XX` escapes, which `JSON.parse` reads back as
+/// the same characters.
+struct ScriptJson<W>(W);
+
+impl<W: io::Write> io::Write for ScriptJson<W> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let mut copied = 0;
+        // Copied in runs between the three characters: they are few.
+        for i in memchr::memchr3_iter(b'<', b'>', b'&', bytes) {
+            self.0.write_all(&bytes[copied..i])?;
+            self.0.write_all(match bytes[i] {
+                b'<' => b"\\u003c",
+                b'>' => b"\\u003e",
+                _ => b"\\u0026",
+            })?;
+            copied = i + 1;
+        }
+        self.0.write_all(&bytes[copied..])?;
+        Ok(bytes.len())
     }
-    out.push_str(&json[copied..]);
-    out
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
 }
 
 /// A token for the page's Content-Security-Policy: unguessable by the program whose
@@ -1040,6 +1064,18 @@ mod tests {
     fn assert_no_injected_markup(html: &str) {
         assert_eq!(html.matches("<script").count(), 3, "only our own scripts");
         assert!(!html.contains("<img"), "an <img> element was injected");
+    }
+
+    fn render(report: &Report, user_roots: &[PathBuf]) -> anyhow::Result<String> {
+        let mut out = Vec::new();
+        render_to(&mut out, report, user_roots)?;
+        Ok(String::from_utf8(out).unwrap())
+    }
+
+    fn script_json<T: Serialize>(value: &T) -> String {
+        let mut out = Vec::new();
+        serde_json::to_writer(ScriptJson(&mut out), value).unwrap();
+        String::from_utf8(out).unwrap()
     }
 
     #[test]
