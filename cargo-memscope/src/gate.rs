@@ -21,8 +21,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 
 use crate::cli::{GateArgs, LeakKinds};
-use crate::report::{Leak, Report, LEAK_KINDS};
-use crate::symbols::Frame;
+use crate::report::{FrameEntry, Leak, Report, LEAK_KINDS};
 
 /// Parses `--leak-kinds`: `all`, `lost`, or kinds separated by commas.
 pub fn parse_leak_kinds(text: &str) -> Result<LeakKinds, String> {
@@ -130,7 +129,7 @@ impl Suppressions {
     /// The first rule that matches a frame of `stack`.
     pub fn matching<'f>(
         &self,
-        stack: impl IntoIterator<Item = &'f Frame> + Clone,
+        stack: impl IntoIterator<Item = &'f FrameEntry> + Clone,
         workspace: &Path,
     ) -> Option<&Rule> {
         self.rules.iter().find(|rule| {
@@ -183,7 +182,7 @@ pub fn parse_rules(text: &str) -> Result<Vec<Rule>, (usize, String)> {
 }
 
 impl Rule {
-    fn matches(&self, frame: &Frame, workspace: &Path) -> bool {
+    fn matches(&self, frame: &FrameEntry, workspace: &Path) -> bool {
         match self.kind {
             RuleKind::Function => frame
                 .function
@@ -411,13 +410,13 @@ impl Gates {
 mod tests {
     use super::*;
 
-    fn frame(function: &str, file: &str) -> Frame {
-        Frame {
-            address: "0x1".into(),
+    fn frame(function: &str, file: &str) -> FrameEntry {
+        FrameEntry {
             function: Some(function.into()),
             file: Some(file.into()),
             line: Some(1),
             inlined: false,
+            place: None,
         }
     }
 

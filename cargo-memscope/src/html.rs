@@ -31,10 +31,11 @@ use serde::Serialize;
 use crate::instrument::{Scope, Task, VarRef, Variable};
 use crate::pertest::{TestBinary, TestResult};
 use crate::report::{
-    Basis, InternalGroup, Leak, Location, Problem, Process, Report, Site, Summary, Thread, Timeline,
+    Basis, FrameEntry, InternalGroup, Leak, Location, Problem, Process, Report, Site, Summary,
+    Thread, Timeline,
 };
 use crate::summary;
-use crate::symbols::{Frame, ModuleStatus, SiteOrigin};
+use crate::symbols::{ModuleStatus, SiteOrigin};
 
 const TEMPLATE: &str = include_str!("html/report.html");
 const STYLE: &str = include_str!("html/report.css");
@@ -249,7 +250,7 @@ struct Page<'a> {
     sites_per_ranking: usize,
     /// The report's frame table, which the stacks above index.
     #[serde(skip)]
-    frames: &'a [Frame],
+    frames: &'a [FrameEntry],
     /// A random token that lets the page's own script run (Content-Security-Policy).
     nonce: String,
 }
@@ -259,7 +260,7 @@ struct Page<'a> {
 struct WithFrames<'a, T> {
     #[serde(flatten)]
     item: &'a T,
-    frames: Vec<&'a Frame>,
+    frames: Vec<&'a FrameEntry>,
 }
 
 /// An item of a tree, with its depth.
@@ -462,7 +463,7 @@ fn scope_tree(scopes: &[Scope]) -> Vec<Indented<'_, Scope>> {
 }
 
 /// Whether `frame` is the one a site's location was taken from.
-fn names(frame: &Frame, at: &Location) -> bool {
+fn names(frame: &FrameEntry, at: &Location) -> bool {
     frame.function.as_deref() == at.function.as_deref()
         && frame.file.as_deref() == at.file.as_deref()
         && frame.line == at.line
@@ -534,7 +535,8 @@ struct SiteData<'a> {
 }
 
 /// A frame, as an array to keep the page small: `[function, file as shown, line,
-/// inlined, address]`, the address only for frames without a function name.
+/// inlined, place]`, the place (`object-file+0x…`) only for frames without a function
+/// name.
 #[derive(Serialize)]
 struct FrameData<'a>(
     Option<&'a str>,
@@ -545,13 +547,13 @@ struct FrameData<'a>(
 );
 
 impl<'a> FrameData<'a> {
-    fn new(f: &'a Frame, user_roots: &[PathBuf]) -> FrameData<'a> {
+    fn new(f: &'a FrameEntry, user_roots: &[PathBuf]) -> FrameData<'a> {
         FrameData(
             f.function.as_deref(),
             f.file.as_deref().map(|p| display_path(p, user_roots)),
             f.line,
             f.inlined,
-            f.function.is_none().then_some(&*f.address),
+            f.place.as_deref(),
         )
     }
 }
@@ -757,25 +759,25 @@ mod tests {
     /// Text that ends a script element if it is ever written into one unescaped.
     const BREAKOUT: &str = "</script><script>document.title='pwned'</script>";
 
-    fn frame(function: &str, file: &str, line: u32) -> Frame {
-        Frame {
-            address: format!("0x{:x}", 0x1000 + line).into(),
+    fn frame(function: &str, file: &str, line: u32) -> FrameEntry {
+        FrameEntry {
             function: Some(function.into()),
             file: Some(file.into()),
             line: Some(line),
             inlined: false,
+            place: None,
         }
     }
 
     thread_local! {
         /// The frame table of the report the running test is building: `site` adds to
         /// it, `report` takes it (each test runs on a thread of its own).
-        static FRAMES: std::cell::RefCell<(Vec<Frame>, FxHashMap<Frame, usize>)> =
+        static FRAMES: std::cell::RefCell<(Vec<FrameEntry>, FxHashMap<FrameEntry, usize>)> =
             std::cell::RefCell::default();
     }
 
     /// `stack` as indexes into the test's frame table.
-    fn stack_of(stack: Vec<Frame>) -> Vec<usize> {
+    fn stack_of(stack: Vec<FrameEntry>) -> Vec<usize> {
         FRAMES.with_borrow_mut(|(table, index)| {
             stack
                 .into_iter()
@@ -789,7 +791,7 @@ mod tests {
         })
     }
 
-    fn site(id: usize, stack: Vec<Frame>, bytes: u64, live: u64) -> Site {
+    fn site(id: usize, stack: Vec<FrameEntry>, bytes: u64, live: u64) -> Site {
         let top = stack[0].clone();
         Site {
             id,

@@ -25,7 +25,7 @@ use crate::symbols::{self, Frame, ModuleStatus, SiteOrigin, Symbolizer};
 use crate::trace::{EventKind, Tables, Trace};
 
 /// The version of the JSON schema; bumped on any incompatible change.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// How to turn traces into reports.
 #[derive(Debug, Clone)]
@@ -335,12 +335,28 @@ pub struct Report {
     pub tasks: Vec<crate::instrument::Task>,
     /// Every distinct frame of the stacks above, once: a [`Stack`] holds indexes into
     /// it (a real test suite has tens of thousands of sites, most of whose frames are
-    /// shared).
-    pub frames: Vec<Frame>,
+    /// shared, within a process and between the processes of a suite).
+    pub frames: Vec<FrameEntry>,
 }
 
 /// A call stack, innermost frame first, as indexes into [`Report::frames`].
 pub type Stack = Vec<usize>;
+
+/// An entry of [`Report::frames`]: a frame as every process that has it shows it. Its
+/// return address is not part of it: ASLR puts it elsewhere in each process.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FrameEntry {
+    /// Demangled function name, without hash suffix.
+    pub function: Option<symbols::Name>,
+    /// Source file, after the report's path map.
+    pub file: Option<symbols::Name>,
+    pub line: Option<u32>,
+    /// This call was inlined into the next frame.
+    pub inlined: bool,
+    /// For a frame without a function name only: where its return address lies, as
+    /// `object-file+0x…`, or the address itself when no object file holds it.
+    pub place: Option<String>,
+}
 
 impl Report {
     /// Lets the report go without freeing it, when the command ends next: freeing a
@@ -354,7 +370,7 @@ impl Report {
     pub fn frames_of<'r>(
         &'r self,
         stack: &'r [usize],
-    ) -> impl Iterator<Item = &'r Frame> + Clone + 'r {
+    ) -> impl Iterator<Item = &'r FrameEntry> + Clone + 'r {
         stack.iter().map(|&i| &self.frames[i])
     }
 }
@@ -1353,10 +1369,11 @@ fn merge(mut analysed: Vec<Analysed>) -> Report {
         p.site = p.site.and_then(|s| rank[s]);
     }
 
-    // One table of distinct frames, in the order the merged sites first use them;
-    // stacks become indexes into it. A process's frame id → its index, found once.
+    // One table of distinct frames (one per key, whichever process), in the order the
+    // merged sites first use them; stacks become indexes into it. A process's frame id
+    // → its index, found once.
     let mut frames = Vec::new();
-    let mut frame_ids: FxHashMap<&Frame, usize> = FxHashMap::default();
+    let mut by_key = vec![usize::MAX; keys.len()];
     let mut id_of: Vec<Vec<usize>> = tables
         .iter()
         .map(|(f, _)| vec![usize::MAX; f.len()])
@@ -1370,12 +1387,20 @@ fn merge(mut analysed: Vec<Analysed>) -> Report {
                 .map(|f| {
                     let id = &mut id_of[p][f as usize];
                     if *id == usize::MAX {
-                        let frame = &tables[p].0[f as usize];
-                        let next = frame_ids.len();
-                        *id = *frame_ids.entry(frame).or_insert_with(|| {
-                            frames.push(frame.clone());
-                            next
-                        });
+                        let entry = &mut by_key[key_of[p][f as usize] as usize];
+                        if *entry == usize::MAX {
+                            let (table, places) = &tables[p];
+                            let frame = &table[f as usize];
+                            frames.push(FrameEntry {
+                                function: frame.function.clone(),
+                                file: frame.file.clone(),
+                                line: frame.line,
+                                inlined: frame.inlined,
+                                place: places[f as usize].clone(),
+                            });
+                            *entry = frames.len() - 1;
+                        }
+                        *id = *entry;
                     }
                     *id
                 })
@@ -1688,7 +1713,7 @@ mod tests {
         let trace = program(Some(60)).write(dir.path(), "p.mstrace");
         let report = generate(&[trace], &options(dir.path())).unwrap();
         let json = read_json(dir.path());
-        assert_eq!(json["schema_version"], 3);
+        assert_eq!(json["schema_version"], 4);
         let s = &json["summary"];
         let field = |name: &str| s[name].as_u64().unwrap();
         assert_eq!(field("allocations"), 2);
@@ -1712,7 +1737,9 @@ mod tests {
 
         assert_eq!(json["sites"][0]["bytes_allocated"], 4096);
         let top = json["sites"][0]["stack"][0].as_u64().unwrap() as usize;
-        assert_eq!(json["frames"][top]["address"], "0x1111");
+        // No object file holds the address: it is the place.
+        assert_eq!(json["frames"][top]["place"], "0x1111");
+        assert_eq!(json["frames"][top].get("address"), None);
         assert_eq!(json["leaks"][0]["bytes"], 4096);
         assert_eq!(json["leaks"][0]["basis"], "observed");
         assert_eq!(json["leaks"][0]["threads"][0]["name"], "main");
@@ -1797,7 +1824,7 @@ mod tests {
     }
 
     #[test]
-    fn frames_without_names_are_the_same_site_in_processes_that_mapped_them_elsewhere() {
+    fn frames_without_names_are_the_same_site_and_frame_in_processes_that_mapped_them_elsewhere() {
         let dir = tempfile::tempdir().unwrap();
         let a = unnamed_frames_at(0x10_0000, 0x100).write(dir.path(), "a.mstrace");
         let b = unnamed_frames_at(0x70_0000, 0x100).write(dir.path(), "b.mstrace");
@@ -1809,18 +1836,26 @@ mod tests {
         assert_eq!(sites.len(), 2, "{sites:#?}");
         assert_eq!(sites[0]["allocations"], 3);
         assert_eq!(sites[1]["allocations"], 1);
-        // A site keeps the first process's frames, each once in the table.
-        let addresses = |site: &serde_json::Value| -> Vec<serde_json::Value> {
+        // Each frame once in the table, known by its place, whichever process: the
+        // two sites share their outer frame.
+        let places = |site: &serde_json::Value| -> Vec<serde_json::Value> {
             let stack = site["stack"].as_array().unwrap();
             let frame = |i: &serde_json::Value| i.as_u64().unwrap() as usize;
             stack
                 .iter()
-                .map(|i| json["frames"][frame(i)]["address"].clone())
+                .map(|i| json["frames"][frame(i)]["place"].clone())
                 .collect()
         };
-        assert_eq!(addresses(&sites[0]), ["0x100100", "0x100200"]);
-        assert_eq!(addresses(&sites[1]), ["0x700180", "0x700200"]);
-        assert_eq!(json["frames"].as_array().unwrap().len(), 4);
+        let lib = "/nonexistent/lib.so";
+        assert_eq!(
+            places(&sites[0]),
+            [format!("{lib}+0x100"), format!("{lib}+0x200")]
+        );
+        assert_eq!(
+            places(&sites[1]),
+            [format!("{lib}+0x180"), format!("{lib}+0x200")]
+        );
+        assert_eq!(json["frames"].as_array().unwrap().len(), 3);
     }
 
     #[test]

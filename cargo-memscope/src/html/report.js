@@ -50,7 +50,7 @@
   const dataNode = document.getElementById("memscope-data");
   const data = dataNode ? JSON.parse(dataNode.textContent) : { sites: [], stacks: {}, site_frames: {}, frames: [] };
 
-  // ---- stacks: frames are [function, file, line, inlined, address] ----
+  // ---- stacks: frames are [function, file, line, inlined, place] ----
   function frameList(siteId, depth) {
     const box = document.createDocumentFragment();
     const ids = data.stacks[siteId] || [];
@@ -60,10 +60,10 @@
     }
     const list = el("ol", "frames");
     ids.forEach((i, n) => {
-      const [fn, file, line, inlined, address] = data.frames[i];
+      const [fn, file, line, inlined, place] = data.frames[i];
       const li = el("li");
       if (data.site_frames[siteId] === n) li.className = "site-frame";
-      li.appendChild(el("span", "fn", fn || address || "?"));
+      li.appendChild(el("span", "fn", fn || place || "?"));
       if (file) li.appendChild(el("span", "file", file + (line === null ? "" : ":" + line)));
       if (inlined) li.appendChild(el("span", "tag", "inlined"));
       list.appendChild(li);
