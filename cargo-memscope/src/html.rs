@@ -61,12 +61,12 @@ pub const FRAMES_SHOWN: usize = 128;
 
 /// Renders the report and writes it to `path`.
 pub fn write(report: &Report, user_roots: &[PathBuf], path: &Path) -> anyhow::Result<()> {
-    let file =
-        fs::File::create(path).with_context(|| format!("failed to write {}", path.display()))?;
-    let mut out = io::BufWriter::new(file);
-    render_to(&mut out, report, user_roots)
-        .and_then(|()| out.flush().map_err(anyhow::Error::from))
-        .with_context(|| format!("failed to write {}", path.display()))
+    let write = || -> anyhow::Result<()> {
+        let mut out = io::BufWriter::new(fs::File::create(path)?);
+        render_to(&mut out, report, user_roots)?;
+        Ok(out.flush()?)
+    };
+    write().with_context(|| format!("failed to write {}", path.display()))
 }
 
 /// Writes the whole page to `out`: the template's output, with the script's data

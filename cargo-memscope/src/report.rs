@@ -600,7 +600,7 @@ struct Analysed {
     process: Process,
     sites: Vec<SiteDraft>,
     /// The frames the sites' stacks are ids into, and for each one without a function
-    /// name, where it lies in its object file (see [`FrameKey`]).
+    /// name, where it lies in its object file (see [`FrameEntry::of`]).
     frames: Vec<Frame>,
     places: Vec<Option<String>>,
     threads: Vec<Thread>,
@@ -681,27 +681,18 @@ pub const LEAK_KINDS: [&str; 6] = [
     "live_at_exit",
 ];
 
-/// What makes two frames of different processes the same: function, file, line,
-/// whether inlined, and for a frame without a function name its place in its object
-/// file, not its address, which ASLR changes from one process to the next.
-#[derive(PartialEq, Eq, Hash)]
-struct FrameKey<'a>(
-    Option<&'a str>,
-    Option<&'a str>,
-    Option<u32>,
-    bool,
-    Option<&'a str>,
-);
-
-impl<'a> FrameKey<'a> {
-    fn of(frame: &'a Frame, place: Option<&'a str>) -> FrameKey<'a> {
-        FrameKey(
-            frame.function.as_deref(),
-            frame.file.as_deref(),
-            frame.line,
-            frame.inlined,
-            place,
-        )
+impl FrameEntry {
+    /// `frame` of one process, `place` being where it lies when it has no function
+    /// name: what makes two frames of different processes the same, not its address,
+    /// which ASLR changes from one process to the next.
+    fn of(frame: &Frame, place: Option<&String>) -> FrameEntry {
+        FrameEntry {
+            function: frame.function.clone(),
+            file: frame.file.clone(),
+            line: frame.line,
+            inlined: frame.inlined,
+            place: place.cloned(),
+        }
     }
 }
 
@@ -1282,14 +1273,17 @@ fn merge(mut analysed: Vec<Analysed>) -> Report {
         summary.peak_time_ns = analysed[0].process.summary.peak_time_ns;
     }
 
-    // Each process's frames, and where the unnamed ones lie (`FrameKey`).
+    // Each process's frames, and where the unnamed ones lie (`FrameEntry::of`).
     let tables: Vec<(Vec<Frame>, Vec<Option<String>>)> = analysed
         .iter_mut()
         .map(|a| (std::mem::take(&mut a.frames), std::mem::take(&mut a.places)))
         .collect();
-    // Frames that are the same in every process get one key: a process's frame id →
-    // its key, found once per frame, not once per site it is in.
-    let mut keys: FxHashMap<FrameKey, u32> = FxHashMap::default();
+    // Frames that are the same in every process get one key, their index in one table
+    // of frames: a process's frame id → its key, found once per frame, not once per
+    // site it is in. (The keys come in the order the merged sites first use them: a
+    // site that joins an earlier one has the same keys.)
+    let mut keys: FxHashMap<FrameEntry, u32> = FxHashMap::default();
+    let mut frames = Vec::new();
     let mut key_of: Vec<Vec<u32>> = tables
         .iter()
         .map(|(f, _)| vec![u32::MAX; f.len()])
@@ -1317,7 +1311,7 @@ fn merge(mut analysed: Vec<Analysed>) -> Report {
         variables.extend(a.instrumented.variables);
         tasks.extend(a.instrumented.tasks);
         let mut map = Vec::with_capacity(a.sites.len());
-        let (frames, places) = &tables[p];
+        let (table, places) = &tables[p];
         for mut draft in a.sites {
             let key: Box<[u32]> = draft
                 .frames
@@ -1325,10 +1319,14 @@ fn merge(mut analysed: Vec<Analysed>) -> Report {
                 .map(|&f| {
                     let key = &mut key_of[p][f as usize];
                     if *key == u32::MAX {
-                        let frame =
-                            FrameKey::of(&frames[f as usize], places[f as usize].as_deref());
-                        let next = keys.len() as u32;
-                        *key = *keys.entry(frame).or_insert(next);
+                        let frame = FrameEntry::of(&table[f as usize], places[f as usize].as_ref());
+                        *key = match keys.entry(frame) {
+                            Entry::Occupied(known) => *known.get(),
+                            Entry::Vacant(new) => {
+                                frames.push(new.key().clone());
+                                *new.insert(frames.len() as u32 - 1)
+                            }
+                        };
                     }
                     *key
                 })
@@ -1369,41 +1367,14 @@ fn merge(mut analysed: Vec<Analysed>) -> Report {
         p.site = p.site.and_then(|s| rank[s]);
     }
 
-    // One table of distinct frames (one per key, whichever process), in the order the
-    // merged sites first use them; stacks become indexes into it. A process's frame id
-    // → its index, found once.
-    let mut frames = Vec::new();
-    let mut by_key = vec![usize::MAX; keys.len()];
-    let mut id_of: Vec<Vec<usize>> = tables
-        .iter()
-        .map(|(f, _)| vec![usize::MAX; f.len()])
-        .collect();
+    // Stacks become indexes into the table of frames: their keys.
     let stacks: Vec<Stack> = merged
         .iter_mut()
         .zip(&merged_from)
         .map(|(d, &p)| {
             std::mem::take(&mut d.frames)
                 .into_iter()
-                .map(|f| {
-                    let id = &mut id_of[p][f as usize];
-                    if *id == usize::MAX {
-                        let entry = &mut by_key[key_of[p][f as usize] as usize];
-                        if *entry == usize::MAX {
-                            let (table, places) = &tables[p];
-                            let frame = &table[f as usize];
-                            frames.push(FrameEntry {
-                                function: frame.function.clone(),
-                                file: frame.file.clone(),
-                                line: frame.line,
-                                inlined: frame.inlined,
-                                place: places[f as usize].clone(),
-                            });
-                            *entry = frames.len() - 1;
-                        }
-                        *id = *entry;
-                    }
-                    *id
-                })
+                .map(|f| key_of[p][f as usize] as usize)
                 .collect()
         })
         .collect();

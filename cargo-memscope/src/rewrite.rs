@@ -382,9 +382,7 @@ impl Inputs {
 }
 
 fn done_file(scratch: &Path) -> PathBuf {
-    let mut name = scratch.as_os_str().to_owned();
-    name.push(".rewrite-done.json");
-    PathBuf::from(name)
+    scratch::beside(scratch, ".rewrite-done.json")
 }
 
 /// The crate name of the workspace crate whose root file is `root`.
@@ -469,9 +467,7 @@ fn write_plan(
 }
 
 fn state_file(scratch: &Path) -> PathBuf {
-    let mut name = scratch.as_os_str().to_owned();
-    name.push(".rewrite.json");
-    PathBuf::from(name)
+    scratch::beside(scratch, ".rewrite.json")
 }
 
 // ---------------------------------------------------------------------------------

@@ -43,8 +43,14 @@ pub fn recorded_state(scratch: &Path) -> Option<Vec<u8>> {
 }
 
 fn state_path(scratch: &Path) -> PathBuf {
+    beside(scratch, ".sync.json")
+}
+
+/// A file of memscope's about the scratch copy at `scratch`, beside it: its path with
+/// `suffix` appended.
+pub fn beside(scratch: &Path, suffix: &str) -> PathBuf {
     let mut path = scratch.as_os_str().to_owned();
-    path.push(".sync.json");
+    path.push(suffix);
     PathBuf::from(path)
 }
 

@@ -8,7 +8,7 @@
 //! of the linked contents, so what an address of one build was found to be holds for
 //! every file with that id. Object files without a build id are not cached. The only
 //! user of `object`, `memmap2` and `postcard` (the files' encoding: a test binary's
-//! cache is a few hundred kilobytes, which took 4–5 ms to read as JSON); a cache file
+//! cache is a few hundred kilobytes, about 5 ms of `perf` samples to decode as JSON); a cache file
 //! that cannot be read, or was written for another file, is ignored (and rewritten),
 //! never an error.
 
