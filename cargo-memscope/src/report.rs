@@ -60,23 +60,35 @@ pub fn generate(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<R
 
 /// Reads the traces and analyses them into the report model.
 pub fn build(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<Report> {
-    build_with(traces, options, AnalysedAhead::default())
+    build_with(traces, options, &mut AnalysedAhead::default())
 }
 
-/// [`build`], taking the traces [`Ahead`] analysed already as they are.
+/// [`build`], taking the traces [`Ahead`] analyses as they are handed over.
+///
+/// Processes are merged in the traces' order, each as soon as it and those before it
+/// are analysed: a suite's earlier binaries are merged while its last one, which
+/// ended with the run, is still being analysed ahead.
 pub fn build_with(
     traces: &[PathBuf],
     options: &ReportOptions,
-    mut ahead: AnalysedAhead,
+    ahead: &mut AnalysedAhead,
 ) -> anyhow::Result<Report> {
     anyhow::ensure!(!traces.is_empty(), "no trace to analyse");
-    let mut processes: Vec<Option<Analysed>> = traces.iter().map(|_| None).collect();
-    let mut opened = Vec::new();
+    let mut merger = Merger::default();
+    // Analysed ahead, but after a trace that was not: merged once that one is.
+    let mut held = Vec::new();
+    let mut missing = Vec::new();
     for (i, path) in traces.iter().enumerate() {
-        match ahead.0.remove(path) {
-            Some(analysed) => processes[i] = Some(analysed),
-            None => opened.push((i, Trace::open(path)?)),
+        match ahead.take(path) {
+            Some(analysed) if missing.is_empty() => merger.add(analysed),
+            Some(analysed) => held.push((i, analysed)),
+            None => missing.push(i),
         }
+    }
+    ahead.settled();
+    let mut opened = Vec::new();
+    for i in missing {
+        opened.push((i, Trace::open(&traces[i])?));
     }
     let progress = Progress::new(
         options.progress && !opened.is_empty(),
@@ -102,16 +114,19 @@ pub fn build_with(
         };
         let workers: Vec<_> = (0..workers).map(|_| scope.spawn(work)).collect();
         for worker in workers {
-            let done = worker
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            for (i, analysed) in done {
-                processes[i] = Some(analysed);
-            }
+            held.extend(
+                worker
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            );
         }
     });
     progress.finish();
-    Ok(merge(processes.into_iter().flatten().collect()))
+    held.sort_unstable_by_key(|&(i, _)| i);
+    for (_, analysed) in held {
+        merger.add(analysed);
+    }
+    Ok(merger.finish())
 }
 
 /// Analyses the traces of processes that have ended while the rest of a run goes on
@@ -121,7 +136,8 @@ pub fn build_with(
 /// trace not yet whole).
 pub struct Ahead {
     shared: std::sync::Arc<AheadShared>,
-    workers: Vec<std::thread::JoinHandle<AnalysedAhead>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    analysed: std::sync::mpsc::Receiver<(PathBuf, Analysed)>,
 }
 
 /// What [`Ahead`]'s workers share: where ended traces come from, those not yet taken,
@@ -149,9 +165,16 @@ const AHEAD_DRAIN: u8 = 1;
 /// Stop after the traces being analysed.
 const AHEAD_STOP: u8 = 2;
 
-/// The traces [`Ahead`] analysed, by path.
+/// The traces [`Ahead`] analyses once the run is over, handed over as each is done
+/// ([`build_with`] takes them). Dropping it waits for the workers to end.
 #[derive(Default)]
-pub struct AnalysedAhead(FxHashMap<PathBuf, Analysed>);
+pub struct AnalysedAhead {
+    shared: Option<std::sync::Arc<AheadShared>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    /// `None` once every worker has ended.
+    analysed: Option<std::sync::mpsc::Receiver<(PathBuf, Analysed)>>,
+    received: FxHashMap<PathBuf, Analysed>,
+}
 
 impl Ahead {
     /// Starts analysing the traces `ended` hands out, each once (it is asked again
@@ -168,6 +191,7 @@ impl Ahead {
             mode: std::sync::atomic::AtomicU8::new(AHEAD_RUN),
             progress: Progress::hidden(options.progress),
         });
+        let (hand_over, analysed) = std::sync::mpsc::channel();
         // Each worker keeps the debug information it read (its own symbol loaders),
         // which a large executable makes hundreds of megabytes: a few workers, not
         // one per core of a large machine.
@@ -176,58 +200,103 @@ impl Ahead {
         let workers = (0..workers)
             .map(|_| {
                 let shared = shared.clone();
+                let hand_over = hand_over.clone();
                 let options = ReportOptions {
                     progress: false,
                     ..options.clone()
                 };
-                std::thread::spawn(move || shared.work(&options))
+                std::thread::spawn(move || shared.work(&options, hand_over))
             })
             .collect();
-        Ahead { shared, workers }
+        Ahead {
+            shared,
+            workers,
+            analysed,
+        }
     }
 
-    /// Analyses what is left of the traces that ended (the run is over), and hands
-    /// over everything analysed.
+    /// The run is over: analyses what is left of the traces that ended, handing each
+    /// over as soon as it is done.
     pub fn finish(self) -> AnalysedAhead {
-        self.end(AHEAD_DRAIN)
+        self.tell(AHEAD_DRAIN);
+        self.shared.progress.show();
+        AnalysedAhead {
+            shared: Some(self.shared),
+            workers: self.workers,
+            analysed: Some(self.analysed),
+            received: FxHashMap::default(),
+        }
     }
 
     /// Stops after the traces being analysed: their results are not wanted.
     pub fn abandon(self) {
-        self.end(AHEAD_STOP);
+        self.tell(AHEAD_STOP);
+        for worker in self.workers {
+            let _ = worker.join();
+        }
     }
 
-    fn end(self, mode: u8) -> AnalysedAhead {
+    fn tell(&self, mode: u8) {
         self.shared
             .mode
             .store(mode, std::sync::atomic::Ordering::Release);
-        if mode == AHEAD_DRAIN {
-            self.shared.progress.show();
-        }
         for worker in &self.workers {
             // Woken early from waiting for a trace to end.
             worker.thread().unpark();
         }
-        let mut done = AnalysedAhead::default();
-        for worker in self.workers {
-            // A panic is raised again where `build_with` analyses the same trace.
-            done.0.extend(worker.join().unwrap_or_default().0);
+    }
+}
+
+impl AnalysedAhead {
+    /// The trace at `path`, analysed: waits for it while the workers may still hand
+    /// it over. `None` when they did not analyse it (a panic there is raised again
+    /// where `build_with` analyses the same trace).
+    fn take(&mut self, path: &Path) -> Option<Analysed> {
+        loop {
+            if let Some(analysed) = self.received.remove(path) {
+                return Some(analysed);
+            }
+            match self.analysed.as_ref()?.recv() {
+                Ok((done, analysed)) => {
+                    self.received.insert(done, analysed);
+                }
+                Err(_) => self.analysed = None,
+            }
         }
-        self.shared.progress.finish();
-        done
+    }
+
+    /// Everything wanted was taken: the progress bar goes.
+    fn settled(&self) {
+        if let Some(shared) = &self.shared {
+            shared.progress.finish();
+        }
+    }
+}
+
+impl Drop for AnalysedAhead {
+    /// Waits for the workers, which save what they found for the next run and free
+    /// what they read once they have handed everything over.
+    fn drop(&mut self) {
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
     }
 }
 
 impl AheadShared {
-    /// One worker: takes the next ended trace and analyses it, until told to stop.
-    fn work(&self, options: &ReportOptions) -> AnalysedAhead {
+    /// One worker: takes the next ended trace, analyses it and hands it over, until
+    /// told to stop.
+    fn work(
+        &self,
+        options: &ReportOptions,
+        hand_over: std::sync::mpsc::Sender<(PathBuf, Analysed)>,
+    ) {
         lower_priority();
         let loaders = symbols::Loaders::cached(options.symbol_cache.clone());
-        let mut done = AnalysedAhead::default();
         loop {
             let mode = self.mode.load(std::sync::atomic::Ordering::Acquire);
             if mode == AHEAD_STOP {
-                return done;
+                break;
             }
             let next = {
                 let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -237,7 +306,7 @@ impl AheadShared {
             };
             let Some(path) = next else {
                 if mode == AHEAD_DRAIN {
-                    return done;
+                    break;
                 }
                 std::thread::park_timeout(std::time::Duration::from_millis(5));
                 continue;
@@ -250,9 +319,14 @@ impl AheadShared {
             self.progress.grow(trace.event_bytes());
             let analysed = analyse(&trace, options, &loaders, &self.progress);
             if analysed.process.complete {
-                done.0.insert(path, analysed);
+                // Not wanted any more if `build_with` has finished.
+                let _ = hand_over.send((path, analysed));
             }
         }
+        // The last one to go ends `take`'s wait; the debug information read is freed
+        // after that (3 ms for serde_json's suite), while the report is merged.
+        drop(hand_over);
+        drop(loaders);
     }
 }
 
@@ -1261,200 +1335,240 @@ fn share(part: u64, whole: u64) -> f64 {
 // ---------------------------------------------------------------------------------
 // All processes.
 
-fn merge(mut analysed: Vec<Analysed>) -> Report {
-    let mut summary = Summary {
-        complete: true,
-        ..Summary::default()
-    };
-    for a in &analysed {
-        add_summary(&mut summary, &a.process.summary);
-    }
-    if analysed.len() == 1 {
-        summary.peak_time_ns = analysed[0].process.summary.peak_time_ns;
-    }
+/// Merges processes, added in the traces' order, into one report.
+///
+/// Frames that are the same in every process get one key, their index in one table of
+/// frames: a process's frame id → its key, found once per frame, not once per site it
+/// is in. (The keys come in the order the merged sites first use them: a site that
+/// joins an earlier one has the same keys.) Sites with the same stack of keys are one
+/// site, whichever process; a merged site keeps the frames of the first process that
+/// has it.
+struct Merger {
+    summary: Summary,
+    keys: FxHashMap<FrameEntry, u32>,
+    frames: Vec<FrameEntry>,
+    /// Each process's frame ids → their keys (`u32::MAX`: not used by a site).
+    key_of: Vec<Vec<u32>>,
+    index: FxHashMap<(bool, Box<[u32]>), usize>,
+    merged: Vec<SiteDraft>,
+    /// The process each merged site keeps the frames of.
+    merged_from: Vec<usize>,
+    processes: Vec<Process>,
+    threads: Vec<Thread>,
+    timeline: Vec<Timeline>,
+    problems: Vec<Problem>,
+    scopes: Vec<crate::instrument::Scope>,
+    variables: Vec<crate::instrument::Variable>,
+    tasks: Vec<crate::instrument::Task>,
+}
 
-    // Each process's frames, and where the unnamed ones lie (`FrameEntry::of`).
-    let tables: Vec<(Vec<Frame>, Vec<Option<String>>)> = analysed
-        .iter_mut()
-        .map(|a| (std::mem::take(&mut a.frames), std::mem::take(&mut a.places)))
-        .collect();
-    // Frames that are the same in every process get one key, their index in one table
-    // of frames: a process's frame id → its key, found once per frame, not once per
-    // site it is in. (The keys come in the order the merged sites first use them: a
-    // site that joins an earlier one has the same keys.)
-    let mut keys: FxHashMap<FrameEntry, u32> = FxHashMap::default();
-    let mut frames = Vec::new();
-    let mut key_of: Vec<Vec<u32>> = tables
-        .iter()
-        .map(|(f, _)| vec![u32::MAX; f.len()])
-        .collect();
-    // Sites with the same stack of keys are one site, whichever process; a merged
-    // site keeps the frames of the first process that has it.
-    let most = analysed.iter().map(|a| a.sites.len()).sum();
-    let mut index: FxHashMap<(bool, Box<[u32]>), usize> =
-        FxHashMap::with_capacity_and_hasher(most, Default::default());
-    let mut merged: Vec<SiteDraft> = Vec::with_capacity(most);
-    let mut merged_from: Vec<usize> = Vec::with_capacity(most);
-    let mut site_maps: Vec<Vec<usize>> = Vec::new();
-    let mut processes = Vec::new();
-    let mut threads = Vec::new();
-    let mut timeline = Vec::new();
-    let mut problems = Vec::new();
-    let (mut scopes, mut variables, mut tasks) = (Vec::new(), Vec::new(), Vec::new());
-    for (p, a) in analysed.into_iter().enumerate() {
-        let offset = scopes.len();
-        scopes.extend(a.instrumented.scopes.into_iter().map(|mut s| {
-            s.id += offset;
-            s.parent = s.parent.map(|p| p + offset);
-            s
-        }));
-        variables.extend(a.instrumented.variables);
-        tasks.extend(a.instrumented.tasks);
+impl Default for Merger {
+    fn default() -> Merger {
+        Merger {
+            summary: Summary {
+                complete: true,
+                ..Summary::default()
+            },
+            keys: FxHashMap::default(),
+            frames: Vec::new(),
+            key_of: Vec::new(),
+            index: FxHashMap::default(),
+            merged: Vec::new(),
+            merged_from: Vec::new(),
+            processes: Vec::new(),
+            threads: Vec::new(),
+            timeline: Vec::new(),
+            problems: Vec::new(),
+            scopes: Vec::new(),
+            variables: Vec::new(),
+            tasks: Vec::new(),
+        }
+    }
+}
+
+impl Merger {
+    fn add(&mut self, a: Analysed) {
+        let p = self.processes.len();
+        add_summary(&mut self.summary, &a.process.summary);
+        let offset = self.scopes.len();
+        self.scopes
+            .extend(a.instrumented.scopes.into_iter().map(|mut s| {
+                s.id += offset;
+                s.parent = s.parent.map(|p| p + offset);
+                s
+            }));
+        self.variables.extend(a.instrumented.variables);
+        self.tasks.extend(a.instrumented.tasks);
+        let (table, places) = (a.frames, a.places);
+        let mut key_of = vec![u32::MAX; table.len()];
         let mut map = Vec::with_capacity(a.sites.len());
-        let (table, places) = &tables[p];
+        self.index.reserve(a.sites.len());
         for mut draft in a.sites {
             let key: Box<[u32]> = draft
                 .frames
                 .iter()
                 .map(|&f| {
-                    let key = &mut key_of[p][f as usize];
+                    let key = &mut key_of[f as usize];
                     if *key == u32::MAX {
                         let frame = FrameEntry::of(&table[f as usize], places[f as usize].as_ref());
-                        *key = match keys.entry(frame) {
+                        *key = match self.keys.entry(frame) {
                             Entry::Occupied(known) => *known.get(),
                             Entry::Vacant(new) => {
-                                frames.push(new.key().clone());
-                                *new.insert(frames.len() as u32 - 1)
+                                self.frames.push(new.key().clone());
+                                *new.insert(self.frames.len() as u32 - 1)
                             }
                         };
                     }
                     *key
                 })
                 .collect();
-            let at = match index.entry((draft.memscope, key)) {
+            let at = match self.index.entry((draft.memscope, key)) {
                 Entry::Occupied(at) => *at.get(),
                 Entry::Vacant(slot) => {
-                    merged.push(draft.take_empty());
-                    merged_from.push(p);
-                    *slot.insert(merged.len() - 1)
+                    self.merged.push(draft.take_empty());
+                    self.merged_from.push(p);
+                    *slot.insert(self.merged.len() - 1)
                 }
             };
-            absorb(&mut merged[at], draft);
+            absorb(&mut self.merged[at], draft);
             map.push(at);
         }
-        problems.extend(a.problems.into_iter().map(|(mut p, site)| {
-            p.site = site.map(|s| map[s]);
-            p
-        }));
-        site_maps.push(map);
-        processes.push(a.process);
-        threads.extend(a.threads);
-        timeline.push(a.timeline);
+        drop_aside((table, places));
+        self.key_of.push(key_of);
+        self.problems
+            .extend(a.problems.into_iter().map(|(mut p, site)| {
+                p.site = site.map(|s| map[s]);
+                p
+            }));
+        self.processes.push(a.process);
+        self.threads.extend(a.threads);
+        self.timeline.push(a.timeline);
     }
 
-    // Rank the program's sites by bytes, then count; ids are ranks.
-    let mut order: Vec<usize> = (0..merged.len()).filter(|&i| !merged[i].memscope).collect();
-    order.sort_by(|&a, &b| {
-        let (a, b) = (&merged[a].site, &merged[b].site);
-        (b.bytes_allocated, b.allocations + b.reallocations)
-            .cmp(&(a.bytes_allocated, a.allocations + a.reallocations))
-    });
-    let mut rank = vec![None; merged.len()];
-    for (r, &i) in order.iter().enumerate() {
-        rank[i] = Some(r);
-    }
-    for p in &mut problems {
-        p.site = p.site.and_then(|s| rank[s]);
-    }
-
-    // Stacks become indexes into the table of frames: their keys.
-    let stacks: Vec<Stack> = merged
-        .iter_mut()
-        .zip(&merged_from)
-        .map(|(d, &p)| {
-            std::mem::take(&mut d.frames)
-                .into_iter()
-                .map(|f| key_of[p][f as usize] as usize)
-                .collect()
-        })
-        .collect();
-
-    let mut leaks = Vec::new();
-    let mut runtime_internal = Vec::new();
-    for (i, d) in merged.iter().enumerate() {
-        if d.site.live_blocks_at_exit == 0 {
-            continue;
+    fn finish(self) -> Report {
+        let Merger {
+            mut summary,
+            frames,
+            key_of,
+            mut merged,
+            merged_from,
+            processes,
+            threads,
+            timeline,
+            mut problems,
+            scopes,
+            variables,
+            tasks,
+            ..
+        } = self;
+        if let [only] = &processes[..] {
+            summary.peak_time_ns = only.summary.peak_time_ns;
         }
-        let location = d.site.location.clone();
-        match &d.internal {
-            Some((origin, basis, evidence)) => runtime_internal.push(InternalGroup {
-                origin: origin.to_string(),
-                site: rank[i],
-                location,
-                blocks: d.site.live_blocks_at_exit,
-                bytes: d.site.live_bytes_at_exit,
-                basis: *basis,
-                evidence: evidence.clone(),
-                stack: stacks[i].clone(),
-            }),
-            None => {
-                for l in &d.leaked {
-                    let (kind, basis, evidence) = leak_kind(l.reach);
-                    leaks.push(Leak {
-                        site: rank[i].expect("program sites are ranked"),
-                        location: location.clone(),
-                        kind: kind.into(),
-                        blocks: l.blocks,
-                        bytes: l.bytes,
-                        largest_block: l.largest,
-                        threads: l.threads.clone(),
-                        basis,
-                        evidence: evidence.map(String::from),
-                        stack: stacks[i].clone(),
-                        variables: d.leak_variables.clone(),
-                    });
+
+        // Rank the program's sites by bytes, then count; ids are ranks.
+        let mut order: Vec<usize> = (0..merged.len()).filter(|&i| !merged[i].memscope).collect();
+        order.sort_by(|&a, &b| {
+            let (a, b) = (&merged[a].site, &merged[b].site);
+            (b.bytes_allocated, b.allocations + b.reallocations)
+                .cmp(&(a.bytes_allocated, a.allocations + a.reallocations))
+        });
+        let mut rank = vec![None; merged.len()];
+        for (r, &i) in order.iter().enumerate() {
+            rank[i] = Some(r);
+        }
+        for p in &mut problems {
+            p.site = p.site.and_then(|s| rank[s]);
+        }
+
+        // Stacks become indexes into the table of frames: their keys.
+        let stacks: Vec<Stack> = merged
+            .iter_mut()
+            .zip(&merged_from)
+            .map(|(d, &p)| {
+                std::mem::take(&mut d.frames)
+                    .into_iter()
+                    .map(|f| key_of[p][f as usize] as usize)
+                    .collect()
+            })
+            .collect();
+
+        let mut leaks = Vec::new();
+        let mut runtime_internal = Vec::new();
+        for (i, d) in merged.iter().enumerate() {
+            if d.site.live_blocks_at_exit == 0 {
+                continue;
+            }
+            let location = d.site.location.clone();
+            match &d.internal {
+                Some((origin, basis, evidence)) => runtime_internal.push(InternalGroup {
+                    origin: origin.to_string(),
+                    site: rank[i],
+                    location,
+                    blocks: d.site.live_blocks_at_exit,
+                    bytes: d.site.live_bytes_at_exit,
+                    basis: *basis,
+                    evidence: evidence.clone(),
+                    stack: stacks[i].clone(),
+                }),
+                None => {
+                    for l in &d.leaked {
+                        let (kind, basis, evidence) = leak_kind(l.reach);
+                        leaks.push(Leak {
+                            site: rank[i].expect("program sites are ranked"),
+                            location: location.clone(),
+                            kind: kind.into(),
+                            blocks: l.blocks,
+                            bytes: l.bytes,
+                            largest_block: l.largest,
+                            threads: l.threads.clone(),
+                            basis,
+                            evidence: evidence.map(String::from),
+                            stack: stacks[i].clone(),
+                            variables: d.leak_variables.clone(),
+                        });
+                    }
                 }
             }
         }
-    }
-    leaks.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.site.cmp(&b.site)));
-    runtime_internal.sort_by_key(|g| std::cmp::Reverse(g.bytes));
+        leaks.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.site.cmp(&b.site)));
+        runtime_internal.sort_by_key(|g| std::cmp::Reverse(g.bytes));
 
-    let peak = summary.peak_bytes;
-    let mut stacks = stacks;
-    let mut drafts: Vec<Option<SiteDraft>> = merged.into_iter().map(Some).collect();
-    let mut sites: Vec<Site> = order
-        .iter()
-        .filter_map(|&i| {
-            let draft = drafts[i].take()?;
-            Some(Site {
-                stack: std::mem::take(&mut stacks[i]),
-                ..draft.site
+        let peak = summary.peak_bytes;
+        let mut stacks = stacks;
+        let mut drafts: Vec<Option<SiteDraft>> = merged.into_iter().map(Some).collect();
+        let mut sites: Vec<Site> = order
+            .iter()
+            .filter_map(|&i| {
+                let draft = drafts[i].take()?;
+                Some(Site {
+                    stack: std::mem::take(&mut stacks[i]),
+                    ..draft.site
+                })
             })
-        })
-        .collect();
-    for (r, s) in sites.iter_mut().enumerate() {
-        s.id = r;
-        s.peak_share = share(s.bytes_at_peak, peak);
-    }
+            .collect();
+        for (r, s) in sites.iter_mut().enumerate() {
+            s.id = r;
+            s.peak_share = share(s.bytes_at_peak, peak);
+        }
 
-    Report {
-        schema_version: SCHEMA_VERSION,
-        memscope_version: env!("CARGO_PKG_VERSION").into(),
-        summary,
-        processes,
-        sites,
-        leaks,
-        runtime_internal,
-        threads,
-        timeline,
-        problems,
-        test_binaries: Vec::new(),
-        tests: Vec::new(),
-        scopes,
-        variables,
-        tasks,
-        frames,
+        Report {
+            schema_version: SCHEMA_VERSION,
+            memscope_version: env!("CARGO_PKG_VERSION").into(),
+            summary,
+            processes,
+            sites,
+            leaks,
+            runtime_internal,
+            threads,
+            timeline,
+            problems,
+            test_binaries: Vec::new(),
+            tests: Vec::new(),
+            scopes,
+            variables,
+            tasks,
+            frames,
+        }
     }
 }
 
@@ -1832,26 +1946,29 @@ mod tests {
     #[test]
     fn traces_analysed_ahead_give_the_same_report_and_incomplete_ones_are_left_for_later() {
         let dir = tempfile::tempdir().unwrap();
-        let running = program(Some(60)).write(dir.path(), "a.mstrace");
-        let unfinished = program(None).write(dir.path(), "b.mstrace");
-        let ended = program(Some(90)).write(dir.path(), "c.mstrace");
-        let traces = [running, unfinished.clone(), ended.clone()];
+        let first = program(Some(30)).write(dir.path(), "a.mstrace");
+        let running = program(Some(60)).write(dir.path(), "b.mstrace");
+        let unfinished = program(None).write(dir.path(), "c.mstrace");
+        let ended = program(Some(90)).write(dir.path(), "d.mstrace");
+        // Merged as it comes, merged after `running` and `unfinished`, analysed at the end.
+        let traces = [first.clone(), running, unfinished.clone(), ended.clone()];
         let options = options(dir.path());
 
         // Handed out once, at any time: `finish` analyses what was not yet.
-        let mut handed = vec![ended.clone(), unfinished.clone()];
+        let mut handed = vec![ended.clone(), unfinished.clone(), first];
         let ahead = Ahead::start(&options, move || std::mem::take(&mut handed));
-        let ahead = ahead.finish();
-        assert!(ahead.0.contains_key(&ended));
-        assert!(!ahead.0.contains_key(&unfinished), "read again at the end");
+        let mut ahead = ahead.finish();
+        let analysed = ahead.take(&ended).expect("analysed ahead");
+        assert!(ahead.take(&unfinished).is_none(), "read again at the end");
+        ahead.received.insert(ended, analysed);
 
-        let with = build_with(&traces, &options, ahead).unwrap();
+        let with = build_with(&traces, &options, &mut ahead).unwrap();
         let without = build(&traces, &options).unwrap();
         assert_eq!(
             serde_json::to_value(&with).unwrap(),
             serde_json::to_value(&without).unwrap()
         );
-        assert_eq!(with.processes.len(), 3);
+        assert_eq!(with.processes.len(), 4);
     }
 
     #[test]

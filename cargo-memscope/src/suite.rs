@@ -266,7 +266,7 @@ fn report_tests(
     executables: &[TestExecutable],
     options: &report::ReportOptions,
     args: &TestArgs,
-    ahead: report::AnalysedAhead,
+    mut ahead: report::AnalysedAhead,
 ) -> anyhow::Result<Report> {
     let runs = runner::collect(trace_dir)?;
     let mut traces = Vec::new();
@@ -285,7 +285,7 @@ fn report_tests(
     let filtered = args.filter.is_some() || !args.harness_args.is_empty();
     let infos = binaries(&runs, layout, executables, args.nextest, filtered);
     let mut report =
-        report::build_with(&traces, options, ahead).context("failed to build the report")?;
+        report::build_with(&traces, options, &mut ahead).context("failed to build the report")?;
     let (binaries, tests) = pertest::attribute(&report, &infos);
     report.test_binaries = binaries;
     report.tests = tests;
