@@ -69,6 +69,9 @@ pub struct ModuleStatus {
 pub struct Loaders {
     loaded: RefCell<FxHashMap<String, Rc<Loaded>>>,
     cache_dir: Option<PathBuf>,
+    /// The [`Facts`] of each function and file seen, for the report's user roots: a
+    /// suite's binaries share std's and libtest's functions, at other addresses.
+    facts: RefCell<FxHashMap<(Option<Name>, Option<Name>), Facts>>,
 }
 
 /// An object file: its loader (opened on first need) and whether it has DWARF line
@@ -91,7 +94,18 @@ impl Loaders {
         Loaders {
             loaded: RefCell::default(),
             cache_dir,
+            facts: RefCell::default(),
         }
+    }
+
+    /// [`Facts::of`] `frame`, found once per function and file.
+    fn facts_of(&self, frame: &Frame, user_roots: &[PathBuf]) -> Facts {
+        let key = (frame.function.clone(), frame.file.clone());
+        *self
+            .facts
+            .borrow_mut()
+            .entry(key)
+            .or_insert_with(|| Facts::of(frame, user_roots))
     }
 
     fn get(&self, path: &str) -> Rc<Loaded> {
@@ -326,7 +340,7 @@ impl<'a> Symbolizer<'a> {
             let facts: Rc<[Facts]> = frames
                 .iter()
                 .map(|f| {
-                    let mut facts = Facts::of(f, user_roots);
+                    let mut facts = self.loaders.facts_of(f, user_roots);
                     if inlined_into_plumbing {
                         facts.0 |= Facts::PLUMBING;
                     }
@@ -624,9 +638,23 @@ pub fn is_std(frame: &Frame) -> bool {
 fn in_user_root(frame: &Frame, user_roots: &[PathBuf]) -> bool {
     !is_std(frame)
         && frame.file.as_deref().is_some_and(|file| {
-            user_roots.iter().any(|r| Path::new(file).starts_with(r))
-                && !file.contains("/target/memscope/")
+            user_roots.iter().any(|r| under(file, r)) && !file.contains("/target/memscope/")
         })
+}
+
+/// Whether the file `file` is under `root`, as [`Path::starts_with`] says: by its text
+/// where both are written plainly (no `//`, no `.` component), which is most of what
+/// the analysis asks, a frame at a time.
+fn under(file: &str, root: &Path) -> bool {
+    let plain = |p: &str| !p.contains("//") && !p.contains("/./") && !p.ends_with("/.");
+    match root.to_str() {
+        Some(root) if plain(file) && plain(root) && !file.starts_with("./") => {
+            let root = root.strip_suffix('/').unwrap_or(root);
+            file.strip_prefix(root)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        }
+        _ => Path::new(file).starts_with(root),
+    }
 }
 
 /// Where a site frame was found.
@@ -1007,6 +1035,33 @@ mod tests {
             file: Some(file.into()),
             line: Some(1),
             inlined: false,
+        }
+    }
+
+    #[test]
+    fn a_file_is_under_a_root_by_its_text_exactly_when_it_is_by_its_components() {
+        let roots = ["/ws", "/ws/", "/w", "/", "ws", ".", "/ws/./a", "/ws//a"];
+        let files = [
+            "/ws/src/lib.rs",
+            "/ws",
+            "/wsx/src/lib.rs",
+            "/w/s.rs",
+            "/ws//src/lib.rs",
+            "/ws/./src/lib.rs",
+            "/ws/a/b.rs",
+            "ws/src/lib.rs",
+            "./ws/src/lib.rs",
+            "src/lib.rs",
+            "/ws/src/.",
+        ];
+        for root in roots {
+            for file in files {
+                assert_eq!(
+                    under(file, Path::new(root)),
+                    Path::new(file).starts_with(root),
+                    "{file} under {root}"
+                );
+            }
         }
     }
 
