@@ -71,8 +71,11 @@ pub struct Loaders {
     cache_dir: Option<PathBuf>,
     /// The [`Facts`] of each function and file seen, for the report's user roots: a
     /// suite's binaries share std's and libtest's functions, at other addresses.
-    facts: RefCell<FxHashMap<(Option<Name>, Option<Name>), Facts>>,
+    facts: RefCell<FxHashMap<FunctionAndFile, Facts>>,
 }
+
+/// A frame's function and file, what its [`Facts`] depend on.
+type FunctionAndFile = (Option<Name>, Option<Name>);
 
 /// An object file: its loader (opened on first need) and whether it has DWARF line
 /// tables, or why it could not be opened; and the frames found so far, by address in
