@@ -233,7 +233,11 @@ struct Page<'a> {
     warnings: Vec<String>,
     processes: &'a [Process],
     charts: Part<Chart>,
-    sites: Part<&'a Site>,
+    /// How many sites the page holds, of all: the script draws their table, from
+    /// [`shown_sites`](Self::shown_sites).
+    sites: Count,
+    #[serde(skip)]
+    shown_sites: Vec<&'a Site>,
     leaks: Part<&'a Leak>,
     runtime_internal: Part<WithFrames<'a, InternalGroup>>,
     threads: Part<&'a Thread>,
@@ -270,6 +274,13 @@ struct Indented<'a, T> {
     item: &'a T,
 }
 
+/// How many items of a list the page holds, and the list's length.
+#[derive(Serialize)]
+struct Count {
+    shown: usize,
+    total: usize,
+}
+
 /// The first items of a list, and the list's length.
 #[derive(Serialize)]
 struct Part<T> {
@@ -292,16 +303,18 @@ impl<'a> Page<'a> {
         if threads.len() > THREADS_SHOWN {
             threads.sort_by_key(|t| std::cmp::Reverse(t.bytes_allocated));
         }
+        let shown = shown_sites(&report.sites);
         let mut page = Page {
             version: &report.memscope_version,
             summary: &report.summary,
             warnings: warnings(report),
             processes: &report.processes,
             charts: charts(report),
-            sites: Part {
-                items: shown_sites(&report.sites),
+            sites: Count {
+                shown: shown.len(),
                 total: report.sites.len(),
             },
+            shown_sites: shown,
             leaks: Part::of(&report.leaks, LEAKS_SHOWN),
             // A group of a site has its stack drawn by the script, from the page's
             // one table of frames: std's groups share most of their frames, and
@@ -364,7 +377,7 @@ impl<'a> Page<'a> {
         let mut data = ScriptData {
             total: self.sites.total,
             frames_shown: FRAMES_SHOWN,
-            sites: Vec::with_capacity(self.sites.items.len()),
+            sites: Vec::with_capacity(self.shown_sites.len()),
             stacks: BTreeMap::new(),
             site_frames: BTreeMap::new(),
             frames: Vec::new(),
@@ -392,7 +405,7 @@ impl<'a> Page<'a> {
                         .collect()
                 });
             };
-        for site in &self.sites.items {
+        for site in &self.shown_sites {
             add_stack(&mut data, site.id, &site.stack, site.location.as_ref());
             data.sites.push(SiteData {
                 id: site.id,
