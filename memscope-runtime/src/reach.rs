@@ -110,6 +110,9 @@ impl Hasher for AddrHasher {
 struct Latest {
     pages: HashMap<u64, usize, BuildHasherDefault<AddrHasher>>,
     leaves: Vec<Box<[(u64, u64); SLOTS]>>,
+    /// Which slots of each leaf hold an allocation, a bit each: the live blocks are
+    /// read from these, not from every slot of the leaves (as many bytes as the heap).
+    allocated: Vec<[u64; SLOTS / 64]>,
     odd: HashMap<u64, (u64, u64), BuildHasherDefault<AddrHasher>>,
     /// Recent pages and their leaves, by page modulo [`RECENT`] (`u64::MAX`: none).
     recent: Vec<(u64, usize)>,
@@ -136,35 +139,42 @@ impl Latest {
     }
 
     fn note(&mut self, ts: u64, addr: u64, size: u64) {
-        let slot = if addr.is_multiple_of(GRANULE) {
-            let page = addr / 4096;
-            let recent = page as usize % RECENT;
-            let leaf = if self.recent[recent].0 == page {
-                self.recent[recent].1
-            } else {
-                let leaf = match self.pages.get(&page) {
-                    Some(&leaf) => leaf,
-                    None => {
-                        if self.grown_too_big() {
-                            return;
-                        }
-                        self.leaves.push(Box::new([(0, 0); SLOTS]));
-                        self.pages.insert(page, self.leaves.len() - 1);
-                        self.leaves.len() - 1
-                    }
-                };
-                self.recent[recent] = (page, leaf);
-                leaf
-            };
-            &mut self.leaves[leaf][(addr % 4096 / GRANULE) as usize]
-        } else {
+        if !addr.is_multiple_of(GRANULE) {
             if !self.odd.contains_key(&addr) && self.grown_too_big() {
                 return;
             }
-            self.odd.entry(addr).or_insert((0, 0))
+            let slot = self.odd.entry(addr).or_insert((0, 0));
+            if ts >= slot.0 {
+                *slot = (ts, size);
+            }
+            return;
+        }
+        let page = addr / 4096;
+        let recent = page as usize % RECENT;
+        let leaf = if self.recent[recent].0 == page {
+            self.recent[recent].1
+        } else {
+            let leaf = match self.pages.get(&page) {
+                Some(&leaf) => leaf,
+                None => {
+                    if self.grown_too_big() {
+                        return;
+                    }
+                    self.leaves.push(Box::new([(0, 0); SLOTS]));
+                    self.allocated.push([0; SLOTS / 64]);
+                    self.pages.insert(page, self.leaves.len() - 1);
+                    self.leaves.len() - 1
+                }
+            };
+            self.recent[recent] = (page, leaf);
+            leaf
         };
+        let i = (addr % 4096 / GRANULE) as usize;
+        let slot = &mut self.leaves[leaf][i];
         if ts >= slot.0 {
             *slot = (ts, size);
+            let word = &mut self.allocated[leaf][i / 64];
+            *word = (*word & !(1 << (i % 64))) | (u64::from(size > 0) << (i % 64));
         }
     }
 
@@ -180,8 +190,12 @@ impl Latest {
         let mut blocks: Vec<(usize, usize)> = Vec::new();
         for (page, leaf) in self.pages {
             let base = page * 4096;
-            for (i, &(_, size)) in self.leaves[leaf].iter().enumerate() {
-                if size > 0 {
+            for (w, &word) in self.allocated[leaf].iter().enumerate() {
+                let mut bits = word;
+                while bits != 0 {
+                    let i = w * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    let size = self.leaves[leaf][i].1;
                     blocks.push(((base + i as u64 * GRANULE) as usize, size as usize));
                 }
             }
