@@ -271,6 +271,8 @@ fn writer_loop() {
     };
     let mut last_snapshot = std::time::Instant::now();
     loop {
+        // At exit: a share of the scan of the blocks still live, if it is large.
+        crate::reach::HELP.take_part();
         clock::tick();
         let mut wrote = 0;
         let due = last_snapshot.elapsed() >= SNAPSHOT_EVERY && !EXITING.load(Ordering::Acquire);
@@ -470,6 +472,7 @@ extern "C" fn after_fork_in_child() {
     WRITER_STARTED.store(false, Ordering::Release);
     META_INDEX.store(0, Ordering::Relaxed);
     SCAN.store(false, Ordering::Relaxed);
+    crate::reach::HELP.forget();
     let fd = FD.swap(-1, Ordering::AcqRel);
     if fd >= 0 {
         // SAFETY: the inherited descriptor of the parent's trace; the child must not

@@ -74,14 +74,14 @@ fn each_leaked_block_is_classified_by_who_points_at_it() {
     assert_eq!(
         leaks(&report),
         vec![
-            (28, s("reachable_from_static"), 1, 1000),
-            (29, s("reachable_from_static"), 1, 24),
-            (29, s("reachable_from_static"), 1, 500),
-            (34, s("definitely_lost"), 1, 2000),
-            (35, s("definitely_lost"), 1, 16),
-            (35, s("indirectly_lost"), 2, 600),
-            (37, s("reference_cycle"), 1, 48),
-            (41, s("reference_cycle"), 1, 48),
+            (33, s("reachable_from_static"), 1, 1000),
+            (34, s("reachable_from_static"), 1, 24),
+            (34, s("reachable_from_static"), 1, 500),
+            (39, s("definitely_lost"), 1, 2000),
+            (40, s("definitely_lost"), 1, 16),
+            (40, s("indirectly_lost"), 2, 600),
+            (42, s("reference_cycle"), 1, 48),
+            (46, s("reference_cycle"), 1, 48),
         ]
     );
     for leak in report["leaks"].as_array().unwrap() {
@@ -168,6 +168,44 @@ fn valgrind_finds_as_much_lost_and_still_reachable_as_the_scan() {
     let report = report(&fixture, &[]);
     let (lost, possibly, reachable) = valgrind(&plain_build(&fixture, "leak-kinds"), &[]);
 
+    assert_eq!(possibly, 0);
+    assert_eq!(as_valgrind_says(&report), (lost, reachable));
+}
+
+#[test]
+fn megabytes_of_live_blocks_read_on_two_threads_are_classified_as_valgrind_does() {
+    let fixture = Fixture::shared("leak-kinds");
+    let out = fixture.path().join("large-out");
+    let output = fixture
+        .memscope(&[
+            "run",
+            "-q",
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--",
+            "large",
+        ])
+        .run();
+    assert_eq!(output.code, Some(0), "{output:#?}");
+    let json = std::fs::read_to_string(out.join("report.json")).expect("report.json");
+    let report: Value = serde_json::from_str(&json).expect("valid JSON");
+
+    let expected: BTreeMap<String, (u64, u64)> = [
+        ("definitely_lost", (3, 2016 + 8192)),
+        ("indirectly_lost", (2 + 1024, 600 + 1024 * 2048)),
+        ("reference_cycle", (2, 96)),
+        (
+            "reachable_from_static",
+            (3 + 1 + 4096, 1524 + 32768 + 4096 * 2048),
+        ),
+        ("reachable_from_stack", (0, 0)),
+        ("live_at_exit", (0, 0)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(kinds(&report), expected);
+    let (lost, possibly, reachable) = valgrind(&plain_build(&fixture, "leak-kinds"), &["large"]);
     assert_eq!(possibly, 0);
     assert_eq!(as_valgrind_says(&report), (lost, reachable));
 }
