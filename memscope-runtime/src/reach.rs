@@ -29,6 +29,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
 use std::sync::Mutex;
 
@@ -357,17 +358,24 @@ impl Memory {
         }
         for w in first..=last {
             if !self.windows.contains_key(&w) {
-                // A spare buffer is not zeroed again: only what is read is kept.
+                // Read into the buffer's spare room, not zeroed first: only what is
+                // read is kept.
                 let mut bytes = self.spare.pop().unwrap_or_default();
-                bytes.resize(WINDOW, 0);
-                let got = match read_self(self.pid, w * WINDOW, &mut bytes) {
+                bytes.clear();
+                bytes.reserve_exact(WINDOW);
+                let got = match read_self_into(
+                    self.pid,
+                    w * WINDOW,
+                    &mut bytes.spare_capacity_mut()[..WINDOW],
+                ) {
                     Ok(got) => got,
                     Err(_) => {
                         self.refused = true;
                         return Some(0);
                     }
                 };
-                bytes.truncate(got);
+                // SAFETY: the kernel wrote the first `got` bytes of the spare room.
+                unsafe { bytes.set_len(got) };
                 self.windows.insert(w, bytes);
             }
             if self.windows[&w].len() < end.min((w + 1) * WINDOW) - w * WINDOW {
@@ -387,6 +395,20 @@ impl Memory {
 /// read (fewer, or 0, when a page on the way is not mapped), or the error when the
 /// kernel refused for another reason.
 fn read_self(pid: libc::pid_t, addr: usize, out: &mut [u8]) -> Result<usize, std::io::Error> {
+    // SAFETY: the kernel writes only bytes it read into `out`, never uninitialized
+    // memory, so `out` stays initialized.
+    read_self_into(pid, addr, unsafe {
+        &mut *(out as *mut [u8] as *mut [MaybeUninit<u8>])
+    })
+}
+
+/// [`read_self`] into memory not yet written: the bytes read are written, and only
+/// those.
+fn read_self_into(
+    pid: libc::pid_t,
+    addr: usize,
+    out: &mut [MaybeUninit<u8>],
+) -> Result<usize, std::io::Error> {
     let local = libc::iovec {
         iov_base: out.as_mut_ptr() as *mut libc::c_void,
         iov_len: out.len(),
