@@ -8,15 +8,18 @@ use std::process::Command;
 use memscope_e2e::Fixture;
 use serde_json::Value;
 
-/// `cargo memscope run` on the fixture, with `env`; its report.
-fn report(fixture: &Fixture, env: &[(&str, &str)]) -> Value {
-    let out = fixture.path().join("report-out");
-    let mut command = fixture.memscope(&["run", "-q", "--output-dir", out.to_str().unwrap()]);
+/// `cargo memscope run` on the fixture, with `env`, the program given `args`; its
+/// report.
+fn report(fixture: &Fixture, env: &[(&str, &str)], args: &[&str]) -> Value {
+    let out = fixture.path().join("report-out").join(args.join("-"));
+    let mut run = vec!["run", "-q", "--output-dir", out.to_str().unwrap(), "--"];
+    run.extend(args);
+    let mut command = fixture.memscope(&run);
     for (key, value) in env {
         command = command.env(key, value);
     }
     let output = command.run();
-    assert_eq!(output.code, Some(0), "{output:#?}");
+    assert_eq!(output.code, Some(0), "{args:?}: {output:#?}");
     let json = std::fs::read_to_string(out.join("report.json")).expect("report.json");
     serde_json::from_str(&json).expect("valid JSON")
 }
@@ -56,7 +59,7 @@ fn leaks(report: &Value) -> Vec<(u64, String, u64, u64)> {
 #[test]
 fn each_leaked_block_is_classified_by_who_points_at_it() {
     let fixture = Fixture::shared("leak-kinds");
-    let report = report(&fixture, &[]);
+    let report = report(&fixture, &[], &[]);
 
     let expected: BTreeMap<String, (u64, u64)> = [
         ("definitely_lost", (2, 2016)),
@@ -165,7 +168,7 @@ fn as_valgrind_says(report: &Value) -> (u64, u64) {
 #[test]
 fn valgrind_finds_as_much_lost_and_still_reachable_as_the_scan() {
     let fixture = Fixture::shared("leak-kinds");
-    let report = report(&fixture, &[]);
+    let report = report(&fixture, &[], &[]);
     let (lost, possibly, reachable) = valgrind(&plain_build(&fixture, "leak-kinds"), &[]);
 
     assert_eq!(possibly, 0);
@@ -175,20 +178,7 @@ fn valgrind_finds_as_much_lost_and_still_reachable_as_the_scan() {
 #[test]
 fn megabytes_of_live_blocks_read_on_two_threads_are_classified_as_valgrind_does() {
     let fixture = Fixture::shared("leak-kinds");
-    let out = fixture.path().join("large-out");
-    let output = fixture
-        .memscope(&[
-            "run",
-            "-q",
-            "--output-dir",
-            out.to_str().unwrap(),
-            "--",
-            "large",
-        ])
-        .run();
-    assert_eq!(output.code, Some(0), "{output:#?}");
-    let json = std::fs::read_to_string(out.join("report.json")).expect("report.json");
-    let report: Value = serde_json::from_str(&json).expect("valid JSON");
+    let report = report(&fixture, &[], &["large"]);
 
     let expected: BTreeMap<String, (u64, u64)> = [
         ("definitely_lost", (3, 2016 + 8192)),
@@ -227,20 +217,7 @@ fn on_the_exact_scenarios_valgrind_and_the_scan_agree_on_lost_and_reachable_byte
         "cross-thread-reuse",
         "tls-destructor-alloc",
     ] {
-        let out = fixture.path().join("leak-kinds-out").join(scenario);
-        let output = fixture
-            .memscope(&[
-                "run",
-                "-q",
-                "--output-dir",
-                out.to_str().unwrap(),
-                "--",
-                scenario,
-            ])
-            .run();
-        assert_eq!(output.code, Some(0), "{scenario}: {output:#?}");
-        let json = std::fs::read_to_string(out.join("report.json")).expect("report.json");
-        let report: Value = serde_json::from_str(&json).expect("valid JSON");
+        let report = report(&fixture, &[], &[scenario]);
         let (lost, possibly, reachable) = valgrind(&program, &[scenario]);
 
         assert_eq!(possibly, 0, "{scenario}");
@@ -251,7 +228,7 @@ fn on_the_exact_scenarios_valgrind_and_the_scan_agree_on_lost_and_reachable_byte
 #[test]
 fn with_the_scan_off_leaks_are_only_observed_live_at_exit() {
     let fixture = Fixture::shared("leak-kinds");
-    let report = report(&fixture, &[("MEMSCOPE_LEAK_SCAN", "0")]);
+    let report = report(&fixture, &[("MEMSCOPE_LEAK_SCAN", "0")], &[]);
 
     assert_eq!(kinds(&report)["live_at_exit"], (9, 4236));
     assert!(report["summary"]["leak_scan"].is_null());
