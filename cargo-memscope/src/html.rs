@@ -109,7 +109,11 @@ fn render_to(
         .split_once(&mark)
         .expect("the template places the data once");
     out.write_all(before.as_bytes())?;
-    serde_json::to_writer(ScriptJson(&mut *out), &page.script_data(user_roots))?;
+    // serde_json writes a token at a time: buffered, the escaper sees large pieces.
+    let mut data = io::BufWriter::with_capacity(1 << 16, ScriptJson(&mut *out));
+    serde_json::to_writer(&mut data, &page.script_data(user_roots))?;
+    data.flush()?;
+    drop(data);
     out.write_all(after.as_bytes())?;
     Ok(())
 }
