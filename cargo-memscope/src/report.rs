@@ -76,7 +76,7 @@ pub fn build_with(
     anyhow::ensure!(!traces.is_empty(), "no trace to analyse");
     let mut merger = Merger::default();
     // Analysed ahead, but after a trace that was not: merged once that one is.
-    let mut held = Vec::new();
+    let mut held: Vec<(usize, Analysed)> = Vec::new();
     let mut missing = Vec::new();
     for (i, path) in traces.iter().enumerate() {
         match ahead.take(path) {
@@ -95,37 +95,58 @@ pub fn build_with(
         opened.iter().map(|(_, trace)| trace.event_bytes()).sum(),
     );
     // Traces are analysed side by side, one per core (a test suite writes one per
-    // test binary, or per test under nextest); the results keep the traces' order.
+    // test binary, or per test under nextest), and merged in the traces' order as each
+    // is handed over.
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(opened.len());
     let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut order: Vec<usize> = held.iter().map(|&(i, _)| i).collect();
+    order.extend(opened.iter().map(|&(i, _)| i));
+    order.sort_unstable();
+    let mut ready: BTreeMap<usize, Analysed> = held.into_iter().collect();
+    let (hand_over, handed) = std::sync::mpsc::channel();
     std::thread::scope(|scope| {
-        let work = || {
-            let mut done = Vec::new();
-            let loaders = symbols::Loaders::cached(options.symbol_cache.clone());
-            loop {
-                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some((i, trace)) = opened.get(n) else {
-                    return done;
+        let workers: Vec<_> = (0..workers)
+            .map(|_| {
+                let hand_over = hand_over.clone();
+                let (next, opened, progress) = (&next, &opened, &progress);
+                scope.spawn(move || {
+                    let loaders = symbols::Loaders::cached(options.symbol_cache.clone());
+                    while let Some((i, trace)) =
+                        opened.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                    {
+                        let analysed = analyse(trace, options, &loaders, progress);
+                        if hand_over.send((*i, analysed)).is_err() {
+                            break;
+                        }
+                    }
+                    // The debug information read is freed while the report is merged.
+                    drop(hand_over);
+                    drop(loaders);
+                })
+            })
+            .collect();
+        drop(hand_over);
+        'merge: for i in order {
+            while !ready.contains_key(&i) {
+                // A worker that panicked hands nothing more: its panic is raised below.
+                let Ok((done, analysed)) = handed.recv() else {
+                    break 'merge;
                 };
-                done.push((*i, analyse(trace, options, &loaders, &progress)));
+                ready.insert(done, analysed);
             }
-        };
-        let workers: Vec<_> = (0..workers).map(|_| scope.spawn(work)).collect();
+            if let Some(analysed) = ready.remove(&i) {
+                merger.add(analysed);
+            }
+        }
         for worker in workers {
-            held.extend(
-                worker
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-            );
+            worker
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         }
     });
     progress.finish();
-    held.sort_unstable_by_key(|&(i, _)| i);
-    for (_, analysed) in held {
-        merger.add(analysed);
-    }
     Ok(merger.finish())
 }
 
