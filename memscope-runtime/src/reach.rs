@@ -566,8 +566,9 @@ struct Reached<'a> {
     pool: Mutex<Pool>,
     /// A reader is waiting for blocks to read.
     hungry: AtomicBool,
-    /// What the helper's reads came to.
-    helper: Mutex<Option<Memory>>,
+    /// What the helper's reads came to: bytes it could not read, and whether the
+    /// kernel refused (see [`Memory`]).
+    helper: Mutex<(u64, bool)>,
     /// The helper is through with this (its last access).
     helped: AtomicBool,
 }
@@ -633,7 +634,8 @@ impl Reached<'_> {
     fn help(&self) {
         let mut memory = Memory::default();
         self.take_part(&mut memory, Vec::new());
-        *self.helper.lock().unwrap_or_else(|p| p.into_inner()) = Some(memory);
+        *self.helper.lock().unwrap_or_else(|p| p.into_inner()) =
+            (memory.summary.unreadable_bytes, memory.refused);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
@@ -730,7 +732,7 @@ fn classify(blocks: &[(usize, usize)], roots: &Roots, memory: &mut Memory) -> Ve
             kind: kind as u8,
             pool: Mutex::new(Pool::default()),
             hungry: AtomicBool::new(false),
-            helper: Mutex::new(None),
+            helper: Mutex::new((0, false)),
             helped: AtomicBool::new(false),
         };
         let mut found = Vec::new();
@@ -749,22 +751,16 @@ fn classify(blocks: &[(usize, usize)], roots: &Roots, memory: &mut Memory) -> Ve
         if offered {
             HELP.withdraw(&reached);
         }
-        if let Some(helper) = reached
+        let (unreadable, refused) = reached
             .helper
             .into_inner()
-            .unwrap_or_else(|p| p.into_inner())
-        {
-            memory.summary.unreadable_bytes += helper.summary.unreadable_bytes;
-            memory.refused |= helper.refused;
-        }
+            .unwrap_or_else(|p| p.into_inner());
+        memory.summary.unreadable_bytes += unreadable;
+        memory.refused |= refused;
     }
     let mut reach: Vec<Option<Reach>> = marks
         .iter()
-        .map(|m| match m.load(Ordering::Relaxed) {
-            1 => Some(Reach::FromStatic),
-            2 => Some(Reach::FromStack),
-            _ => None,
-        })
+        .map(|m| Reach::from_u64(m.load(Ordering::Relaxed).into()))
         .collect();
 
     // The rest is lost: follow the pointers among lost blocks.

@@ -37,6 +37,13 @@ fn kinds(report: &Value) -> BTreeMap<String, (u64, u64)> {
         .collect()
 }
 
+/// `summary.leak_kinds` is `expected`, kind by kind.
+fn assert_kinds(report: &Value, expected: &[(&str, (u64, u64))]) {
+    let expected: BTreeMap<String, (u64, u64)> =
+        expected.iter().map(|&(k, v)| (k.to_string(), v)).collect();
+    assert_eq!(kinds(report), expected);
+}
+
 /// The report's leaks as `(line, kind, blocks, bytes)`, sorted.
 fn leaks(report: &Value) -> Vec<(u64, String, u64, u64)> {
     let mut out: Vec<_> = report["leaks"]
@@ -61,18 +68,17 @@ fn each_leaked_block_is_classified_by_who_points_at_it() {
     let fixture = Fixture::shared("leak-kinds");
     let report = report(&fixture, &[], &[]);
 
-    let expected: BTreeMap<String, (u64, u64)> = [
-        ("definitely_lost", (2, 2016)),
-        ("indirectly_lost", (2, 600)),
-        ("reference_cycle", (2, 96)),
-        ("reachable_from_static", (3, 1524)),
-        ("reachable_from_stack", (0, 0)),
-        ("live_at_exit", (0, 0)),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    assert_eq!(kinds(&report), expected);
+    assert_kinds(
+        &report,
+        &[
+            ("definitely_lost", (2, 2016)),
+            ("indirectly_lost", (2, 600)),
+            ("reference_cycle", (2, 96)),
+            ("reachable_from_static", (3, 1524)),
+            ("reachable_from_stack", (0, 0)),
+            ("live_at_exit", (0, 0)),
+        ],
+    );
     let s = |k: &str| k.to_string();
     assert_eq!(
         leaks(&report),
@@ -180,21 +186,20 @@ fn megabytes_of_live_blocks_read_on_two_threads_are_classified_as_valgrind_does(
     let fixture = Fixture::shared("leak-kinds");
     let report = report(&fixture, &[], &["large"]);
 
-    let expected: BTreeMap<String, (u64, u64)> = [
-        ("definitely_lost", (3, 2016 + 8192)),
-        ("indirectly_lost", (2 + 1024, 600 + 1024 * 2048)),
-        ("reference_cycle", (2, 96)),
-        (
-            "reachable_from_static",
-            (3 + 1 + 4096, 1524 + 32768 + 4096 * 2048),
-        ),
-        ("reachable_from_stack", (0, 0)),
-        ("live_at_exit", (0, 0)),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    assert_eq!(kinds(&report), expected);
+    assert_kinds(
+        &report,
+        &[
+            ("definitely_lost", (3, 2016 + 8192)),
+            ("indirectly_lost", (2 + 1024, 600 + 1024 * 2048)),
+            ("reference_cycle", (2, 96)),
+            (
+                "reachable_from_static",
+                (3 + 1 + 4096, 1524 + 32768 + 4096 * 2048),
+            ),
+            ("reachable_from_stack", (0, 0)),
+            ("live_at_exit", (0, 0)),
+        ],
+    );
     let (lost, possibly, reachable) = valgrind(&plain_build(&fixture, "leak-kinds"), &["large"]);
     assert_eq!(possibly, 0);
     assert_eq!(as_valgrind_says(&report), (lost, reachable));
