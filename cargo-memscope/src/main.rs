@@ -6,6 +6,7 @@ mod cargo;
 mod ci;
 mod cli;
 mod embedded;
+mod follow;
 mod gate;
 mod html;
 mod instrument;

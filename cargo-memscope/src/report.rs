@@ -20,9 +20,10 @@ use memscope::format::Reach;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
+use crate::follow::Following;
 use crate::replay::{self, Clock, ProblemKind, Snapshot};
 use crate::symbols::{self, Frame, ModuleStatus, SiteOrigin, Symbolizer};
-use crate::trace::{EventKind, Tables, Trace};
+use crate::trace::{EventKind, EventSource, Tables, Trace};
 
 /// The version of the JSON schema; bumped on any incompatible change.
 pub const SCHEMA_VERSION: u32 = 4;
@@ -168,8 +169,20 @@ struct AheadShared {
 }
 
 struct AheadPending {
-    ended: Box<dyn FnMut() -> Vec<PathBuf> + Send>,
+    runs: Box<dyn Runs + Send>,
     queue: std::collections::VecDeque<PathBuf>,
+    /// Traces taken while their process ran, to be analysed as they are written.
+    followed: rustc_hash::FxHashSet<PathBuf>,
+}
+
+/// Where [`Ahead`] learns of a run's processes and their traces.
+pub trait Runs {
+    /// The traces of the processes that ended since the last call, in the order the
+    /// processes started.
+    fn ended(&mut self) -> Vec<PathBuf>;
+    /// The traces of the processes still running, in the order they started, each
+    /// with the file whose appearance says that its process has ended.
+    fn running(&mut self) -> Vec<(PathBuf, PathBuf)>;
 }
 
 /// The most threads [`Ahead`] analyses traces on.
@@ -240,14 +253,12 @@ impl<K: std::hash::Hash + Eq> Handed<K> {
 impl Ahead {
     /// Starts analysing the traces `ended` hands out, each once (it is asked again
     /// whenever there is nothing left to take).
-    pub fn start(
-        options: &ReportOptions,
-        ended: impl FnMut() -> Vec<PathBuf> + Send + 'static,
-    ) -> Ahead {
+    pub fn start(options: &ReportOptions, runs: impl Runs + Send + 'static) -> Ahead {
         let shared = std::sync::Arc::new(AheadShared {
             pending: std::sync::Mutex::new(AheadPending {
-                ended: Box::new(ended),
+                runs: Box::new(runs),
                 queue: std::collections::VecDeque::new(),
+                followed: rustc_hash::FxHashSet::default(),
             }),
             mode: std::sync::atomic::AtomicU8::new(AHEAD_RUN),
             progress: Progress::hidden(options.progress),
@@ -258,16 +269,21 @@ impl Ahead {
         // one per core of a large machine.
         let workers =
             std::thread::available_parallelism().map_or(1, |n| n.get().min(AHEAD_WORKERS));
+        let options = ReportOptions {
+            progress: false,
+            ..options.clone()
+        };
+        let follower = {
+            let (shared, hand_over, options) = (shared.clone(), hand_over.clone(), options.clone());
+            std::thread::spawn(move || shared.follow(&options, hand_over))
+        };
         let workers = (0..workers)
             .map(|_| {
-                let shared = shared.clone();
-                let hand_over = hand_over.clone();
-                let options = ReportOptions {
-                    progress: false,
-                    ..options.clone()
-                };
+                let (shared, hand_over, options) =
+                    (shared.clone(), hand_over.clone(), options.clone());
                 std::thread::spawn(move || shared.work(&options, hand_over))
             })
+            .chain([follower])
             .collect();
         Ahead {
             shared,
@@ -350,8 +366,12 @@ impl AheadShared {
             }
             let next = {
                 let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-                let ended = (pending.ended)();
-                pending.queue.extend(ended);
+                let ended = pending.runs.ended();
+                let pending = &mut *pending;
+                let followed = &pending.followed;
+                pending
+                    .queue
+                    .extend(ended.into_iter().filter(|t| !followed.contains(t)));
                 pending.queue.pop_front()
             };
             let Some(path) = next else {
@@ -375,6 +395,57 @@ impl AheadShared {
         }
         // The last one to go ends `take`'s wait; the debug information read is freed
         // after that (3.8–5.2 ms for serde_json's suite), while the report is merged.
+        drop(hand_over);
+        drop(loaders);
+    }
+}
+
+impl AheadShared {
+    /// The follower: takes the trace of the earliest process still running and
+    /// analyses it as it is written (see `follow.rs`), handing it over when its
+    /// process ends; one at a time, while the run goes on. A trace it cannot follow
+    /// to its end, it analyses whole once its process has ended.
+    fn follow(
+        &self,
+        options: &ReportOptions,
+        hand_over: std::sync::mpsc::Sender<(PathBuf, Analysed)>,
+    ) {
+        lower_priority();
+        let loaders = symbols::Loaders::cached(options.symbol_cache.clone());
+        while self.mode.load(std::sync::atomic::Ordering::Acquire) == AHEAD_RUN {
+            let next = {
+                let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                let running = pending.runs.running();
+                let next = running
+                    .into_iter()
+                    .find(|(trace, _)| !pending.followed.contains(trace));
+                if let Some((trace, _)) = &next {
+                    pending.followed.insert(trace.clone());
+                }
+                next
+            };
+            let Some((path, ended)) = next else {
+                std::thread::park_timeout(std::time::Duration::from_millis(5));
+                continue;
+            };
+            // Once the run is over, every process of it has ended, whether or not its
+            // runner said so.
+            let has_ended = || {
+                ended.exists() || self.mode.load(std::sync::atomic::Ordering::Acquire) != AHEAD_RUN
+            };
+            let analysed = analyse_following(&path, has_ended, options, &loaders, &self.progress)
+                .or_else(|| {
+                    while !has_ended() {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    let trace = Trace::open(&path).ok()?;
+                    self.progress.grow(trace.event_bytes());
+                    Some(analyse(&trace, options, &loaders, &self.progress))
+                });
+            if let Some(analysed) = analysed.filter(|a| a.process.complete) {
+                let _ = hand_over.send((path, analysed));
+            }
+        }
         drop(hand_over);
         drop(loaders);
     }
@@ -840,8 +911,58 @@ fn analyse(
         progress.advance(read.saturating_sub(counted));
         counted = read;
     });
-    let mut collector = crate::instrument::Collector::default();
     let mut symbolizer = Symbolizer::new(&trace.meta.modules, &options.path_map, loaders);
+    let replayed = replay_events(&mut events, &mut symbolizer, options);
+    let (tables, damage) = events.finish();
+    analysed(trace, replayed, tables, damage, symbolizer, options)
+}
+
+/// Analyses the trace at `path` while its process still writes it (see
+/// `follow.rs`); `ended` says whether the process has ended. `None` if the trace could
+/// not be followed to its end: then it is to be analysed whole, with [`analyse`].
+fn analyse_following(
+    path: &Path,
+    ended: impl FnMut() -> bool,
+    options: &ReportOptions,
+    loaders: &symbols::Loaders,
+    progress: &Progress,
+) -> Option<Analysed> {
+    let (mut found, mut counted) = (0, 0);
+    let mut events = Following::open(path, ended)?.on_progress(|f, read| {
+        progress.grow(f.saturating_sub(found));
+        progress.advance(read.saturating_sub(counted));
+        (found, counted) = (f, read);
+    });
+    let modules = events.modules().to_vec();
+    let mut symbolizer = Symbolizer::new(&modules, &options.path_map, loaders);
+    let replayed = replay_events(&mut events, &mut symbolizer, options);
+    let (trace, tables) = events.finish().ok()?;
+    Some(analysed(
+        &trace,
+        replayed,
+        tables,
+        Vec::new(),
+        symbolizer,
+        options,
+    ))
+}
+
+/// What the replay of one trace's events found, before the report's figures are
+/// made from it.
+struct Replayed {
+    snap: Snapshot,
+    collector: crate::instrument::Collector,
+    /// The process ran libtest's harness.
+    libtest: bool,
+}
+
+/// Replays a trace's events, classifying each stack on its first allocation.
+fn replay_events<S: EventSource>(
+    events: &mut S,
+    symbolizer: &mut Symbolizer,
+    options: &ReportOptions,
+) -> Replayed {
+    let mut collector = crate::instrument::Collector::default();
     // Per-test figures leave out the blocks of libtest's harness and of std's
     // bookkeeping: each stack is classified when a block is first allocated with it.
     let mut harness = HarnessStacks::default();
@@ -851,7 +972,7 @@ fn analyse(
     // Emptied batches come back to be filled again: their memory stays mapped.
     let (spare, emptied) = std::sync::mpsc::channel::<Vec<crate::trace::Event>>();
     let tests = options.tests;
-    let mut snap = std::thread::scope(|scope| {
+    let snap = std::thread::scope(|scope| {
         let replayer = scope.spawn(move || {
             let drops: RefCell<FxHashMap<u64, bool>> = RefCell::default();
             let stream = Received {
@@ -876,7 +997,7 @@ fn analyse(
                     e.kind
                 {
                     let tables = events.tables();
-                    if let Some(drop) = harness.classify(stack, tables, &mut symbolizer, options) {
+                    if let Some(drop) = harness.classify(stack, tables, symbolizer, options) {
                         batch.classified.push((stack, drop));
                     }
                 }
@@ -900,7 +1021,28 @@ fn analyse(
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     });
-    let (tables, mut damage) = events.finish();
+    Replayed {
+        snap,
+        collector,
+        libtest: harness.libtest,
+    }
+}
+
+/// The figures of one process, from its trace and what its replay found.
+fn analysed(
+    trace: &Trace,
+    replayed: Replayed,
+    tables: Tables,
+    mut damage: Vec<String>,
+    mut symbolizer: Symbolizer,
+    options: &ReportOptions,
+) -> Analysed {
+    let Replayed {
+        mut snap,
+        collector,
+        libtest,
+    } = replayed;
+    let tests = options.tests;
     // A fork child's trace starts at the fork: its frees of blocks it inherited from
     // its parent pair with no recorded allocation, and are not problems.
     let forked = trace.header.flags & memscope::format::FLAG_FORKED != 0;
@@ -967,7 +1109,7 @@ fn analyse(
 
     let peak_time = ns(snap.totals.peak_ts);
     let summary = process_summary(&snap, &sites, &damage, trace, peak_time, problems_found);
-    let threads = threads(&snap, tests && harness.libtest, &tables, pid, ns);
+    let threads = threads(&snap, tests && libtest, &tables, pid, ns);
     let timeline = Timeline {
         pid,
         unit: if clock.is_some() { "ns" } else { "ticks" }.into(),
@@ -1799,34 +1941,37 @@ mod tests {
     }
 
     fn program(end: Option<u64>) -> TraceBytes {
+        program_events(TraceBytes::new()).meta(0, end)
+    }
+
+    /// [`program`]'s thread chunk, appended to `trace`.
+    fn program_events(trace: TraceBytes) -> TraceBytes {
         let (big, big_stack) = stack(&[0x1111]);
         let (small, small_stack) = stack(&[0x2222]);
-        TraceBytes::new()
-            .chunk(
-                1,
-                0,
-                &[
-                    thread("main"),
-                    big,
-                    small,
-                    alloc(10, 0xa0, 4096, big_stack),
-                    alloc(20, 0xb0, 100, small_stack),
-                    Record::Realloc {
-                        internal: false,
-                        ts_before: 30,
-                        ts_after: 31,
-                        old_addr: 0xb0,
-                        new_addr: 0xc0,
-                        new_size: 300,
-                        align: 8,
-                        stack: small_stack,
-                    },
-                    internal_alloc(35, 0xd0, 64),
-                    free(40, 0xc0),
-                    free(50, 0xc0),
-                ],
-            )
-            .meta(0, end)
+        trace.chunk(
+            1,
+            0,
+            &[
+                thread("main"),
+                big,
+                small,
+                alloc(10, 0xa0, 4096, big_stack),
+                alloc(20, 0xb0, 100, small_stack),
+                Record::Realloc {
+                    internal: false,
+                    ts_before: 30,
+                    ts_after: 31,
+                    old_addr: 0xb0,
+                    new_addr: 0xc0,
+                    new_size: 300,
+                    align: 8,
+                    stack: small_stack,
+                },
+                internal_alloc(35, 0xd0, 64),
+                free(40, 0xc0),
+                free(50, 0xc0),
+            ],
+        )
     }
 
     #[test]
@@ -1981,6 +2126,46 @@ mod tests {
     }
 
     #[test]
+    fn a_trace_followed_to_its_end_gives_the_report_of_the_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // As the runtime writes it: the modules' meta chunk first, the end last.
+        let end = Record::End {
+            reason: 0,
+            ts: 90,
+            dropped: 0,
+        };
+        let path = program_events(TraceBytes::new().meta(0, None))
+            .chunk(0, 1, &[clock(2_000_000), end])
+            .write(dir.path(), "p.mstrace");
+        let options = options(dir.path());
+        let loaders = symbols::Loaders::cached(None);
+        let progress = Progress::hidden(false);
+        let report = |analysed: Analysed| {
+            let mut merger = Merger::new();
+            merger.add(analysed);
+            serde_json::to_value(merger.finish()).unwrap()
+        };
+        let followed = analyse_following(&path, || true, &options, &loaders, &progress)
+            .expect("followed to its end");
+        let read_whole = analyse(&Trace::open(&path).unwrap(), &options, &loaders, &progress);
+        assert!(followed.process.complete);
+        assert_eq!(report(followed), report(read_whole));
+    }
+
+    /// Hands out the traces once, as ended; none runs.
+    struct Handing(Vec<PathBuf>);
+
+    impl Runs for Handing {
+        fn ended(&mut self) -> Vec<PathBuf> {
+            std::mem::take(&mut self.0)
+        }
+
+        fn running(&mut self) -> Vec<(PathBuf, PathBuf)> {
+            Vec::new()
+        }
+    }
+
+    #[test]
     fn traces_analysed_ahead_give_the_same_report_and_incomplete_ones_are_left_for_later() {
         let dir = tempfile::tempdir().unwrap();
         let first = program(Some(30)).write(dir.path(), "a.mstrace");
@@ -1992,8 +2177,8 @@ mod tests {
         let options = options(dir.path());
 
         // Handed out once, at any time: `finish` analyses what was not yet.
-        let mut handed = vec![ended.clone(), unfinished.clone(), first];
-        let ahead = Ahead::start(&options, move || std::mem::take(&mut handed));
+        let handed = vec![ended.clone(), unfinished.clone(), first];
+        let ahead = Ahead::start(&options, Handing(handed));
         let mut ahead = ahead.finish();
         let analysed = ahead.take(&ended).expect("analysed ahead");
         assert!(ahead.take(&unfinished).is_none(), "read again at the end");

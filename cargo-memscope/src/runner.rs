@@ -296,6 +296,42 @@ impl Finished {
     }
 }
 
+/// A run's directory watched while the run goes on (see [`Finished`]).
+pub struct Watched {
+    pub root: PathBuf,
+    pub finished: Finished,
+}
+
+impl crate::report::Runs for Watched {
+    fn ended(&mut self) -> Vec<PathBuf> {
+        self.finished.poll(&self.root)
+    }
+
+    fn running(&mut self) -> Vec<(PathBuf, PathBuf)> {
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mut dirs: Vec<PathBuf> = entries
+            .filter_map(|e| Some(e.ok()?.path()))
+            .filter(|p| !self.finished.ended.contains(p))
+            .collect();
+        dirs.sort();
+        let mut traces = Vec::new();
+        for dir in dirs {
+            let ended = dir.join("run.json");
+            if !ended.exists() {
+                traces.extend(
+                    crate::run::trace_files(&dir)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|trace| (trace, ended.clone())),
+                );
+            }
+        }
+        traces
+    }
+}
+
 /// The runs recorded under `root`, in the order they started.
 pub fn collect(root: &Path) -> anyhow::Result<Vec<(PathBuf, Option<BinaryRun>)>> {
     let mut dirs: Vec<PathBuf> = fs::read_dir(root)

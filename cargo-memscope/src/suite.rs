@@ -116,10 +116,13 @@ fn suite(
         });
         (waiting, path)
     });
-    // Each binary's trace is analysed as soon as it has ended, while the next ones run.
-    let mut finished = runner::Finished::default();
-    let watched = trace_dir.clone();
-    let ahead = report::Ahead::start(&options, move || finished.poll(&watched));
+    // Each binary's trace is analysed while the binary runs, or else as soon as it has
+    // ended, while the next ones run.
+    let watched = runner::Watched {
+        root: trace_dir.clone(),
+        finished: runner::Finished::default(),
+    };
+    let ahead = report::Ahead::start(&options, watched);
     let ran = if args.nextest {
         // nextest builds first (`--no-run`), then takes the name filter itself and
         // emulates harness arguments.

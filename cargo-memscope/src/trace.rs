@@ -108,7 +108,7 @@ fn merge_key(e: &Event, i: usize) -> u128 {
 
 impl EventKind {
     /// Frees sort before allocations stamped with the same tick.
-    fn rank(&self) -> u8 {
+    pub(crate) fn rank(&self) -> u8 {
         match self {
             EventKind::Free { .. } | EventKind::ReallocFree { .. } => 0,
             EventKind::Alloc { .. } | EventKind::ReallocAlloc { .. } | EventKind::Mark(_) => 1,
@@ -153,6 +153,50 @@ pub struct Meta {
     pub reach: FxHashMap<u64, Reach>,
 }
 
+impl Meta {
+    /// Keeps what a record of the meta stream says.
+    pub(crate) fn take(&mut self, record: Record) {
+        match record {
+            Record::Clock {
+                ts,
+                monotonic_ns,
+                unix_ns,
+            } => self.clocks.push(ClockSample {
+                ts,
+                monotonic_ns,
+                unix_ns,
+            }),
+            Record::Module {
+                bias,
+                start,
+                end,
+                path,
+            } => self.modules.push(Module {
+                path,
+                bias,
+                start,
+                end,
+            }),
+            Record::End {
+                reason,
+                ts,
+                dropped,
+            } => {
+                self.end = Some(End {
+                    reason,
+                    ts,
+                    dropped,
+                })
+            }
+            Record::Scan(scan) => self.scan = Some(scan),
+            Record::Reach { reach, addrs } => {
+                self.reach.extend(addrs.into_iter().map(|a| (a, reach)))
+            }
+            _ => {}
+        }
+    }
+}
+
 /// What a thread said about itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ThreadInfo {
@@ -172,9 +216,9 @@ pub struct Tables {
 
 /// Where a chunk's payload is.
 #[derive(Clone, Copy, Debug)]
-struct ChunkRef {
-    offset: u64,
-    len: u32,
+pub(crate) struct ChunkRef {
+    pub offset: u64,
+    pub len: u32,
 }
 
 /// An opened, indexed trace file.
@@ -224,6 +268,26 @@ impl Trace {
                 .push("the trace has no end record: the process did not finish writing it".into());
         }
         Ok(trace)
+    }
+
+    /// A trace that was followed to its end while it was written (see `follow.rs`):
+    /// whole, its events already read.
+    pub(crate) fn followed(
+        path: PathBuf,
+        file: File,
+        header: FileHeader,
+        file_len: u64,
+        meta: Meta,
+    ) -> Trace {
+        Trace {
+            path,
+            file,
+            header,
+            file_len,
+            streams: Vec::new(),
+            meta,
+            damage: Vec::new(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -326,45 +390,8 @@ impl Trace {
                 match decoder.decode(&payload, pos) {
                     Ok((record, next)) => {
                         pos = next;
-                        match record {
-                            None => {}
-                            Some(Record::Clock {
-                                ts,
-                                monotonic_ns,
-                                unix_ns,
-                            }) => self.meta.clocks.push(ClockSample {
-                                ts,
-                                monotonic_ns,
-                                unix_ns,
-                            }),
-                            Some(Record::Module {
-                                bias,
-                                start,
-                                end,
-                                path,
-                            }) => self.meta.modules.push(Module {
-                                path,
-                                bias,
-                                start,
-                                end,
-                            }),
-                            Some(Record::End {
-                                reason,
-                                ts,
-                                dropped,
-                            }) => {
-                                self.meta.end = Some(End {
-                                    reason,
-                                    ts,
-                                    dropped,
-                                })
-                            }
-                            Some(Record::Scan(scan)) => self.meta.scan = Some(scan),
-                            Some(Record::Reach { reach, addrs }) => self
-                                .meta
-                                .reach
-                                .extend(addrs.into_iter().map(|a| (a, reach))),
-                            _ => {}
+                        if let Some(record) = record {
+                            self.meta.take(record);
                         }
                     }
                     Err(e) => {
@@ -418,6 +445,18 @@ impl Trace {
     }
 }
 
+/// A merged event stream in time order, and the tables its records fill in.
+pub trait EventSource: Iterator<Item = Event> {
+    /// The tables so far: they hold every stack that the events handed out refer to.
+    fn tables(&self) -> &Tables;
+}
+
+impl EventSource for Events<'_> {
+    fn tables(&self) -> &Tables {
+        &self.tables
+    }
+}
+
 /// The merged event stream of one trace; an iterator of [`Event`]s in time order.
 pub struct Events<'t> {
     trace: &'t Trace,
@@ -444,18 +483,13 @@ struct Stream<'t> {
 
 /// How many events a stream decodes at a time: a tight loop per stream instead of a
 /// call through the merge per event, and a bounded amount of memory per thread.
-const AHEAD: usize = 256;
+pub(crate) const AHEAD: usize = 256;
 
 impl<'t> Events<'t> {
     /// Calls `f` with the number of payload bytes read so far, once per chunk.
     pub fn on_progress(mut self, f: impl FnMut(u64) + 't) -> Self {
         self.progress = Some(Box::new(f));
         self
-    }
-
-    /// The tables so far: they hold every stack that the events handed out refer to.
-    pub fn tables(&self) -> &Tables {
-        &self.tables
     }
 
     /// Ends the stream: the tables and what went wrong while decoding.
@@ -497,41 +531,15 @@ impl<'t> Events<'t> {
                 }
                 continue;
             }
-            // Most records are one-word allocations and frees: no `Record` for them.
-            if let Some((brief, next)) = stream.decoder.decode_brief(&stream.buf, stream.pos) {
-                stream.pos = next;
-                let (ts, kind) = match brief {
-                    Brief::Alloc {
-                        ts,
-                        addr,
-                        size,
-                        stack,
-                        ..
-                    } => (
-                        ts,
-                        EventKind::Alloc {
-                            addr,
-                            size,
-                            zeroed: false,
-                            stack,
-                        },
-                    ),
-                    Brief::Free { ts, addr } => (ts, EventKind::Free { addr }),
-                };
-                stream.ahead.push(Event {
-                    ts,
-                    thread: stream.thread,
-                    internal: false,
-                    kind,
-                });
-                continue;
-            }
-            let (record, next) = match stream.decoder.decode(&stream.buf, stream.pos) {
-                Ok((Some(record), next)) => (record, next),
-                Ok((None, next)) => {
-                    stream.pos = next;
-                    continue;
-                }
+            match decode_record(
+                &mut stream.decoder,
+                &stream.buf,
+                stream.pos,
+                stream.thread,
+                &mut self.tables,
+                &mut stream.ahead,
+            ) {
+                Ok(next) => stream.pos = next,
                 Err(e) => {
                     self.damage.push(format!(
                         "thread {}: {e}; its later records are ignored",
@@ -542,122 +550,148 @@ impl<'t> Events<'t> {
                     stream.pos = 0;
                     break;
                 }
-            };
-            stream.pos = next;
-            let thread = stream.thread;
-            let event = |ts, internal, kind| Event {
-                ts,
-                thread,
-                internal,
-                kind,
-            };
-            match record {
-                Record::Alloc {
-                    internal,
-                    zeroed,
-                    ts,
-                    addr,
-                    size,
-                    stack,
-                    ..
-                } => {
-                    stream.ahead.push(event(
-                        ts,
-                        internal,
-                        EventKind::Alloc {
-                            addr,
-                            size,
-                            zeroed,
-                            stack,
-                        },
-                    ));
-                }
-                Record::Free { ts, addr } => {
-                    stream
-                        .ahead
-                        .push(event(ts, false, EventKind::Free { addr }));
-                }
-                Record::Realloc {
-                    internal,
-                    ts_before,
-                    ts_after,
-                    old_addr,
-                    new_addr,
-                    new_size,
-                    stack,
-                    ..
-                } => {
-                    stream.ahead.push(event(
-                        ts_before,
-                        internal,
-                        EventKind::ReallocFree { addr: old_addr },
-                    ));
-                    stream.ahead.push(event(
-                        ts_after,
-                        internal,
-                        EventKind::ReallocAlloc {
-                            old_addr,
-                            addr: new_addr,
-                            size: new_size,
-                            stack,
-                        },
-                    ));
-                }
-                Record::Stack { hash, frames } => {
-                    self.tables
-                        .stacks
-                        .entry(hash)
-                        .or_insert_with(|| frames.into_boxed_slice());
-                }
-                Record::Thread { os_tid, name } => {
-                    let info = self.tables.threads.entry(thread).or_default();
-                    info.name = Some(name);
-                    info.os_tid = Some(os_tid);
-                }
-                // Meta records belong to thread 0; elsewhere they carry nothing we use.
-                Record::Clock { .. }
-                | Record::Module { .. }
-                | Record::End { .. }
-                | Record::Scan(_)
-                | Record::Reach { .. } => {}
-                Record::Instrumented { .. } | Record::Def { .. } => {
-                    self.tables.names.take(&record);
-                }
-                Record::Enter { ts, id } => {
-                    stream
-                        .ahead
-                        .push(event(ts, false, EventKind::Mark(Mark::Enter { id })));
-                }
-                Record::Exit { ts, id } => {
-                    stream
-                        .ahead
-                        .push(event(ts, false, EventKind::Mark(Mark::Exit { id })));
-                }
-                Record::Owns { ts, var, blocks } => {
-                    stream.ahead.extend(
-                        blocks.into_iter().map(|block| {
-                            event(ts, false, EventKind::Mark(Mark::Owns { var, block }))
-                        }),
-                    );
-                }
-                Record::Task { ts, id, site, .. } => {
-                    self.tables.names.take(&record);
-                    stream.ahead.push(event(
-                        ts,
-                        false,
-                        EventKind::Mark(Mark::TaskStart { id, site }),
-                    ));
-                }
-                Record::TaskEnd { ts, id, state } => {
-                    stream.ahead.push(event(
-                        ts,
-                        false,
-                        EventKind::Mark(Mark::TaskEnd { id, state }),
-                    ));
-                }
             }
         }
     }
+}
+
+/// Decodes the record at `pos` of one of `thread`'s chunks, `buf`: its events go to
+/// `out`, what it describes to `tables`. Returns where the next record starts.
+#[inline]
+pub(crate) fn decode_record(
+    decoder: &mut StreamDecoder,
+    buf: &[u8],
+    pos: usize,
+    thread: u32,
+    tables: &mut Tables,
+    out: &mut Vec<Event>,
+) -> Result<usize, FormatError> {
+    // Most records are one-word allocations and frees: no `Record` for them.
+    if let Some((brief, next)) = decoder.decode_brief(buf, pos) {
+        let (ts, kind) = match brief {
+            Brief::Alloc {
+                ts,
+                addr,
+                size,
+                stack,
+                ..
+            } => (
+                ts,
+                EventKind::Alloc {
+                    addr,
+                    size,
+                    zeroed: false,
+                    stack,
+                },
+            ),
+            Brief::Free { ts, addr } => (ts, EventKind::Free { addr }),
+        };
+        out.push(Event {
+            ts,
+            thread,
+            internal: false,
+            kind,
+        });
+        return Ok(next);
+    }
+    let (record, next) = match decoder.decode(buf, pos)? {
+        (Some(record), next) => (record, next),
+        (None, next) => return Ok(next),
+    };
+    let event = |ts, internal, kind| Event {
+        ts,
+        thread,
+        internal,
+        kind,
+    };
+    match record {
+        Record::Alloc {
+            internal,
+            zeroed,
+            ts,
+            addr,
+            size,
+            stack,
+            ..
+        } => out.push(event(
+            ts,
+            internal,
+            EventKind::Alloc {
+                addr,
+                size,
+                zeroed,
+                stack,
+            },
+        )),
+        Record::Free { ts, addr } => out.push(event(ts, false, EventKind::Free { addr })),
+        Record::Realloc {
+            internal,
+            ts_before,
+            ts_after,
+            old_addr,
+            new_addr,
+            new_size,
+            stack,
+            ..
+        } => {
+            out.push(event(
+                ts_before,
+                internal,
+                EventKind::ReallocFree { addr: old_addr },
+            ));
+            out.push(event(
+                ts_after,
+                internal,
+                EventKind::ReallocAlloc {
+                    old_addr,
+                    addr: new_addr,
+                    size: new_size,
+                    stack,
+                },
+            ));
+        }
+        Record::Stack { hash, frames } => {
+            tables
+                .stacks
+                .entry(hash)
+                .or_insert_with(|| frames.into_boxed_slice());
+        }
+        Record::Thread { os_tid, name } => {
+            let info = tables.threads.entry(thread).or_default();
+            info.name = Some(name);
+            info.os_tid = Some(os_tid);
+        }
+        // Meta records belong to thread 0; elsewhere they carry nothing we use.
+        Record::Clock { .. }
+        | Record::Module { .. }
+        | Record::End { .. }
+        | Record::Scan(_)
+        | Record::Reach { .. } => {}
+        Record::Instrumented { .. } | Record::Def { .. } => {
+            tables.names.take(&record);
+        }
+        Record::Enter { ts, id } => out.push(event(ts, false, EventKind::Mark(Mark::Enter { id }))),
+        Record::Exit { ts, id } => out.push(event(ts, false, EventKind::Mark(Mark::Exit { id }))),
+        Record::Owns { ts, var, blocks } => out.extend(
+            blocks
+                .into_iter()
+                .map(|block| event(ts, false, EventKind::Mark(Mark::Owns { var, block }))),
+        ),
+        Record::Task { ts, id, site, .. } => {
+            tables.names.take(&record);
+            out.push(event(
+                ts,
+                false,
+                EventKind::Mark(Mark::TaskStart { id, site }),
+            ));
+        }
+        Record::TaskEnd { ts, id, state } => out.push(event(
+            ts,
+            false,
+            EventKind::Mark(Mark::TaskEnd { id, state }),
+        )),
+    }
+    Ok(next)
 }
 
 impl Iterator for Events<'_> {
@@ -691,7 +725,7 @@ impl Iterator for Events<'_> {
 /// reads (a read per chunk header and payload cost regex-syntax's 70 MB trace 8,600
 /// system calls).
 #[derive(Default)]
-struct Window {
+pub(crate) struct Window {
     buf: Vec<u8>,
     /// How much of `buf` holds the file from `start` on.
     filled: usize,
@@ -704,7 +738,7 @@ impl Window {
     const SIZE: usize = 1 << 20;
 
     /// The `len` bytes at `offset`, or fewer where the file ends first.
-    fn at(&mut self, file: &File, offset: u64, len: usize) -> io::Result<&[u8]> {
+    pub fn at(&mut self, file: &File, offset: u64, len: usize) -> io::Result<&[u8]> {
         let end = self.start + self.filled as u64;
         if offset < self.start || offset + len as u64 > end {
             if self.buf.len() < len.max(Self::SIZE) {
@@ -720,7 +754,7 @@ impl Window {
 }
 
 /// Reads as many bytes as the file has at `offset`, up to `buf.len()`.
-fn read_at_most(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn read_at_most(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
         match read_at(file, offset + got as u64, &mut buf[got..]) {
@@ -733,7 +767,7 @@ fn read_at_most(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
     Ok(got)
 }
 
-fn read_exact_at(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+pub(crate) fn read_exact_at(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
     if read_at_most(file, offset, buf)? < buf.len() {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
@@ -772,8 +806,14 @@ pub(crate) mod testing {
     /// setting the stream clock, as the runtime's chunks do. Stacks must be bound in
     /// the same chunk as the events that use them.
     pub fn payload(records: &[Record]) -> Vec<u8> {
+        payload_after(0, records)
+    }
+
+    /// [`payload`] for a chunk after a thread's first: its opening `STAMP` says how
+    /// long the previous chunk, `previous` bytes, is.
+    pub fn payload_after(previous: usize, records: &[Record]) -> Vec<u8> {
         let mut enc = Encoder::default();
-        enc.word(head(TAG_STAMP, 0, 0)).word(0);
+        enc.word(head(TAG_STAMP, 0, previous as u64)).word(0);
         for r in records {
             enc.record(r);
         }

@@ -20,6 +20,12 @@
 //! `checksum` is [`checksum`] of the payload; a chunk whose payload is short or whose
 //! checksum does not match ends the readable part of the file.
 //!
+//! Every chunk of a thread after its first opens with a `STAMP` record whose `wide`
+//! field is the length of the thread's previous chunk as it was handed over (0 if
+//! that chunk was lost): a reader that follows the file while the process still
+//! writes it knows from it when it holds a chunk whole, whatever copy of it came
+//! first. (Older version-3 traces carry 0 there: they are read once they are whole.)
+//!
 //! ## Records
 //!
 //! Records are sequences of 64-bit words and are compact, because the allocator hook
@@ -32,7 +38,7 @@
 //! | `ALLOC` 1 | stamp delta | address | `size:40 \| log2(align):6 \| slot:12 \| zeroed:1 \| internal:1` |
 //! | `FREE` 2 | stamp delta | address | — |
 //! | `REALLOC` 3 | delta of the free half | old address | word 1 = `delta of the alloc half (bits 4..16) \| new address (bits 16..)`, word 2 as `ALLOC`'s word 1 |
-//! | `STAMP` 4 | 0 | 0 | the stream clock's new value |
+//! | `STAMP` 4 | 0 | 0, or at the start of a chunk: the length of the thread's previous chunk | the stream clock's new value |
 //! | `STACK` 5 | frame count n | slot | n return addresses, innermost first |
 //! | `THREAD` 6 | name length | 0 | OS thread id, name bytes padded to 8 |
 //! | `REALLOC_WIDE` 7 | 0 | old address | new address, `ALLOC`'s word 1, free-half stamp, alloc-half stamp |

@@ -106,6 +106,9 @@ pub struct ThreadRecord {
     is_main: Cell<bool>,
     /// Hand-overs so far: the name is checked at some of them (see `push_slow`).
     hand_overs: Cell<u32>,
+    /// The length in bytes of the chunk handed over last (0 if it was empty): the
+    /// `STAMP` that opens the next chunk carries it (see `format.rs`).
+    last_len: Cell<u32>,
     /// The walks before `last_walk` from other places, the most recent first (see
     /// `record_stack`); null where one could not be allocated.
     other_walks: [Cell<*mut stack::LastWalk>; OTHER_WALKS],
@@ -607,6 +610,7 @@ impl ThreadRecord {
             os_tid: Cell::new(0),
             is_main: Cell::new(false),
             hand_overs: Cell::new(0),
+            last_len: Cell::new(0),
             other_walks: std::array::from_fn(|_| Cell::new(empty_walk())),
         };
         // SAFETY: non-zero-size layout.
@@ -813,6 +817,10 @@ impl ThreadRecord {
         let base = self.clock.get();
         if self.alive.load(Ordering::Relaxed) {
             self.hand_over(true);
+            // The next chunk opens with the stream clock and the length of the chunk
+            // just handed over, which tells a reader following the file as it grows
+            // that it has that chunk whole.
+            self.push(&[head(TAG_STAMP, 0, u64::from(self.last_len.get())), base]);
             // The name is asked of the kernel (a system call) at the first hand-overs,
             // when a new thread is usually named, then at every 16th; the thread's end
             // and the process's always ask. The last name is the thread's.
@@ -821,14 +829,13 @@ impl ThreadRecord {
             if n.is_power_of_two() || n.is_multiple_of(16) {
                 self.note_name();
             }
-            self.push(&[head(TAG_STAMP, 0, 0), base]);
             self.push(words);
         } else {
             // After the thread's exit flush: one chunk per event.
             match writer::pool().and_then(|p| p.take()) {
                 Some(buf) => {
                     let gen = self.gen.fetch_add(2, Ordering::Relaxed);
-                    let stamp = [head(TAG_STAMP, 0, 0), base];
+                    let stamp = [head(TAG_STAMP, 0, u64::from(self.last_len.get())), base];
                     // SAFETY: the buffer was just taken from the pool and is ours; the
                     // two records fit easily.
                     unsafe {
@@ -836,7 +843,9 @@ impl ThreadRecord {
                         ptr::copy_nonoverlapping(stamp.as_ptr(), dst, 2);
                         ptr::copy_nonoverlapping(words.as_ptr(), dst.add(2), words.len());
                     }
-                    writer::submit(buf, self.tid, gen / 2, (2 + words.len()) * 8);
+                    let len = (2 + words.len()) * 8;
+                    self.last_len.set(len as u32);
+                    writer::submit(buf, self.tid, gen / 2, len);
                 }
                 None => writer::dropped(1),
             }
@@ -872,6 +881,7 @@ impl ThreadRecord {
         self.gen.store(gen + 1, Ordering::Relaxed);
         fence(Ordering::Release);
         let own = self.buf.load(Ordering::Relaxed);
+        self.last_len.set(0);
         if let Some(own) = NonNull::new(own).filter(|_| len > 0) {
             match pool.take() {
                 Some(out) => {
@@ -885,6 +895,7 @@ impl ThreadRecord {
                             len / 8,
                         )
                     };
+                    self.last_len.set(len as u32);
                     writer::submit(out, self.tid, gen / 2, len);
                 }
                 None => writer::dropped(1),
