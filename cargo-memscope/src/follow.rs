@@ -188,15 +188,17 @@ impl<'e> Following<'e> {
             return Err("the stream was left before the trace's end".into());
         }
         // What `Trace::open` would call damage: a chunk missing or never read.
+        let mut last_chunk: FxHashMap<u32, u32> = FxHashMap::default();
+        for &(thread, index) in self.copies.keys() {
+            let last = last_chunk.entry(thread).or_default();
+            *last = (*last).max(index);
+        }
         for stream in &self.streams {
             let read_all = self
                 .copies
                 .get(&(stream.thread, stream.chunk))
                 .is_none_or(|c| c.len as usize == stream.buf.len());
-            let beyond = self
-                .copies
-                .keys()
-                .any(|&(t, i)| t == stream.thread && i > stream.chunk);
+            let beyond = last_chunk[&stream.thread] > stream.chunk;
             if !read_all || beyond || stream.ahead.len() > stream.next {
                 return Err(format!("thread {}: not read to its end", stream.thread));
             }
