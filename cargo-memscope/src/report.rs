@@ -60,6 +60,7 @@ pub fn generate(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<R
 }
 
 /// Reads the traces and analyses them into the report model.
+#[cfg(test)]
 pub fn build(traces: &[PathBuf], options: &ReportOptions) -> anyhow::Result<Report> {
     build_with(traces, options, &mut AnalysedAhead::default())
 }
@@ -181,8 +182,9 @@ pub trait Runs {
     /// processes started.
     fn ended(&mut self) -> Vec<PathBuf>;
     /// The traces of the processes still running, in the order they started, each
-    /// with the file whose appearance says that its process has ended.
-    fn running(&mut self) -> Vec<(PathBuf, PathBuf)>;
+    /// with the file whose appearance says that its process has ended (`None`: only
+    /// the end of the run says so).
+    fn running(&mut self) -> Vec<(PathBuf, Option<PathBuf>)>;
 }
 
 /// The most threads [`Ahead`] analyses traces on.
@@ -431,7 +433,8 @@ impl AheadShared {
             // Once the run is over, every process of it has ended, whether or not its
             // runner said so.
             let has_ended = || {
-                ended.exists() || self.mode.load(std::sync::atomic::Ordering::Acquire) != AHEAD_RUN
+                ended.as_ref().is_some_and(|e| e.exists())
+                    || self.mode.load(std::sync::atomic::Ordering::Acquire) != AHEAD_RUN
             };
             let analysed = analyse_following(&path, has_ended, options, &loaders, &self.progress)
                 .or_else(|| {
@@ -2152,6 +2155,63 @@ mod tests {
         assert_eq!(report(followed), report(read_whole));
     }
 
+    #[test]
+    fn the_trace_of_a_running_process_is_analysed_and_handed_over_before_the_run_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.mstrace");
+        let start = program_events(TraceBytes::new().meta(0, None));
+        std::fs::write(&path, &start.bytes).unwrap();
+        let options = options(dir.path());
+        // Never written: only the trace's own end can end the following.
+        let ended = dir.path().join("run.json");
+        let ahead = Ahead::start(&options, Running(path.clone(), ended));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let end = Record::End {
+            reason: 0,
+            ts: 90,
+            dropped: 0,
+        };
+        let written = start.bytes.len();
+        let whole = start.chunk(0, 1, &[clock(2_000_000), end]);
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        std::io::Write::write_all(&mut file, &whole.bytes[written..]).unwrap();
+        // A trace not followed would wait for its process's end, which never comes.
+        let (handed, analysed) = (ahead.analysed)
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("handed over while the run goes on");
+        ahead.abandon();
+        assert_eq!(handed, path);
+        let loaders = symbols::Loaders::cached(None);
+        let read_whole = analyse(
+            &Trace::open(&path).unwrap(),
+            &options,
+            &loaders,
+            &Progress::hidden(false),
+        );
+        let report = |analysed: Analysed| {
+            let mut merger = Merger::new();
+            merger.add(analysed);
+            serde_json::to_value(merger.finish()).unwrap()
+        };
+        assert_eq!(report(analysed), report(read_whole));
+    }
+
+    /// One process, running until its trace ends.
+    struct Running(PathBuf, PathBuf);
+
+    impl Runs for Running {
+        fn ended(&mut self) -> Vec<PathBuf> {
+            Vec::new()
+        }
+
+        fn running(&mut self) -> Vec<(PathBuf, Option<PathBuf>)> {
+            vec![(self.0.clone(), Some(self.1.clone()))]
+        }
+    }
+
     /// Hands out the traces once, as ended; none runs.
     struct Handing(Vec<PathBuf>);
 
@@ -2160,7 +2220,7 @@ mod tests {
             std::mem::take(&mut self.0)
         }
 
-        fn running(&mut self) -> Vec<(PathBuf, PathBuf)> {
+        fn running(&mut self) -> Vec<(PathBuf, Option<PathBuf>)> {
             Vec::new()
         }
     }

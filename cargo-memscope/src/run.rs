@@ -217,11 +217,24 @@ fn run_on(
     lock.built(true);
 
     let trace_dir = layout.new_trace_dir()?;
-    let status = run_program(&executable, &args.program_args, &trace_dir, args.no_stacks)?;
+    // The program's trace is analysed while it runs.
+    let ahead = report::Ahead::start(
+        &options,
+        Program {
+            trace_dir: trace_dir.clone(),
+        },
+    );
+    let status = match run_program(&executable, &args.program_args, &trace_dir, args.no_stacks) {
+        Ok(status) => status,
+        Err(err) => {
+            ahead.abandon();
+            return Err(err);
+        }
+    };
     let code = exit_code(status);
     // The program's own failure is what the caller needs to see first: when it failed,
     // its exit code is kept even if reporting fails too.
-    match report_run(&trace_dir, &options, args.output.open) {
+    match report_run(&trace_dir, &options, args.output.open, ahead.finish()) {
         Ok(report) => {
             let verdict = gates.verdict(code, &report, &ws.root, options.color);
             report.leave();
@@ -235,10 +248,28 @@ fn run_on(
     }
 }
 
+/// The program `cargo memscope run` runs, as [`report::Ahead`] sees it: its traces
+/// are followed while it runs; what was not, is analysed once it has ended.
+struct Program {
+    trace_dir: PathBuf,
+}
+
+impl report::Runs for Program {
+    fn ended(&mut self) -> Vec<PathBuf> {
+        Vec::new()
+    }
+
+    fn running(&mut self) -> Vec<(PathBuf, Option<PathBuf>)> {
+        let traces = trace_files(&self.trace_dir).unwrap_or_default();
+        traces.into_iter().map(|trace| (trace, None)).collect()
+    }
+}
+
 fn report_run(
     trace_dir: &Path,
     options: &ReportOptions,
     open: bool,
+    mut ahead: report::AnalysedAhead,
 ) -> anyhow::Result<report::Report> {
     let traces = trace_files(trace_dir)?;
     if traces.is_empty() {
@@ -247,17 +278,20 @@ fn report_run(
             trace_dir.display()
         );
     }
-    generate(&traces, options, open)
+    generate(&traces, options, open, &mut ahead)
 }
 
-/// Writes the reports; `report::generate` prints the summary and where they are. With
-/// `open`, opens the HTML report in a browser.
+/// Builds and writes the reports (`report::write` prints the summary and where they
+/// are); with `open`, opens the HTML report in a browser. `ahead` hands over the
+/// traces analysed while the program ran.
 pub(crate) fn generate(
     traces: &[PathBuf],
     options: &ReportOptions,
     open: bool,
+    ahead: &mut report::AnalysedAhead,
 ) -> anyhow::Result<report::Report> {
-    let report = report::build(traces, options).context("failed to build the report")?;
+    let report =
+        report::build_with(traces, options, ahead).context("failed to build the report")?;
     let html = report::write(&report, options).context("failed to write the report")?;
     if open {
         crate::html::open(&html);
@@ -310,7 +344,8 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<()> {
             symbol_cache: None,
         },
     };
-    generate(&traces, &options, args.output.open).map(report::Report::leave)
+    let mut ahead = report::AnalysedAhead::default();
+    generate(&traces, &options, args.output.open, &mut ahead).map(report::Report::leave)
 }
 
 /// The `*.mstrace` files directly in `dir`, sorted.

@@ -307,7 +307,7 @@ impl crate::report::Runs for Watched {
         self.finished.poll(&self.root)
     }
 
-    fn running(&mut self) -> Vec<(PathBuf, PathBuf)> {
+    fn running(&mut self) -> Vec<(PathBuf, Option<PathBuf>)> {
         let Ok(entries) = fs::read_dir(&self.root) else {
             return Vec::new();
         };
@@ -324,7 +324,7 @@ impl crate::report::Runs for Watched {
                     crate::run::trace_files(&dir)
                         .unwrap_or_default()
                         .into_iter()
-                        .map(|trace| (trace, ended.clone())),
+                        .map(|trace| (trace, Some(ended.clone()))),
                 );
             }
         }
