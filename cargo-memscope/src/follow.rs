@@ -254,7 +254,8 @@ impl<'e> Following<'e> {
                     self.streams[i].in_heap = true;
                 }
             }
-            if self.streams[i].stuck {
+            // (Once the file is whole, nothing is missing: every stream reads on.)
+            if self.streams[i].stuck && !self.whole {
                 self.bound = self.bound.min(self.streams[i].last_ts + 1);
             }
         }
@@ -488,7 +489,7 @@ impl Iterator for Following<'_> {
                 return None;
             }
             if let Some(&Reverse(key)) = self.heap.peek() {
-                if ((key >> 64) as u64) < self.bound {
+                if self.whole || ((key >> 64) as u64) < self.bound {
                     let i = self.slot(key as u32)?;
                     let stream = &mut self.streams[i];
                     let event = stream.ahead[stream.next];
@@ -652,6 +653,23 @@ mod tests {
         assert_eq!(trace.meta.end.map(|e| e.ts), Some(5_000_000));
         assert_eq!(tables.stacks.len(), 1);
         assert_eq!(tables.threads[&2].name.as_deref(), Some("worker"));
+    }
+
+    #[test]
+    fn a_thread_waiting_for_the_rest_of_its_chunk_when_the_trace_ends_is_read_to_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = [alloc(10, 0xa0, 8, 0)];
+        let whole_first = [alloc(10, 0xa0, 8, 0), alloc(20, 0xb0, 8, 0)];
+        let next = payload_after(payload(&whole_first).len(), &[free(30, 0xa0)]);
+        // Before any clock sample lets an event out, thread 1's next chunk says its
+        // first is longer than the copy there; the rest comes with the trace's end.
+        let written = Written::new(TraceBytes::new().meta(0, None))
+            .then(|t| t.chunk(1, 0, &first).raw_chunk(1, 1, &next))
+            .then(|t| t.chunk(1, 0, &whole_first).chunk(0, 1, &[end(40)]));
+        let (events, finished) = written.follow(dir.path());
+        finished.expect("followed to its end");
+        assert_eq!(events, written.whole(dir.path()));
+        assert_eq!(events.len(), 3);
     }
 
     #[test]
