@@ -279,6 +279,9 @@ impl<'e> Following<'e> {
                 return self.fail(format!("corrupt chunk header at byte {pos}"));
             };
             let start = pos + CHUNK_HEADER_LEN as u64;
+            if start + u64::from(header.len) > len {
+                return; // still being written
+            }
             let Ok(payload) = self.window.at(&self.file, start, header.len as usize) else {
                 return self.fail("the trace file cannot be read".into());
             };
