@@ -187,6 +187,11 @@ pub trait Runs {
     fn running(&mut self) -> Vec<(PathBuf, Option<PathBuf>)>;
 }
 
+/// How long a process runs before its trace is followed: the follower hands out
+/// nothing of the first two clock samples' time (about 200 ms), so a shorter process
+/// gains nothing from it, and its trace is left to the workers once it has ended.
+const FOLLOW_AFTER: std::time::Duration = std::time::Duration::from_millis(150);
+
 /// The most threads [`Ahead`] analyses traces on.
 const AHEAD_WORKERS: usize = 4;
 
@@ -414,13 +419,18 @@ impl AheadShared {
     ) {
         lower_priority();
         let loaders = symbols::Loaders::cached(options.symbol_cache.clone());
+        // When each trace was first seen running.
+        let mut seen: FxHashMap<PathBuf, std::time::Instant> = FxHashMap::default();
         while self.mode.load(std::sync::atomic::Ordering::Acquire) == AHEAD_RUN {
             let next = {
                 let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
                 let running = pending.runs.running();
-                let next = running
-                    .into_iter()
-                    .find(|(trace, _)| !pending.followed.contains(trace));
+                let next = running.into_iter().find(|(trace, _)| {
+                    let since = *seen
+                        .entry(trace.clone())
+                        .or_insert_with(std::time::Instant::now);
+                    !pending.followed.contains(trace) && since.elapsed() >= FOLLOW_AFTER
+                });
                 if let Some((trace, _)) = &next {
                     pending.followed.insert(trace.clone());
                 }
