@@ -28,15 +28,12 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use memscope::format::{
-    ChunkHeader, FileHeader, StreamDecoder, CHUNK_HEADER_LEN, FILE_HEADER_LEN, META_THREAD,
-    TAG_STAMP,
-};
+use memscope::format::{FileHeader, StreamDecoder, FILE_HEADER_LEN, META_THREAD, TAG_STAMP};
 use rustc_hash::FxHashMap;
 
 use crate::trace::{
-    decode_record, read_at_most, read_exact_at, ChunkRef, Event, EventSource, Meta, Module, Tables,
-    Trace, Window, AHEAD,
+    decode_record, read_at_most, read_exact_at, ChunkAt, ChunkRef, Event, EventSource, Meta,
+    Module, Tables, Trace, Window, AHEAD,
 };
 
 /// How long to wait for the file to grow before looking again.
@@ -269,33 +266,19 @@ impl<'e> Following<'e> {
     fn index(&mut self, len: u64) {
         while self.indexed < len && self.failed.is_none() {
             let pos = self.indexed;
-            let Ok(raw) = self.window.at(&self.file, pos, CHUNK_HEADER_LEN) else {
-                return self.fail("the trace file cannot be read".into());
+            let (header, chunk) = match self.window.chunk(&self.file, pos, len) {
+                Ok(ChunkAt::Whole(header, chunk)) => (header, chunk),
+                // Still being written.
+                Ok(ChunkAt::EndsInHeader | ChunkAt::EndsInChunk) => return,
+                Ok(ChunkAt::Corrupt) => {
+                    return self.fail(format!("corrupt chunk header at byte {pos}"))
+                }
+                Ok(ChunkAt::BadChecksum) => {
+                    return self.fail(format!("checksum mismatch in the chunk at byte {pos}"))
+                }
+                Err(_) => return self.fail("the trace file cannot be read".into()),
             };
-            if raw.len() < CHUNK_HEADER_LEN {
-                return; // still being written
-            }
-            let Ok(header) = ChunkHeader::decode(raw) else {
-                return self.fail(format!("corrupt chunk header at byte {pos}"));
-            };
-            let start = pos + CHUNK_HEADER_LEN as u64;
-            if start + u64::from(header.len) > len {
-                return; // still being written
-            }
-            let Ok(payload) = self.window.at(&self.file, start, header.len as usize) else {
-                return self.fail("the trace file cannot be read".into());
-            };
-            if payload.len() < header.len as usize {
-                return; // still being written
-            }
-            if memscope::format::checksum(payload) != header.checksum {
-                return self.fail(format!("checksum mismatch in the chunk at byte {pos}"));
-            }
-            self.indexed = start + u64::from(header.len);
-            let chunk = ChunkRef {
-                offset: start,
-                len: header.len,
-            };
+            self.indexed = chunk.offset + u64::from(chunk.len);
             if header.thread == META_THREAD {
                 self.meta_chunks.insert(header.index, chunk);
                 continue;
@@ -364,17 +347,8 @@ impl<'e> Following<'e> {
             if read_exact_at(&self.file, chunk.offset, &mut payload).is_err() {
                 return self.fail("the trace file cannot be read".into());
             }
-            let mut pos = 0;
-            while pos < payload.len() {
-                match self.meta_decoder.decode(&payload, pos) {
-                    Ok((record, next)) => {
-                        pos = next;
-                        if let Some(record) = record {
-                            self.meta.take(record);
-                        }
-                    }
-                    Err(e) => return self.fail(format!("meta stream: {e}")),
-                }
+            if let Err(e) = self.meta.read_chunk(&mut self.meta_decoder, &payload) {
+                return self.fail(format!("meta stream: {e}"));
             }
             if self.meta_next == 0 {
                 self.start_modules = self.meta.modules.clone();

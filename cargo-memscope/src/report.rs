@@ -388,14 +388,7 @@ impl AheadShared {
                 std::thread::park_timeout(std::time::Duration::from_millis(5));
                 continue;
             };
-            // A trace that cannot be read, or not yet in full (a process it forked may
-            // still write), is left to `build_with`, which says what is wrong.
-            let Ok(trace) = Trace::open(&path) else {
-                continue;
-            };
-            self.progress.grow(trace.event_bytes());
-            let analysed = analyse(&trace, options, &loaders, &self.progress);
-            if analysed.process.complete {
+            if let Some(analysed) = self.analyse_whole(&path, options, &loaders) {
                 // Not wanted any more if `build_with` has finished.
                 let _ = hand_over.send((path, analysed));
             }
@@ -405,9 +398,21 @@ impl AheadShared {
         drop(hand_over);
         drop(loaders);
     }
-}
 
-impl AheadShared {
+    /// The trace at `path`, read whole and analysed, if it is complete. A trace that
+    /// cannot be read, or not yet in full (a process it forked may still write), is
+    /// left to `build_with`, which says what is wrong.
+    fn analyse_whole(
+        &self,
+        path: &Path,
+        options: &ReportOptions,
+        loaders: &symbols::Loaders,
+    ) -> Option<Analysed> {
+        let trace = Trace::open(path).ok()?;
+        self.progress.grow(trace.event_bytes());
+        Some(analyse(&trace, options, loaders, &self.progress)).filter(|a| a.process.complete)
+    }
+
     /// The follower: takes the trace of the earliest process still running and
     /// analyses it as it is written (see `follow.rs`), handing it over when its
     /// process ends; one at a time, while the run goes on. A trace it cannot follow
@@ -451,9 +456,7 @@ impl AheadShared {
                     while !has_ended() {
                         std::thread::sleep(std::time::Duration::from_millis(5));
                     }
-                    let trace = Trace::open(&path).ok()?;
-                    self.progress.grow(trace.event_bytes());
-                    Some(analyse(&trace, options, &loaders, &self.progress))
+                    self.analyse_whole(&path, options, &loaders)
                 });
             if let Some(analysed) = analysed.filter(|a| a.process.complete) {
                 let _ = hand_over.send((path, analysed));
@@ -946,8 +949,7 @@ fn analyse_following(
         progress.advance(read.saturating_sub(counted));
         (found, counted) = (f, read);
     });
-    let modules = events.modules().to_vec();
-    let mut symbolizer = Symbolizer::new(&modules, &options.path_map, loaders);
+    let mut symbolizer = Symbolizer::new(events.modules(), &options.path_map, loaders);
     let replayed = replay_events(&mut events, &mut symbolizer, options);
     let (trace, tables) = events.finish().ok()?;
     Some(analysed(

@@ -154,8 +154,26 @@ pub struct Meta {
 }
 
 impl Meta {
+    /// Keeps what the records of one chunk of the meta stream say, decoding them with
+    /// the stream's `decoder`.
+    pub(crate) fn read_chunk(
+        &mut self,
+        decoder: &mut StreamDecoder,
+        payload: &[u8],
+    ) -> Result<(), FormatError> {
+        let mut pos = 0;
+        while pos < payload.len() {
+            let (record, next) = decoder.decode(payload, pos)?;
+            pos = next;
+            if let Some(record) = record {
+                self.take(record);
+            }
+        }
+        Ok(())
+    }
+
     /// Keeps what a record of the meta stream says.
-    pub(crate) fn take(&mut self, record: Record) {
+    fn take(&mut self, record: Record) {
         match record {
             Record::Clock {
                 ts,
@@ -300,50 +318,36 @@ impl Trace {
         let mut window = Window::default();
         let mut pos = FILE_HEADER_LEN as u64;
         while pos < self.file_len {
-            let raw = window.at(&self.file, pos, CHUNK_HEADER_LEN)?;
-            let got = raw.len();
-            let header = match ChunkHeader::decode(raw) {
-                Ok(h) => h,
-                Err(_) if got < CHUNK_HEADER_LEN => {
+            let (header, chunk) = match window.chunk(&self.file, pos, self.file_len)? {
+                ChunkAt::Whole(header, chunk) => (header, chunk),
+                ChunkAt::EndsInHeader => {
                     self.damage
                         .push(format!("the file ends inside a chunk header at byte {pos}"));
                     break;
                 }
-                Err(_) => {
+                ChunkAt::Corrupt => {
                     self.damage.push(format!(
                         "corrupt chunk header at byte {pos}; the rest of the file is ignored"
                     ));
                     break;
                 }
-            };
-            let start = pos + CHUNK_HEADER_LEN as u64;
-            if start + u64::from(header.len) > self.file_len {
-                self.damage
-                    .push(format!("the file ends inside the chunk at byte {pos}"));
-                break;
-            }
-            let payload = window.at(&self.file, start, header.len as usize)?;
-            if payload.len() < header.len as usize {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the trace file shrank while being read",
-                ));
-            }
-            if format::checksum(payload) != header.checksum {
-                self.damage.push(format!(
-                    "checksum mismatch in the chunk at byte {pos}; the rest of the file is ignored"
-                ));
-                break;
-            }
-            let chunk = ChunkRef {
-                offset: start,
-                len: header.len,
+                ChunkAt::EndsInChunk => {
+                    self.damage
+                        .push(format!("the file ends inside the chunk at byte {pos}"));
+                    break;
+                }
+                ChunkAt::BadChecksum => {
+                    self.damage.push(format!(
+                        "checksum mismatch in the chunk at byte {pos}; the rest of the file is ignored"
+                    ));
+                    break;
+                }
             };
             let slot = copies.entry((header.thread, header.index)).or_insert(chunk);
             if chunk.len >= slot.len {
                 *slot = chunk;
             }
-            pos = start + u64::from(header.len);
+            pos = chunk.offset + u64::from(chunk.len);
         }
 
         let mut by_thread: FxHashMap<u32, Vec<(u32, ChunkRef)>> = FxHashMap::default();
@@ -385,21 +389,10 @@ impl Trace {
         for chunk in chunks {
             payload.resize(chunk.len as usize, 0);
             read_exact_at(&self.file, chunk.offset, &mut payload)?;
-            let mut pos = 0;
-            while pos < payload.len() {
-                match decoder.decode(&payload, pos) {
-                    Ok((record, next)) => {
-                        pos = next;
-                        if let Some(record) = record {
-                            self.meta.take(record);
-                        }
-                    }
-                    Err(e) => {
-                        self.damage
-                            .push(format!("meta stream: {e}; its later records are ignored"));
-                        return Ok(());
-                    }
-                }
+            if let Err(e) = self.meta.read_chunk(&mut decoder, &payload) {
+                self.damage
+                    .push(format!("meta stream: {e}; its later records are ignored"));
+                return Ok(());
             }
         }
         Ok(())
@@ -733,9 +726,51 @@ pub(crate) struct Window {
     start: u64,
 }
 
+/// What a file holds at the start of a chunk.
+pub(crate) enum ChunkAt {
+    /// A chunk whose payload is all there and matches its checksum.
+    Whole(ChunkHeader, ChunkRef),
+    /// The file ends inside the chunk's header, or inside its payload.
+    EndsInHeader,
+    EndsInChunk,
+    /// A header that is not one.
+    Corrupt,
+    BadChecksum,
+}
+
 impl Window {
     /// Bytes read ahead at once.
     const SIZE: usize = 1 << 20;
+
+    /// The chunk at `pos` of `file`, whose first `file_len` bytes are read.
+    pub fn chunk(&mut self, file: &File, pos: u64, file_len: u64) -> io::Result<ChunkAt> {
+        let raw = self.at(file, pos, CHUNK_HEADER_LEN)?;
+        let got = raw.len();
+        let header = match ChunkHeader::decode(raw) {
+            Ok(h) => h,
+            Err(_) if got < CHUNK_HEADER_LEN => return Ok(ChunkAt::EndsInHeader),
+            Err(_) => return Ok(ChunkAt::Corrupt),
+        };
+        let start = pos + CHUNK_HEADER_LEN as u64;
+        if start + u64::from(header.len) > file_len {
+            return Ok(ChunkAt::EndsInChunk);
+        }
+        let payload = self.at(file, start, header.len as usize)?;
+        if payload.len() < header.len as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the trace file shrank while being read",
+            ));
+        }
+        if format::checksum(payload) != header.checksum {
+            return Ok(ChunkAt::BadChecksum);
+        }
+        let chunk = ChunkRef {
+            offset: start,
+            len: header.len,
+        };
+        Ok(ChunkAt::Whole(header, chunk))
+    }
 
     /// The `len` bytes at `offset`, or fewer where the file ends first.
     pub fn at(&mut self, file: &File, offset: u64, len: usize) -> io::Result<&[u8]> {
