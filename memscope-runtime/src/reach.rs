@@ -760,7 +760,7 @@ fn classify(blocks: &[(usize, usize)], roots: &Roots, memory: &mut Memory) -> Ve
     // are read in turn, with the writer thread's help when there are many bytes.
     for (ranges, kind) in [
         (without(&roots.statics, &roots.skip), Reach::FromStatic),
-        (roots.stacks.clone(), Reach::FromStack),
+        (written(&roots.stacks), Reach::FromStack),
     ] {
         let reached = Reached {
             blocks,
@@ -777,11 +777,11 @@ fn classify(blocks: &[(usize, usize)], roots: &Roots, memory: &mut Memory) -> Ve
             let read = reached.read(memory, start, end - start, &mut found);
             match kind {
                 Reach::FromStatic => memory.summary.static_bytes += read,
-                _ => {
-                    memory.summary.stack_bytes += read;
-                    memory.summary.stacks += 1;
-                }
+                _ => memory.summary.stack_bytes += read,
             }
+        }
+        if kind == Reach::FromStack {
+            memory.summary.stacks = roots.stacks.len() as u64;
         }
         let offered = live_bytes >= HELP_FROM_BYTES && HELP.offer(&reached);
         reached.take_part(memory, found);
@@ -838,6 +838,17 @@ fn classify(blocks: &[(usize, usize)], roots: &Roots, memory: &mut Memory) -> Ve
         }
     }
     reach
+}
+
+/// The parts of thread stacks that were ever written: a stack of megabytes, mapped
+/// whole, is mostly pages never touched.
+fn written(stacks: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    stacks
+        .iter()
+        .flat_map(|&(low, high)| {
+            crate::sys::written_parts(low, high).unwrap_or_else(|| vec![(low, high)])
+        })
+        .collect()
 }
 
 /// `ranges` with the parts in `skip` cut out.
@@ -1073,6 +1084,46 @@ mod tests {
         }
         stop.store(true, Ordering::Relaxed);
         helper.join().unwrap();
+        drop(mem);
+    }
+
+    #[test]
+    fn a_stack_is_read_only_where_it_was_written() {
+        // A "stack" of 64 pages of which one was written, holding a pointer to a block.
+        const PAGES: usize = 64;
+        // SAFETY: a fresh private anonymous mapping, unmapped at the end.
+        let stack = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PAGES * PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        } as usize;
+        assert_ne!(stack as *mut libc::c_void, libc::MAP_FAILED);
+        let mem = heap(8);
+        let blocks = [
+            (mem.as_ptr() as usize, 32),
+            (mem.as_ptr() as usize + 32, 32),
+        ];
+        // SAFETY: inside the mapping, writable.
+        unsafe { ((stack + 40 * PAGE + 16) as *mut u64).write(blocks[0].0 as u64) };
+        let roots = Roots {
+            statics: Vec::new(),
+            stacks: vec![(stack, stack + PAGES * PAGE)],
+            skip: Vec::new(),
+        };
+        let mut memory = Memory::default();
+        assert_eq!(
+            classify(&blocks, &roots, &mut memory),
+            vec![Some(Reach::FromStack), Some(Reach::DefinitelyLost)]
+        );
+        let summary = &memory.summary;
+        assert_eq!((summary.stacks, summary.stack_bytes), (1, PAGE as u64));
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(stack as *mut libc::c_void, PAGES * PAGE) };
         drop(mem);
     }
 

@@ -1,6 +1,6 @@
 //! What the runtime asks of the operating system, outside the hot path: environment,
-//! thread names and ids, stack bounds, loaded modules. Nothing here allocates through
-//! the global allocator except where noted.
+//! thread names and ids, stack bounds, loaded modules, which pages were ever written.
+//! Nothing here allocates through the global allocator except where noted.
 
 use std::ffi::CStr;
 
@@ -181,4 +181,86 @@ fn exe_path() -> String {
     std::fs::read_link("/proc/self/exe")
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default()
+}
+
+/// The parts of `[start, end)` on pages that were ever written, as far as
+/// `/proc/self/pagemap` tells: a page neither in memory nor swapped out was never
+/// touched and holds only zeros (a thread's stack is mostly such pages). `None` when
+/// the kernel does not say. Allocates; call only from memscope's slow paths.
+pub fn written_parts(start: usize, end: usize) -> Option<Vec<(usize, usize)>> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: usize = 4096;
+    /// Bits of a pagemap entry: the page is in memory; it is swapped out.
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    // SAFETY: sysconf only reads a system value.
+    if end <= start || unsafe { libc::sysconf(libc::_SC_PAGESIZE) } != PAGE as libc::c_long {
+        return None;
+    }
+    let pagemap = std::fs::File::open("/proc/self/pagemap").ok()?;
+    let (first, last) = (start / PAGE, (end - 1) / PAGE);
+    let mut entries = vec![0u8; (last - first + 1) * 8];
+    pagemap
+        .read_exact_at(&mut entries, (first * 8) as u64)
+        .ok()?;
+    let mut parts: Vec<(usize, usize)> = Vec::new();
+    for (i, entry) in entries.chunks_exact(8).enumerate() {
+        let entry = u64::from_le_bytes(entry.try_into().ok()?);
+        if entry & (PRESENT | SWAPPED) == 0 {
+            continue;
+        }
+        let page = (first + i) * PAGE;
+        let (from, to) = (page.max(start), (page + PAGE).min(end));
+        match parts.last_mut() {
+            Some(last) if last.1 == from => last.1 = to,
+            _ => parts.push((from, to)),
+        }
+    }
+    Some(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_pages_written_are_parts_of_a_fresh_mapping() {
+        const PAGE: usize = 4096;
+        // SAFETY: a fresh private anonymous mapping, unmapped at the end.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                16 * PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        let base = base as usize;
+        for page in [2, 3, 9] {
+            // SAFETY: inside the mapping, writable.
+            unsafe { ((base + page * PAGE + 8) as *mut u64).write(7) };
+        }
+        let end = base + 16 * PAGE;
+        assert_eq!(
+            written_parts(base, end),
+            Some(vec![
+                (base + 2 * PAGE, base + 4 * PAGE),
+                (base + 9 * PAGE, base + 10 * PAGE)
+            ])
+        );
+        // A range that starts and ends inside written pages is cut at its ends.
+        assert_eq!(
+            written_parts(base + 3 * PAGE - 40, base + 9 * PAGE + 16),
+            Some(vec![
+                (base + 3 * PAGE - 40, base + 4 * PAGE),
+                (base + 9 * PAGE, base + 9 * PAGE + 16)
+            ])
+        );
+        assert_eq!(written_parts(base + 10 * PAGE, end), Some(Vec::new()));
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(base as *mut libc::c_void, 16 * PAGE) };
+    }
 }
