@@ -21,8 +21,8 @@
 //!
 //! Memory is read with `process_vm_readv` on the process itself, which fails instead
 //! of faulting where a thread still running freed and unmapped a block meanwhile.
-//! When the live blocks are many megabytes, the writer thread, idle at exit, reads
-//! part of them ([`HELP`]).
+//! When the trace or the live blocks are many megabytes, the writer thread, idle at
+//! exit, reads part of them ([`HELP`]).
 //! Like any conservative scan it can take an integer for a pointer (a block then
 //! looks reachable), and it does not see pointers held only in registers of other
 //! threads or in memory the program mapped itself.
@@ -30,7 +30,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::format::{ChunkHeader, Reach, Record, ScanSummary, StreamDecoder};
@@ -51,9 +51,19 @@ pub struct Roots {
 /// thousand words); `None` when the trace could not be read back or the kernel refused
 /// to read memory.
 pub fn scan(fd: i32, len: u64, roots: &Roots) -> Option<Vec<Record>> {
+    let t0 = std::time::Instant::now();
     let blocks = live_blocks(fd, len)?;
+    let t1 = t0.elapsed();
     let mut memory = Memory::default();
     let reach = classify(&blocks, roots, &mut memory);
+    if std::env::var_os("MS_DEBUG").is_some() {
+        eprintln!(
+            "DEBUG live_blocks {:?} classify {:?} trace {} bytes",
+            t1,
+            t0.elapsed() - t1,
+            len
+        );
+    }
     if memory.refused {
         return None;
     }
@@ -203,6 +213,23 @@ impl Latest {
         }
     }
 
+    /// Takes in the events `other` saw (of other chunks of the same trace): at each
+    /// address the later of the two.
+    fn merge(&mut self, other: Latest) {
+        self.too_big |= other.too_big;
+        for (page, leaf) in other.pages {
+            let base = page * SPAN;
+            for (i, &(ts, size)) in other.leaves[leaf].iter().enumerate() {
+                if (ts, size) != (0, 0) {
+                    self.note(ts, base + i as u64 * GRANULE, size);
+                }
+            }
+        }
+        for (addr, (ts, size)) in other.odd {
+            self.note(ts, addr, size);
+        }
+    }
+
     /// Whether the tables are as large as they may grow (and so `too_big` is set):
     /// checked before they grow.
     fn grown_too_big(&mut self) -> bool {
@@ -254,11 +281,38 @@ fn huge_pages<T>(memory: &mut [MaybeUninit<T>]) {
 }
 
 /// The blocks live at the end of the trace in the first `len` bytes of `fd`, `(start,
-/// size)` sorted by start.
+/// size)` sorted by start. A trace of megabytes is read with the writer thread's help.
 fn live_blocks(fd: i32, len: u64) -> Option<Vec<(usize, usize)>> {
-    let mut latest = Latest::new(len);
-    let mut decoder = StreamDecoder::default();
-    let mut payload = Vec::new();
+    let chunks = event_chunks(fd, len)?;
+    let bytes: u64 = chunks.iter().map(|c| u64::from(c.1)).sum();
+    let reading = Reading {
+        fd,
+        chunks: &chunks,
+        next: AtomicUsize::new(0),
+        len,
+        helper: Mutex::new(None),
+        helped: AtomicBool::new(false),
+    };
+    let job: &dyn Job = &reading;
+    let offered = bytes >= HELP_FROM_BYTES as u64 && HELP.offer(&job);
+    let mut latest = reading.read();
+    if offered {
+        HELP.withdraw(&job);
+    }
+    if let Some(theirs) = reading
+        .helper
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+    {
+        latest.merge(theirs);
+    }
+    (!latest.too_big).then(|| latest.live())
+}
+
+/// Where the payload of each chunk of events in the first `len` bytes of `fd` is, and
+/// how long; `None` if not even the first chunk can be read.
+fn event_chunks(fd: i32, len: u64) -> Option<Vec<(u64, u32)>> {
+    let mut chunks = Vec::new();
     let mut pos = FILE_HEADER_LEN as u64;
     loop {
         let mut head = [0u8; CHUNK_HEADER_LEN];
@@ -273,26 +327,69 @@ fn live_blocks(fd: i32, len: u64) -> Option<Vec<(usize, usize)>> {
         let Ok(header) = ChunkHeader::decode(&head) else {
             break;
         };
-        if pos + (CHUNK_HEADER_LEN as u64) + u64::from(header.len) > len {
+        let payload = pos + CHUNK_HEADER_LEN as u64;
+        if payload + u64::from(header.len) > len {
             break;
         }
-        payload.resize(header.len as usize, 0);
-        // No checksum: this process wrote the file, and the decoder checks bounds.
-        if !read_file_at(fd, pos + CHUNK_HEADER_LEN as u64, &mut payload) {
-            break;
+        if header.thread != META_THREAD {
+            chunks.push((payload, header.len));
         }
-        pos += (CHUNK_HEADER_LEN + payload.len()) as u64;
-        if header.thread == META_THREAD {
-            continue;
-        }
-        // Every chunk opens with a `STAMP` (see `format.rs`), so one decoder serves all
-        // the streams; copies of a chunk repeat its events, which changes nothing here.
-        decoder.block_events(&payload, |ts, addr, size| {
-            // A block's size is at least 1 here: 0 marks a free.
-            latest.note(ts, addr, size.map_or(0, |size| size.max(1)));
-        });
+        pos = payload + u64::from(header.len);
     }
-    (!latest.too_big).then(|| latest.live())
+    Some(chunks)
+}
+
+/// Reading the chunks of events of a trace into [`Latest`] tables, by the exiting
+/// thread and perhaps the writer's, each taking the next chunk not yet taken into a
+/// table of its own.
+struct Reading<'a> {
+    fd: i32,
+    chunks: &'a [(u64, u32)],
+    /// The next chunk to take.
+    next: AtomicUsize,
+    len: u64,
+    /// The writer thread's table, once it is through.
+    helper: Mutex<Option<Latest>>,
+    helped: AtomicBool,
+}
+
+impl Reading<'_> {
+    /// Reads chunks until none is left, into a table of this reader's.
+    fn read(&self) -> Latest {
+        let mut latest = Latest::new(self.len);
+        let mut decoder = StreamDecoder::default();
+        let mut payload = Vec::new();
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some(&(pos, len)) = self.chunks.get(i) else {
+                break;
+            };
+            payload.resize(len as usize, 0);
+            // No checksum: this process wrote the file, and the decoder checks bounds.
+            if !read_file_at(self.fd, pos, &mut payload) {
+                continue;
+            }
+            // Every chunk opens with a `STAMP` (see `format.rs`), so one decoder serves
+            // all the streams, whatever the order of the chunks; copies of a chunk
+            // repeat its events, which changes nothing here.
+            decoder.block_events(&payload, |ts, addr, size| {
+                // A block's size is at least 1 here: 0 marks a free.
+                latest.note(ts, addr, size.map_or(0, |size| size.max(1)));
+            });
+        }
+        latest
+    }
+}
+
+impl Job for Reading<'_> {
+    fn help(&self) {
+        let latest = self.read();
+        *self.helper.lock().unwrap_or_else(|p| p.into_inner()) = Some(latest);
+    }
+
+    fn helped(&self) -> &AtomicBool {
+        &self.helped
+    }
 }
 
 fn read_file_at(fd: i32, pos: u64, out: &mut [u8]) -> bool {
@@ -667,7 +764,13 @@ impl Reached<'_> {
         }
     }
 
-    /// The writer thread's part: with a reader of its own, whose results it leaves.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Job for Reached<'_> {
+    /// With a reader of its own, whose results it leaves.
     fn help(&self) {
         let mut memory = Memory::default();
         self.take_part(&mut memory, Vec::new());
@@ -675,15 +778,25 @@ impl Reached<'_> {
             (memory.summary.unreadable_bytes, memory.refused);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
-        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    fn helped(&self) -> &AtomicBool {
+        &self.helped
     }
+}
+
+/// Work the exiting thread shares with the writer thread, idle at exit.
+trait Job: Sync {
+    /// The writer thread's part.
+    fn help(&self);
+    /// Set (last of all) once the writer thread is through with the job.
+    fn helped(&self) -> &AtomicBool;
 }
 
 /// The scan's offer of work to the writer thread, which looks for one each time round
 /// its loop ([`take_part`](Help::take_part)): at most one at a time.
 pub struct Help {
-    /// The [`Reached`] on offer, type-erased; null when there is none or it was taken.
+    /// The offered `&dyn Job`, by the address of the reference (which lives on the
+    /// offering thread's stack until the offer is withdrawn); null when there is none
+    /// or it was taken.
     offered: AtomicPtr<()>,
 }
 
@@ -693,10 +806,10 @@ pub static HELP: Help = Help {
 };
 
 impl Help {
-    /// Offers `reached`; false if another offer is open. An offer must be withdrawn
-    /// before `reached` goes.
-    fn offer(&self, reached: &Reached<'_>) -> bool {
-        let ptr = reached as *const Reached<'_> as *mut ();
+    /// Offers `job`; false if another offer is open. An offer must be withdrawn
+    /// before `job` goes.
+    fn offer(&self, job: &&dyn Job) -> bool {
+        let ptr = job as *const &dyn Job as *mut ();
         self.offered
             .compare_exchange(
                 std::ptr::null_mut(),
@@ -707,10 +820,10 @@ impl Help {
             .is_ok()
     }
 
-    /// Withdraws the offer of `reached`: at once if it was not taken, else once the
+    /// Withdraws the offer of `job`: at once if it was not taken, else once the
     /// helper is done with it.
-    fn withdraw(&self, reached: &Reached<'_>) {
-        let ptr = reached as *const Reached<'_> as *mut ();
+    fn withdraw(&self, job: &&dyn Job) {
+        let ptr = job as *const &dyn Job as *mut ();
         let untaken = self
             .offered
             .compare_exchange(
@@ -721,7 +834,7 @@ impl Help {
             )
             .is_ok();
         if !untaken {
-            while !reached.helped.load(Ordering::Acquire) {
+            while !job.helped().load(Ordering::Acquire) {
                 std::thread::yield_now();
             }
         }
@@ -742,12 +855,13 @@ impl Help {
         if taken.is_null() {
             return;
         }
-        // SAFETY: `offer` published a pointer to a live `Reached`, and its owner does
-        // not let it go before `withdraw` returns, which (since we took the pointer,
-        // so its compare-exchange fails) waits for `helped`, stored last of all here.
-        let reached = unsafe { &*(taken as *const Reached<'_>) };
-        reached.help();
-        reached.helped.store(true, Ordering::Release);
+        // SAFETY: `offer` published the address of a live `&dyn Job`, and its owner
+        // does not let it go before `withdraw` returns, which (since we took the
+        // pointer, so its compare-exchange fails) waits for `helped`, stored last of
+        // all here.
+        let job = unsafe { *(taken as *const &dyn Job) };
+        job.help();
+        job.helped().store(true, Ordering::Release);
     }
 }
 
@@ -783,10 +897,11 @@ fn classify(blocks: &[(usize, usize)], roots: &Roots, memory: &mut Memory) -> Ve
         if kind == Reach::FromStack {
             memory.summary.stacks = roots.stacks.len() as u64;
         }
-        let offered = live_bytes >= HELP_FROM_BYTES && HELP.offer(&reached);
+        let job: &dyn Job = &reached;
+        let offered = live_bytes >= HELP_FROM_BYTES && HELP.offer(&job);
         reached.take_part(memory, found);
         if offered {
-            HELP.withdraw(&reached);
+            HELP.withdraw(&job);
         }
         let (unreadable, refused) = reached
             .helper
@@ -985,6 +1100,58 @@ mod tests {
         let found = live_blocks(file.as_raw_fd(), len).unwrap();
         let first_difference = found.iter().zip(&expected).find(|(a, b)| a != b);
         assert_eq!((found.len(), first_difference), (expected.len(), None));
+    }
+
+    #[test]
+    fn tables_of_two_halves_of_a_trace_merged_give_the_blocks_of_the_whole() {
+        use std::os::fd::AsRawFd;
+        let (file, len, expected) = trace_with_live_blocks(500, true);
+        let chunks = event_chunks(file.as_raw_fd(), len).unwrap();
+        // Each thread's chunks alternate: the halves split every thread's events.
+        let half = |chunks: &[(u64, u32)]| {
+            Reading {
+                fd: file.as_raw_fd(),
+                chunks,
+                next: AtomicUsize::new(0),
+                len,
+                helper: Mutex::new(None),
+                helped: AtomicBool::new(false),
+            }
+            .read()
+        };
+        for cut in [1, chunks.len() / 2, chunks.len() - 1] {
+            let (first, second) = chunks.split_at(cut);
+            // Merged either way round.
+            for (mut one, other) in [(half(first), half(second)), (half(second), half(first))] {
+                one.merge(other);
+                assert!(one.live() == expected, "cut at chunk {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_trace_of_megabytes_read_with_the_writer_thread_s_help_gives_the_same_blocks() {
+        use std::os::fd::AsRawFd;
+        // Past HELP_FROM_BYTES of events.
+        let (file, len, expected) = trace_with_live_blocks(60_000, true);
+        assert!(len >= 2 * HELP_FROM_BYTES as u64, "{len} bytes");
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let helper = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    HELP.take_part();
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        for _ in 0..3 {
+            let found = live_blocks(file.as_raw_fd(), len).unwrap();
+            let first_difference = found.iter().zip(&expected).find(|(a, b)| a != b);
+            assert_eq!((found.len(), first_difference), (expected.len(), None));
+        }
+        stop.store(true, Ordering::Relaxed);
+        helper.join().unwrap();
     }
 
     #[test]
