@@ -51,19 +51,9 @@ pub struct Roots {
 /// thousand words); `None` when the trace could not be read back or the kernel refused
 /// to read memory.
 pub fn scan(fd: i32, len: u64, roots: &Roots) -> Option<Vec<Record>> {
-    let t0 = std::time::Instant::now();
     let blocks = live_blocks(fd, len)?;
-    let t1 = t0.elapsed();
     let mut memory = Memory::default();
     let reach = classify(&blocks, roots, &mut memory);
-    if std::env::var_os("MS_DEBUG").is_some() {
-        eprintln!(
-            "DEBUG live_blocks {:?} classify {:?} trace {} bytes",
-            t1,
-            t0.elapsed() - t1,
-            len
-        );
-    }
     if memory.refused {
         return None;
     }
