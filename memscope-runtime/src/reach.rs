@@ -10,7 +10,7 @@
 //!   points at free chunks next to live blocks, and except memscope's own clock
 //!   stripes; and thread stacks: the exiting thread's from the frame of whoever called
 //!   `exit` (none of it after a return from `main`, see `stack::caller_of_exit`), and
-//!   the whole stacks of threads still running;
+//!   the stacks of threads still running, on the pages ever written;
 //! - every aligned word that points at or into a live block is a pointer to it, and
 //!   the blocks reached are scanned in turn.
 //!
