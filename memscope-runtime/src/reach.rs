@@ -1075,9 +1075,7 @@ mod tests {
         use std::os::fd::AsRawFd;
         let (file, len, expected) = trace_with_live_blocks(500, true);
         assert!(expected.len() > 1000, "{} live blocks", expected.len());
-        let found = live_blocks(file.as_raw_fd(), len).unwrap();
-        let first_difference = found.iter().zip(&expected).find(|(a, b)| a != b);
-        assert_eq!((found.len(), first_difference), (expected.len(), None));
+        assert_same_blocks(&live_blocks(file.as_raw_fd(), len).unwrap(), &expected);
     }
 
     #[test]
@@ -1087,9 +1085,7 @@ mod tests {
         // the granule, so the leaves alone give them in order.
         let (file, len, expected) = trace_with_live_blocks(20_000, false);
         assert!(len >= 1 << 20, "{len} bytes");
-        let found = live_blocks(file.as_raw_fd(), len).unwrap();
-        let first_difference = found.iter().zip(&expected).find(|(a, b)| a != b);
-        assert_eq!((found.len(), first_difference), (expected.len(), None));
+        assert_same_blocks(&live_blocks(file.as_raw_fd(), len).unwrap(), &expected);
     }
 
     #[test]
@@ -1125,23 +1121,11 @@ mod tests {
         // Past HELP_FROM_BYTES of events.
         let (file, len, expected) = trace_with_live_blocks(60_000, true);
         assert!(len >= 2 * HELP_FROM_BYTES as u64, "{len} bytes");
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let helper = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    HELP.take_part();
-                    std::hint::spin_loop();
-                }
-            })
-        };
-        for _ in 0..3 {
-            let found = live_blocks(file.as_raw_fd(), len).unwrap();
-            let first_difference = found.iter().zip(&expected).find(|(a, b)| a != b);
-            assert_eq!((found.len(), first_difference), (expected.len(), None));
-        }
-        stop.store(true, Ordering::Relaxed);
-        helper.join().unwrap();
+        with_a_helper(|| {
+            for _ in 0..3 {
+                assert_same_blocks(&live_blocks(file.as_raw_fd(), len).unwrap(), &expected);
+            }
+        });
     }
 
     #[test]
@@ -1157,6 +1141,35 @@ mod tests {
     /// Blocks made by hand in one buffer: their contents are the test's to set.
     fn heap(words: usize) -> Vec<u64> {
         vec![0u64; words]
+    }
+
+    /// Asserts that `found` are the `expected` blocks, naming the first that differs.
+    fn assert_same_blocks(found: &[(usize, usize)], expected: &[(usize, usize)]) {
+        let first_difference = found.iter().zip(expected).find(|(a, b)| a != b);
+        assert_eq!((found.len(), first_difference), (expected.len(), None));
+    }
+
+    /// Runs `f` while a thread stands in for the writer thread at exit, taking part
+    /// in whatever work is on offer.
+    fn with_a_helper(f: impl FnOnce()) {
+        /// Stops the helper however `f` ends, so that a failing test fails, not hangs.
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    HELP.take_part();
+                    std::hint::spin_loop();
+                }
+            });
+            let _stop = Stop(&stop);
+            f();
+        });
     }
 
     fn kinds(blocks: &[(usize, usize)], roots: &Roots) -> Vec<Option<Reach>> {
@@ -1222,54 +1235,31 @@ mod tests {
             stacks: Vec::new(),
             skip: Vec::new(),
         };
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let helper = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    HELP.take_part();
-                    std::hint::spin_loop();
-                }
-            })
-        };
-        for _ in 0..20 {
-            let kinds = kinds(&blocks, &roots);
-            assert!(kinds[..3000].iter().all(|k| *k == Some(Reach::FromStatic)));
-            assert!(kinds[3000..]
-                .iter()
-                .all(|k| *k == Some(Reach::DefinitelyLost)));
-        }
-        stop.store(true, Ordering::Relaxed);
-        helper.join().unwrap();
+        with_a_helper(|| {
+            for _ in 0..20 {
+                let kinds = kinds(&blocks, &roots);
+                assert!(kinds[..3000].iter().all(|k| *k == Some(Reach::FromStatic)));
+                assert!(kinds[3000..]
+                    .iter()
+                    .all(|k| *k == Some(Reach::DefinitelyLost)));
+            }
+        });
         drop(mem);
     }
 
     #[test]
     fn a_stack_is_read_only_where_it_was_written() {
         // A "stack" of 64 pages of which one was written, holding a pointer to a block.
-        const PAGES: usize = 64;
-        // SAFETY: a fresh private anonymous mapping, unmapped at the end.
-        let stack = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                PAGES * PAGE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        } as usize;
-        assert_ne!(stack as *mut libc::c_void, libc::MAP_FAILED);
+        let stack = crate::sys::Mapping::new(64 * PAGE);
         let mem = heap(8);
         let blocks = [
             (mem.as_ptr() as usize, 32),
             (mem.as_ptr() as usize + 32, 32),
         ];
-        // SAFETY: inside the mapping, writable.
-        unsafe { ((stack + 40 * PAGE + 16) as *mut u64).write(blocks[0].0 as u64) };
+        stack.write(40 * PAGE + 16, blocks[0].0 as u64);
         let roots = Roots {
             statics: Vec::new(),
-            stacks: vec![(stack, stack + PAGES * PAGE)],
+            stacks: vec![(stack.start, stack.start + stack.len)],
             skip: Vec::new(),
         };
         let mut memory = Memory::default();
@@ -1279,8 +1269,6 @@ mod tests {
         );
         let summary = &memory.summary;
         assert_eq!((summary.stacks, summary.stack_bytes), (1, PAGE as u64));
-        // SAFETY: the mapping made above, no longer used.
-        unsafe { libc::munmap(stack as *mut libc::c_void, PAGES * PAGE) };
         drop(mem);
     }
 

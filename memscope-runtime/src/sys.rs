@@ -219,6 +219,51 @@ pub fn written_parts(start: usize, end: usize) -> Option<Vec<(usize, usize)>> {
     Some(parts)
 }
 
+/// A fresh private anonymous mapping, readable and writable, unmapped when dropped:
+/// memory of which no page was ever written.
+#[cfg(test)]
+pub(crate) struct Mapping {
+    pub start: usize,
+    pub len: usize,
+}
+
+#[cfg(test)]
+impl Mapping {
+    pub fn new(len: usize) -> Mapping {
+        // SAFETY: asks for a new mapping; touches no existing memory.
+        let start = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(start, libc::MAP_FAILED, "mmap of {len} bytes failed");
+        Mapping {
+            start: start as usize,
+            len,
+        }
+    }
+
+    /// Writes `value` at `offset` bytes into the mapping.
+    pub fn write(&self, offset: usize, value: u64) {
+        assert!(offset + 8 <= self.len);
+        // SAFETY: inside the mapping, which is writable, and 8 bytes fit.
+        unsafe { ((self.start + offset) as *mut u64).write_unaligned(value) };
+    }
+}
+
+#[cfg(test)]
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, which nothing uses any more.
+        unsafe { libc::munmap(self.start as *mut libc::c_void, self.len) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,24 +271,11 @@ mod tests {
     #[test]
     fn only_the_pages_written_are_parts_of_a_fresh_mapping() {
         const PAGE: usize = 4096;
-        // SAFETY: a fresh private anonymous mapping, unmapped at the end.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                16 * PAGE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(base, libc::MAP_FAILED);
-        let base = base as usize;
+        let mapping = Mapping::new(16 * PAGE);
         for page in [2, 3, 9] {
-            // SAFETY: inside the mapping, writable.
-            unsafe { ((base + page * PAGE + 8) as *mut u64).write(7) };
+            mapping.write(page * PAGE + 8, 7);
         }
-        let end = base + 16 * PAGE;
+        let (base, end) = (mapping.start, mapping.start + mapping.len);
         assert_eq!(
             written_parts(base, end),
             Some(vec![
@@ -260,7 +292,5 @@ mod tests {
             ])
         );
         assert_eq!(written_parts(base + 10 * PAGE, end), Some(Vec::new()));
-        // SAFETY: the mapping made above, no longer used.
-        unsafe { libc::munmap(base as *mut libc::c_void, 16 * PAGE) };
     }
 }
