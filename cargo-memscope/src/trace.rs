@@ -777,7 +777,9 @@ impl Window {
         let end = self.start + self.filled as u64;
         if offset < self.start || offset + len as u64 > end {
             if self.buf.len() < len.max(Self::SIZE) {
-                self.buf.resize(len.max(Self::SIZE), 0);
+                // Zeroed by the allocator, not written: reading a short file touches
+                // only the pages it fills.
+                self.buf = vec![0; len.max(Self::SIZE)];
             }
             self.filled = read_at_most(file, offset, &mut self.buf)?;
             self.start = offset;
