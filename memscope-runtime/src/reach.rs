@@ -131,9 +131,10 @@ struct Latest {
     too_big: bool,
 }
 
-/// The most memory the tables of latest events may take (leaves of 1 KiB, entries of
-/// the plain table counted as 48 bytes): a program whose heap spans more addresses
-/// than that at exit gets no leak kinds rather than a large allocation at exit.
+/// The most memory one reader's tables of latest events may take (leaves of 1 KiB,
+/// entries of the plain table counted as 48 bytes; two readers may each take that): a
+/// program whose heap spans more addresses than that at exit gets no leak kinds rather
+/// than a large allocation at exit.
 const MAX_TABLE_BYTES: usize = 256 << 20;
 
 const RECENT: usize = 256;
